@@ -1,0 +1,121 @@
+"""The ``lightning-diffusion`` command: LightningCLI's fit/validate/test/predict plus our own subcommands.
+
+Trainer subcommands go to :class:`DiffusionCLI` (a LightningCLI in subclass mode); the others
+(``shards`` ...) have their own parsers, since LightningCLI runs only Trainer methods.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_diffusion import __version__
+
+TRAINER_SUBCOMMANDS = {
+    "fit": "Train a model (resume with --ckpt_path).",
+    "validate": "Run one validation epoch.",
+    "test": "Run one test epoch.",
+    "predict": "Run one prediction epoch.",
+}
+
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI with our models and DataModule by short name and data facts linked into the model.
+
+    Links (applied when the DataModule is instantiated, so a config never repeats them):
+    ``data.data_shape -> model.data_shape``, ``data.num_classes -> model.num_classes``, and into
+    the model's ``net`` where it has such arguments: ``data.num_channels -> net.in_channels``,
+    ``data.image_size -> net.image_size``, ``data.num_classes -> net.num_classes``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        import lightning_diffusion  # noqa: F401  registers short names of our classes
+
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        # overwrite: resuming into the same run directory rewrites config.yaml instead of failing
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in (
+            ("data.data_shape", "model.init_args.data_shape"),
+            ("data.num_classes", "model.init_args.num_classes"),
+            ("data.num_channels", "model.init_args.net.init_args.in_channels"),
+            ("data.image_size", "model.init_args.net.init_args.image_size"),
+            ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+        ):
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"Run directory: {trainer.log_dir or trainer.default_root_dir}"]
+        config = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
+        if config is not None:
+            lines.append(f"  config:      {Path(trainer.log_dir or '.') / config.config_filename}")
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None:
+            for label, path in (("last", getattr(ckpt, "last_model_path", "")), ("best", ckpt.best_model_path)):
+                if path:
+                    lines.append(f"  checkpoint:  {path} ({label})")
+        for cb in trainer.callbacks:
+            path = getattr(cb, "last_path", None)
+            if path is not None:
+                lines.append(f"  samples:     {path}")
+        rank_zero_info("\n".join(lines))
+
+
+def _shards_main(argv: list[str]) -> None:
+    from lightning_diffusion.data.commands import shards_cli
+
+    shards_cli(argv)
+
+
+EXTRA_SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "shards": ("Write WebDataset shards + index.json from digits, toy2d, an image folder or a torchvision set.",
+               _shards_main),
+}
+
+
+def _overview() -> str:
+    width = max(map(len, [*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS]))
+    rows = [f"  {k.ljust(width)}  {v}" for k, v in TRAINER_SUBCOMMANDS.items()]
+    rows += [f"  {k.ljust(width)}  {v[0]}" for k, v in EXTRA_SUBCOMMANDS.items()]
+    return (
+        f"usage: lightning-diffusion [-h] [--version] SUBCOMMAND ...\n\n"
+        f"Train and evaluate VAEs, hierarchical VAEs, DDPMs and score SDEs with PyTorch Lightning "
+        f"(lightning_diffusion {__version__}).\n\n"
+        "subcommands:\n" + "\n".join(rows) + "\n\n"
+        "Run `lightning-diffusion SUBCOMMAND --help` for its options, e.g.\n"
+        "  lightning-diffusion fit --config configs/ddpm_digits.yaml\n"
+        "  lightning-diffusion fit --config configs/ddpm_digits.yaml --print_config\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-diffusion`` console script and ``python -m lightning_diffusion``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return
+    if argv[0] == "--version":
+        print(__version__)
+        return
+    if argv[0] in EXTRA_SUBCOMMANDS:
+        EXTRA_SUBCOMMANDS[argv[0]][1](argv[1:])
+        return
+    if argv[0] not in TRAINER_SUBCOMMANDS:
+        known = ", ".join([*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS])
+        sys.exit(f"lightning-diffusion: unknown subcommand {argv[0]!r}; choose one of: {known}")
+    DiffusionCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Writing WebDataset tar shards and their ``index.json``; the embedded datasets' cache.
+
+On-disk format (one directory per dataset)::
+
+    index.json
+    train-000000.tar  train-000001.tar ...  val-000000.tar ...  test-000000.tar ...
+
+Each tar sample ``<key>.png`` (8-bit image) or ``<key>.npy`` (float32 point), plus ``<key>.cls``
+(ASCII integer label) where the data has labels. ``index.json`` records the source and its
+parameters, the sample shape (``[C, H, W]`` for images, ``[D]`` for points) and dtype, the classes,
+and per split the sample count and every shard's file name, count and SHA-256.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_diffusion.data.sources import Source, digits, toy2d
+
+INDEX_FORMAT = "lightning-diffusion-shards/1"
+SPLITS = ("train", "val", "test")
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_sample(x: np.ndarray, kind: str) -> tuple[str, bytes]:
+    """Encode one sample as (extension, bytes): 8-bit PNG for images, ``.npy`` for points."""
+    if kind == "image":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(buf, format="PNG")
+        return "png", buf.getvalue()
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    return "npy", buf.getvalue()
+
+
+def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """Deterministic split of ``range(n)`` into train/val/test by ``fractions`` (they sum to 1).
+
+    A permutation from ``numpy.random.default_rng(seed)``; val and test get ``round(f * n)``
+    samples and train the rest, so the same (n, fractions, seed) always gives the same split.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"--fractions must be three non-negative numbers summing to 1, got {fractions}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = round(fractions[1] * n), round(fractions[2] * n)
+    n_train = n - n_val - n_test
+    return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+
+
+def write_shards(
+    source: Source,
+    out: str | Path,
+    shard_size: int = 1000,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``source`` as train/val/test tar shards plus ``index.json`` into ``out``; return the index.
+
+    Args:
+        source: what to write (see :mod:`lightning_diffusion.data.sources`).
+        out: output directory, created if missing; existing shards of the same names are replaced.
+        shard_size: samples per tar shard.
+        fractions: train/val/test fractions for sources without a predefined split. For sources
+            with an official test split, the test split is kept and ``fractions[1] /
+            (fractions[0] + fractions[1])`` of the official training set becomes val.
+        seed: seed of the deterministic split.
+    """
+    import webdataset as wds
+
+    if shard_size < 1:
+        raise ValueError(f"--shard_size must be >= 1, got {shard_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "all" in source.pools:
+        pool = source.pools["all"]
+        assignment = {s: (pool, idx) for s, idx in split_indices(len(pool), fractions, seed).items()}
+    else:
+        train_pool, test_pool = source.pools["train"], source.pools["test"]
+        val_frac = fractions[1] / max(fractions[0] + fractions[1], 1e-12)
+        parts = split_indices(len(train_pool), (1 - val_frac, val_frac, 0.0), seed)
+        assignment = {
+            "train": (train_pool, parts["train"]),
+            "val": (train_pool, parts["val"]),
+            "test": (test_pool, np.arange(len(test_pool))),
+        }
+
+    shape = None
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        pool, indices = assignment[split]
+        shards, written = [], 0
+        for first in range(0, len(indices), shard_size):
+            name = f"{split}-{len(shards):06d}.tar"
+            # mtime=0 makes the bytes, and so the SHA-256, reproducible
+            with wds.TarWriter(str(out / name), encoder=False, mtime=0) as sink:
+                for i in indices[first:first + shard_size]:
+                    x, y = pool[int(i)]
+                    sample_shape = [x.shape[2], x.shape[0], x.shape[1]] if source.kind == "image" else list(x.shape)
+                    if shape is None:
+                        shape = sample_shape
+                    elif sample_shape != shape:
+                        raise ValueError(
+                            f"{source.name}: sample {int(i)} has shape {sample_shape}, others {shape}; "
+                            "pass an image size so all samples are resized to one shape"
+                        )
+                    ext, data = encode_sample(x, source.kind)
+                    record = {"__key__": f"{split}{written:08d}", ext: data}
+                    if y is not None:
+                        record["cls"] = str(int(y)).encode()
+                    sink.write(record)
+                    written += 1
+            shards.append({"name": name, "count": min(shard_size, len(indices) - first), "sha256": sha256_file(out / name)})
+        splits[split] = {"count": written, "shards": shards}
+
+    index = {
+        "format": INDEX_FORMAT,
+        "source": source.name,
+        "params": source.params,
+        "kind": source.kind,
+        "shape": shape,
+        "dtype": "uint8" if source.kind == "image" else "float32",
+        "num_classes": None if source.classes is None else len(source.classes),
+        "classes": source.classes,
+        "split": {"fractions": list(fractions), "seed": seed, "shard_size": shard_size},
+        "extra": source.extra,
+        "splits": splits,
+    }
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, out / "index.json")
+    return index
+
+
+def load_index(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """Read ``index.json`` (given as the file or its directory); return (index, directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard index at {path}; write one with `lightning-diffusion shards`")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for key in ("kind", "shape", "splits"):
+        if key not in index:
+            raise ValueError(f"{path}: missing key {key!r}; is it an index written by `lightning-diffusion shards`?")
+    return index, path.parent
+
+
+def verify_shards(path: str | Path) -> None:
+    """Check every shard listed in an index against its recorded SHA-256; raise naming the first bad one."""
+    index, root = load_index(path)
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            file = root / shard["name"]
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file} listed in {root / 'index.json'} is missing")
+            if sha256_file(file) != shard["sha256"]:
+                raise ValueError(f"shard {file}: SHA-256 differs from index.json (corrupt or replaced)")
+
+
+# Embedded datasets: built on first use, no network needed.
+EMBEDDED: dict[str, tuple[Any, dict[str, Any], int]] = {
+    # name: (source function, its arguments, shard size)
+    "digits": (digits, {"image_size": 8}, 256),
+    "digits16": (digits, {"image_size": 16}, 256),
+    "digits32": (digits, {"image_size": 32}, 256),
+    "gaussians8": (toy2d, {"name": "gaussians8"}, 4000),
+    "moons": (toy2d, {"name": "moons"}, 4000),
+    "swissroll": (toy2d, {"name": "swissroll"}, 4000),
+    "checkerboard": (toy2d, {"name": "checkerboard"}, 4000),
+}
+
+
+def data_cache_dir() -> Path:
+    """Where embedded datasets are cached: ``$LD_DATA``, default ``~/.cache/lightning_diffusion``."""
+    return Path(os.environ.get("LD_DATA", Path.home() / ".cache" / "lightning_diffusion"))
+
+
+def ensure_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Return the directory of embedded dataset ``name``, writing its shards first if missing.
+
+    Safe when several processes (DDP ranks) call it at once: one writes under a file lock into a
+    temporary directory that is renamed into place, the others wait and reuse it.
+    """
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded dataset {name!r}; choose one of {sorted(EMBEDDED)}")
+    fn, kwargs, shard_size = EMBEDDED[name]
+    root = Path(cache_dir) if cache_dir is not None else data_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    if (target / "index.json").is_file():
+        return target
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "index.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+            write_shards(fn(**kwargs), tmp, shard_size=shard_size)
+            if target.exists():  # a half-written directory from an old crash
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    return target

@@ -1,0 +1,228 @@
+"""Data sources that the shard writer turns into WebDataset shards.
+
+A source is a small description of a dataset plus its samples:
+
+- images are ``uint8`` arrays ``[H, W, C]`` (C = 1 or 3) stored as 8-bit PNG;
+- points (toy 2-D sets) are ``float32`` arrays ``[D]`` stored as ``.npy``.
+
+Sources with no predefined split put everything in the ``"all"`` pool and the writer splits it
+deterministically; torchvision sets keep their official test split (pools ``"train"`` and
+``"test"``). Pools are sequences of ``(array, label | None)`` so that large image folders are
+read lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+ImageSize = Literal[8, 16, 32]
+Toy2DName = Literal["gaussians8", "moons", "swissroll", "checkerboard"]
+TorchvisionName = Literal["CIFAR10", "MNIST", "FashionMNIST"]
+
+
+@dataclass
+class Source:
+    """What the shard writer needs to know about a dataset.
+
+    Attributes:
+        name: source name as typed on the command line (``digits``, ``toy2d`` ...).
+        params: the source's parameters, recorded in ``index.json`` so shards are reproducible.
+        kind: ``"image"`` (uint8 ``[H, W, C]``) or ``"points"`` (float32 ``[D]``).
+        pools: ``"all"`` to be split into train/val/test, or predefined ``"train"``/``"test"``.
+        classes: class names, index = label; None for unlabelled data.
+        extra: further facts for the index (e.g. the mixture's radius and std).
+    """
+
+    name: str
+    params: dict[str, Any]
+    kind: Literal["image", "points"]
+    pools: dict[str, Sequence[tuple[np.ndarray, int | None]]]
+    classes: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _ArrayPool(Sequence):
+    """A pool backed by in-memory arrays."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], (None if self.y is None else int(self.y[i]))
+
+
+def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of uint8 [N, H, W, C] images to size x size pixels."""
+    from PIL import Image
+
+    if images.shape[1] == size:
+        return images
+    out = []
+    for img in images:
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        arr = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+        out.append(arr.reshape(size, size, -1))
+    return np.stack(out).astype(np.uint8)
+
+
+def digits(image_size: ImageSize = 8) -> Source:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), 8-bit grey.
+
+    Pixel values 0..16 are mapped to 0..255; ``image_size`` 16 or 32 upsamples bicubically.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    x = _resize_uint8(x, image_size)
+    return Source(
+        name="digits",
+        params={"image_size": image_size},
+        kind="image",
+        pools={"all": _ArrayPool(x, d.target.astype(np.int64))},
+        classes=[str(c) for c in range(10)],
+    )
+
+
+def toy2d_points(
+    name: Toy2DName, num_points: int, rng: np.random.Generator, radius: float = 2.0, std: float = 0.1
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw ``num_points`` float32 points [N, 2] of a toy set, with mode labels for gaussians8.
+
+    gaussians8: equal mixture of 8 isotropic Gaussians with std ``std`` centred on a circle of
+    radius ``radius`` at angles 2*pi*k/8. moons, swissroll and checkerboard are scaled to lie
+    roughly in [-2, 2]^2.
+    """
+    if name == "gaussians8":
+        k = rng.integers(0, 8, num_points)
+        angle = 2 * math.pi * k / 8
+        centres = radius * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        return (centres + std * rng.standard_normal((num_points, 2))).astype(np.float32), k
+    if name == "moons":
+        from sklearn.datasets import make_moons
+
+        x, _ = make_moons(num_points, noise=0.05, random_state=int(rng.integers(2**31)))
+        return ((x - np.array([0.5, 0.25])) * 1.5).astype(np.float32), None
+    if name == "swissroll":
+        from sklearn.datasets import make_swiss_roll
+
+        x, _ = make_swiss_roll(num_points, noise=0.5, random_state=int(rng.integers(2**31)))
+        return (x[:, [0, 2]] / 7.5).astype(np.float32), None
+    if name == "checkerboard":
+        # 8 unit squares of a 4x4 board on [-2, 2]^2, alternating colours
+        x1 = rng.uniform(-2, 2, num_points)
+        x2 = rng.uniform(0, 1, num_points) - 2 + rng.integers(0, 2, num_points) * 2
+        x2 = x2 + (np.floor(x1) % 2)
+        return np.stack([x1, x2], axis=1).astype(np.float32), None
+    raise ValueError(f"unknown toy2d set {name!r}; choose one of {list(Toy2DName.__args__)}")
+
+
+def toy2d(name: Toy2DName = "gaussians8", num_points: int = 20000, seed: int = 0,
+          radius: float = 2.0, std: float = 0.1) -> Source:
+    """A generated 2-D toy set (see :func:`toy2d_points`)."""
+    x, y = toy2d_points(name, num_points, np.random.default_rng(seed), radius=radius, std=std)
+    extra = {"radius": radius, "std": std, "num_modes": 8} if name == "gaussians8" else {}
+    return Source(
+        name="toy2d",
+        params={"name": name, "num_points": num_points, "seed": seed,
+                **({"radius": radius, "std": std} if name == "gaussians8" else {})},
+        kind="points",
+        pools={"all": _ArrayPool(x, y)},
+        classes=[f"mode{k}" for k in range(8)] if name == "gaussians8" else None,
+        extra=extra,
+    )
+
+
+class _ImageFilePool(Sequence):
+    """Images read from disk on access, resized (shorter side) and centre-cropped."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int | None, grayscale: bool):
+        self.samples, self.image_size, self.grayscale = samples, image_size, grayscale
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if self.grayscale else "RGB")
+                if self.image_size is not None:
+                    im = _resize_center_crop(im, self.image_size)
+                arr = np.asarray(im, dtype=np.uint8)
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+        return arr.reshape(arr.shape[0], arr.shape[1], -1), label
+
+
+def _resize_center_crop(im, size: int):
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def imagefolder(path: str, image_size: int | None = None, grayscale: bool = False) -> Source:
+    """Any tree ``path/<class>/<image>``; the class is the subfolder name (torchvision's layout).
+
+    Images are converted to RGB (or grey), their shorter side resized to ``image_size`` pixels and
+    centre-cropped to a square. Without ``image_size`` all images must already share one size.
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder: {root} is not a directory")
+    folder = ImageFolder(str(root))
+    pool = _ImageFilePool(list(folder.samples), image_size, grayscale)
+    return Source(
+        name="imagefolder",
+        params={"path": str(root.resolve()), "image_size": image_size, "grayscale": grayscale},
+        kind="image",
+        pools={"all": pool},
+        classes=list(folder.classes),
+    )
+
+
+def torchvision_dataset(name: TorchvisionName, root: str, download: bool = False) -> Source:
+    """CIFAR10, MNIST or FashionMNIST read through ``torchvision.datasets`` from ``root``.
+
+    Nothing is downloaded unless ``download=True``. The official test split stays the test split.
+    """
+    import torchvision.datasets as tvd
+
+    cls = {"CIFAR10": tvd.CIFAR10, "MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST}[name]
+    pools = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(root, train=train, download=download)
+        except RuntimeError as e:
+            raise FileNotFoundError(
+                f"torchvision {name}: no dataset under --root {root} ({e}). Pass --download true on a "
+                "machine with network access, or copy the files there."
+            ) from e
+        x = np.asarray(ds.data)
+        x = x.reshape(*x.shape[:3], -1).astype(np.uint8)  # MNIST [N,28,28] -> [N,28,28,1]
+        pools[split] = _ArrayPool(x, np.asarray(ds.targets, dtype=np.int64))
+    return Source(
+        name="torchvision",
+        params={"name": name, "root": str(Path(root).resolve())},
+        kind="image",
+        pools=pools,
+        classes=list(ds.classes),
+    )

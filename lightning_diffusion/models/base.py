@@ -1,0 +1,134 @@
+"""The small base every model family shares: data facts, optimizer defaults, the model contract.
+
+Contract (DESIGN.md): ``sample(num_samples, *, y=None, generator=None, **options)`` returns
+samples in data space; ``bits_per_dim(x, **options)`` returns the per-sample negative
+log-likelihood in bits per dimension; ``train/loss`` and ``val/loss`` are logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+
+class GenerativeModel(L.LightningModule):
+    """Base LightningModule of the model families.
+
+    Subclasses implement ``loss(batch, generator=None) -> Tensor`` (a scalar), ``sample`` and
+    ``bits_per_dim``; the base logs the losses, refuses non-finite ones with a clear error, and
+    configures AdamW with linear warm-up and gradient-norm clipping.
+    """
+
+    def __init__(
+        self,
+        data_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 5000,
+        grad_clip: float | None = 1.0,
+        val_seed: int = 0,
+    ):
+        """
+        Args:
+            data_shape: shape of one sample: ``[C, H, W]`` for images, ``[D]`` for points. The CLI
+                links it from the DataModule.
+            num_classes: number of class labels in the data (None: unlabelled). Linked by the CLI.
+            lr: AdamW peak learning rate (Ho et al. 2020: 2e-4 on CIFAR-10).
+            weight_decay: AdamW decoupled weight decay.
+            adam_betas: AdamW (beta1, beta2).
+            warmup_steps: optimizer steps of linear learning-rate warm-up from 0 (Ho et al.: 5000).
+            grad_clip: clip the global gradient norm to this value (Ho et al.: 1.0); None disables.
+                ``trainer.gradient_clip_val``, when set, takes precedence.
+            val_seed: seed of the noise drawn in validation/test, so ``val/loss`` is comparable
+                between epochs and runs.
+        """
+        super().__init__()
+        self.data_shape = tuple(data_shape) if data_shape is not None else None
+        self.num_classes = num_classes
+        self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
+        self.warmup_steps, self.grad_clip, self.val_seed = warmup_steps, grad_clip, val_seed
+
+    # -- facts about the data ---------------------------------------------------------------
+    @property
+    def is_image(self) -> bool:
+        """True for image data ``[C, H, W]`` in [-1, 1]; False for points ``[D]``."""
+        return self.data_shape is not None and len(self.data_shape) == 3
+
+    def require_data_shape(self) -> tuple[int, ...]:
+        if self.data_shape is None:
+            raise ValueError(f"{type(self).__name__}: data_shape is not set; pass data_shape=(C, H, W) or (D,), "
+                             "or let the CLI link it from the DataModule")
+        return self.data_shape
+
+    # -- the contract -----------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Scalar training loss of a batch dict; ``generator`` fixes the noise (validation)."""
+        raise NotImplementedError
+
+    def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+               **options: Any) -> Tensor:
+        """``num_samples`` samples in data space (images in [-1, 1])."""
+        raise NotImplementedError
+
+    def bits_per_dim(self, x: Tensor, **options: Any) -> Tensor:
+        """Negative log-likelihood (or its bound) of each sample of ``x``, in bits per dimension."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{split}/loss is {loss.item()} at global step {self.global_step}, batch {batch_idx}; "
+                "the parameters before this step are intact (the last checkpoint holds them). "
+                "Lower model.lr, check the data for NaN/Inf, or set trainer.detect_anomaly=true to find the op."
+            )
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._checked(self.loss(batch), "train", batch_idx)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, split: str) -> Tensor:
+        generator = torch.Generator(device=batch["x"].device)
+        generator.manual_seed(self.val_seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
+        loss = self._checked(self.loss(batch, generator=generator), split, batch_idx)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, batch_idx, "test")
+
+    def configure_optimizers(self):
+        """AdamW with linear warm-up over ``warmup_steps``, then a constant learning rate."""
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=self.adam_betas,
+                                      weight_decay=self.weight_decay)
+        warmup = max(self.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val is None and self.grad_clip is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.grad_clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
+
+def data_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` on ``like``'s device/dtype, from ``generator`` if given."""
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def uniform_steps(batch: int, timesteps: int, generator: torch.Generator | None, device) -> Tensor:
+    """Integer steps drawn uniformly from ``{0, ..., timesteps - 1}``, shape [B]."""
+    return torch.randint(0, timesteps, (batch,), generator=generator, device=device)
+
