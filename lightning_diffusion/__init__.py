@@ -1,10 +1,30 @@
-"""lightning_diffusion: VAEs, hierarchical VAEs, DDPMs and score SDEs for PyTorch Lightning."""
+"""lightning_diffusion: VAEs, hierarchical VAEs, DDPMs and score SDEs for PyTorch Lightning.
+
+The public names below are imported on first use (PEP 562), so that ``import lightning_diffusion``
+and spawned DataLoader workers do not pay for Lightning until they need it.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from lightning_diffusion.callbacks import SampleGrid  # noqa: E402
-from lightning_diffusion.data import ShardDataModule  # noqa: E402
-from lightning_diffusion.models import DDPM, GenerativeModel  # noqa: E402
-from lightning_diffusion.nets import MLP, UNet  # noqa: E402
+_PUBLIC = {
+    "DDPM": "lightning_diffusion.models",
+    "GenerativeModel": "lightning_diffusion.models",
+    "ShardDataModule": "lightning_diffusion.data",
+    "SampleGrid": "lightning_diffusion.callbacks",
+    "MLP": "lightning_diffusion.nets",
+    "UNet": "lightning_diffusion.nets",
+}
 
-__all__ = ["DDPM", "MLP", "GenerativeModel", "SampleGrid", "ShardDataModule", "UNet", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

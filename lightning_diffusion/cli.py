@@ -34,7 +34,11 @@ class DiffusionCLI(LightningCLI):
     """
 
     def __init__(self, *args, **kwargs):
-        import lightning_diffusion  # noqa: F401  registers short names of our classes
+        # imported so that jsonargparse knows our classes by their short names
+        import lightning_diffusion.callbacks  # noqa: F401
+        import lightning_diffusion.data.datamodule  # noqa: F401
+        import lightning_diffusion.models  # noqa: F401
+        import lightning_diffusion.nets  # noqa: F401
 
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

@@ -17,12 +17,12 @@ def _write(source: sources.Source, out: str, shard_size: int, fractions: Fractio
     print(f"Wrote {Path(out) / 'index.json'}: {counts}; shape {index['shape']} {index['dtype']}")
 
 
-def digits(out: str, image_size: ImageSize = 8, shard_size: int = 256,
+def digits(*, out: str, image_size: ImageSize = 8, shard_size: int = 256,
            fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
     """scikit-learn's bundled 8x8 digits as 8-bit PNG with labels.
 
     Args:
-        out: output directory for the shards and index.json.
+        out: output directory for the shards and index.json (required).
         image_size: 8 (native), or 16 / 32 pixels (bicubic upsampling).
         shard_size: samples per tar shard.
         fractions: train/val/test fractions (sum to 1).
@@ -31,12 +31,12 @@ def digits(out: str, image_size: ImageSize = 8, shard_size: int = 256,
     _write(sources.digits(image_size), out, shard_size, fractions, seed)
 
 
-def toy2d(out: str, name: Toy2DName = "gaussians8", num_points: int = 20000, radius: float = 2.0,
+def toy2d(*, out: str, name: Toy2DName = "gaussians8", num_points: int = 20000, radius: float = 2.0,
           std: float = 0.1, shard_size: int = 4000, fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
     """A generated 2-D toy set as float32 npy records.
 
     Args:
-        out: output directory for the shards and index.json.
+        out: output directory for the shards and index.json (required).
         name: gaussians8 (8-mode mixture on a circle), moons, swissroll or checkerboard.
         num_points: points generated in total, before the split.
         radius: gaussians8: radius of the circle of the mode centres.
@@ -48,13 +48,13 @@ def toy2d(out: str, name: Toy2DName = "gaussians8", num_points: int = 20000, rad
     _write(sources.toy2d(name, num_points, seed, radius=radius, std=std), out, shard_size, fractions, seed)
 
 
-def imagefolder(path: str, out: str, image_size: int | None = None, grayscale: bool = False,
+def imagefolder(path: str, *, out: str, image_size: int | None = None, grayscale: bool = False,
                 shard_size: int = 1000, fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
     """Any tree PATH/<class>/<image>, the class taken from the subfolder.
 
     Args:
         path: root of the image tree.
-        out: output directory for the shards and index.json.
+        out: output directory for the shards and index.json (required).
         image_size: resize the shorter side to this many pixels, then centre-crop a square.
         grayscale: store 1-channel images instead of RGB.
         shard_size: samples per tar shard.
@@ -64,13 +64,13 @@ def imagefolder(path: str, out: str, image_size: int | None = None, grayscale: b
     _write(sources.imagefolder(path, image_size, grayscale), out, shard_size, fractions, seed)
 
 
-def torchvision(name: TorchvisionName, out: str, root: str, download: bool = False, shard_size: int = 1000,
+def torchvision(name: TorchvisionName, *, out: str, root: str, download: bool = False, shard_size: int = 1000,
                 fractions: Fractions = (0.98, 0.02, 0.0), seed: int = 0) -> None:
     """CIFAR10, MNIST or FashionMNIST through torchvision.datasets; the official test split is kept.
 
     Args:
         name: CIFAR10, MNIST or FashionMNIST.
-        out: output directory for the shards and index.json.
+        out: output directory for the shards and index.json (required).
         root: torchvision's dataset root (where the downloaded files are or go).
         download: download into root first (needs network access).
         shard_size: samples per tar shard.

@@ -8,194 +8,22 @@ what lets a later resume restore the position in it.
 Validation and test read every sample exactly once across all ranks x workers. Rank and world
 size are handed to the readers explicitly: with spawn/forkserver workers webdataset's own
 node splitter cannot see them and silently duplicates data.
-
-Shard content is untrusted: only PNG/JPEG, ``.npy`` (with ``allow_pickle=False``) and ASCII
-``.cls`` labels are decoded; nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import random
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from lightning_diffusion.data.shards import EMBEDDED, SPLITS, ensure_embedded, load_index
+from lightning_diffusion.data.streams import EvalStream, ShardError, TrainStream, decode_sample, expand_pattern, iter_shard
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-
-# TrainStream's __len__ is exact: each worker yields its own share of the rank's batches.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-
-class ShardError(RuntimeError):
-    """A shard that cannot be read or holds a bad sample; the message names the shard and key."""
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Expand a brace pattern (``train-{000000..000009}.tar``, several joined by ``::``) to paths."""
-    from webdataset.shardlists import expand_urls
-
-    return list(expand_urls(pattern))
-
-
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Yield the raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard.
-
-    Any failure to open or parse the tar is raised as :class:`ShardError` naming the shard.
-    """
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    try:
-        with open(url, "rb") as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
-    except ShardError:
-        raise
-    except FileNotFoundError as e:
-        raise ShardError(f"shard {url} does not exist") from e
-    except Exception as e:  # tarfile.ReadError, truncated data, duplicate names ...
-        raise ShardError(f"shard {url} is not a readable tar file: {type(e).__name__}: {e}") from e
-
-
-def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: bool) -> tuple[torch.Tensor, int | None]:
-    """Decode one raw sample to (x, y): images to float CHW in [-1, 1], points to float32 [D].
-
-    Raises :class:`ShardError` naming the shard and key on a missing key or a wrong shape.
-    """
-    where = f"shard {raw.get('__url__')}, sample {raw.get('__key__')!r}"
-    ext = next((e for e in (*IMAGE_EXTENSIONS, "npy") if e in raw), None)
-    if ext is None:
-        present = sorted(k for k in raw if not k.startswith("__"))
-        raise ShardError(f"{where}: no image or npy entry (keys present: {present}); expected one of {[*IMAGE_EXTENSIONS, 'npy']}")
-    try:
-        if ext == "npy":
-            x = torch.from_numpy(np.load(io.BytesIO(raw[ext]), allow_pickle=False).astype(np.float32))
-        else:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(raw[ext])) as im:
-                im.load()
-                arr = np.asarray(im, dtype=np.uint8)
-            arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
-            x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    except Exception as e:
-        raise ShardError(f"{where}: cannot decode .{ext}: {type(e).__name__}: {e}") from e
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ShardError(f"{where}: .{ext} has shape {list(x.shape)}, expected {list(shape)} (from the index / first sample)")
-    y = None
-    if "cls" in raw:
-        try:
-            y = int(raw["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ShardError(f"{where}: .cls is not an ASCII integer") from e
-    elif labelled:
-        raise ShardError(f"{where}: missing key 'cls' (the dataset has class labels)")
-    return x, y
-
-
-def collate(samples: list[tuple[torch.Tensor, int | None]]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples into the batch dict of DESIGN.md."""
-    batch = {"x": torch.stack([x for x, _ in samples])}
-    if samples[0][1] is not None:
-        batch["y"] = torch.tensor([y for _, y in samples], dtype=torch.int64)
-    return batch
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-class TrainStream(IterableDataset):
-    """Infinite resampled stream cut into ``batches_per_rank`` batches per epoch for one rank.
-
-    Every (seed, epoch, rank, worker) gives its own reproducible stream: shards are drawn with
-    replacement, samples pass a shuffle buffer of ``shuffle_buffer`` and, if ``random_flip``, are
-    flipped horizontally with probability 1/2. Workers share the rank's batches as evenly as
-    possible; DataLoader interleaves them.
-    """
-
-    def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
-                 labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int):
-        super().__init__()
-        self.urls, self.batch_size, self.batches_per_rank = urls, batch_size, batches_per_rank
-        self.shape, self.labelled = shape, labelled
-        self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.batches_per_rank
-
-    def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int | None]]:
-        buffer: list = []
-        while True:
-            for raw in iter_shard(rng.choice(self.urls)):
-                sample = decode_sample(raw, self.shape, self.labelled)
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(sample)
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], sample = sample, buffer[j]
-                yield sample
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        wid, nworkers = _worker()
-        n_batches = self.batches_per_rank // nworkers + (wid < self.batches_per_rank % nworkers)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{wid}")
-        samples = self._samples(rng)
-        for _ in range(n_batches):
-            batch = collate([next(samples) for _ in range(self.batch_size)])
-            if self.random_flip:
-                flip = torch.tensor([rng.random() < 0.5 for _ in range(self.batch_size)])
-                batch["x"] = torch.where(flip[:, None, None, None], batch["x"].flip(-1), batch["x"])
-            yield batch
-
-
-class EvalStream(IterableDataset):
-    """Reads every sample of ``urls`` exactly once across ranks x workers, in batches.
-
-    With at least as many shards as readers (ranks x workers), reader g takes shards g, g+G, ...;
-    otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence.
-    """
-
-    def __init__(self, urls: list[str], batch_size: int, shape: tuple[int, ...], labelled: bool,
-                 rank: int, world_size: int):
-        super().__init__()
-        self.urls, self.batch_size, self.shape, self.labelled = urls, batch_size, shape, labelled
-        self.rank, self.world_size = rank, world_size
-
-    def _raw(self) -> Iterator[dict[str, Any]]:
-        wid, nworkers = _worker()
-        readers, me = self.world_size * nworkers, self.rank * nworkers + wid
-        if len(self.urls) >= readers:
-            for url in self.urls[me::readers]:
-                yield from iter_shard(url)
-        else:
-            i = 0
-            for url in self.urls:
-                for raw in iter_shard(url):
-                    if i % readers == me:
-                        yield raw
-                    i += 1
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batch = []
-        for raw in self._raw():
-            batch.append(decode_sample(raw, self.shape, self.labelled))
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-        if batch:
-            yield collate(batch)
+__all__ = ["ShardDataModule", "ShardError"]
 
 
 class _EpochLoader(DataLoader):
@@ -232,6 +60,7 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         num_classes: int | None = None,
         seed: int = 0,
+        multiprocessing_context: str | None = None,
     ):
         """
         Args:
@@ -251,6 +80,8 @@ class ShardDataModule(L.LightningDataModule):
                 count divided by the global batch (batch_size x world size), rounded up.
             num_classes: number of classes, for shards without an index; default from the index.
             seed: seed of the training stream (with epoch, rank and worker).
+            multiprocessing_context: start method of the workers (``fork``, ``spawn``,
+                ``forkserver``); None: the platform's default. Coverage is exact with any of them.
         """
         super().__init__()
         # num_classes is logged by the model (linked, resolved); two differing copies would clash
@@ -258,10 +89,15 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
+        self.multiprocessing_context = multiprocessing_context
         self.index: dict[str, Any] | None = None
         self.urls: dict[str, list[str]] = {s: [] for s in SPLITS}
         if dataset is not None:
             path = ensure_embedded(dataset) if dataset in EMBEDDED else Path(dataset)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"ShardDataModule: dataset {dataset!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) "
+                    "nor an existing shard directory or index.json; write shards with `lightning-diffusion shards`")
             self.index, root = load_index(path)
             for split in SPLITS:
                 self.urls[split] = [str(root / s["name"]) for s in self.index["splits"].get(split, {}).get("shards", [])]
@@ -305,8 +141,8 @@ class ShardDataModule(L.LightningDataModule):
         return self.num_classes is not None
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        return dict(num_workers=self.num_workers, persistent_workers=False,
-                    multiprocessing_context="spawn" if self.num_workers > 0 else None)
+        return dict(num_workers=self.num_workers,
+                    multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None)
 
     # -- loaders ---------------------------------------------------------------------------
     def train_batches_per_rank(self) -> int:

@@ -27,7 +27,8 @@ def make_betas(name: BetaSchedule, timesteps: int) -> Tensor:
     """float64 betas of length ``timesteps``.
 
     - ``linear`` (Ho et al. 2020): evenly from 1e-4 to 0.02, scaled by 1000 / T so that other
-      T keep the same total noise (as in improved-diffusion).
+      T keep the same total noise (as in improved-diffusion), clipped at 0.999 so that very short
+      schedules (T < 50) stay valid.
     - ``cosine`` (Nichol & Dhariwal 2021, eq. 17): ``abar(t) = f(t)/f(0)``,
       ``f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2)``, ``s = 0.008``, ``beta_t = 1 - abar_t/abar_{t-1}``
       clipped at 0.999.
@@ -36,7 +37,7 @@ def make_betas(name: BetaSchedule, timesteps: int) -> Tensor:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     if name == "linear":
         scale = 1000.0 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
     if name == "cosine":
         s = 0.008
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps

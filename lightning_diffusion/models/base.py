@@ -53,6 +53,22 @@ class GenerativeModel(L.LightningModule):
         self.lr, self.weight_decay, self.adam_betas = lr, weight_decay, tuple(adam_betas)
         self.warmup_steps, self.grad_clip, self.val_seed = warmup_steps, grad_clip, val_seed
 
+    def save_hyperparameters_except(self, *module_args: str) -> None:
+        """``save_hyperparameters()`` of the caller's ``__init__``, without ``module_args`` objects.
+
+        Built by LightningCLI, a module argument (the net) arrives as its config
+        (``class_path``/``init_args``) and is kept, so ``load_from_checkpoint(path)`` rebuilds it.
+        Built in Python, it is an ``nn.Module`` that the state dict already holds: it is left out and
+        ``load_from_checkpoint(path, net=...)`` takes it again (Lightning's own advice).
+        """
+        import inspect
+
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+        from_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if from_cli else list(module_args),
+                                  frame=inspect.currentframe().f_back)
+
     # -- facts about the data ---------------------------------------------------------------
     @property
     def is_image(self) -> bool:

@@ -47,7 +47,7 @@ class DDPM(GenerativeModel):
             **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
         """
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters_except("net")
         self.net = net
         self.schedule = NoiseSchedule(beta_schedule, timesteps)
         self.parameterization, self.variance = parameterization, variance

@@ -1,0 +1,189 @@
+"""Reading shards: raw samples, decoding, and the train/eval streams (no Lightning here).
+
+Kept free of Lightning and of the rest of the package so that spawned DataLoader workers, which
+re-import the module of the dataset they unpickle, start quickly.
+
+Shard content is untrusted: only PNG/JPEG, ``.npy`` (with ``allow_pickle=False``) and ASCII
+``.cls`` labels are decoded; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+# TrainStream's __len__ is exact: each worker yields its own share of the rank's batches.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read or holds a bad sample; the message names the shard and key."""
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand a brace pattern (``train-{000000..000009}.tar``, several joined by ``::``) to paths."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(pattern))
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Yield the raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard.
+
+    Any failure to open or parse the tar is raised as :class:`ShardError` naming the shard.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    try:
+        with open(url, "rb") as stream:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            yield from group_by_keys(files)
+    except ShardError:
+        raise
+    except FileNotFoundError as e:
+        raise ShardError(f"shard {url} does not exist") from e
+    except Exception as e:  # tarfile.ReadError, truncated data, duplicate names ...
+        raise ShardError(f"shard {url} is not a readable tar file: {type(e).__name__}: {e}") from e
+
+
+def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: bool) -> tuple[torch.Tensor, int | None]:
+    """Decode one raw sample to (x, y): images to float CHW in [-1, 1], points to float32 [D].
+
+    Raises :class:`ShardError` naming the shard and key on a missing key or a wrong shape.
+    """
+    where = f"shard {raw.get('__url__')}, sample {raw.get('__key__')!r}"
+    ext = next((e for e in (*IMAGE_EXTENSIONS, "npy") if e in raw), None)
+    if ext is None:
+        present = sorted(k for k in raw if not k.startswith("__"))
+        raise ShardError(f"{where}: no image or npy entry (keys present: {present}); expected one of {[*IMAGE_EXTENSIONS, 'npy']}")
+    try:
+        if ext == "npy":
+            x = torch.from_numpy(np.load(io.BytesIO(raw[ext]), allow_pickle=False).astype(np.float32))
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(raw[ext])) as im:
+                im.load()
+                arr = np.asarray(im, dtype=np.uint8)
+            arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+            x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    except Exception as e:
+        raise ShardError(f"{where}: cannot decode .{ext}: {type(e).__name__}: {e}") from e
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ShardError(f"{where}: .{ext} has shape {list(x.shape)}, expected {list(shape)} (from the index / first sample)")
+    y = None
+    if "cls" in raw:
+        try:
+            y = int(raw["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ShardError(f"{where}: .cls is not an ASCII integer") from e
+    elif labelled:
+        raise ShardError(f"{where}: missing key 'cls' (the dataset has class labels)")
+    return x, y
+
+
+def collate(samples: list[tuple[torch.Tensor, int | None]]) -> dict[str, torch.Tensor]:
+    """Stack decoded samples into the batch dict of DESIGN.md."""
+    batch = {"x": torch.stack([x for x, _ in samples])}
+    if samples[0][1] is not None:
+        batch["y"] = torch.tensor([y for _, y in samples], dtype=torch.int64)
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(IterableDataset):
+    """Infinite resampled stream cut into ``batches_per_rank`` batches per epoch for one rank.
+
+    Every (seed, epoch, rank, worker) gives its own reproducible stream: shards are drawn with
+    replacement, samples pass a shuffle buffer of ``shuffle_buffer`` and, if ``random_flip``, are
+    flipped horizontally with probability 1/2. Workers share the rank's batches as evenly as
+    possible; DataLoader interleaves them.
+    """
+
+    def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
+                 labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.batch_size, self.batches_per_rank = urls, batch_size, batches_per_rank
+        self.shape, self.labelled = shape, labelled
+        self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int | None]]:
+        # the buffer holds raw bytes and a sample is decoded only when it leaves: filling the
+        # buffer at an epoch start then costs tar reading alone
+        buffer: list[dict[str, Any]] = []
+        while True:
+            for raw in iter_shard(rng.choice(self.urls)):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(raw)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], raw = raw, buffer[j]
+                yield decode_sample(raw, self.shape, self.labelled)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        wid, nworkers = _worker()
+        n_batches = self.batches_per_rank // nworkers + (wid < self.batches_per_rank % nworkers)
+        stream_id = f"{self.seed}-{self.epoch}-{self.rank}-{wid}"
+        samples = self._samples(random.Random(stream_id))
+        flip_rng = random.Random(f"flip-{stream_id}")  # its own stream: flipping leaves the sample order alone
+        for _ in range(n_batches):
+            batch = collate([next(samples) for _ in range(self.batch_size)])
+            if self.random_flip:
+                flip = torch.tensor([flip_rng.random() < 0.5 for _ in range(self.batch_size)])
+                batch["x"] = torch.where(flip[:, None, None, None], batch["x"].flip(-1), batch["x"])
+            yield batch
+
+
+class EvalStream(IterableDataset):
+    """Reads every sample of ``urls`` exactly once across ranks x workers, in batches.
+
+    With at least as many shards as readers (ranks x workers), reader g takes shards g, g+G, ...;
+    otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence.
+    """
+
+    def __init__(self, urls: list[str], batch_size: int, shape: tuple[int, ...], labelled: bool,
+                 rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.batch_size, self.shape, self.labelled = urls, batch_size, shape, labelled
+        self.rank, self.world_size = rank, world_size
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        wid, nworkers = _worker()
+        readers, me = self.world_size * nworkers, self.rank * nworkers + wid
+        if len(self.urls) >= readers:
+            for url in self.urls[me::readers]:
+                yield from iter_shard(url)
+        else:
+            i = 0
+            for url in self.urls:
+                for raw in iter_shard(url):
+                    if i % readers == me:
+                        yield raw
+                    i += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batch = []
+        for raw in self._raw():
+            batch.append(decode_sample(raw, self.shape, self.labelled))
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
