@@ -13,9 +13,8 @@ as a PNG would store them) and classified. Printed and written to ``--json``:
 Target: every digit present with roughly 10% of the samples, and a mean max-probability close to
 that of the real test images.
 
-The checkpoint is loaded with ``DDPM.load_from_checkpoint``; since the net is not stored in the
-hyperparameters, the fallback rebuilds the model from the run's ``config.yaml``
-(``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``) and loads the state dict.
+The checkpoint is loaded with ``DDPM.load_from_checkpoint``: checkpoints written by the CLI keep the
+net's config in their hyperparameters.
 
     python benchmarks/digits_sample_quality.py --ckpt runs/ddpm_digits/version_0/checkpoints/last.ckpt [--num 1000]
 """
@@ -26,7 +25,6 @@ import argparse
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +34,13 @@ from lightning_diffusion import DDPM
 from lightning_diffusion.data.shards import split_indices
 
 
-def load_model(ckpt: Path, device: str) -> tuple[DDPM, str]:
-    """The DDPM of ``ckpt`` in eval mode, and how it was loaded."""
+def load_model(ckpt: Path, device: str) -> DDPM:
+    """The DDPM of ``ckpt`` in eval mode. A checkpoint written by the CLI holds the net's config."""
     try:
-        return DDPM.load_from_checkpoint(ckpt, map_location=device).eval(), "DDPM.load_from_checkpoint"
-    except Exception as e:  # the net is not in the hyperparameters
-        reason = "the net is not in the checkpoint" if "required: net" in str(e) else f"{type(e).__name__}: {str(e)[:200]}"
-    config = ckpt.resolve().parent.parent / "config.yaml"
-    if not config.is_file():
-        raise SystemExit(f"cannot load {ckpt} ({reason}) and there is no run config {config}")
-    import yaml
-
-    from lightning_diffusion.cli import DiffusionCLI
-
-    # the saved config is the `fit` subcommand's; keep the keys that run=False takes (not ckpt_path ...)
-    keep = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
-    cfg = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in keep}
-    cfg["trainer"] = {**cfg.get("trainer", {}), "logger": False}
-    model = DiffusionCLI(args=cfg, run=False).model
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
-    return model.to(device).eval(), f"{config} + state_dict (load_from_checkpoint failed: {reason})"
+        return DDPM.load_from_checkpoint(ckpt, map_location=device).eval()
+    except TypeError as e:
+        raise SystemExit(f"cannot rebuild the model of {ckpt}: {e}. A model built in Python needs its net: "
+                         "DDPM.load_from_checkpoint(path, net=...)") from e
 
 
 def real_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -79,7 +63,6 @@ def main() -> None:
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter.*")
     if args.threads:
         torch.set_num_threads(args.threads)
     from sklearn.linear_model import LogisticRegression
@@ -87,11 +70,11 @@ def main() -> None:
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
         raise SystemExit(f"--ckpt {ckpt} does not exist")
-    model, how = load_model(ckpt, args.device)
+    model = load_model(ckpt, args.device)
     if tuple(model.data_shape) != (1, 8, 8):
         raise SystemExit(f"{ckpt}: model data_shape is {model.data_shape}, expected (1, 8, 8) (digits 8x8)")
     step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
-    print(f"model: {ckpt} (global step {step}), loaded via {how}")
+    print(f"model: {ckpt} (global step {step})")
 
     data = real_digits()
     clf = LogisticRegression(max_iter=5000).fit(*data["train"])
@@ -123,7 +106,7 @@ def main() -> None:
 
     if args.json:
         out = {"benchmark": "digits_sample_quality", "ckpt": str(ckpt), "global_step": step, "num": args.num,
-               "seed": args.seed, "loaded_via": how, "classifier": "LogisticRegression",
+               "seed": args.seed, "classifier": "LogisticRegression",
                "classifier_test_accuracy": accuracy, "class_counts": counts.tolist(),
                "mean_max_prob_samples": sample_conf, "mean_max_prob_real_test": real_conf,
                "sampling_seconds": seconds}

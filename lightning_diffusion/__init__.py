@@ -13,6 +13,7 @@ _PUBLIC = {
     "GenerativeModel": "lightning_diffusion.models",
     "ShardDataModule": "lightning_diffusion.data",
     "SampleGrid": "lightning_diffusion.callbacks",
+    "LastCheckpoint": "lightning_diffusion.callbacks",
     "MLP": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",
 }
