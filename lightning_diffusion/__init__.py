@@ -11,6 +11,12 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "DDPM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
+    "ScoreSDE": "lightning_diffusion.models",
+    "VPSDE": "lightning_diffusion.diffusion.sde",
+    "SubVPSDE": "lightning_diffusion.diffusion.sde",
+    "VESDE": "lightning_diffusion.diffusion.sde",
+    "NoiseSchedule": "lightning_diffusion.diffusion.schedules",
+    "GaussianMixture": "lightning_diffusion.diffusion.mixture",
     "ShardDataModule": "lightning_diffusion.data",
     "SampleGrid": "lightning_diffusion.callbacks",
     "LastCheckpoint": "lightning_diffusion.callbacks",

@@ -37,6 +37,7 @@ class DiffusionCLI(LightningCLI):
         # imported so that jsonargparse knows our classes by their short names
         import lightning_diffusion.callbacks  # noqa: F401
         import lightning_diffusion.data.datamodule  # noqa: F401
+        import lightning_diffusion.diffusion.sde  # noqa: F401
         import lightning_diffusion.models  # noqa: F401
         import lightning_diffusion.nets  # noqa: F401
 

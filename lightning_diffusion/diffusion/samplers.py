@@ -1,55 +1,449 @@
-"""Samplers by name. A sampler is a function of (denoiser or score function, schedule or SDE, options).
+"""Samplers by name, each a function of (denoiser, Gaussian process, options).
 
-``denoise_fn(x_t, t) -> x0_hat`` is the model's estimate of the clean data at integer step
-``t`` [B] (float); the samplers know nothing about networks or parameterizations.
+Every sampler takes ``denoise_fn(x_t, t) -> x0_hat``, the model's estimate of the clean data at
+time ``t`` (a float tensor [B] in the process's own time variable: the integer step index for a
+DDPM, continuous t in (0, 1] for a score SDE), and a :class:`~lightning_diffusion.diffusion.sde.
+GaussianProcess` with marginals ``x_t = alpha(t) x_0 + sigma(t) eps``. It needs nothing else: the
+score is ``(alpha(t) x0_hat - x) / sigma(t)^2`` (Tweedie) and the reverse-time dynamics follow from
+``alpha, sigma, f, g^2``. So one implementation serves DDPMs, VP/sub-VP/VE SDEs and any model
+that can express itself as a denoiser; no sampler looks at the class of the process (only the
+grid helpers ask whether its time is a DDPM's integer step).
+
+Conventions shared by all samplers:
+
+- ``steps`` is the sampler's step count (its meaning and the resulting NFE are in each
+  docstring); None picks the paper's default.
+- Time grids run from ``t_max`` (the prior) down to ``t_min``. A DDPM's net knows only integer
+  steps, so on a :class:`~lightning_diffusion.diffusion.sde.DiscreteVP` every grid is rounded to
+  integers (timestep respacing: ``steps`` evenly spaced integers from T-1 down to 0).
+- ``clip`` clamps x0_hat to the data range at every evaluation ((-1, 1) for images; None for
+  unbounded data).
+- All samples of a batch share the time grid, so every coefficient is a float64 scalar computed
+  from the process and applied to float32 data of any shape ([B, D] points, [B, C, H, W] images);
+  per-sample norms flatten all data dimensions.
+- Every sampler returns :class:`SamplerOutput` ``(x, nfe)``: ``x`` is, by custom, the final
+  denoised estimate x0_hat at the last grid time, and ``nfe`` counts the ``denoise_fn`` calls.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+import inspect
+import math
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_diffusion.diffusion.schedules import NoiseSchedule
+from lightning_diffusion.diffusion.sde import GaussianProcess
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-AncestralVariance = Literal["fixedlarge", "fixedsmall"]
+AncestralVariance = Literal["fixedsmall", "fixedlarge"]
+Predictor = Literal["reverse_diffusion", "euler_maruyama"]
+DPMGrid = Literal["logsnr", "time"]
+
+
+class SamplerOutput(NamedTuple):
+    """What every sampler returns."""
+
+    x: Tensor  # samples, shaped like the requested ``shape``
+    nfe: int  # number of denoise_fn calls (network function evaluations)
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+def _at(fn: Callable[[Tensor], Tensor], t: float) -> float:
+    """A process coefficient (alpha, sigma, f, g2, ratio) at one time, computed in float64."""
+    return float(fn(torch.tensor([t], dtype=torch.float64))[0])
+
+
+class CountedDenoiser:
+    """``denoise_fn`` with the samplers' conventions, counting its calls in ``nfe``.
+
+    ``self(x, t)`` takes one time ``t`` (float) for the whole batch, passes it as a [B] tensor in
+    x's dtype, returns x0_hat in x's dtype, clamped to ``clip``; ``score(x, t)`` is
+    ``(alpha x0_hat - x) / sigma^2``.
+    """
+
+    def __init__(self, denoise_fn: Denoiser, process: GaussianProcess, clip: tuple[float, float] | None):
+        self.denoise_fn, self.process, self.clip, self.nfe = denoise_fn, process, clip, 0
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        self.nfe += 1
+        x0 = self.denoise_fn(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)).to(x.dtype)
+        return x0 if self.clip is None else x0.clamp(*self.clip)
+
+    def score(self, x: Tensor, t: float) -> Tensor:
+        alpha, sigma = _at(self.process.alpha, t), _at(self.process.sigma, t)
+        return (alpha * self(x, t) - x) / sigma**2
+
+
+class Transition(NamedTuple):
+    """Coefficients between grid times s < t (float64): ``q(x_t | x_s) = N(a x_s, v I)`` with
+    ``a = alpha_t / alpha_s``, ``v = sigma_t^2 - a^2 sigma_s^2``; the posterior
+    ``q(x_s | x_t, x_0)`` has variance ``posterior_var = sigma_s^2 v / sigma_t^2``."""
+
+    alpha_t: float
+    sigma_t: float
+    alpha_s: float
+    sigma_s: float
+    a: float
+    v: float
+    posterior_var: float
+
+
+def transition(process: GaussianProcess, t: float, s: float) -> Transition:
+    alpha_t, sigma_t = _at(process.alpha, t), _at(process.sigma, t)
+    alpha_s, sigma_s = _at(process.alpha, s), _at(process.sigma, s)
+    a = alpha_t / alpha_s
+    v = max(sigma_t**2 - a**2 * sigma_s**2, 0.0)
+    return Transition(alpha_t, sigma_t, alpha_s, sigma_s, a, v, sigma_s**2 * v / sigma_t**2)
+
+
+def _check_steps(steps: int, least: int) -> None:
+    if not isinstance(steps, int) or steps < least:
+        raise ValueError(f"steps must be an integer >= {least}, got {steps!r}")
+
+
+def time_grid(process: GaussianProcess, num: int) -> list[float]:
+    """``num`` times uniform from ``t_max`` down to ``t_min`` (Song et al. 2021's grid); on a DDPM
+    ``num`` evenly spaced integer steps from T-1 to 0, both included (timestep respacing)."""
+    _check_steps(num, 2)
+    grid = torch.linspace(process.t_max, process.t_min, num, dtype=torch.float64)
+    if process.discrete:
+        if num > process.t_max + 1:
+            raise ValueError(f"steps={num} exceeds the DDPM's {int(process.t_max) + 1} timesteps")
+        grid = grid.round()
+    return grid.tolist()
+
+
+def _times_of_ratios(process: GaussianProcess, ratios: Tensor) -> list[float]:
+    """Times of the noise levels ``sigma/alpha`` [N] (decreasing, from ratio(t_max) to ratio(t_min)),
+    endpoints pinned to t_max and t_min; on a DDPM rounded to integer steps without repeats
+    (EDM's ``round_sigma``)."""
+    t = process.t_of_ratio(ratios.to(torch.float64))
+    t[0], t[-1] = process.t_max, process.t_min
+    return torch.unique_consecutive(_snap(process, t)).tolist()
+
+
+def _snap(process: GaussianProcess, t: Tensor) -> Tensor:
+    """Times a DDPM's net knows: integer steps (EDM's ``round_sigma``); continuous times unchanged."""
+    return t.round() if process.discrete else t
+
+
+def karras_grid(process: GaussianProcess, num: int, rho: float = 7.0) -> list[float]:
+    """Times of EDM's noise levels (Karras et al. 2022, eq. 5):
+    ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``, i = 0..N-1, with
+    ``smax = ratio(t_max)``, ``smin = ratio(t_min)``."""
+    _check_steps(num, 2)
+    smax, smin = _at(process.ratio, process.t_max), _at(process.ratio, process.t_min)
+    i = torch.arange(num, dtype=torch.float64) / (num - 1)
+    return _times_of_ratios(process, (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho)
+
+
+def logsnr_grid(process: GaussianProcess, num: int) -> list[float]:
+    """``num`` times uniform in ``lambda = log(alpha/sigma)`` from t_max to t_min (Lu et al. 2022)."""
+    _check_steps(num, 2)
+    lam_max, lam_min = -math.log(_at(process.ratio, process.t_min)), -math.log(_at(process.ratio, process.t_max))
+    return _times_of_ratios(process, torch.exp(-torch.linspace(lam_min, lam_max, num, dtype=torch.float64)))
+
+
+def _default(steps: int | None, default: int) -> int:
+    return default if steps is None else steps
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _choose(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {option} {value!r}; choose one of {list(choices)}")
+
+
+def _prior(process: GaussianProcess, shape: tuple[int, ...], generator, device) -> Tensor:
+    return process.prior_sampling(tuple(shape), generator=generator, device=device)
+
+
+# -- one-step updates shared by euler_maruyama and pc -----------------------------------------
+def euler_maruyama_step(process: GaussianProcess, den: CountedDenoiser, x: Tensor, t: float, s: float,
+                        noise: Tensor | None) -> Tensor:
+    """Reverse SDE (Song et al. 2021, eq. 6) from t to s < t:
+    ``x_s = x_t - [f(t) x_t - g(t)^2 score] (t - s) + g(t) sqrt(t - s) z``."""
+    f, g2 = _at(process.f, t), _at(process.g2, t)
+    x = x - (f * x - g2 * den.score(x, t)) * (t - s)
+    return x if noise is None else x + math.sqrt(g2 * (t - s)) * noise
+
+
+def reverse_diffusion_step(process: GaussianProcess, den: CountedDenoiser, x: Tensor, t: float, s: float,
+                           noise: Tensor | None) -> Tensor:
+    """score_sde's reverse-diffusion predictor (Song et al. 2021, eq. 46) for the forward step
+    ``x_t = a x_s + sqrt(v) z``: ``x_s = (2 - a) x_t + v score + sqrt(v) z`` (VE: ``a = 1``,
+    ``v = sigma_t^2 - sigma_s^2``; DDPM: ``a = sqrt(1 - beta)``, ``v = beta``)."""
+    step = transition(process, t, s)
+    x = (2 - step.a) * x + step.v * den.score(x, t)
+    return x if noise is None else x + math.sqrt(step.v) * noise
+
+
+def langevin_step(den: CountedDenoiser, x: Tensor, t: float, snr: float, a2: float,
+                  generator: torch.Generator | None) -> Tensor:
+    """Langevin corrector (Song et al. 2021, Algorithm 5): ``x <- x + e score + sqrt(2 e) z`` with
+    step ``e = 2 a2 (snr ||z|| / ||score||)^2`` (``a2 = 1`` for VE, ``1 - beta`` for VP).
+
+    As in score_sde's code, ``||z||`` and ``||score||`` are per-sample norms averaged over the
+    batch: a per-sample ratio is heavy-tailed in low dimension (a sample at a mode's centre has
+    score ~ 0 and would take an enormous step).
+    """
+    score, z = den.score(x, t), _noise(x, generator)
+    ratio = snr * z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+    step = 2 * a2 * ratio**2
+    return x + step * score + (2 * step).sqrt() * z
+
+
+# -- the samplers -----------------------------------------------------------------------------
+@torch.no_grad()
+def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
+              generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+              clip: tuple[float, float] | None = None, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
+    """Ancestral sampling through the posterior (Ho et al. 2020, Algorithm 2 and eq. 7), on any grid.
+
+    For grid times s < t: ``x_s = mu~(x_t, x0_hat) + sqrt(var) z`` with the posterior mean
+    ``mu~ = (a sigma_s^2 / sigma_t^2) x_t + (alpha_s v / sigma_t^2) x0_hat`` (``a, v`` of
+    :class:`Transition`) and ``var`` the posterior variance ``sigma_s^2 v / sigma_t^2`` (``fixedsmall``,
+    beta-tilde) or the transition variance ``v`` (``fixedlarge``, beta_t on a full DDPM grid). At the
+    last grid time (step 0 for a DDPM) it returns x0_hat without noise, which is Ho et al.'s mean.
+
+    ``steps``: grid points (default: all T steps of a DDPM, 1000 otherwise); NFE = steps.
+    """
+    _choose("variance", variance, ("fixedsmall", "fixedlarge"))
+    den = CountedDenoiser(denoise_fn, process, clip)
+    grid = time_grid(process, _default(steps, int(process.t_max) + 1 if process.discrete else 1000))
+    x = _prior(process, shape, generator, device)
+    for t, s in zip(grid[:-1], grid[1:]):
+        step = transition(process, t, s)
+        x0 = den(x, t)
+        mean = (step.a * step.sigma_s**2 / step.sigma_t**2) * x + (step.alpha_s * step.v / step.sigma_t**2) * x0
+        var = step.posterior_var if variance == "fixedsmall" else step.v
+        x = mean + math.sqrt(var) * _noise(x, generator)
+    return SamplerOutput(den(x, grid[-1]), den.nfe)
 
 
 @torch.no_grad()
-def ancestral(
-    denoise_fn: Denoiser,
-    schedule: NoiseSchedule,
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    variance: AncestralVariance = "fixedlarge",
-    clip: tuple[float, float] | None = (-1.0, 1.0),
-) -> Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), written through x0_hat.
+def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
+         generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+         clip: tuple[float, float] | None = None, eta: float = 0.0) -> SamplerOutput:
+    """DDIM (Song, Meng & Ermon 2021, eq. 12), written for any alpha, sigma:
 
-    ``x_T ~ N(0, I)``; for t = T-1 .. 0: ``x_{t-1} = mu~_t(x0_hat, x_t) + sigma_t z`` with
-    ``mu~`` the posterior mean and ``sigma_t^2 = beta_t`` (``fixedlarge``; beta-tilde_1 at the
-    last step, as in Ho et al.'s code) or beta-tilde_t (``fixedsmall``); no noise at t = 0.
-    ``clip`` clamps x0_hat to the data range (images), None for unbounded data.
+    ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z``, ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``,
+    ``c = eta sqrt(sigma_s^2 v / sigma_t^2)`` (eq. 16); ``eta = 0`` (default) is deterministic, ``eta = 1``
+    is ancestral sampling with the posterior variance.
+
+    ``steps``: grid points (default 50); NFE = steps.
     """
-    x = torch.randn(shape, generator=generator, device=device)
-    var_name = "posterior_variance" if variance == "fixedsmall" else "betas"
-    for step in reversed(range(schedule.timesteps)):
-        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-        x0 = denoise_fn(x, t.float())
-        if clip is not None:
-            x0 = x0.clamp(*clip)
-        mean = schedule.q_posterior_mean(x0, x, t)
-        if step == 0:
-            x = mean
-            break
-        var = schedule.at(var_name, t, x)
-        noise = torch.randn(shape, generator=generator, device=device)
-        x = mean + var.sqrt() * noise
-    return x
+    den = CountedDenoiser(denoise_fn, process, clip)
+    grid = time_grid(process, _default(steps, 50))
+    x = _prior(process, shape, generator, device)
+    for t, s in zip(grid[:-1], grid[1:]):
+        step = transition(process, t, s)
+        x0 = den(x, t)
+        eps = (x - step.alpha_t * x0) / step.sigma_t
+        c2 = eta**2 * step.posterior_var
+        x = step.alpha_s * x0 + math.sqrt(max(step.sigma_s**2 - c2, 0.0)) * eps
+        if eta > 0:
+            x = x + math.sqrt(c2) * _noise(x, generator)
+    return SamplerOutput(den(x, grid[-1]), den.nfe)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ancestral": ancestral}
+@torch.no_grad()
+def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
+                   steps: int | None = None, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None) -> SamplerOutput:
+    """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6):
+    ``dx = [f(t) x - g(t)^2 score(x, t)] dt + g(t) dW-bar``, t from t_max to t_min; the last step
+    adds no noise, then x0_hat is returned.
+
+    ``steps``: grid points (default 1000, as in the paper); NFE = steps.
+    """
+    den = CountedDenoiser(denoise_fn, process, clip)
+    grid = time_grid(process, _default(steps, 1000))
+    x = _prior(process, shape, generator, device)
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        x = euler_maruyama_step(process, den, x, t, s, None if i == len(grid) - 2 else _noise(x, generator))
+    return SamplerOutput(den(x, grid[-1]), den.nfe)
+
+
+@torch.no_grad()
+def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
+       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+       clip: tuple[float, float] | None = None, snr: float = 0.16, corrector_steps: int = 1,
+       predictor: Predictor = "reverse_diffusion") -> SamplerOutput:
+    """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3 and 5).
+
+    At each grid time t but the last: ``corrector_steps`` Langevin steps at t with signal-to-noise
+    ratio ``snr`` (:func:`langevin_step`, ``a2 = (alpha_t / alpha_s)^2`` of the coming step), then a
+    predictor step to the next time s: ``reverse_diffusion`` (:func:`reverse_diffusion_step`,
+    default) or ``euler_maruyama``. The last predictor step adds no noise; x0_hat is returned.
+
+    Defaults are the paper's: ``snr = 0.16``, one corrector step. ``steps``: grid points (default
+    1000); NFE = (steps - 1) (corrector_steps + 1) + 1.
+    """
+    _choose("predictor", predictor, ("reverse_diffusion", "euler_maruyama"))
+    predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
+    den = CountedDenoiser(denoise_fn, process, clip)
+    grid = time_grid(process, _default(steps, 1000))
+    x = _prior(process, shape, generator, device)
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        a2 = transition(process, t, s).a ** 2
+        for _ in range(corrector_steps):
+            x = langevin_step(den, x, t, snr, a2, generator)
+        x = predict(process, den, x, t, s, None if i == len(grid) - 2 else _noise(x, generator))
+    return SamplerOutput(den(x, grid[-1]), den.nfe)
+
+
+@torch.no_grad()
+def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
+        generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+        clip: tuple[float, float] | None = None, method: str = "dopri5", rtol: float = 1e-5,
+        atol: float = 1e-5) -> SamplerOutput:
+    """Probability-flow ODE (Song et al. 2021, eq. 13): ``dx/dt = f(t) x - g(t)^2 / 2 score(x, t)``,
+    integrated from t_max to t_min by ``torchdiffeq.odeint`` (adaptive ``method``, default
+    ``dopri5`` (RK45), ``rtol = atol = 1e-5`` as in the paper); returns x0_hat at t_min.
+
+    Adaptive: ``steps`` must stay None. NFE = the solver's evaluations + 1 (the final x0_hat).
+    """
+    from torchdiffeq import odeint
+
+    if steps is not None:
+        raise ValueError(f"the ode sampler is adaptive and takes no steps (got steps={steps}); set rtol/atol instead")
+    den = CountedDenoiser(denoise_fn, process, clip)
+
+    def drift(t: Tensor, x: Tensor) -> Tensor:
+        t = min(max(float(t), process.t_min), process.t_max)  # the first-step heuristic may probe outside
+        return _at(process.f, t) * x - 0.5 * _at(process.g2, t) * den.score(x, t)
+
+    x = _prior(process, shape, generator, device)
+    times = torch.tensor([process.t_max, process.t_min], dtype=torch.float64, device=x.device)
+    options = {"step_t": times} if method in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun") else None
+    x = odeint(drift, x, times, rtol=rtol, atol=atol, method=method, options=options)[-1]  # step_t: land on t_min
+    return SamplerOutput(den(x, process.t_min), den.nfe)
+
+
+@torch.no_grad()
+def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
+         generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+         clip: tuple[float, float] | None = None, rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0,
+         S_tmax: float = float("inf"), S_noise: float = 1.0) -> SamplerOutput:
+    """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2), on ``x~ = x / alpha(t)``.
+
+    In EDM's variables ``x~`` and ``sigma~ = sigma(t) / alpha(t)`` every process is the VE ODE
+    ``dx~/dsigma~ = (x~ - D(x~, sigma~)) / sigma~`` with ``D(x~, sigma~) = denoise_fn(alpha(t) x~, t)``,
+    ``t = t_of_ratio(sigma~)``. On the :func:`karras_grid` sigma_0 > .. > sigma_{N-1}, sigma_N = 0:
+    churn ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` where ``S_tmin <= sigma_i <= S_tmax``,
+    ``sigma^ = (1 + gamma_i) sigma_i`` (capped at ratio(t_max)), ``x^ = x~ + sqrt(sigma^^2 - sigma_i^2) S_noise z``;
+    an Euler step to sigma_{i+1} and its trapezoidal (Heun) correction; the last step is Euler to
+    sigma = 0, i.e. it returns D. Starts from ``x~ = x_T / alpha(t_max)``.
+
+    Defaults are the paper's: ``rho = 7``, deterministic (``S_churn = 0, S_tmin = 0,
+    S_tmax = inf, S_noise = 1``). ``steps`` = N (default 18); NFE = 2 N - 1 (on a DDPM, levels
+    that round to the same integer step are merged first).
+    """
+    den = CountedDenoiser(denoise_fn, process, clip)
+    times = karras_grid(process, _default(steps, 18), rho)
+    sigmas = [_at(process.ratio, t) for t in times]
+    n = len(sigmas)
+
+    def denoise(x_tilde: Tensor, t: float) -> Tensor:
+        return den(_at(process.alpha, t) * x_tilde, t)
+
+    def churn(x: Tensor, i: int) -> tuple[Tensor, float, float]:
+        """Raise the noise of level i by gamma_i: (x^, t^, sigma^)."""
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= sigmas[i] <= S_tmax else 0.0
+        if gamma == 0:
+            return x, times[i], sigmas[i]
+        t_hat = process.t_of_ratio(torch.tensor([(1 + gamma) * sigmas[i]], dtype=torch.float64)).clamp(max=process.t_max)
+        t_hat = float(_snap(process, t_hat)[0])
+        sigma_hat = _at(process.ratio, t_hat)
+        return x + math.sqrt(max(sigma_hat**2 - sigmas[i] ** 2, 0.0)) * S_noise * _noise(x, generator), t_hat, sigma_hat
+
+    x = _prior(process, shape, generator, device) / _at(process.alpha, process.t_max)
+    for i in range(n - 1):
+        x, t_hat, sigma_hat = churn(x, i)
+        d = (x - denoise(x, t_hat)) / sigma_hat
+        x_next = x + (sigmas[i + 1] - sigma_hat) * d
+        d_next = (x_next - denoise(x_next, times[i + 1])) / sigmas[i + 1]
+        x = x + (sigmas[i + 1] - sigma_hat) * 0.5 * (d + d_next)
+    x, t_hat, _ = churn(x, n - 1)
+    return SamplerOutput(denoise(x, t_hat), den.nfe)  # the Euler step to sigma = 0 lands on D
+
+
+@torch.no_grad()
+def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
+               steps: int | None = None, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+               grid: DPMGrid = "logsnr", denoise_to_zero: bool = False) -> SamplerOutput:
+    """DPM-Solver++(2M), multistep second order in x0-prediction (Lu et al. 2022, Algorithm 2).
+
+    With ``lambda = log(alpha / sigma)``, ``h_i = lambda_i - lambda_{i-1}``, ``r_i = h_{i-1} / h_i``:
+    ``x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i`` with
+    ``D_i = (1 + 1 / (2 r_i)) x0_hat_{i-1} - 1 / (2 r_i) x0_hat_{i-2}``, and ``D_1 = x0_hat_0``
+    (the first step is first order, DPM-Solver++(1) = DDIM).
+
+    Options (the paper's defaults): ``grid`` = ``logsnr`` (uniform in lambda) or ``time``;
+    ``denoise_to_zero`` = False returns x at t_min, True returns x0_hat there (one more NFE).
+    ``steps`` = M solver steps (default 20), M + 1 grid times; NFE = M (+ 1 with ``denoise_to_zero``;
+    on a DDPM, logSNR times that round to the same integer step are merged first).
+    """
+    _choose("grid", grid, ("logsnr", "time"))
+    steps = _default(steps, 20)
+    _check_steps(steps, 1)
+    den = CountedDenoiser(denoise_fn, process, clip)
+    times = logsnr_grid(process, steps + 1) if grid == "logsnr" else time_grid(process, steps + 1)
+    alphas = [_at(process.alpha, t) for t in times]
+    sigmas = [_at(process.sigma, t) for t in times]
+    lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
+    x = _prior(process, shape, generator, device)
+    x0_prev, h_prev = None, None
+    for i in range(1, len(times)):
+        x0 = den(x, times[i - 1])
+        h = lambdas[i] - lambdas[i - 1]
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigmas[i] / sigmas[i - 1]) * x - alphas[i] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    if denoise_to_zero:
+        x = den(x, times[-1])
+    return SamplerOutput(x, den.nfe)
+
+
+SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
+    "ancestral": ancestral,
+    "ddim": ddim,
+    "euler_maruyama": euler_maruyama,
+    "pc": pc,
+    "ode": ode,
+    "heun": heun,
+    "dpm_solver": dpm_solver,
+}
+
+_COMMON = ("steps", "generator", "device", "clip")
+
+
+def sampler_options(name: str) -> list[str]:
+    """The sampler-specific options of ``name`` (beyond steps, generator, device, clip)."""
+    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
+
+
+def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
+           steps: int | None = None, generator: torch.Generator | None = None,
+           device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+           **options) -> SamplerOutput:
+    """Run the sampler called ``name`` (a key of :data:`SAMPLERS`); options go to it by keyword."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    unknown = sorted(set(options) - set(sampler_options(name)))
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {unknown}; its options are {sampler_options(name)}")
+    return SAMPLERS[name](denoise_fn, process, shape, steps=steps, generator=generator, device=device,
+                          clip=clip, **options)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 BetaSchedule = Literal["linear", "cosine"]
 Parameterization = Literal["eps", "x0", "v"]
+Variance = Literal["fixedlarge", "fixedsmall"]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -47,24 +48,73 @@ def make_betas(name: BetaSchedule, timesteps: int) -> Tensor:
     raise ValueError(f"unknown beta_schedule {name!r}; choose 'linear' or 'cosine'")
 
 
+def x0_from_output(parameterization: Parameterization, output: Tensor, x_t: Tensor, alpha: Tensor,
+                   sigma: Tensor) -> Tensor:
+    """x_0 implied by a net's ``output`` at ``x_t = alpha x_0 + sigma eps`` (alpha, sigma broadcast
+    against x_t): eps: ``(x_t - sigma eps) / alpha``; x0: the output; v: ``alpha x_t - sigma v``
+    (with ``v = alpha eps - sigma x_0`` and ``alpha^2 + sigma^2 = 1``)."""
+    if parameterization == "eps":
+        return (x_t - sigma * output) / alpha
+    if parameterization == "x0":
+        return output
+    if parameterization == "v":
+        return alpha * x_t - sigma * output
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")
+
+
 class NoiseSchedule:
     """The DDPM forward process for a beta schedule, with the posterior ``q(x_{t-1} | x_t, x_0)``.
 
     Attributes (float64, length T): ``betas``, ``alphas_cumprod`` (abar_t),
     ``alphas_cumprod_prev`` (abar_{t-1}, 1 at t=0), ``posterior_variance`` (beta-tilde_t,
     Ho et al. eq. 7), ``posterior_mean_coef1``/``coef2`` (the weights of x_0 and x_t in the
-    posterior mean).
+    posterior mean), ``snr`` (``abar_t / (1 - abar_t)``), and the log-variances of the reverse
+    process :meth:`model_log_variance` chooses from. ``original_steps`` (int64, length T) maps each
+    step to the step of the schedule it was respaced from (:meth:`respaced`; ``arange(T)`` here):
+    the net is always called with the original step.
     """
 
     def __init__(self, beta_schedule: BetaSchedule = "linear", timesteps: int = 1000):
-        self.name, self.timesteps = beta_schedule, timesteps
-        self.betas = make_betas(beta_schedule, timesteps)
+        self.name = beta_schedule
+        self._build(make_betas(beta_schedule, timesteps), torch.arange(timesteps))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, name: str = "custom", original_steps: Tensor | None = None) -> "NoiseSchedule":
+        """A schedule from explicit betas (float64, each in (0, 1])."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("NoiseSchedule.from_betas: betas must be a non-empty 1-D tensor with values in (0, 1]")
+        schedule = cls.__new__(cls)
+        schedule.name = name
+        schedule._build(betas, torch.arange(len(betas)) if original_steps is None else original_steps.long())
+        return schedule
+
+    def _build(self, betas: Tensor, original_steps: Tensor) -> None:
+        self.timesteps, self.betas, self.original_steps = len(betas), betas, original_steps
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+        self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        # beta-tilde_0 = 0: like Ho et al. and improved-diffusion, step 0 uses beta-tilde_1 instead
+        first = self.posterior_variance[1:2] if self.timesteps > 1 else self.betas[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
+        self.log_betas = torch.log(self.betas)
+        self.fixedlarge_log_variance = torch.log(torch.cat([first, self.betas[1:]]))
         self._cache: dict[tuple, Tensor] = {}
+
+    def respaced(self, steps: int) -> "NoiseSchedule":
+        """The schedule restricted to ``steps`` evenly spaced steps ``t_0 = 0 < ... < t_{S-1} = T-1``
+        (``t_i = round(i (T-1) / (S-1))``), with the betas recomputed so that the marginals are kept:
+        ``beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}`` (Nichol & Dhariwal 2021, sec. 4).
+        ``original_steps`` holds the ``t_i``."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"steps must be in [1, timesteps={self.timesteps}], got {steps}")
+        index = torch.round(torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64)).long()
+        abar = self.alphas_cumprod[index]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return NoiseSchedule.from_betas(1 - abar / abar_prev, f"{self.name}/respaced{steps}", self.original_steps[index])
 
     def at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
         """Schedule array ``name`` at integer steps ``t`` [B], shaped [B, 1, ...] in ``like``'s dtype/device."""
@@ -93,17 +143,45 @@ class NoiseSchedule:
         raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")
 
     def predict_x0(self, parameterization: Parameterization, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """x_0 implied by the net's ``output`` at x_t:
-        eps: ``(x_t - sqrt(1-abar) eps) / sqrt(abar)``; v: ``sqrt(abar) x_t - sqrt(1-abar) v``."""
+        """x_0 implied by the net's ``output`` at x_t and integer step ``t`` (:func:`x0_from_output`
+        with ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``)."""
         abar = self.at("alphas_cumprod", t, x_t)
-        if parameterization == "eps":
-            return (x_t - (1 - abar).sqrt() * output) / abar.sqrt()
-        if parameterization == "x0":
-            return output
-        if parameterization == "v":
-            return abar.sqrt() * x_t - (1 - abar).sqrt() * output
-        raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")
+        return x0_from_output(parameterization, output, x_t, abar.sqrt(), (1 - abar).sqrt())
 
     def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. eq. 7)."""
         return self.at("posterior_mean_coef1", t, x_t) * x0 + self.at("posterior_mean_coef2", t, x_t) * x_t
+
+    def model_log_variance(self, variance: Variance, t: Tensor, like: Tensor, v: Tensor | None = None) -> Tensor:
+        """log Sigma_theta(x_t, t) of the reverse process ``p(x_{t-1} | x_t)``.
+
+        With ``v`` (a learned variance, improved DDPM eq. 15): ``frac = (v + 1) / 2`` and
+        ``log Sigma = frac log beta_t + (1 - frac) log beta-tilde_t``, elementwise, ``v`` in [-1, 1].
+        Otherwise fixed: ``fixedsmall`` = log beta-tilde_t, ``fixedlarge`` = log beta_t (both with
+        beta-tilde_1 at t = 0, as improved-diffusion). Shape [B, 1, ...] (fixed) or v's shape.
+        """
+        if v is not None:
+            frac = (v + 1) / 2
+            return frac * self.at("log_betas", t, like) + (1 - frac) * self.at("posterior_log_variance_clipped", t, like)
+        if variance == "fixedsmall":
+            return self.at("posterior_log_variance_clipped", t, like)
+        if variance == "fixedlarge":
+            return self.at("fixedlarge_log_variance", t, like)
+        raise ValueError(f"unknown variance {variance!r}; choose 'fixedlarge' or 'fixedsmall'")
+
+
+def min_snr_weight(snr: Tensor, gamma: float, parameterization: Parameterization) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023; the paper's gamma = 5) for a net's MSE.
+
+    The x_0-space weight ``min(SNR_t, gamma)`` expressed for the target the net regresses, using
+    ``||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2`` and ``||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2``:
+    eps: ``min(SNR, gamma) / SNR``; x0: ``min(SNR, gamma)``; v: ``min(SNR, gamma) / (SNR + 1)``.
+    """
+    clipped = snr.clamp(max=gamma)
+    if parameterization == "eps":
+        return clipped / snr
+    if parameterization == "x0":
+        return clipped
+    if parameterization == "v":
+        return clipped / (snr + 1)
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")

@@ -2,5 +2,6 @@
 
 from lightning_diffusion.models.base import GenerativeModel
 from lightning_diffusion.models.ddpm import DDPM
+from lightning_diffusion.models.score_sde import ScoreSDE
 
-__all__ = ["DDPM", "GenerativeModel"]
+__all__ = ["DDPM", "GenerativeModel", "ScoreSDE"]

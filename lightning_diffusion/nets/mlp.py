@@ -33,7 +33,7 @@ class MLP(nn.Module):
     """Residual MLP denoiser for points ``[B, D]``, conditioned on time and optionally a class.
 
     Args:
-        in_channels: dimension ``D`` of the points (input and output).
+        in_channels: dimension ``D`` of the input points.
         hidden: width of the hidden layers.
         num_layers: number of residual blocks.
         time_embed_dim: size of the sinusoidal time embedding, mapped by a 2-layer MLP to ``hidden``.
@@ -43,6 +43,8 @@ class MLP(nn.Module):
         time_scale: factor applied to ``t`` before the sinusoidal embedding, e.g. 1000 for
             continuous times in [0, 1]; 1 for integer DDPM steps.
         dropout: dropout probability inside the residual blocks.
+        out_channels: size of the output; None means ``in_channels``. ``2 * in_channels`` for a
+            DDPM that learns its variance (``loss_type="hybrid"``).
     """
 
     def __init__(
@@ -54,16 +56,18 @@ class MLP(nn.Module):
         num_classes: int | None = None,
         time_scale: float = 1.0,
         dropout: float = 0.0,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
         self.time_embed_dim = time_embed_dim
         self.time_scale = time_scale
         self.time_embed = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.class_embed = ClassEmbedding(num_classes, hidden) if num_classes is not None else None
         self.input = nn.Linear(in_channels, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(num_layers))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, in_channels))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, self.out_channels))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Apply the net.
@@ -74,7 +78,7 @@ class MLP(nn.Module):
             y: integer class labels ``[B]``; -1 (or ``y=None`` for all) means the null label.
 
         Returns:
-            ``[B, in_channels]``.
+            ``[B, out_channels]``.
         """
         if x.ndim != 2 or x.shape[1] != self.in_channels:
             raise ValueError(

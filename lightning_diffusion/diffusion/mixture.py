@@ -1,0 +1,103 @@
+"""Exact ground truth: an isotropic Gaussian mixture and its noised marginals at every t.
+
+If ``x_0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x_t = alpha x_0 + sigma eps``, then
+``x_t ~ sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)``: density, score and the optimal
+denoiser ``E[x_0 | x_t] = (x_t + sigma^2 score) / alpha`` (Tweedie) are analytic. An oracle
+network built from them is the exact minimiser of every denoising loss, so samplers and
+likelihood estimators can be checked against the mixture itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class GaussianMixture:
+    """``sum_k weights_k N(means_k, stds_k^2 I)`` in D dimensions, computed in float64.
+
+    Args:
+        means: component means [K, D].
+        stds: component standard deviations [K] (isotropic).
+        weights: mixture weights [K], normalised here.
+    """
+
+    def __init__(self, means: Tensor, stds: Tensor, weights: Tensor | None = None):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(self.means.shape[0]).clone()
+        w = torch.ones(self.means.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = w / w.sum()
+        self.dim = self.means.shape[1]
+
+    @classmethod
+    def circle(cls, num_modes: int = 8, radius: float = 2.0, std: float = 0.1) -> "GaussianMixture":
+        """The 2-D toy set ``gaussians8``: equal modes on a circle."""
+        angle = 2 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
+        return cls(radius * torch.stack([angle.cos(), angle.sin()], 1), torch.full((num_modes,), std))
+
+    @classmethod
+    def random(cls, num_modes: int, dim: int, seed: int = 0, spread: float = 1.5, std: float = 0.3) -> "GaussianMixture":
+        """A mixture of ``num_modes`` modes in ``dim`` dimensions, means ~ N(0, spread^2 I), unequal weights."""
+        g = torch.Generator().manual_seed(seed)
+        means = spread * torch.randn(num_modes, dim, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(num_modes, generator=g, dtype=torch.float64)
+        return cls(means, torch.full((num_modes,), std), weights)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n points [n, D] (float64) and their components [n]."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + self.stds[k, None] * noise, k
+
+    def _noised(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample, per-component (log w_k N(x; alpha mu_k, var_k I), var_k, alpha) with shapes [B, K]."""
+        x = x.to(torch.float64)
+        alpha = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
+        var = alpha**2 * self.stds.to(x.device) ** 2 + sigma**2  # [B, K]
+        diff2 = (x[:, None, :] - alpha[:, :, None] * self.means.to(x.device)).pow(2).sum(-1)  # [B, K]
+        log_comp = self.weights.to(x.device).log() - 0.5 * self.dim * torch.log(2 * math.pi * var) - diff2 / (2 * var)
+        return log_comp, var, alpha
+
+    def log_prob(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
+        """Log-density [B] (nats) of ``x`` [B, D] under the marginal of ``alpha x_0 + sigma eps``."""
+        return torch.logsumexp(self._noised(x, alpha, sigma)[0], dim=1)
+
+    def score(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+        """``grad_x log p(x)`` [B, D] of the noised marginal."""
+        log_comp, var, alpha = self._noised(x, alpha, sigma)
+        resp = torch.softmax(log_comp, dim=1)  # posterior over components
+        x64 = x.to(torch.float64)
+        per_comp = -(x64[:, None, :] - alpha[:, :, None] * self.means.to(x.device)) / var[:, :, None]
+        return (resp[:, :, None] * per_comp).sum(1)
+
+    def denoise(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+        """``E[x_0 | x_t = x]`` [B, D] by Tweedie's formula."""
+        alpha_b = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        sigma_b = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        return (x.to(torch.float64) + sigma_b**2 * self.score(x, alpha, sigma)) / alpha_b
+
+
+class MixtureOracle(nn.Module):
+    """The exact denoising network for a :class:`GaussianMixture` under a process, in any parameterization.
+
+    ``forward(x, t, y=None)`` returns what a trained net in ``parameterization`` would output at
+    the optimum: ``eps`` = E[eps | x_t], ``x0`` = E[x_0 | x_t], ``v`` = alpha eps - sigma x0, or
+    ``score`` = grad log p_t. ``process`` is any object with ``alpha(t)`` and ``sigma(t)``.
+    """
+
+    def __init__(self, mixture: GaussianMixture, process, parameterization: str = "eps"):
+        super().__init__()
+        self.mixture, self.process, self.parameterization = mixture, process, parameterization
+        self.register_buffer("_anchor", torch.zeros(()))  # gives the module a device/dtype
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
+        score = self.mixture.score(x, alpha, sigma)
+        a, s = alpha[:, None], sigma[:, None]
+        x0 = (x.to(torch.float64) + s**2 * score) / a
+        eps = -s * score
+        out = {"x0": x0, "eps": eps, "v": a * eps - s * x0, "score": score}[self.parameterization]
+        return out.to(x.dtype)

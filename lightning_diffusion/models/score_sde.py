@@ -1,0 +1,249 @@
+"""ScoreSDE (Song et al. 2021): continuous-time score-based models over VP, sub-VP and VE SDEs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diffusion.diffusion import likelihood, samplers, vlb
+from lightning_diffusion.diffusion.schedules import append_dims
+from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
+from lightning_diffusion.models.base import GenerativeModel, data_noise
+
+SDEParameterization = Literal["eps", "score", "edm"]
+Weighting = Literal["sigma2", "likelihood"]
+
+
+class EDMPreconditioning:
+    """Karras et al. 2022 (EDM), Table 1, on the VE-equivalent ``x~ = x / alpha``, ``s = sigma / alpha``:
+
+    ``D(x~; s) = c_skip x~ + c_out F(c_in x~, t)`` with ``c_skip = sd^2 / (s^2 + sd^2)``,
+    ``c_out = s sd / sqrt(s^2 + sd^2)``, ``c_in = 1 / sqrt(s^2 + sd^2)``, and the loss weight
+    ``(s^2 + sd^2) / (s sd)^2`` that makes the target of F unit-variance. F is conditioned on the
+    model's time t (our net contract), a monotone function of s, instead of EDM's ``ln(s)/4``.
+    """
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = sigma_data
+
+    def coefficients(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1 / (s**2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+
+class ScoreSDE(GenerativeModel):
+    """Score-based generative model trained by denoising score matching on a Gaussian SDE.
+
+    Training draws ``t ~ U(t_eps, 1)`` (or from the importance distribution of the likelihood
+    weighting), ``x_t = alpha(t) x_0 + sigma(t) eps``, and minimises
+    ``lambda(t) || s_theta(x_t, t) - grad log p(x_t | x_0) ||^2`` with ``lambda = sigma^2`` (Song et
+    al. 2021, eq. 7) or ``lambda = g^2`` (likelihood weighting, Song et al. 2021b). The net sees the
+    continuous time t in (0, 1] and outputs eps (``eps``), the score (``score``), or the raw output F
+    of EDM preconditioning (``edm``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: GaussianProcess | None = None,
+        parameterization: SDEParameterization = "eps",
+        weighting: Weighting = "sigma2",
+        importance_sampling: bool = False,
+        t_eps: float = 1e-5,
+        sigma_data: float = 0.5,
+        sampler: str = "pc",
+        sample_steps: int = 1000,
+        likelihood_divergence: likelihood.Divergence = "rademacher",
+        class_conditional: bool = False,
+        label_dropout: float = 0.1,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            net: ``net(x, t, y=None)`` with continuous t in (0, 1] (give our UNet/MLP ``time_scale: 1000``).
+            sde: the forward process: ``VPSDE`` (default, beta 0.1..20), ``SubVPSDE`` or ``VESDE``
+                (sigma 0.01..50).
+            parameterization: what the net outputs: ``eps`` (score = -eps/sigma), ``score``, or
+                ``edm`` (EDM preconditioning with ``sigma_data``).
+            weighting: ``sigma2`` (lambda = sigma^2) or ``likelihood`` (lambda = g^2, which makes the
+                loss an upper bound on the NLL). Ignored for ``edm``, which uses EDM's weight.
+            importance_sampling: with likelihood weighting, draw t with density proportional to
+                g^2/sigma^2 and reweight, which reduces the variance of the loss.
+            t_eps: smallest training (and sampling/likelihood) time; Song et al. use 1e-5 (1e-3
+                with the reverse-diffusion sampler on VP).
+            sigma_data: EDM's data standard deviation (0.5 for images in [-1, 1]).
+            sampler: default sampler name for ``sample()`` (``pc`` is score_sde's default).
+            sample_steps: number of steps of the default ``sampler`` (other samplers use their own
+                defaults unless ``steps`` is given).
+            likelihood_divergence: ``rademacher``, ``gaussian`` (Hutchinson) or ``exact`` for the
+                ODE likelihood.
+            class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
+            label_dropout: probability of replacing a label by the null label -1 in training.
+            **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
+        """
+        super().__init__(**kwargs)
+        self.save_hyperparameters_except("net", "sde")
+        self.net = net
+        self.sde = sde if sde is not None else VPSDE(t_min=t_eps)
+        self.sde.t_min = t_eps
+        self.parameterization, self.weighting = parameterization, weighting
+        self.importance_sampling, self.t_eps = importance_sampling, t_eps
+        self.edm = EDMPreconditioning(sigma_data)
+        self.sampler, self.sample_steps = sampler, sample_steps
+        self.likelihood_divergence = likelihood_divergence
+        self.class_conditional, self.label_dropout = class_conditional, label_dropout
+        if class_conditional and self.num_classes is None:
+            raise ValueError("ScoreSDE: class_conditional=True needs num_classes (labelled data)")
+        self._is_grid: tuple[Tensor, Tensor] | None = None
+
+    # -- time sampling ----------------------------------------------------------------------
+    def _importance_grid(self) -> tuple[Tensor, Tensor]:
+        """CDF of the density proportional to g^2/sigma^2 on [t_eps, 1], tabulated (float64)."""
+        if self._is_grid is None:
+            # geometric grid: the density behaves like 1/t near t_eps, where a uniform grid is far off
+            t = torch.logspace(math.log10(self.t_eps), math.log10(self.sde.t_max), 20_001, dtype=torch.float64)
+            density = self.sde.g2(t) / self.sde.sigma(t) ** 2
+            cdf = torch.cat([torch.zeros(1, dtype=torch.float64),
+                             torch.cumsum((density[1:] + density[:-1]) / 2 * (t[1:] - t[:-1]), 0)])
+            self._is_grid = (t, cdf)
+        return self._is_grid
+
+    def sample_time(self, batch: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
+        """Training times t [B] and the importance weights that make the loss unbiased [B]."""
+        u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+        if not (self.importance_sampling and self.weighting == "likelihood"):
+            return self.t_eps + u * (self.sde.t_max - self.t_eps), torch.ones(batch, dtype=torch.float64, device=device)
+        t_grid, cdf = (a.to(device) for a in self._importance_grid())
+        target = u * cdf[-1]
+        i = torch.searchsorted(cdf, target).clamp(1, len(cdf) - 1)
+        frac = (target - cdf[i - 1]) / (cdf[i] - cdf[i - 1])
+        t = t_grid[i - 1] + frac * (t_grid[i] - t_grid[i - 1])
+        density = self.sde.g2(t) / self.sde.sigma(t) ** 2 / cdf[-1]
+        uniform_density = 1.0 / (self.sde.t_max - self.t_eps)
+        return t, uniform_density / density
+
+    # -- the net as denoiser and score --------------------------------------------------------
+    def _labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
+        if not self.class_conditional:
+            return None
+        y = batch["y"]
+        if self.training and self.label_dropout > 0:
+            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, -1), y)
+        return y
+
+    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``x0_hat(x_t, t)``, the clean-data estimate implied by the net at time t [B]."""
+        alpha = append_dims(self.sde.alpha(t), x_t.ndim).to(x_t.dtype)
+        sigma = append_dims(self.sde.sigma(t), x_t.ndim).to(x_t.dtype)
+        t_net = t.to(x_t.dtype)
+        if self.parameterization == "edm":
+            s = sigma / alpha
+            c_skip, c_out, c_in = self.edm.coefficients(s)
+            x_tilde = x_t / alpha
+            return c_skip * x_tilde + c_out * self.net(c_in * x_tilde, t_net, y).float()
+        out = self.net(x_t, t_net, y).float()
+        if self.parameterization == "eps":
+            return (x_t - sigma * out) / alpha
+        if self.parameterization == "score":
+            return (x_t + sigma**2 * out) / alpha
+        raise ValueError(f"unknown parameterization {self.parameterization!r}; choose eps, score or edm")
+
+    def score(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``grad log p_t(x_t) = (alpha x0_hat - x_t) / sigma^2``."""
+        alpha = append_dims(self.sde.alpha(t), x_t.ndim).to(x_t.dtype)
+        sigma = append_dims(self.sde.sigma(t), x_t.ndim).to(x_t.dtype)
+        return (alpha * self.denoise(x_t, t, y) - x_t) / sigma**2
+
+    # -- training --------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        x0 = batch["x"]
+        t, weight = self.sample_time(x0.shape[0], generator, x0.device)
+        noise = data_noise(x0.shape, generator, x0)
+        mean, std = self.sde.marginal_prob(x0, t)
+        sigma = append_dims(std, x0.ndim)
+        x_t = mean + sigma * noise
+        y = self._labels(batch, generator)
+        if self.parameterization == "edm":
+            # EDM's weighted denoising loss (s^2 + sd^2)/(s sd)^2 ||D - x0||^2 on the VE-equivalent data
+            alpha = append_dims(self.sde.alpha(t), x0.ndim).to(x0.dtype)
+            s = sigma / alpha
+            lam = (s**2 + self.edm.sigma_data**2) / (s * self.edm.sigma_data) ** 2
+            per_sample = (lam * (self.denoise(x_t, t, y) - x0).pow(2)).flatten(1).mean(1)
+            return (weight.to(per_sample.dtype) * per_sample).mean()
+        # sigma^2-weighted DSM == || sigma s_theta + eps ||^2; likelihood weighting scales it by g^2/sigma^2
+        if self.parameterization == "eps":
+            residual = self.net(x_t, t.to(x0.dtype), y).float() - noise
+        else:
+            residual = sigma * self.net(x_t, t.to(x0.dtype), y).float() + noise
+        per_sample = residual.pow(2).flatten(1).mean(1)
+        if self.weighting == "likelihood":
+            per_sample = per_sample * (self.sde.g2(t) / self.sde.sigma(t) ** 2).to(per_sample.dtype)
+        return (weight.to(per_sample.dtype) * per_sample).mean()
+
+    # -- the model contract -------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+               sampler: str | None = None, steps: int | None = None, guidance_scale: float = 1.0,
+               **options: Any) -> Tensor:
+        """Samples with a named sampler (``pc``, ``euler_maruyama``, ``ode``, ``heun``, ``ddim``,
+        ``dpm_solver``, ``ancestral``); images come back in [-1, 1]. The NFE of the last call is in
+        ``self.last_sample_nfe``. ``guidance_scale`` > 1 applies classifier-free guidance with ``y``."""
+        shape = (num_samples, *self.require_data_shape())
+        y = None if y is None else y.to(self.device)
+
+        def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            if y is None or guidance_scale == 1.0:
+                return self.denoise(x_t, t, y)
+            both = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]))
+            cond, uncond = both.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        was_training = self.training
+        self.eval()
+        try:
+            name = sampler or self.sampler
+            if steps is None and name == self.sampler:  # sample_steps belongs to the default sampler
+                steps = self.sample_steps
+            out = samplers.sample(name, denoise_fn, self.sde, shape,
+                                  steps=steps, generator=generator, device=self.device,
+                                  clip=(-1.0, 1.0) if self.is_image else None, **options)
+        finally:
+            self.train(was_training)
+        self.last_sample_nfe = out.nfe
+        return out.x.clamp(-1, 1) if self.is_image else out.x
+
+    def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
+                     rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
+
+        8-bit images are uniformly dequantized (``num_dequantizations`` draws, averaged) and scored
+        as discrete data (+7 bits/dim offset, score_sde's convention); points get their continuous
+        NLL. ``steps`` switches to a fixed rk4 grid: the same number of net evaluations on every
+        rank, as a sharded model needs. The NFE of the last call is in ``self.last_likelihood_nfe``.
+        """
+        num_dims = x[0].numel()
+        divergence = divergence or self.likelihood_divergence
+        was_training = self.training
+        self.eval()
+        try:
+            results = []
+            for _ in range(num_dequantizations if self.is_image else 1):
+                data = likelihood.dequantize(x, generator) if self.is_image else x
+                nll, nfe = likelihood.ode_nll(lambda xt, t: self.score(xt, t), self.sde, data, divergence=divergence,
+                                              rtol=rtol, atol=atol, steps=steps, generator=generator)
+                bpd = (likelihood.bits_per_dim_discrete(nll, num_dims) if self.is_image
+                       else vlb.nats_to_bits_per_dim(nll, num_dims))
+                results.append(bpd)
+        finally:
+            self.train(was_training)
+        self.last_likelihood_nfe = nfe
+        return torch.stack(results).mean(0)
+
