@@ -57,6 +57,15 @@ class DiffusionCLI(LightningCLI):
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # A link into a net that lacks the target (image_size into an MLP, or a user's net) is
+        # skipped when the net is built but still lands in the model's saved hyperparameters, which
+        # load_from_checkpoint would then reject: drop such keys.
+        for hparams in (self.model.hparams, getattr(self.model, "_hparams_initial", {})):
+            for value in hparams.values():
+                _drop_unaccepted_init_args(value)
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -75,6 +84,27 @@ class DiffusionCLI(LightningCLI):
             if path is not None:
                 lines.append(f"  samples:     {path}")
         rank_zero_info("\n".join(lines))
+
+
+def _drop_unaccepted_init_args(config) -> None:
+    """Remove ``init_args`` keys that the ``class_path`` class does not take, recursively (in place)."""
+    import importlib
+    import inspect
+
+    if not isinstance(config, dict):
+        return
+    init_args = config.get("init_args")
+    if isinstance(config.get("class_path"), str) and isinstance(init_args, dict):
+        module, _, name = config["class_path"].rpartition(".")
+        try:
+            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        except (ImportError, AttributeError, ValueError):
+            return
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            for key in [k for k in init_args if k not in params]:
+                del init_args[key]
+    for value in (init_args or {}).values() if isinstance(init_args, dict) else ():
+        _drop_unaccepted_init_args(value)
 
 
 def _shards_main(argv: list[str]) -> None:

@@ -154,7 +154,9 @@ def test_score_sde_samples_through_the_model_contract(sampler, steps):
     assert (counts - 0.125).abs().max() < 0.05
 
 
-def test_score_sde_classifier_free_guidance_combines_cond_and_uncond():
+def test_score_sde_classifier_free_guidance_combines_cond_and_uncond(monkeypatch):
+    from lightning_diffusion.diffusion import samplers
+
     class LabelNet(nn.Module):
         def forward(self, x, t, y=None):
             return torch.zeros_like(x) if y is None else (y.float() + 1)[:, None].expand_as(x) * 0.01
@@ -166,14 +168,10 @@ def test_score_sde_classifier_free_guidance_combines_cond_and_uncond():
 
     def spy(name, denoise_fn, process, shape, **kw):
         seen["x0"] = denoise_fn(x, t)
-        from lightning_diffusion.diffusion.samplers import SamplerOutput
-        return SamplerOutput(x, 1)
+        return samplers.SamplerOutput(x, 1)
 
-    import lightning_diffusion.models.score_sde as module
-    original = module.samplers.sample
-    module.samplers.sample = spy
-    try:
-        model.sample(4, y=y, guidance_scale=3.0)
-    finally:
-        module.samplers.sample = original
+    monkeypatch.setattr(samplers, "sample", spy)
+    model.sample(4, y=y, guidance_scale=3.0)
     assert torch.allclose(seen["x0"], uncond + 3.0 * (cond - uncond), atol=1e-6)
+    with pytest.raises(ValueError, match="guidance_scale=3.0 needs a class_conditional model"):
+        ScoreSDE(LabelNet(), data_shape=(2,)).sample(4, guidance_scale=3.0)

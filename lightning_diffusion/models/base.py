@@ -7,7 +7,7 @@ log-likelihood in bits per dimension; ``train/loss`` and ``val/loss`` are logged
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -94,6 +94,58 @@ class GenerativeModel(L.LightningModule):
     def bits_per_dim(self, x: Tensor, **options: Any) -> Tensor:
         """Negative log-likelihood (or its bound) of each sample of ``x``, in bits per dimension."""
         raise NotImplementedError
+
+    # -- sampling, shared by the diffusion families ---------------------------------------
+    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""
+        raise NotImplementedError
+
+    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers.
+
+        With ``guidance_scale = w != 1`` (classifier-free guidance, Ho & Salimans 2022):
+        ``x0_hat = x0_hat(x_t | null) + w (x0_hat(x_t | y) - x0_hat(x_t | null))``, both from one
+        forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
+        unconditional one.
+        """
+        if guidance_scale == 1.0:
+            return lambda x_t, t: self.denoise(x_t, t, y)
+        if not self.class_conditional or y is None:
+            raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
+                             "and labels y; use guidance_scale=1.0 otherwise")
+        null = torch.full_like(y, -1)
+
+        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                      torch.cat([y, null])).chunk(2)
+            return unconditional + guidance_scale * (conditional - unconditional)
+
+        return guided
+
+    def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
+                     guidance_scale: float = 1.0, steps: int | None = None,
+                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """Run sampler ``sampler`` of :mod:`~lightning_diffusion.diffusion.samplers` on this model's
+        (guided) denoiser over ``process``, in eval mode; images are clipped to [-1, 1].
+
+        The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
+        counts once, though it runs a 2B batch).
+        """
+        from lightning_diffusion.diffusion import samplers
+
+        shape = (num_samples, *self.require_data_shape())
+        y = None if y is None else y.to(self.device)
+        clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
+        was_training = self.training
+        self.eval()
+        try:
+            out = samplers.sample(sampler, self.guided_denoiser(y, guidance_scale), process, shape, steps=steps,
+                                  generator=generator, device=self.device, clip=clip, **options)
+        finally:
+            self.train(was_training)
+        self.last_sample_nfe = out.nfe
+        return out.x.clamp(-1, 1) if self.is_image else out.x
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:

@@ -4,12 +4,12 @@ bound in bits/dim."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import samplers, vlb
+from lightning_diffusion.diffusion import vlb
 from lightning_diffusion.diffusion.schedules import (BetaSchedule, NoiseSchedule, Parameterization, Variance,
                                                      append_dims, min_snr_weight, x0_from_output)
 from lightning_diffusion.diffusion.sde import DiscreteVP
@@ -175,28 +175,6 @@ class DDPM(GenerativeModel):
         sigma = append_dims(self.process.sigma(t), x_t.ndim).to(x_t.device, torch.float32)
         return x0_from_output(self.parameterization, prediction.float(), x_t.float(), alpha, sigma)
 
-    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers.
-
-        With ``guidance_scale = w != 1`` (classifier-free guidance, Ho & Salimans 2022):
-        ``x0_hat = x0_hat(x_t | null) + w (x0_hat(x_t | y) - x0_hat(x_t | null))``, both from one
-        forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
-        unconditional one.
-        """
-        if guidance_scale == 1.0:
-            return lambda x_t, t: self.denoise(x_t, t, y)
-        if not self.class_conditional or y is None:
-            raise ValueError(f"DDPM.sample: guidance_scale={guidance_scale} needs a class_conditional model "
-                             "and labels y; use guidance_scale=1.0 otherwise")
-        null = torch.full_like(y, -1)
-
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
-            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                                      torch.cat([y, null])).chunk(2)
-            return unconditional + guidance_scale * (conditional - unconditional)
-
-        return guided
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
@@ -213,21 +191,10 @@ class DDPM(GenerativeModel):
         by the samplers). The number of network evaluations is stored in ``last_sample_nfe``
         (a guided evaluation counts once, though it runs a 2B batch).
         """
-        shape = (num_samples, *self.require_data_shape())
-        if y is not None:
-            y = y.to(self.device)
         if sampler == "ancestral":
             options.setdefault("variance", self.variance)
-        clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
-        was_training = self.training
-        self.eval()
-        try:
-            out = samplers.sample(sampler, self.guided_denoiser(y, guidance_scale), self.process, shape,
-                                  steps=steps, generator=generator, device=self.device, clip=clip, **options)
-        finally:
-            self.train(was_training)
-        self.last_sample_nfe = out.nfe
-        return out.x.clamp(-1, 1) if self.is_image else out.x
+        return self.draw_samples(sampler, self.process, num_samples, y=y, guidance_scale=guidance_scale,
+                                 steps=steps, generator=generator, **options)
 
     # -- likelihood ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import likelihood, samplers, vlb
+from lightning_diffusion.diffusion import likelihood, vlb
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.models.base import GenerativeModel, data_noise
@@ -195,29 +195,11 @@ class ScoreSDE(GenerativeModel):
         """Samples with a named sampler (``pc``, ``euler_maruyama``, ``ode``, ``heun``, ``ddim``,
         ``dpm_solver``, ``ancestral``); images come back in [-1, 1]. The NFE of the last call is in
         ``self.last_sample_nfe``. ``guidance_scale`` > 1 applies classifier-free guidance with ``y``."""
-        shape = (num_samples, *self.require_data_shape())
-        y = None if y is None else y.to(self.device)
-
-        def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            if y is None or guidance_scale == 1.0:
-                return self.denoise(x_t, t, y)
-            both = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]))
-            cond, uncond = both.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        was_training = self.training
-        self.eval()
-        try:
-            name = sampler or self.sampler
-            if steps is None and name == self.sampler:  # sample_steps belongs to the default sampler
-                steps = self.sample_steps
-            out = samplers.sample(name, denoise_fn, self.sde, shape,
-                                  steps=steps, generator=generator, device=self.device,
-                                  clip=(-1.0, 1.0) if self.is_image else None, **options)
-        finally:
-            self.train(was_training)
-        self.last_sample_nfe = out.nfe
-        return out.x.clamp(-1, 1) if self.is_image else out.x
+        name = sampler or self.sampler
+        if steps is None and name == self.sampler:  # sample_steps belongs to the default sampler
+            steps = self.sample_steps
+        return self.draw_samples(name, self.sde, num_samples, y=y, guidance_scale=guidance_scale, steps=steps,
+                                 generator=generator, **options)
 
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
                      rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
