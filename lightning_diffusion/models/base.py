@@ -95,6 +95,20 @@ class GenerativeModel(L.LightningModule):
         """Negative log-likelihood (or its bound) of each sample of ``x``, in bits per dimension."""
         raise NotImplementedError
 
+    def training_labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
+        """The labels a class-conditional family feeds its net: None unless ``class_conditional``;
+        in training each label becomes the null label -1 with probability ``label_dropout``
+        (classifier-free guidance, Ho & Salimans 2022)."""
+        if not getattr(self, "class_conditional", False):
+            return None
+        if "y" not in batch:
+            raise KeyError(f"{type(self).__name__}: class_conditional=True but the batch has no key 'y'")
+        y = batch["y"]
+        if self.training and self.label_dropout > 0:
+            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
+            y = torch.where(drop, torch.full_like(y, -1), y)
+        return y
+
     # -- sampling, shared by the diffusion families ---------------------------------------
     def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""

@@ -113,17 +113,6 @@ class DDPM(GenerativeModel):
         prediction, v = output.chunk(2, dim=1)
         return prediction, v
 
-    def _labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
-        if not self.class_conditional:
-            return None
-        if "y" not in batch:
-            raise KeyError("DDPM: class_conditional=True but the batch has no key 'y'")
-        y = batch["y"]
-        if self.training and self.label_dropout > 0:
-            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, -1), y)
-        return y
-
     def _reverse_gaussian(self, schedule: NoiseSchedule, prediction: Tensor, v: Tensor | None, x_t: Tensor,
                           t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of ``p(x_{t-1} | x_t) = N(mu~_t(x0_hat, x_t), Sigma)``; ``clip`` clamps
@@ -142,7 +131,7 @@ class DDPM(GenerativeModel):
         t = uniform_steps(x0.shape[0], self.schedule.timesteps, generator, x0.device)
         noise = data_noise(x0.shape, generator, x0)
         x_t = self.schedule.q_sample(x0, t, noise)
-        prediction, v = self._split_output(self.net(x_t, t.float(), self._labels(batch, generator)), x0)
+        prediction, v = self._split_output(self.net(x_t, t.float(), self.training_labels(batch, generator)), x0)
         target = self.schedule.target(self.parameterization, x0, noise, t)
         mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
         if self.min_snr_gamma is not None:

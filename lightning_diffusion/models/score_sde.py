@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diffusion.diffusion import likelihood, vlb
-from lightning_diffusion.diffusion.schedules import append_dims
+from lightning_diffusion.diffusion.schedules import append_dims, x0_from_output
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.models.base import GenerativeModel, data_noise
 
@@ -129,15 +129,6 @@ class ScoreSDE(GenerativeModel):
         return t, uniform_density / density
 
     # -- the net as denoiser and score --------------------------------------------------------
-    def _labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
-        if not self.class_conditional:
-            return None
-        y = batch["y"]
-        if self.training and self.label_dropout > 0:
-            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
-            y = torch.where(drop, torch.full_like(y, -1), y)
-        return y
-
     def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x0_hat(x_t, t)``, the clean-data estimate implied by the net at time t [B]."""
         alpha = append_dims(self.sde.alpha(t), x_t.ndim).to(x_t.dtype)
@@ -149,10 +140,10 @@ class ScoreSDE(GenerativeModel):
             x_tilde = x_t / alpha
             return c_skip * x_tilde + c_out * self.net(c_in * x_tilde, t_net, y).float()
         out = self.net(x_t, t_net, y).float()
-        if self.parameterization == "eps":
-            return (x_t - sigma * out) / alpha
-        if self.parameterization == "score":
+        if self.parameterization == "score":  # Tweedie: x0 = (x_t + sigma^2 score) / alpha
             return (x_t + sigma**2 * out) / alpha
+        if self.parameterization == "eps":
+            return x0_from_output("eps", out, x_t, alpha, sigma)
         raise ValueError(f"unknown parameterization {self.parameterization!r}; choose eps, score or edm")
 
     def score(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -169,7 +160,7 @@ class ScoreSDE(GenerativeModel):
         mean, std = self.sde.marginal_prob(x0, t)
         sigma = append_dims(std, x0.ndim)
         x_t = mean + sigma * noise
-        y = self._labels(batch, generator)
+        y = self.training_labels(batch, generator)
         if self.parameterization == "edm":
             # EDM's weighted denoising loss (s^2 + sd^2)/(s sd)^2 ||D - x0||^2 on the VE-equivalent data
             alpha = append_dims(self.sde.alpha(t), x0.ndim).to(x0.dtype)
