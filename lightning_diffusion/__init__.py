@@ -19,6 +19,7 @@ _PUBLIC = {
     "GaussianMixture": "lightning_diffusion.diffusion.mixture",
     "ShardDataModule": "lightning_diffusion.data",
     "SampleGrid": "lightning_diffusion.callbacks",
+    "EMA": "lightning_diffusion.callbacks",
     "LastCheckpoint": "lightning_diffusion.callbacks",
     "MLP": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",

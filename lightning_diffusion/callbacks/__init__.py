@@ -1,6 +1,7 @@
 """Callbacks that use only the model contract (sample / bits_per_dim)."""
 
 from lightning_diffusion.callbacks.checkpoint import LastCheckpoint
+from lightning_diffusion.callbacks.ema import EMA, evaluation_weights, load_ema_weights
 from lightning_diffusion.callbacks.samples import SampleGrid
 
-__all__ = ["LastCheckpoint", "SampleGrid"]
+__all__ = ["EMA", "LastCheckpoint", "SampleGrid", "evaluation_weights", "load_ema_weights"]

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_diffusion.callbacks.ema import evaluation_weights
+
 
 def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save images in [-1, 1], [N, C, H, W], as one PNG grid (``nrow`` images per row)."""
@@ -80,7 +82,8 @@ class SampleGrid(L.Callback):
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x = pl_module.sample(self.num_samples, generator=generator)
+        with evaluation_weights(trainer, pl_module):
+            x = pl_module.sample(self.num_samples, generator=generator)
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
         if trainer.is_global_zero:
             if x.ndim == 4:

@@ -129,14 +129,24 @@ def _snap(process: GaussianProcess, t: Tensor) -> Tensor:
     return t.round() if process.discrete else t
 
 
-def karras_grid(process: GaussianProcess, num: int, rho: float = 7.0) -> list[float]:
+def karras_grid(process: GaussianProcess, num: int, rho: float = 7.0, sigma_max: float | None = None,
+                sigma_min: float | None = None) -> list[float]:
     """Times of EDM's noise levels (Karras et al. 2022, eq. 5):
     ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``, i = 0..N-1, with
-    ``smax = ratio(t_max)``, ``smin = ratio(t_min)``."""
+    ``smax = sigma_max`` and ``smin = sigma_min`` in units of ``sigma/alpha``, clamped to the
+    process's range ``[ratio(t_min), ratio(t_max)]`` (None: the ends of that range)."""
     _check_steps(num, 2)
-    smax, smin = _at(process.ratio, process.t_max), _at(process.ratio, process.t_min)
+    top, bottom = _at(process.ratio, process.t_max), _at(process.ratio, process.t_min)
+    smax = top if sigma_max is None else min(max(sigma_max, bottom), top)
+    smin = bottom if sigma_min is None else min(max(sigma_min, bottom), smax)
     i = torch.arange(num, dtype=torch.float64) / (num - 1)
-    return _times_of_ratios(process, (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho)
+    ratios = (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    t = process.t_of_ratio(ratios)
+    if sigma_max is None:
+        t[0] = process.t_max
+    if sigma_min is None:
+        t[-1] = process.t_min
+    return torch.unique_consecutive(_snap(process, t.clamp(process.t_min, process.t_max))).tolist()
 
 
 def logsnr_grid(process: GaussianProcess, num: int) -> list[float]:
@@ -329,7 +339,8 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
 @torch.no_grad()
 def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-         clip: tuple[float, float] | None = None, rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0,
+         clip: tuple[float, float] | None = None, rho: float = 7.0, sigma_max: float | None = None,
+         sigma_min: float | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0) -> SamplerOutput:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2), on ``x~ = x / alpha(t)``.
 
@@ -346,7 +357,7 @@ def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
     that round to the same integer step are merged first).
     """
     den = CountedDenoiser(denoise_fn, process, clip)
-    times = karras_grid(process, _default(steps, 18), rho)
+    times = karras_grid(process, _default(steps, 18), rho, sigma_max, sigma_min)
     sigmas = [_at(process.ratio, t) for t in times]
     n = len(sigmas)
 
@@ -363,7 +374,10 @@ def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
         sigma_hat = _at(process.ratio, t_hat)
         return x + math.sqrt(max(sigma_hat**2 - sigmas[i] ** 2, 0.0)) * S_noise * _noise(x, generator), t_hat, sigma_hat
 
-    x = _prior(process, shape, generator, device) / _at(process.alpha, process.t_max)
+    if times[0] < process.t_max:  # EDM: x~ ~ N(0, sigma_0^2), the data negligible beside it
+        x = sigmas[0] * torch.randn(tuple(shape), generator=generator, device=device)
+    else:
+        x = _prior(process, shape, generator, device) / _at(process.alpha, process.t_max)
     for i in range(n - 1):
         x, t_hat, sigma_hat = churn(x, i)
         d = (x - denoise(x, t_hat)) / sigma_hat

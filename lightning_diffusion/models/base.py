@@ -151,15 +151,48 @@ class GenerativeModel(L.LightningModule):
         shape = (num_samples, *self.require_data_shape())
         y = None if y is None else y.to(self.device)
         clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
+        denoise_fn = self.guided_denoiser(y, guidance_scale)
+        frames = getattr(self, "_trajectory_frames", None)
+        if frames is not None:  # sample_trajectory is recording
+            guided = denoise_fn
+
+            def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
+                x0 = guided(x_t, t)
+                frames.append(x0.detach().clone())
+                return x0
+
         was_training = self.training
         self.eval()
         try:
-            out = samplers.sample(sampler, self.guided_denoiser(y, guidance_scale), process, shape, steps=steps,
+            out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
                                   generator=generator, device=self.device, clip=clip, **options)
         finally:
             self.train(was_training)
         self.last_sample_nfe = out.nfe
         return out.x.clamp(-1, 1) if self.is_image else out.x
+
+    def sample_trajectory(self, num_samples: int, *, num_frames: int = 8, y: Tensor | None = None,
+                          generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """The denoising trajectory of ``sample(num_samples, ...)``: ``[num_frames, N, *data_shape]``.
+
+        Frames are the denoised estimates ``x0_hat`` at ``num_frames - 1`` network evaluations
+        evenly spaced from the first (pure noise) to the last, then the final samples; images in
+        [-1, 1]. Options are :meth:`sample`'s. Every evaluation is kept until the end (memory
+        ``NFE x N x D`` floats): use few samples.
+        """
+        if num_frames < 2:
+            raise ValueError(f"{type(self).__name__}.sample_trajectory: num_frames must be >= 2, got {num_frames}")
+        self._trajectory_frames: list[Tensor] | None = []
+        try:
+            final = self.sample(num_samples, y=y, generator=generator, **options)
+            recorded = self._trajectory_frames
+        finally:
+            self._trajectory_frames = None
+        picks = torch.linspace(0, len(recorded) - 1, num_frames - 1).round().long().tolist()
+        frames = [recorded[i] for i in picks] + [final]
+        if self.is_image:
+            frames = [f.clamp(-1, 1) for f in frames]
+        return torch.stack(frames)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:

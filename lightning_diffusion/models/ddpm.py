@@ -186,6 +186,11 @@ class DDPM(GenerativeModel):
                                  steps=steps, generator=generator, **options)
 
     # -- likelihood ----------------------------------------------------------------------------
+    def bpd_estimator(self, *, steps: int | None = None, **_: Any) -> str:
+        """Name of what :meth:`bits_per_dim` returns with these options: ``vlb`` (the full bound)
+        or ``vlb-respaced-S``."""
+        return "vlb" if steps is None else f"vlb-respaced-{steps}"
+
     @torch.no_grad()
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: int = 100,
                      generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:

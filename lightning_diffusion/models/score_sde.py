@@ -192,6 +192,10 @@ class ScoreSDE(GenerativeModel):
         return self.draw_samples(name, self.sde, num_samples, y=y, guidance_scale=guidance_scale, steps=steps,
                                  generator=generator, **options)
 
+    def bpd_estimator(self, **_: Any) -> str:
+        """Name of what :meth:`bits_per_dim` returns: ``ode`` (probability-flow ODE likelihood)."""
+        return "ode"
+
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
                      rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
