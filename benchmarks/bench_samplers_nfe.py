@@ -30,13 +30,16 @@ Denoisers:
   with the process it was trained with (``--process`` is ignored). DDPM's ancestral sampler uses
   the model's fixed variance.
 
-Target: dpm_solver or heun with at most 20 NFE is within 10% of the energy distance of 1000-step
-ancestral sampling, or within one noise-floor standard deviation of it (divided by sqrt(repeats)
-with ``--repeats``: a cell is then the mean over that many sampling seeds). With one run per cell
-the standard deviation (~1.3e-3 at 2000 samples) is about half the floor itself, so the 10% test
-decides little on its own; ``--repeats 5`` narrows it.
+heun runs on EDM's grid top ``sigma_max = 80`` (Karras et al. 2022, Table 1), not the process's own
+(a VP SDE reaches sigma/alpha = 152 at t = 1); a checkpoint is sampled with its EMA averages
+unless ``--raw``.
 
-    python benchmarks/bench_samplers_nfe.py [--process vp|subvp|ve|ddpm] [--num 2000] [--json out.json]
+Target: dpm_solver or heun with at most 20 NFE is within 10% of the energy distance of 1000-step
+ancestral sampling, or within one noise-floor standard deviation of it (divided by sqrt(repeats):
+a cell is the mean over ``--repeats`` sampling seeds). The defaults, 10000 samples and 3 repeats,
+put that standard deviation near 0.15e-3, a quarter of the floor (~0.65e-3).
+
+    python benchmarks/bench_samplers_nfe.py [--process vp|subvp|ve|ddpm] [--num 10000] [--repeats 3] [--json out.json]
     python benchmarks/bench_samplers_nfe.py --ckpt runs/ddpm_toy2d/version_0/checkpoints/last.ckpt
 """
 
@@ -55,6 +58,7 @@ from lightning_diffusion.diffusion import NoiseSchedule, sample
 from lightning_diffusion.diffusion.mixture import GaussianMixture
 from lightning_diffusion.diffusion.samplers import karras_grid, logsnr_grid
 from lightning_diffusion.diffusion.sde import VESDE, VPSDE, DiscreteVP, GaussianProcess, SubVPSDE
+from lightning_diffusion.metrics import energy_distance
 
 STEP_SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver")
 SAMPLERS = (*STEP_SAMPLERS[:4], "ode", *STEP_SAMPLERS[4:])
@@ -65,12 +69,9 @@ PROCESSES: dict[str, Callable[[], GaussianProcess]] = {
     "ddpm": lambda: DiscreteVP(NoiseSchedule("linear", 1000)),
 }
 PC_CORRECTOR_STEPS = 1  # pc's default
-
-
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Exact (V-statistic) energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` over all pairs."""
-    x, y = x.flatten(1).double(), y.flatten(1).double()
-    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
+# options of a sampler in this table: heun on EDM's own grid top (Karras et al. 2022, Table 1:
+# sigma_max = 80 for every process; a VP SDE would otherwise start at sigma/alpha = 152)
+SAMPLER_OPTIONS: dict[str, dict] = {"heun": {"sigma_max": 80.0}}
 
 
 # -- budget -> steps ------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def predicted_nfe(name: str, process: GaussianProcess, steps: int) -> int:
     if name == "pc":
         return (steps - 1) * (PC_CORRECTOR_STEPS + 1) + 1
     if name == "heun":
-        return 2 * len(karras_grid(process, steps)) - 1
+        return 2 * len(karras_grid(process, steps, **SAMPLER_OPTIONS["heun"])) - 1
     if name == "dpm_solver":
         return len(logsnr_grid(process, steps + 1)) - 1
     raise ValueError(name)
@@ -129,8 +130,9 @@ class OracleSource:
 class CheckpointSource:
     """A trained DDPM or ScoreSDE, sampled through ``model.sample``."""
 
-    def __init__(self, ckpt: Path, device: str):
+    def __init__(self, ckpt: Path, device: str, raw: bool = False):
         from lightning_diffusion import DDPM, ScoreSDE
+        from lightning_diffusion.callbacks import load_ema_weights
 
         hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
         class_path = str(hparams.get("_class_path", ""))
@@ -143,11 +145,14 @@ class CheckpointSource:
         except TypeError as e:
             raise SystemExit(f"cannot rebuild the model of {ckpt}: {e}. A model built in Python needs its net: "
                              f"{cls.__name__}.load_from_checkpoint(path, net=...)") from e
+        self.weights = "raw"
+        if not raw and load_ema_weights(self.model, torch.load(ckpt, map_location=device, weights_only=False)):
+            self.weights = "ema"
         if tuple(self.model.data_shape) != (2,):
             raise SystemExit(f"{ckpt}: model data_shape is {self.model.data_shape}, expected (2,) (gaussians8)")
         self.process = self.model.process if isinstance(self.model, DDPM) else self.model.sde
         self.device = device
-        self.description = f"{cls.__name__} {ckpt} ({type(self.process).__name__})"
+        self.description = f"{cls.__name__} {ckpt} ({type(self.process).__name__}, {self.weights} weights)"
 
     def __call__(self, name: str, num: int, steps: int | None, generator: torch.Generator,
                  **options) -> tuple[torch.Tensor, int]:
@@ -165,12 +170,13 @@ def main() -> None:
                    help="oracle: the mixture's exact denoiser (default); ckpt: the model of --ckpt (implied by --ckpt)")
     p.add_argument("--process", choices=list(PROCESSES), default="vp", help="process of the oracle")
     p.add_argument("--ckpt", help="DDPM or ScoreSDE checkpoint trained on gaussians8 (instead of the oracle)")
-    p.add_argument("--num", type=int, default=2000, help="samples per run (and reference draws)")
+    p.add_argument("--num", type=int, default=10000, help="samples per run (and reference draws)")
     p.add_argument("--budgets", type=int, nargs="+", default=[10, 20, 50, 100, 1000], help="NFE budgets")
     p.add_argument("--ode_tols", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-5], help="ode rtol = atol")
-    p.add_argument("--null_draws", type=int, default=20, help="independent mixture samples for the noise floor")
+    p.add_argument("--null_draws", type=int, default=10, help="independent mixture samples for the noise floor")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--raw", action="store_true", help="sample a --ckpt with its raw weights, not its EMA averages")
+    p.add_argument("--repeats", type=int, default=3,
                    help="runs per cell with seeds seed, seed+1, ...; cells show the mean energy distance")
     p.add_argument("--device", default="cpu", help="device of a --ckpt model")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: small tensors)")
@@ -187,7 +193,7 @@ def main() -> None:
         ckpt = Path(args.ckpt)
         if not ckpt.is_file():
             raise SystemExit(f"--ckpt {ckpt} does not exist")
-        source = CheckpointSource(ckpt, args.device)
+        source = CheckpointSource(ckpt, args.device, raw=args.raw)
         process, description = source.process, source.description
     else:
         process = PROCESSES[args.process]()
@@ -222,7 +228,7 @@ def main() -> None:
             steps = steps_for_budget(name, process, budget)
             if steps is None:
                 continue
-            r = run(name, steps)
+            r = run(name, steps, **SAMPLER_OPTIONS.get(name, {}))
             if r["nfe"] > budget:
                 print(f"warning: {name} at steps={steps} took {r['nfe']} NFE > budget {budget}")
             results[name][str(budget)] = r

@@ -20,7 +20,10 @@ _PUBLIC = {
     "ShardDataModule": "lightning_diffusion.data",
     "SampleGrid": "lightning_diffusion.callbacks",
     "EMA": "lightning_diffusion.callbacks",
+    "SampleQuality": "lightning_diffusion.callbacks",
+    "Likelihood": "lightning_diffusion.callbacks",
     "LastCheckpoint": "lightning_diffusion.callbacks",
+    "WandbSamples": "lightning_diffusion.callbacks",
     "MLP": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",
 }

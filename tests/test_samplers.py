@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 
+from lightning_diffusion.metrics import energy_distance
 from lightning_diffusion.diffusion import SAMPLERS, NoiseSchedule, SamplerOutput, sample
 from lightning_diffusion.diffusion.mixture import GaussianMixture
 from lightning_diffusion.diffusion.samplers import ancestral, ddim, dpm_solver, heun
@@ -71,12 +72,6 @@ def counting(fn):
         return fn(x, t)
     wrapped.calls = 0
     return wrapped
-
-
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Exact (V-statistic) energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` over all pairs."""
-    x, y = x.flatten(1).double(), y.flatten(1).double()
-    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
 
 
 @functools.lru_cache(maxsize=None)

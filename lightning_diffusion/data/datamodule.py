@@ -167,7 +167,24 @@ class ShardDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
 
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every sample of ``split`` (train, val or test) exactly once over ranks x workers, in
+        shard order, unshuffled: what evaluation and real-data statistics read."""
+        return self._eval_loader(split)
+
+    def fingerprint(self, split: str) -> str:
+        """A short key of ``split``'s content (the SHA-256s of its shards in the index, else their
+        paths): caches of statistics of real data are keyed by it."""
+        import hashlib
+
+        shards = (self.index or {}).get("splits", {}).get(split, {}).get("shards")
+        parts = [str(s.get("sha256", s)) if isinstance(s, dict) else str(s) for s in shards] if shards else \
+            [str(u) for u in self.urls.get(split, [])]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
     def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.urls:
+            raise ValueError(f"ShardDataModule: unknown split {split!r}; choose train, val or test")
         if not self.urls[split]:
             raise ValueError(f"ShardDataModule: no {split} shards (index split {split!r} empty and no `{split}` pattern)")
         rank, world = self._rank_world()

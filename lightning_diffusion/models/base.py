@@ -188,6 +188,8 @@ class GenerativeModel(L.LightningModule):
             recorded = self._trajectory_frames
         finally:
             self._trajectory_frames = None
+        if not recorded:
+            raise NotImplementedError(f"{type(self).__name__} does not sample through a denoiser: no trajectory")
         picks = torch.linspace(0, len(recorded) - 1, num_frames - 1).round().long().tolist()
         frames = [recorded[i] for i in picks] + [final]
         if self.is_image:

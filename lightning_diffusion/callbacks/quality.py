@@ -1,0 +1,384 @@
+"""SampleQuality and Likelihood: evaluation callbacks over the model contract, split across ranks.
+
+Both run on the evaluation weights (:func:`~lightning_diffusion.callbacks.ema.evaluation_weights`),
+every rank does its share and the same number of network calls (a sharded FSDP model needs all
+ranks in each forward), results are reduced with collectives outside any rank-zero code, and rank
+zero appends a JSON line with every detail (number of samples, extractor, estimator, weights) to
+``<run dir>/metrics/<name>.jsonl`` next to the logged numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_diffusion.callbacks.ema import evaluation_weights
+from lightning_diffusion.callbacks.protocol import estimator_name
+from lightning_diffusion.metrics import quality
+from lightning_diffusion.metrics.features import FeatureExtractor, get_extractor
+
+IMAGE_METRICS = ("fid", "kid", "is", "pr")
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _append_jsonl(trainer: L.Trainer, name: str, record: dict) -> None:
+    if trainer.is_global_zero:
+        path = _run_dir(trainer) / "metrics" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
+    if datamodule is not None:
+        return datamodule
+    return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+
+def _eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None):
+    """Batches of ``split``: each sample once over ranks (ShardDataModule), else the trainer's
+    validation loader."""
+    datamodule = _datamodule(trainer, datamodule)
+    if datamodule is not None and hasattr(datamodule, "eval_dataloader"):
+        return datamodule.eval_dataloader(split)
+    if datamodule is not None and hasattr(datamodule, f"{split}_dataloader"):
+        return getattr(datamodule, f"{split}_dataloader")()
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if loaders is None:
+        raise ValueError(f"no data for split {split!r}: give the Trainer a DataModule or validation data")
+    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+
+def _images(batch: Any) -> Tensor:
+    if isinstance(batch, dict):
+        return batch["x"]
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class _Periodic(L.Callback):
+    """Runs :meth:`evaluate` every ``every_n_epochs`` validation epochs and/or ``every_n_steps``
+    optimizer steps (0 disables either)."""
+
+    def __init__(self, every_n_epochs: int, every_n_steps: int):
+        super().__init__()
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.last_results: dict[str, float] = {}
+
+    def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
+                 datamodule: Any = None) -> dict[str, float]:
+        """Run the evaluation now (every rank must call it); ``datamodule`` when there is no trainer."""
+        raise NotImplementedError
+
+    def _log(self, pl_module: L.LightningModule, results: dict[str, float]) -> None:
+        for key, value in results.items():
+            pl_module.log(key, float(value), sync_dist=False)  # identical on every rank already
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_epochs <= 0 or trainer.state.fn != "fit":
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._log(pl_module, self.evaluate(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0 \
+                and trainer.global_step != getattr(self, "_last_step", -1):
+            self._last_step = trainer.global_step
+            self._log(pl_module, self.evaluate(trainer, pl_module))
+
+
+class SampleQuality(_Periodic):
+    """FID, KID, IS and precision/recall of ``num_samples`` generated images (energy distance and
+    MMD for points), logged as ``val/fid`` etc. with ``val/fid_num_samples``.
+
+    Generation is split across ranks (rank r draws its share with seed ``seed + r``); features
+    go into constant-size FID statistics and bounded feature banks, reduced over ranks. The
+    real side is ``real_split`` of the DataModule (every sample once over ranks), its statistics
+    cached in ``$LD_DATA/stats/`` keyed by dataset fingerprint, split and extractor.
+    """
+
+    def __init__(self, num_samples: int = 1000, every_n_epochs: int = 1, every_n_steps: int = 0,
+                 extractor: str = "inception-v3-compat", weights_path: str | None = None,
+                 metrics: list[str] | None = None, real_split: str = "train", num_real: int | None = None,
+                 batch_size: int = 250, seed: int = 0, max_features: int = 10000,
+                 sample_options: dict[str, Any] | None = None, cache_stats: bool = True):
+        """
+        Args:
+            num_samples: generated samples per evaluation, over all ranks (papers: 50000 for FID).
+            every_n_epochs: evaluate at the end of every this many validation epochs (0: never).
+            every_n_steps: evaluate every this many optimizer steps (0: never).
+            extractor: ``inception-v3-compat`` (papers' FID) or ``digits`` (embedded digits);
+                ignored for 2-D points.
+            weights_path: the extractor's weights file (see :mod:`lightning_diffusion.metrics.features`).
+            metrics: any of ``fid``, ``kid``, ``is``, ``pr`` (default all).
+            real_split: the DataModule split the generated samples are compared with.
+            num_real: use at most this many real samples (None: the whole split).
+            batch_size: samples generated per ``sample`` call on each rank.
+            seed: base seed of the generated samples (rank r uses ``seed + r``): every evaluation
+                draws the same noise, so successive numbers compare.
+            max_features: feature vectors kept for KID, IS and precision/recall (FID uses all).
+            sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 50}``).
+            cache_stats: cache the real statistics on disk.
+        """
+        super().__init__(every_n_epochs, every_n_steps)
+        metrics = list(IMAGE_METRICS) if metrics is None else list(metrics)
+        unknown = sorted(set(metrics) - set(IMAGE_METRICS))
+        if unknown:
+            raise ValueError(f"SampleQuality: unknown metrics {unknown}; choose from {list(IMAGE_METRICS)}")
+        if num_samples < 2:
+            raise ValueError(f"SampleQuality: num_samples must be >= 2, got {num_samples}")
+        self.num_samples, self.extractor_name, self.weights_path = num_samples, extractor, weights_path
+        self.metrics, self.real_split, self.num_real = metrics, real_split, num_real
+        self.batch_size, self.seed, self.max_features = batch_size, seed, max_features
+        self.sample_options = dict(sample_options or {})
+        self.cache_stats = cache_stats
+        self._extractor: FeatureExtractor | None = None
+        self._real: tuple | None = None
+
+    # -- pieces -------------------------------------------------------------------------------
+    def extractor(self, device: torch.device) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = get_extractor(self.extractor_name, self.weights_path)
+        return self._extractor.to(device)
+
+    def _labels(self, pl_module: L.LightningModule, n: int, offset: int, device) -> Tensor | None:
+        """Class-conditional models get labels cycling over the classes (balanced)."""
+        if not getattr(pl_module, "class_conditional", False):
+            return None
+        num_classes = int(pl_module.num_classes)
+        return (torch.arange(offset, offset + n, device=device) % num_classes).long()
+
+    def generate(self, trainer: L.Trainer | None, pl_module: L.LightningModule):
+        """Yield this rank's generated batches; every rank runs the same number of ``sample`` calls
+        (ceil(num_samples / world) samples each, extra ones dropped)."""
+        rank, world = _rank_world(trainer)
+        share = quality.split_count(self.num_samples, rank, world)
+        per_rank = math.ceil(self.num_samples / world)
+        offset = sum(quality.split_count(self.num_samples, r, world) for r in range(rank))
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
+        done = 0
+        while done < per_rank:
+            n = min(self.batch_size, per_rank - done)
+            x = pl_module.sample(n, generator=generator, y=self._labels(pl_module, n, offset + done, pl_module.device),
+                                 **self.sample_options)
+            keep = max(0, min(n, share - done))
+            done += n
+            if keep:
+                yield x[:keep]
+
+    def _real_path(self, trainer: L.Trainer | None, kind: str, datamodule: Any = None) -> Path | None:
+        datamodule = _datamodule(trainer, datamodule)
+        if not self.cache_stats or datamodule is None or not hasattr(datamodule, "fingerprint"):
+            return None
+        from lightning_diffusion.data.shards import data_cache_dir
+
+        dataset = Path(str(getattr(datamodule, "hparams", {}).get("dataset") or "data")).name
+        key = f"{dataset}-{self.real_split}-{datamodule.fingerprint(self.real_split)}-{kind}-" \
+              f"{self.num_real or 'all'}-{self.max_features}"
+        return data_cache_dir() / "stats" / f"{key}.pt"
+
+    def real_statistics(self, trainer: L.Trainer | None, pl_module: L.LightningModule, points: bool,
+                        datamodule: Any = None):
+        """(stats, feature bank, logits bank) of the real split, reduced over ranks; cached."""
+        if self._real is not None:
+            return self._real
+        kind = "points" if points else self.extractor_name
+        path = self._real_path(trainer, kind, datamodule)
+        if path is not None and path.is_file():
+            stats, bank, logits, _ = quality.load_stats(path)
+            self._real = (stats, bank, logits)
+            return self._real
+        rank, world = _rank_world(trainer)
+        limit = None if self.num_real is None else quality.split_count(self.num_real, rank, world)
+        dim = 2 if points else self.extractor(pl_module.device).num_features
+        stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
+        logits_bank = quality.FeatureBank(quality.split_count(self.max_features, rank, world))
+        seen = 0
+        for batch in _eval_batches(trainer, self.real_split, datamodule):
+            x = _images(batch)
+            if limit is not None:
+                x = x[: max(0, limit - seen)]
+            if x.shape[0] == 0:
+                break
+            seen += x.shape[0]
+            features, logits = self._features(x.to(pl_module.device), points)
+            stats.update(features)
+            bank.update(features)
+            if logits is not None:
+                logits_bank.update(logits)
+        stats.all_reduce()
+        bank_all, logits_all = bank.all_gather(), (None if points else logits_bank.all_gather())
+        if path is not None and rank == 0:
+            quality.save_stats(path, stats, bank_all, logits_all, {"split": self.real_split, "extractor": kind,
+                                                                    "count": stats.n})
+        self._real = (stats, bank_all, logits_all)
+        return self._real
+
+    @torch.no_grad()
+    def _features(self, x: Tensor, points: bool) -> tuple[Tensor, Tensor | None]:
+        if points:
+            return x.float(), None
+        return self.extractor(x.device)(x)
+
+    # -- the evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
+                 datamodule: Any = None) -> dict[str, float]:
+        """Generate, extract, reduce over ranks and compute; returns ``{val/fid: ..., ...}`` (the
+        same on every rank)."""
+        start = time.perf_counter()
+        rank, world = _rank_world(trainer)
+        with evaluation_weights(trainer, pl_module) as weights:
+            fake_stats = fake_bank = logits_bank = None
+            points = None
+            for x in self.generate(trainer, pl_module):
+                if points is None:
+                    points = x.ndim == 2
+                    dim = 2 if points else self.extractor(pl_module.device).num_features
+                    cap = quality.split_count(self.max_features if not points else self.num_samples, rank, world)
+                    fake_stats, fake_bank, logits_bank = quality.GaussianStats(dim), quality.FeatureBank(cap), \
+                        quality.FeatureBank(cap)
+                features, logits = self._features(x, points)
+                fake_stats.update(features)
+                fake_bank.update(features)
+                if logits is not None:
+                    logits_bank.update(logits)
+        if points is None:
+            raise RuntimeError("SampleQuality: this rank generated nothing; num_samples < world size?")
+        real_stats, real_bank, _ = self.real_statistics(trainer, pl_module, points, datamodule)
+        fake_stats.all_reduce()
+        fake_all = fake_bank.all_gather()
+        results: dict[str, float] = {}
+        if points:
+            results["val/energy_distance"] = quality.energy_distance(fake_all, real_bank)
+            results["val/mmd"] = quality.mmd(fake_all, real_bank)
+        else:
+            logits_all = logits_bank.all_gather()
+            if "fid" in self.metrics:
+                results["val/fid"] = quality.frechet_distance(real_stats, fake_stats)
+                results["val/fid_num_samples"] = float(fake_stats.n)
+            if "kid" in self.metrics:
+                results["val/kid"], results["val/kid_std"] = quality.kernel_distance(real_bank, fake_all)
+            if "is" in self.metrics:
+                results["val/is"], results["val/is_std"] = quality.inception_score(logits_all)
+            if "pr" in self.metrics:
+                results["val/precision"], results["val/recall"] = quality.precision_recall(real_bank, fake_all)
+        seconds = time.perf_counter() - start
+        self.last_results = results
+        step = trainer.global_step if trainer is not None else None
+        if trainer is not None:
+            _append_jsonl(trainer, "sample_quality", {
+                "step": step, "epoch": trainer.current_epoch, **{k.split("/", 1)[1]: v for k, v in results.items()},
+                "num_samples": fake_stats.n,
+                "num_real": real_stats.n, "real_split": self.real_split,
+                "extractor": "points" if points else self.extractor_name, "weights": weights,
+                "sample_options": self.sample_options, "world_size": world, "seconds": seconds})
+        described = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in results.items())
+        rank_zero_info(f"SampleQuality (step {step}, {fake_stats.n} samples vs {real_stats.n} real "
+                       f"{self.real_split}, extractor {'points' if points else self.extractor_name}, {weights} "
+                       f"weights, {seconds:.0f} s): {described}")
+        return results
+
+
+class Likelihood(_Periodic):
+    """``bits_per_dim`` over ``num_batches`` batches of ``split`` on every rank, averaged over all
+    evaluated samples (sums and counts reduced over ranks), logged as ``val/bpd`` and
+    ``val/bpd_<estimator>`` (elbo, iwae-K, vlb, ode)."""
+
+    def __init__(self, every_n_epochs: int = 1, every_n_steps: int = 0, num_batches: int = 4, split: str = "val",
+                 bpd_options: dict[str, Any] | None = None, seed: int = 0):
+        """
+        Args:
+            every_n_epochs: evaluate at the end of every this many validation epochs (0: never).
+            every_n_steps: evaluate every this many optimizer steps (0: never).
+            num_batches: batches per rank (the DataModule's batch size); None-like 0: the whole split.
+            split: the DataModule split scored.
+            bpd_options: options for ``model.bits_per_dim`` (e.g. ``{num_importance_samples: 100}``
+                for a VAE, ``{steps: 100}`` for a DDPM's respaced bound).
+            seed: seed of the estimator's noise (the same at every evaluation).
+        """
+        super().__init__(every_n_epochs, every_n_steps)
+        self.num_batches, self.split, self.seed = num_batches, split, seed
+        self.bpd_options = dict(bpd_options or {})
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
+                 datamodule: Any = None) -> dict[str, float]:
+        start = time.perf_counter()
+        rank, world = _rank_world(trainer)
+        batches = []
+        for batch in _eval_batches(trainer, self.split, datamodule):
+            batches.append(batch)
+            if self.num_batches and len(batches) >= self.num_batches:
+                break
+        # every rank makes the same number of bits_per_dim calls (a sharded model needs all ranks)
+        counts = torch.tensor([len(batches)], dtype=torch.long)
+        if world > 1:
+            counts = _all_reduce(counts, "max")
+        calls = int(counts.item())
+        total, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        with evaluation_weights(trainer, pl_module) as weights:
+            supports_generator = "generator" in _parameters(pl_module.bits_per_dim)
+            for i in range(calls):
+                real = i < len(batches)
+                batch = batches[i] if real else batches[-1] if batches else None
+                if batch is None:
+                    continue
+                x = _images(batch).to(pl_module.device)
+                options = dict(self.bpd_options)
+                if supports_generator and "generator" not in options:
+                    options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
+                        self.seed * 1_000_003 + rank * 7919 + i)
+                bpd = pl_module.bits_per_dim(x, **options).double().cpu()
+                if real:
+                    total += bpd.sum()
+                    n += bpd.numel()
+        if world > 1:
+            total, n = _all_reduce(torch.stack([total, n]), "sum").unbind()
+        estimator = estimator_name(pl_module, **self.bpd_options)
+        mean = (total / n).item() if n > 0 else float("nan")
+        results = {"val/bpd": mean, f"val/bpd_{estimator}": mean, "val/bpd_num_samples": float(n)}
+        self.last_results = results
+        seconds = time.perf_counter() - start
+        if trainer is not None:
+            _append_jsonl(trainer, "likelihood", {"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                                  "bpd": mean, "estimator": estimator, "num_samples": int(n),
+                                                  "split": self.split, "weights": weights,
+                                                  "bpd_options": self.bpd_options, "seconds": seconds})
+        rank_zero_info(f"Likelihood: {self.split} {mean:.4f} bits/dim ({estimator}, {int(n)} samples, {weights} "
+                       f"weights, {seconds:.0f} s)")
+        return results
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def _all_reduce(t: Tensor, op: str) -> Tensor:
+    from lightning_diffusion.metrics.quality import _collective_device
+
+    device = _collective_device()
+    out = t.to(device)
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return out.to(t.device)
