@@ -57,6 +57,26 @@ class DiffusionCLI(LightningCLI):
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Resuming ``fit`` from a checkpoint continues its W&B run: the run id stored in the
+        checkpoint becomes the id of every WandbLogger that was given none."""
+        if self.subcommand != "fit":
+            return
+        from lightning_diffusion.callbacks.wandb import wandb_run_id_from_checkpoint
+
+        config = self.config.fit
+        run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
+        if not run_id:
+            return
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("WandbLogger"):
+                continue
+            init_args = logger.get("init_args")
+            if init_args is not None and not init_args.get("id") and not init_args.get("version"):
+                init_args["id"] = run_id
+                rank_zero_info(f"Resuming W&B run {run_id} (stored in {config.get('ckpt_path')})")
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # A link into a net that lacks the target (image_size into an MLP, or a user's net) is
@@ -113,9 +133,23 @@ def _shards_main(argv: list[str]) -> None:
     shards_cli(argv)
 
 
+def _command(name: str) -> Callable[[list[str]], None]:
+    def main(argv: list[str]) -> None:
+        from lightning_diffusion.commands import run
+
+        run(name, argv)
+
+    return main
+
+
 EXTRA_SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "shards": ("Write WebDataset shards + index.json from digits, toy2d, an image folder or a torchvision set.",
                _shards_main),
+    "sample": ("Draw samples from a checkpoint (EMA weights): PNGs, a grid and an npz.", _command("sample")),
+    "evaluate": ("Score a checkpoint: FID/KID/IS/precision-recall and bits/dim on a split; table + JSON.",
+                 _command("evaluate")),
+    "features": ("Feature networks of the metrics: fetch the Inception weights, train the digits one.",
+                 _command("features")),
 }
 
 

@@ -1,0 +1,229 @@
+"""``lightning-diffusion sample``, ``evaluate`` and ``features``: work on a trained checkpoint
+without a Trainer loop. Both load the EMA weights by default (``--weights raw`` for the others)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Weights = Literal["ema", "raw"]
+
+
+def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "cpu"):
+    """The model of a checkpoint written by ``lightning-diffusion fit`` (any family), in eval mode,
+    with its EMA averages when ``weights="ema"`` and the run had an EMA callback.
+
+    Returns ``(model, checkpoint dict, weights used)``.
+    """
+    from lightning_diffusion.callbacks.ema import load_ema_weights
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    class_path = str(ckpt.get("hyper_parameters", {}).get("_class_path", ""))
+    if not class_path:
+        raise ValueError(f"{path}: no hyper_parameters._class_path; was it written by `lightning-diffusion fit`? "
+                         "Models built in Python reload with Model.load_from_checkpoint(path, net=...)")
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    model = cls.load_from_checkpoint(path, map_location=device).eval()
+    used = "ema" if weights == "ema" and load_ema_weights(model, ckpt) else "raw"
+    return model, ckpt, used
+
+
+def _labels(model, num: int, class_label: int | None, device) -> torch.Tensor | None:
+    if not getattr(model, "class_conditional", False):
+        if class_label is not None:
+            raise ValueError("--class_label given, but the model is not class_conditional")
+        return None
+    if class_label is not None:
+        return torch.full((num,), class_label, dtype=torch.long, device=device)
+    return torch.arange(num, device=device) % int(model.num_classes)
+
+
+def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str | None = None,
+           steps: int | None = None, guidance_scale: float = 1.0, class_label: int | None = None,
+           batch_size: int = 256, seed: int = 0, weights: Weights = "ema", device: str = "cpu",
+           options: dict[str, Any] | None = None) -> Path:
+    """Draw samples from a checkpoint: one PNG per image, grid.png and samples.npz in OUT.
+
+    Args:
+        ckpt_path: checkpoint written by ``lightning-diffusion fit``.
+        num: number of samples.
+        out: output directory.
+        sampler: diffusion families: ancestral, ddim, euler_maruyama, pc, ode, heun, dpm_solver
+            (None: the model's default).
+        steps: sampler steps (None: the sampler's default).
+        guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
+        class_label: condition every sample on this class (default: cycle through the classes).
+        batch_size: samples per ``model.sample`` call.
+        seed: seed of the sampling noise.
+        weights: ``ema`` (default; raw if the run had no EMA) or ``raw``.
+        device: ``cpu`` or ``cuda``.
+        options: further sampler options, e.g. ``{eta: 0.5}`` or ``{temperature: 0.8}``.
+    """
+    import numpy as np
+
+    from lightning_diffusion.callbacks.samples import save_image_grid, save_scatter
+
+    model, _, used = load_model(ckpt_path, weights, device)
+    kwargs = dict(options or {})
+    if sampler is not None:
+        kwargs["sampler"] = sampler
+    if steps is not None:
+        kwargs["steps"] = steps
+    if guidance_scale != 1.0:
+        kwargs["guidance_scale"] = guidance_scale
+    generator = torch.Generator(device=device).manual_seed(seed)
+    labels = _labels(model, num, class_label, device)
+    start, chunks = time.perf_counter(), []
+    with torch.no_grad():
+        for i in range(0, num, batch_size):
+            y = None if labels is None else labels[i:i + batch_size]
+            chunks.append(model.sample(min(batch_size, num - i), y=y, generator=generator, **kwargs).cpu())
+    x = torch.cat(chunks)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    if x.ndim == 4:
+        from PIL import Image
+
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        (out_dir / "images").mkdir(exist_ok=True)
+        for i, im in enumerate(images):
+            Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(out_dir / "images" / f"{i:06d}.png")
+        save_image_grid(x[:256], out_dir / "grid.png")
+        arrays["images"] = images
+    else:
+        save_scatter(x, out_dir / "grid.png")
+        arrays["points"] = x.numpy()
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez_compressed(out_dir / "samples.npz", **arrays)
+    seconds = time.perf_counter() - start
+    nfe = getattr(model, "last_sample_nfe", None)
+    print(f"Wrote {num} samples ({used} weights, {kwargs or 'model defaults'}"
+          + (f", {nfe} NFE per batch" if nfe is not None else "") + f", {seconds:.1f} s) to {out_dir}: "
+          "images/, grid.png, samples.npz")
+    return out_dir
+
+
+def _datamodule(ckpt: dict, dataset: str | None, batch_size: int):
+    from lightning_diffusion.data.datamodule import ShardDataModule
+
+    saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    name = dataset or saved.get("dataset")
+    if name is None:
+        raise ValueError("the checkpoint does not record its dataset: pass --dataset (an embedded name or a shard dir)")
+    return ShardDataModule(name, batch_size=batch_size, num_workers=0,
+                           train=None if dataset else saved.get("train"), val=None if dataset else saved.get("val"),
+                           test=None if dataset else saved.get("test"))
+
+
+def evaluate(*, ckpt_path: str, metrics: str = "fid,bpd", split: str = "test", num_samples: int = 1000,
+             extractor: str | None = None, weights_path: str | None = None, dataset: str | None = None,
+             batch_size: int = 256, num_batches: int = 0, seed: int = 0, weights: Weights = "ema",
+             device: str = "cpu", out: str | None = None, sample_options: dict[str, Any] | None = None,
+             bpd_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score a checkpoint: sample quality against a split and bits/dim on it; prints a table and
+    writes JSON.
+
+    Args:
+        ckpt_path: checkpoint written by ``lightning-diffusion fit``.
+        metrics: comma-separated: ``fid`` (with KID, IS, precision/recall; energy distance and MMD
+            for points) and/or ``bpd``.
+        split: the split sample quality compares with and bits/dim is computed on.
+        num_samples: generated samples for ``fid`` (papers: 50000).
+        extractor: ``digits`` or ``inception-v3-compat`` (default: digits for the embedded digits).
+        weights_path: the extractor's weights (offline machines).
+        dataset: the data (default: the one the checkpoint was trained on).
+        batch_size: batch size of the data and of sampling.
+        num_batches: batches scored for ``bpd`` (0: the whole split).
+        seed: seed of sampling and of the estimators' noise.
+        weights: ``ema`` (default; raw if the run had no EMA) or ``raw``.
+        device: ``cpu`` or ``cuda``.
+        out: JSON path (default: ``eval-<split>-step<N>.json`` next to the checkpoint).
+        sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 100}``).
+        bpd_options: options for ``model.bits_per_dim`` (e.g. ``{num_importance_samples: 1000}``).
+    """
+    from lightning_diffusion.callbacks.quality import Likelihood, SampleQuality
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {"fid", "bpd"})
+    if unknown:
+        raise ValueError(f"--metrics: unknown {unknown}; choose from fid, bpd")
+    model, ckpt, used = load_model(ckpt_path, weights, device)
+    data = _datamodule(ckpt, dataset, batch_size)
+    data.setup("test")
+    name = str(data.hparams.get("dataset") or "")
+    extractor = extractor or ("digits" if Path(name).name.startswith("digits") else "inception-v3-compat")
+    results: dict[str, Any] = {"ckpt_path": str(ckpt_path), "global_step": ckpt.get("global_step"), "weights": used,
+                               "split": split, "dataset": name}
+    start = time.perf_counter()
+    if "fid" in wanted:
+        quality = SampleQuality(num_samples=num_samples, extractor=extractor, weights_path=weights_path,
+                                real_split=split, batch_size=batch_size, seed=seed, sample_options=sample_options)
+        results.update(quality.evaluate(None, model, datamodule=data))
+        results["extractor"] = extractor if model.data_shape is None or len(model.data_shape) == 3 else "points"
+        results["fid_seconds"] = time.perf_counter() - start
+    if "bpd" in wanted:
+        t = time.perf_counter()
+        likelihood = Likelihood(num_batches=num_batches, split=split, bpd_options=bpd_options, seed=seed)
+        results.update(likelihood.evaluate(None, model, datamodule=data))
+        results["bpd_seconds"] = time.perf_counter() - t
+    table = [f"| metric | value |", "| --- | --- |"]
+    for key, value in results.items():
+        if key.startswith("val/"):
+            table.append(f"| {key[4:]} | {value:.6g} |" if isinstance(value, float) and math.isfinite(value)
+                         else f"| {key[4:]} | {value} |")
+    print(f"{ckpt_path} (step {results['global_step']}, {used} weights), {name} {split}:")
+    print("\n".join(table))
+    path = Path(out) if out else Path(ckpt_path).parent / f"eval-{split}-step{results['global_step']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k.replace("val/", ""): v for k, v in results.items()}, indent=2))
+    print(f"Wrote {path}")
+    return results
+
+
+def fetch_inception(*, out: str) -> None:
+    """Download the inception-v3-compat weights (torch-fidelity's release) and check their SHA-256.
+
+    Args:
+        out: file to write; copy it to the offline machine and pass it as ``weights_path``.
+    """
+    from lightning_diffusion.metrics.features import fetch_inception as fetch
+
+    print(f"Wrote {fetch(out)}")
+
+
+def train_digits(*, out: str | None = None, epochs: int = 25, seed: int = 0) -> None:
+    """Train the digits feature network (deterministic) and cache its weights.
+
+    Args:
+        out: weights file (default ``$LD_DATA/weights/digits-cnn-v1.pt``, where SampleQuality looks).
+        epochs: training epochs.
+        seed: seed of initialisation and batch order.
+    """
+    from lightning_diffusion.metrics.features import train_digits_classifier
+
+    path = train_digits_classifier(out, epochs=epochs, seed=seed)
+    accuracy = torch.load(path, weights_only=True)["val_accuracy"]
+    print(f"Wrote {path} (validation accuracy {accuracy:.3f})")
+
+
+def run(name: str, argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    if name == "features":
+        CLI({"fetch-inception": fetch_inception, "train-digits": train_digits}, args=argv,
+            prog="lightning-diffusion features", description="Feature networks of the sample-quality metrics.")
+    else:
+        CLI({"sample": sample, "evaluate": evaluate}[name], args=argv, prog=f"lightning-diffusion {name}")
