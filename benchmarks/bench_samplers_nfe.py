@@ -131,23 +131,16 @@ class CheckpointSource:
     """A trained DDPM or ScoreSDE, sampled through ``model.sample``."""
 
     def __init__(self, ckpt: Path, device: str, raw: bool = False):
-        from lightning_diffusion import DDPM, ScoreSDE
-        from lightning_diffusion.callbacks import load_ema_weights
+        from lightning_diffusion import DDPM
+        from lightning_diffusion.commands import load_model
 
-        hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-        class_path = str(hparams.get("_class_path", ""))
-        cls = {"DDPM": DDPM, "ScoreSDE": ScoreSDE}.get(class_path.rsplit(".", 1)[-1])
-        if cls is None:
-            raise SystemExit(f"{ckpt}: hyper_parameters._class_path is {class_path!r}; expected a DDPM or ScoreSDE "
-                             "checkpoint written by lightning-diffusion fit")
         try:
-            self.model = cls.load_from_checkpoint(ckpt, map_location=device).eval()
-        except TypeError as e:
-            raise SystemExit(f"cannot rebuild the model of {ckpt}: {e}. A model built in Python needs its net: "
-                             f"{cls.__name__}.load_from_checkpoint(path, net=...)") from e
-        self.weights = "raw"
-        if not raw and load_ema_weights(self.model, torch.load(ckpt, map_location=device, weights_only=False)):
-            self.weights = "ema"
+            self.model, _, self.weights = load_model(ckpt, "raw" if raw else "ema", device)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"cannot rebuild the model of {ckpt}: {e}") from e
+        cls = type(self.model)
+        if not hasattr(self.model, "denoise"):
+            raise SystemExit(f"{ckpt}: a {cls.__name__}, expected a DDPM or ScoreSDE trained on gaussians8")
         if tuple(self.model.data_shape) != (2,):
             raise SystemExit(f"{ckpt}: model data_shape is {self.model.data_shape}, expected (2,) (gaussians8)")
         self.process = self.model.process if isinstance(self.model, DDPM) else self.model.sde

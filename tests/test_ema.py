@@ -164,3 +164,31 @@ def test_ema_rejects_bad_options():
         EMA(decay=1.0)
     with pytest.raises(ValueError, match="evaluate_with"):
         EMA(evaluate_with="average")
+
+
+def test_ema_under_fsdp2_is_sharded_like_the_parameters_and_saved_whole(tmp_path):
+    """ModelParallelStrategy (FSDP2) with 2 CPU processes: each rank's averages are a DTensor shard
+    of its parameters' layout, validation runs on them, and the checkpoint holds them whole."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ema_fsdp2.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["param_type"] == result["shadow_type"] == "DTensor"
+    assert result["local_shape"] == (8, 4)  # half of the [16, 4] weight on each rank
+    assert result["updates"] == 4
+    for name, full in result["full"].items():
+        torch.testing.assert_close(result["seen"][name], full, rtol=0, atol=0)  # validated on the averages
+    assert (result["raw"]["net.0.weight"] - result["full"]["net.0.weight"]).abs().max() > 1e-3
+    meta = torch.load(tmp_path / "ck" / "last.ckpt" / "meta.pt", weights_only=False)
+    saved = ema_state_from_checkpoint(meta)
+    for name, full in result["full"].items():
+        value = saved[name].full_tensor() if hasattr(saved[name], "full_tensor") else saved[name]
+        assert tuple(value.shape) == tuple(full.shape)
+        torch.testing.assert_close(value, full, rtol=0, atol=0)

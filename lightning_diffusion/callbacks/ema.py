@@ -108,6 +108,12 @@ class EMA(L.Callback):
         self.last_step = step
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError("EMA does not support FSDPStrategy (FSDP1: its flat parameters are saved from rank zero "
+                             "only); use ModelParallelStrategy (FSDP2), where the averages are sharded like the "
+                             "parameters")
         self._ensure(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -154,15 +160,18 @@ class EMA(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            pl_module.log("val/ema", float(self.swapped), sync_dist=False)
+            pl_module.log("val/ema", float(self.swapped), sync_dist=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.swap_out(pl_module)  # never leave the averages in place of the trained weights
 
     # -- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # Full tensors: under FSDP2 only rank zero writes this state (into the checkpoint's
+        # meta.pt), so each shard is all-gathered first. Lightning builds the checkpoint dict on
+        # every rank, so this collective runs everywhere. Memory: one full copy, transiently.
         shadow = self.shadow if self.shadow is not None else self._pending
-        return {"shadow": None if shadow is None else {n: t.detach().clone() for n, t in shadow.items()},
+        return {"shadow": None if shadow is None else {n: _full(t) for n, t in shadow.items()},
                 "num_updates": self.num_updates, "last_step": self.last_step,
                 "decay": self.decay, "inv_gamma": self.inv_gamma, "power": self.power,
                 "update_every": self.update_every}
@@ -175,6 +184,13 @@ class EMA(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.swapped:  # a checkpoint written mid-evaluation: its state_dict must hold the trained weights
             checkpoint["state_dict"].update({n: t.detach().clone() for n, t in self._raw.items()})
+
+
+def _full(t: Tensor) -> Tensor:
+    """A detached full copy of ``t`` (all-gathered if it is a DTensor shard)."""
+    if type(t) is not torch.Tensor and hasattr(t, "full_tensor"):
+        return t.detach().full_tensor().clone()
+    return t.detach().clone()
 
 
 def _like(value: Tensor, param: Tensor) -> Tensor:
