@@ -166,9 +166,11 @@ def test_ema_rejects_bad_options():
         EMA(evaluate_with="average")
 
 
-def test_ema_under_fsdp2_is_sharded_like_the_parameters_and_saved_whole(tmp_path):
-    """ModelParallelStrategy (FSDP2) with 2 CPU processes: each rank's averages are a DTensor shard
-    of its parameters' layout, validation runs on them, and the checkpoint holds them whole."""
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_ema_under_fsdp2_and_ddp(tmp_path, kind):
+    """2 CPU processes. ModelParallelStrategy (FSDP2): each rank's averages are a DTensor shard laid
+    out like its parameters, validation runs on them, the checkpoint holds them whole. DDP: every
+    rank holds the same full averages."""
     import os
     import subprocess
     import sys
@@ -176,19 +178,21 @@ def test_ema_under_fsdp2_is_sharded_like_the_parameters_and_saved_whole(tmp_path
 
     script = Path(__file__).parent / "scripts" / "ema_fsdp2.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), kind], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert result["param_type"] == result["shadow_type"] == "DTensor"
-    assert result["local_shape"] == (8, 4)  # half of the [16, 4] weight on each rank
-    assert result["updates"] == 4
+    result, other = (torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in (0, 1))
+    sharded = kind == "fsdp2"
+    assert result["param_type"] == ("DTensor" if sharded else "Parameter")
+    assert result["shadow_type"] == ("DTensor" if sharded else "Tensor")
+    assert result["local_shape"] == ((8, 4) if sharded else (16, 4))  # FSDP2: half of the [16, 4] weight per rank
+    assert result["updates"] == other["updates"] == 4
     for name, full in result["full"].items():
+        torch.testing.assert_close(other["full"][name], full, rtol=0, atol=0)  # the ranks agree
         torch.testing.assert_close(result["seen"][name], full, rtol=0, atol=0)  # validated on the averages
     assert (result["raw"]["net.0.weight"] - result["full"]["net.0.weight"]).abs().max() > 1e-3
-    meta = torch.load(tmp_path / "ck" / "last.ckpt" / "meta.pt", weights_only=False)
-    saved = ema_state_from_checkpoint(meta)
+    ckpt = tmp_path / "ck" / "last.ckpt"
+    saved = ema_state_from_checkpoint(torch.load(ckpt / "meta.pt" if sharded else ckpt, weights_only=False))
     for name, full in result["full"].items():
-        value = saved[name].full_tensor() if hasattr(saved[name], "full_tensor") else saved[name]
-        assert tuple(value.shape) == tuple(full.shape)
-        torch.testing.assert_close(value, full, rtol=0, atol=0)
+        assert tuple(saved[name].shape) == tuple(full.shape)
+        torch.testing.assert_close(saved[name], full, rtol=0, atol=0)

@@ -1,5 +1,5 @@
-"""EMA under ModelParallelStrategy (FSDP2, fully_shard) on 2 CPU processes (gloo); run by
-tests/test_ema.py: ``python ema_fsdp2.py OUT``. Rank zero saves what the test checks."""
+"""EMA under ModelParallelStrategy (FSDP2, fully_shard) or DDP on 2 CPU processes (gloo); run by
+tests/test_ema.py: ``python ema_fsdp2.py OUT fsdp2|ddp``. Rank zero saves what the test checks."""
 import sys
 
 import lightning as L
@@ -19,6 +19,8 @@ class Sharded(L.LightningModule):
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
 
+        if getattr(self, "_device_mesh", None) is None:  # DDP: nothing to shard
+            return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -30,10 +32,14 @@ class Sharded(L.LightningModule):
         return ((self.net(x) - y) ** 2).mean()
 
     def validation_step(self, batch, batch_idx):
-        self.seen = {n: p.detach().full_tensor().clone() for n, p in self.named_parameters()}
+        self.seen = {n: full(p) for n, p in self.named_parameters()}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def full(t):
+    return t.detach().full_tensor().clone() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 def data():
@@ -43,11 +49,11 @@ def data():
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
+    out, kind = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     ema = EMA(decay=0.9)
-    trainer = L.Trainer(accelerator="cpu", devices=2,
-                        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2" else "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy,
                         max_steps=4, callbacks=[ema, L.pytorch.callbacks.ModelCheckpoint(dirpath=f"{out}/ck", save_last=True)],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                         num_sanity_val_steps=0)
@@ -55,9 +61,9 @@ if __name__ == "__main__":
     trainer.fit(model, data(), data())
     shadow = ema.shadow["net.0.weight"]
     result = {"param_type": type(dict(model.named_parameters())["net.0.weight"]).__name__,
-              "shadow_type": type(shadow).__name__, "local_shape": tuple(shadow.to_local().shape),
-              "full": {n: s.full_tensor() for n, s in ema.shadow.items()},
-              "raw": {n: p.detach().full_tensor() for n, p in model.named_parameters()}, "seen": model.seen,
+              "shadow_type": type(shadow).__name__,
+              "local_shape": tuple(shadow.to_local().shape if hasattr(shadow, "to_local") else shadow.shape),
+              "full": {n: full(s) for n, s in ema.shadow.items()},
+              "raw": {n: full(p) for n, p in model.named_parameters()}, "seen": model.seen,
               "updates": ema.num_updates}
-    if trainer.global_rank == 0:
-        torch.save(result, f"{out}/result.pt")
+    torch.save(result, f"{out}/result{trainer.global_rank}.pt")
