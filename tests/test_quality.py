@@ -190,3 +190,17 @@ def test_callbacks_in_a_fit_log_with_counts_and_cache_real_stats(tmp_path, digit
     assert len(cached) == 1, "real statistics were not cached"
     stats = torch.load(cached[0], weights_only=False)
     assert stats["meta"]["count"] == 1437 and stats["stats"]["outer"].shape == (64, 64)
+
+
+def test_inception_weights_are_checked_before_loading(tmp_path, monkeypatch):
+    from lightning_diffusion.metrics.features import InceptionV3Features
+
+    monkeypatch.setenv("LD_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="features fetch-inception"):
+        InceptionV3Features()
+    fake = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"not": torch.zeros(3)}, fake)
+    with pytest.raises(ValueError, match="does not start with 6726825d"):
+        InceptionV3Features(str(fake))
+    with pytest.raises(ValueError, match="unknown feature extractor 'clip'"):
+        get_extractor("clip")
