@@ -16,6 +16,18 @@ def data_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of small-tensor tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): OpenMP spin-waiting on a busy shared CPU costs more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m lightning_diffusion ARGS`` as a user would; return the finished process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
