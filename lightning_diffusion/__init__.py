@@ -12,6 +12,8 @@ _PUBLIC = {
     "DDPM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
     "ScoreSDE": "lightning_diffusion.models",
+    "VAE": "lightning_diffusion.models",
+    "HierarchicalVAE": "lightning_diffusion.models",
     "VPSDE": "lightning_diffusion.diffusion.sde",
     "SubVPSDE": "lightning_diffusion.diffusion.sde",
     "VESDE": "lightning_diffusion.diffusion.sde",
@@ -26,6 +28,9 @@ _PUBLIC = {
     "WandbSamples": "lightning_diffusion.callbacks",
     "MLP": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",
+    "ConvVAENet": "lightning_diffusion.nets",
+    "MLPVAENet": "lightning_diffusion.nets",
+    "LadderVAENet": "lightning_diffusion.nets",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

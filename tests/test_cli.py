@@ -91,9 +91,13 @@ def test_every_config_parses(capsys):
             DiffusionCLI(args=["fit", "--config", str(path), "--print_config"])
         assert exit_info.value.code in (None, 0), path.name
         config = yaml.safe_load(capsys.readouterr().out)
-        assert config["model"]["class_path"] in ("lightning_diffusion.DDPM", "lightning_diffusion.ScoreSDE"), path.name
-        if "cifar10" in path.name:  # Ho et al.'s UNet: the defaults of our UNet
+        model = config["model"]["class_path"]
+        assert model in ("lightning_diffusion.DDPM", "lightning_diffusion.ScoreSDE", "lightning_diffusion.VAE",
+                         "lightning_diffusion.HierarchicalVAE"), path.name
+        if "cifar10" in path.name and model != "lightning_diffusion.HierarchicalVAE":  # Ho et al.'s UNet: our defaults
             assert config["model"]["init_args"]["net"]["init_args"]["model_channels"] == 128
+        if path.name == "hvae_cifar10.yaml":  # VDVAE's depth
+            assert sum(config["model"]["init_args"]["net"]["init_args"]["groups_per_resolution"]) == 43
 
 
 def test_cli_checkpoint_reloads_without_the_net(tmp_path):

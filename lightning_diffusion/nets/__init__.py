@@ -1,7 +1,9 @@
-"""Denoising networks: the DDPM UNet for images and a residual MLP for low-dimensional points."""
+"""Networks: the DDPM UNet for images, a residual MLP for low-dimensional points, and the VAE
+encoders/decoders and ladder net."""
 
 from lightning_diffusion.nets.embedding import timestep_embedding
 from lightning_diffusion.nets.mlp import MLP
 from lightning_diffusion.nets.unet import UNet
+from lightning_diffusion.nets.vae import ConvVAENet, LadderVAENet, MLPVAENet
 
-__all__ = ["MLP", "UNet", "timestep_embedding"]
+__all__ = ["MLP", "ConvVAENet", "LadderVAENet", "MLPVAENet", "UNet", "timestep_embedding"]

@@ -1,0 +1,152 @@
+"""The hierarchical VAE with top-down inference (Ladder VAE, Sonderby et al. 2016; IAF-VAE, Kingma
+et al. 2016; NVAE, Vahdat & Kautz 2020; VDVAE, Child 2021).
+
+``p(z) = prod_i p(z_i | z_<i)``, ``q(z | x) = prod_i q(z_i | x, z_<i)``: a bottom-up pass over x,
+then one top-down pass whose residual cells serve both the prior and the posterior of every
+latent group. ``ELBO = E_q[log p(x | z)] - sum_i E_q[KL(q(z_i | x, z_<i) || p(z_i | z_<i))]``,
+each group's KL in closed form given a sample of the groups above it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diffusion.diffusion import distributions as dist
+from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion.models.vae import LatentVariableModel
+
+
+class HierarchicalVAE(LatentVariableModel):
+    """Hierarchical VAE over a ladder net (:class:`~lightning_diffusion.nets.LadderVAENet`).
+
+    Logs the KL of every group (``train/kl_group{i}``, bits/dim) and, after each validation epoch,
+    the active units per group (``val/active_units_group{i}``) and in all (``val/active_units``).
+    Log-variances of prior and posterior are soft-clamped (``c tanh(x / c)``); updates with a
+    non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.vae.GradientSkip`).
+    """
+
+    def __init__(self, net: nn.Module, logvar_soft_clamp: float | None = 10.0, grad_skip_factor: float | None = 10.0,
+                 **kwargs: Any):
+        """
+        Args:
+            net: a ladder net with ``bottom_up(x)``, ``top_down(activations, latent_fn, batch_size)``,
+                ``group_shapes`` and ``out_features`` (:class:`~lightning_diffusion.nets.LadderVAENet`).
+            logvar_soft_clamp: soft clamp of the prior and posterior log-variances to (-c, c)
+                (NVAE's ``soft_clamp5`` on log sigma is c = 10 on the log-variance).
+            grad_skip_factor: skip updates whose gradient norm exceeds this multiple of the running
+                median (see :class:`~lightning_diffusion.models.vae.GradientSkip`; VDVAE's fixed
+                threshold is ``grad_skip_threshold``); None with no threshold: no skipping.
+            **kwargs: the likelihood, KL and gradient-skip settings of
+                :class:`~lightning_diffusion.models.vae.LatentVariableModel`, and the data facts and
+                optimizer settings of :class:`~lightning_diffusion.models.base.GenerativeModel`.
+        """
+        super().__init__(logvar_soft_clamp=logvar_soft_clamp, grad_skip_factor=grad_skip_factor, **kwargs)
+        self.save_hyperparameters_except("net")
+        for attribute in ("bottom_up", "top_down", "group_shapes", "out_features"):
+            if not hasattr(net, attribute):
+                raise ValueError(f"HierarchicalVAE: the net {type(net).__name__} has no `{attribute}`; see "
+                                 "lightning_diffusion.nets.LadderVAENet")
+        if not self.is_image:
+            raise ValueError(f"HierarchicalVAE models images [C, H, W]; data_shape is {self.data_shape}. "
+                             "Use VAE with MLPVAENet for points")
+        self.net = net
+        self.num_groups = len(net.group_shapes)
+        self.head = self._likelihood_head(int(net.out_features))
+
+    def _clamped(self, params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        mean, logvar = params
+        return mean, dist.soft_clamp(logvar, self.logvar_soft_clamp)
+
+    # -- the model ------------------------------------------------------------------------------
+    def _encode(self, x: Tensor) -> dict[int, Tensor]:
+        """The bottom-up activations of x (reused by every importance sample)."""
+        return self.net.bottom_up(x)
+
+    def _elbo_terms(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        kls, means = [], []
+
+        def posterior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            (prior_mean, prior_logvar), (mean, logvar) = self._clamped(prior), self._clamped(posterior)
+            kls.append(normal_kl(mean, logvar, prior_mean, prior_logvar))
+            means.append(mean)
+            return dist.diagonal_gaussian_sample(mean, logvar, generator)
+
+        features = self.net.top_down(self._encode(x), posterior_sample, x.shape[0])
+        return self.likelihood.log_prob(x, self.head(features)), kls, means
+
+    def _log_weights(self, x: Tensor, context: dict[int, Tensor], k: int,
+                     generator: torch.Generator | None) -> Tensor:
+        """``log p(x | z) + sum_i [log p(z_i | z_<i) - log q(z_i | x, z_<i)]`` [k, B], nats, for k draws
+        of the whole hierarchy from q."""
+        batch = x.shape[0]
+        activations = {r: a.repeat(k, 1, 1, 1) for r, a in context.items()}  # row s * B + b: sample s of datum b
+        log_ratio = torch.zeros(k * batch, dtype=x.dtype, device=x.device)
+
+        def posterior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            nonlocal log_ratio
+            (prior_mean, prior_logvar), (mean, logvar) = self._clamped(prior), self._clamped(posterior)
+            z = dist.diagonal_gaussian_sample(mean, logvar, generator)
+            log_ratio = log_ratio + dist.diagonal_gaussian_log_prob(z, prior_mean, prior_logvar) \
+                - dist.diagonal_gaussian_log_prob(z, mean, logvar)
+            return z
+
+        features = self.net.top_down(activations, posterior_sample, k * batch)
+        log_px = self.likelihood.log_prob(x.repeat(k, *([1] * (x.ndim - 1))), self.head(features))
+        return (log_px + log_ratio).view(k, batch)
+
+    def temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+        """One temperature per latent group from a float or a list of ``num_groups`` floats."""
+        if isinstance(temperature, (int, float)):
+            return [float(temperature)] * self.num_groups
+        temps = [float(t) for t in temperature]
+        if len(temps) != self.num_groups:
+            raise ValueError(f"HierarchicalVAE.sample: temperature has {len(temps)} entries but the model has "
+                             f"{self.num_groups} latent groups; give one float or one per group")
+        return temps
+
+    # -- contract -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+               temperature: float | Sequence[float] = 1.0, decoder: str = "sample", **options: Any) -> Tensor:
+        """Ancestral samples: ``z_i ~ N(mu_i, (t_i sigma_i)^2)`` of ``p(z_i | z_<i)`` top to bottom with
+        temperature ``t_i`` (a float for all groups or one per group; NVAE/VDVAE sample at t < 1
+        for cleaner images), then ``x ~ p(x | z)`` (``decoder="sample"``, 8-bit grid) or its mean
+        (``decoder="mean"``). Images in [-1, 1]."""
+        if options:
+            raise ValueError(f"HierarchicalVAE.sample: unknown options {sorted(options)}; it takes temperature= "
+                             "and decoder=")
+        self._check_unconditional("HierarchicalVAE", y)
+        temps = self.temperatures(temperature)
+
+        def prior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            mean, logvar = self._clamped(prior)
+            return dist.diagonal_gaussian_sample(mean, logvar, generator, temps[group])
+
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.net.top_down(None, prior_sample, num_samples)
+            return self._decode_to_data(self.head(features), decoder, generator)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:
+        """Decode ``z ~ q(z | x)`` (every group from its posterior): the decoder's mean, or a sample
+        with ``decoder="sample"``; images in [-1, 1]."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = x.to(self.device)
+
+            def posterior_sample(group, prior, posterior):
+                mean, logvar = self._clamped(posterior)
+                return dist.diagonal_gaussian_sample(mean, logvar, generator)
+
+            features = self.net.top_down(self._encode(x), posterior_sample, x.shape[0])
+            return self._decode_to_data(self.head(features), decoder, generator)
+        finally:
+            self.train(was_training)
