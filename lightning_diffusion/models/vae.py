@@ -277,9 +277,11 @@ class LatentVariableModel(GenerativeModel):
             stats[2] += f.shape[0]
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._unit_stats = None
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._unit_stats = None
 
     def active_units(self) -> list[int] | None:
@@ -308,9 +310,11 @@ class LatentVariableModel(GenerativeModel):
                 self.log(f"{split}/active_units_group{i}", float(c), rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._log_active_units("val")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._log_active_units("test")
 
     # -- gradient skipping ------------------------------------------------------------------------
@@ -346,10 +350,12 @@ class LatentVariableModel(GenerativeModel):
             optimizer.step(closure=lambda: loss)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.grad_skip is not None:
             checkpoint["grad_skip"] = self.grad_skip.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.grad_skip is not None and "grad_skip" in checkpoint:
             self.grad_skip.load_state_dict(checkpoint["grad_skip"])
 
