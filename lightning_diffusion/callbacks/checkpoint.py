@@ -1,6 +1,10 @@
-"""LastCheckpoint: Lightning's ModelCheckpoint with a ``last.ckpt`` that is never behind."""
+"""LastCheckpoint: Lightning's ModelCheckpoint with a ``last.ckpt`` that is never behind and never torn."""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,12 +17,63 @@ class LastCheckpoint(ModelCheckpoint):
     multiple of N when training stops otherwise (``max_time``, ``max_steps`` not a multiple of N,
     early stopping), so the final steps are lost. Here ``on_train_end`` saves the final state too.
     Every argument is ModelCheckpoint's; ``save_last`` defaults to True.
+
+    Every file is written atomically: into ``<name>.partial`` first, then renamed over the old one
+    (a sharded checkpoint directory too). Lightning's own save truncates the file and then writes
+    it, so a kill during the write (preemption, OOM killer, SIGKILL) left a corrupt ``last.ckpt``;
+    here the old one stays intact until the new one is complete.
     """
 
     def __init__(self, *args, save_last: bool = True, **kwargs):
         super().__init__(*args, save_last=save_last, **kwargs)
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        if trainer.is_global_zero:
+            _remove(partial)  # from an earlier kill
+        trainer.strategy.barrier("LastCheckpoint.partial")
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            _replace(partial, filepath)
+        trainer.strategy.barrier("LastCheckpoint.replace")
+        self._last_checkpoint_saved = filepath
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # the last step of max_steps: saved here, where the loops' counters still say "mid-epoch,
+        # k batches done"; by on_train_end Lightning has already counted the epoch as finished,
+        # and a resume from that file would skip the rest of the epoch
+        if self.save_last and 0 < trainer.max_steps <= trainer.global_step \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _replace(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` atomically (a directory: the old one moves aside first, so a
+    kill between the two renames leaves ``dst.old`` complete)."""
+    if os.path.isdir(src):
+        old = f"{dst}.old"
+        _remove(old)
+        if os.path.lexists(dst):
+            os.replace(dst, old)
+        os.replace(src, dst)
+        _remove(old)
+    else:
+        os.replace(src, dst)
+        dir_fd = os.open(Path(dst).parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)

@@ -27,15 +27,43 @@ __all__ = ["ShardDataModule", "ShardError"]
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader over a TrainStream that hands the trainer's epoch to the stream."""
+    """A DataLoader over a TrainStream that hands the trainer's epoch to the stream, and knows its
+    position for an exact mid-epoch resume.
 
-    def __init__(self, dataset: TrainStream, epoch_fn, **kwargs):
+    Lightning saves ``state_dict()`` in the checkpoint (a stateful loader) and hands it back to
+    ``load_state_dict`` on resume: the next epoch iterated is then the saved one, started after the
+    batches already trained on (Lightning's own count of processed batches, not the batches
+    fetched, which run one ahead).
+    """
+
+    def __init__(self, dataset: TrainStream, epoch_fn, progress_fn, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn = epoch_fn
+        self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
+        self._resume: dict[str, int] | None = None
 
     def __iter__(self):
-        self.dataset.epoch = self._epoch_fn()  # before the workers copy the dataset
+        epoch = self._epoch_fn()
+        self.dataset.epoch = epoch  # before the workers copy the dataset
+        self.dataset.start_batch = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            self.dataset.start_batch = self._resume["batches"]
+            if self._resume.get("num_workers", self.num_workers) != self.num_workers:
+                import warnings
+
+                warnings.warn(f"ShardDataModule: resuming with num_workers={self.num_workers}, saved with "
+                              f"{self._resume['num_workers']}: the rest of the epoch is not the same batches")
+        self._resume = None
         return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch_fn(), "batches": self._progress_fn(), "seed": self.dataset.seed,
+                "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.dataset.seed) != self.dataset.seed:
+            raise ValueError(f"ShardDataModule: the checkpoint's data seed {state['seed']} is not this run's "
+                             f"seed {self.dataset.seed}: set data.seed to resume the same stream")
+        self._resume = dict(state)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -161,11 +189,18 @@ class ShardDataModule(L.LightningDataModule):
         stream = TrainStream(self.urls["train"], self.batch_size, self.train_batches_per_rank(), self.data_shape,
                              self._labelled(), self.shuffle_buffer, self.random_flip and self.kind == "image",
                              self.seed, rank, world)
-        return _EpochLoader(stream, self._current_epoch, **self._loader_kwargs())
+        return _EpochLoader(stream, self._current_epoch, self._batches_done, **self._loader_kwargs())
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch the trainer has processed (0 without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Every sample of ``split`` (train, val or test) exactly once over ranks x workers, in

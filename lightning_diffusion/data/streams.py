@@ -109,7 +109,13 @@ class TrainStream(IterableDataset):
     Every (seed, epoch, rank, worker) gives its own reproducible stream: shards are drawn with
     replacement, samples pass a shuffle buffer of ``shuffle_buffer`` and, if ``random_flip``, are
     flipped horizontally with probability 1/2. Workers share the rank's batches as evenly as
-    possible; DataLoader interleaves them.
+    possible; DataLoader interleaves them, so batch b of an epoch is batch ``b // W`` of worker
+    ``b % W``'s stream.
+
+    ``start_batch = k`` resumes an epoch after its first k batches (exact mid-epoch resume, with
+    the same number of workers W): worker w takes the stream of worker ``(k + w) % W`` and skips
+    that stream's first ``(k + w) // W`` batches by reading their raw bytes (no decoding), so
+    the DataLoader's round robin continues with batch k, k + 1, ...
     """
 
     def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
@@ -120,13 +126,14 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.start_batch = 0
 
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int | None]]:
+    def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         # the buffer holds raw bytes and a sample is decoded only when it leaves: filling the
-        # buffer at an epoch start then costs tar reading alone
+        # buffer at an epoch start (or skipping batches on resume) costs tar reading alone
         buffer: list[dict[str, Any]] = []
         while True:
             for raw in iter_shard(rng.choice(self.urls)):
@@ -135,18 +142,25 @@ class TrainStream(IterableDataset):
                     continue
                 j = rng.randrange(len(buffer))
                 buffer[j], raw = raw, buffer[j]
-                yield decode_sample(raw, self.shape, self.labelled)
+                yield raw
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         wid, nworkers = _worker()
-        n_batches = self.batches_per_rank // nworkers + (wid < self.batches_per_rank % nworkers)
-        stream_id = f"{self.seed}-{self.epoch}-{self.rank}-{wid}"
-        samples = self._samples(random.Random(stream_id))
+        start = min(max(self.start_batch, 0), self.batches_per_rank)
+        role = (start + wid) % nworkers  # the worker whose stream this one continues
+        n_batches = self.batches_per_rank // nworkers + (role < self.batches_per_rank % nworkers)
+        skip = (start + wid) // nworkers
+        stream_id = f"{self.seed}-{self.epoch}-{self.rank}-{role}"
+        raw = self._raw_samples(random.Random(stream_id))
         flip_rng = random.Random(f"flip-{stream_id}")  # its own stream: flipping leaves the sample order alone
-        for _ in range(n_batches):
-            batch = collate([next(samples) for _ in range(self.batch_size)])
-            if self.random_flip:
-                flip = torch.tensor([flip_rng.random() < 0.5 for _ in range(self.batch_size)])
+        for i in range(n_batches):
+            samples = [next(raw) for _ in range(self.batch_size)]
+            flips = [flip_rng.random() < 0.5 for _ in range(self.batch_size)] if self.random_flip else None
+            if i < skip:
+                continue
+            batch = collate([decode_sample(r, self.shape, self.labelled) for r in samples])
+            if flips is not None:
+                flip = torch.tensor(flips)
                 batch["x"] = torch.where(flip[:, None, None, None], batch["x"].flip(-1), batch["x"])
             yield batch
 

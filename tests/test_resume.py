@@ -1,0 +1,131 @@
+"""Exact resume: 2N steps straight == N steps, resume, N more == a run SIGKILLed mid-way and
+resumed from its last checkpoint. On CPU the parameters, EMA averages and optimizer state agree
+bitwise. The stream position (epoch, batches processed, seed), RNG states, EMA, optimizer and LR
+scheduler travel in the checkpoint; writes of last.ckpt are atomic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_steps": 14, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "check_val_every_n_epoch": 100, "num_sanity_val_steps": 0,
+                "callbacks": [{"class_path": "EMA", "init_args": {"decay": 0.99}},
+                              {"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]},
+    "model": {"class_path": "DDPM", "init_args": {
+        "net": {"class_path": "UNet", "init_args": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                                    "attention_resolutions": [], "dropout": 0.3}},
+        "timesteps": 100, "lr": 1e-3, "warmup_steps": 5}},
+    "data": {"class_path": "ShardDataModule", "init_args": {"dataset": "digits", "batch_size": 16,
+                                                            "batches_per_epoch": 4, "num_workers": 2,
+                                                            "shuffle_buffer": 64, "random_flip": True}},
+}
+
+
+def write_config(path: Path, **trainer) -> Path:
+    config = yaml.safe_load(yaml.safe_dump(CONFIG))
+    config["trainer"].update(trainer)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(config: Path, run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(config),
+                             f"--trainer.default_root_dir={run}",
+                             f"--trainer.callbacks.dirpath={run}/checkpoints", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def final_state(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
+    return {"step": ckpt["global_step"], "params": ckpt["state_dict"], "ema": ema["shadow"],
+            "adam": ckpt["optimizer_states"][0]["state"], "sched": ckpt["lr_schedulers"][0]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == 14
+    for key in a["params"]:
+        assert torch.equal(a["params"][key], b["params"][key]), f"parameter {key} differs"
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), f"EMA average {key} differs"
+    for i in a["adam"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["adam"][i][name], b["adam"][i][name])
+    assert a["sched"] == b["sched"]
+
+
+def test_resume_and_sigkill_resume_are_bitwise_exact(tmp_path):
+    # straight: 14 steps (epochs of 4 batches, 2 DataLoader workers, dropout, random flips)
+    straight = tmp_path / "straight"
+    finish(fit(write_config(tmp_path / "c14.yaml"), straight))
+
+    # 7 steps (mid-epoch: epoch 1 after 3 of its 4 batches, an odd offset over 2 workers), resume, 7 more
+    split = tmp_path / "split"
+    finish(fit(write_config(tmp_path / "c7.yaml", max_steps=7), split))
+    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    out = finish(fit(write_config(tmp_path / "c14b.yaml"), split, f"--ckpt_path={split}/checkpoints/last.ckpt"))
+    assert "Restored all states" in out
+
+    # killed: SIGKILL as soon as a checkpoint past step 6 exists, then resume from last.ckpt
+    killed = tmp_path / "killed"
+    proc = fit(write_config(tmp_path / "c14k.yaml", max_steps=200), killed)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 6 <= step < 200 and step % 3 == 0
+    finish(fit(write_config(tmp_path / "c14c.yaml"), killed, f"--ckpt_path={last}"))
+
+    reference = final_state(straight)
+    assert_same(reference, final_state(split))
+    assert_same(reference, final_state(killed))
+
+
+def test_last_checkpoint_survives_a_crash_during_its_write(tmp_path, monkeypatch):
+    from lightning_diffusion.callbacks import LastCheckpoint
+
+    from test_ema import Regression, loader, trainer
+
+    ckpt = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
+    trainer(tmp_path, [ckpt], max_steps=4).fit(Regression(), loader())
+    good = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert good["global_step"] == 4
+
+    def crash(self, filepath, weights_only=False):  # a kill half-way through the write
+        Path(filepath).write_bytes(b"PK\x03\x04 torn")
+        raise RuntimeError("killed during the checkpoint write")
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="killed during the checkpoint write"):
+        trainer(tmp_path, [LastCheckpoint(dirpath=tmp_path, every_n_train_steps=2)], max_steps=8).fit(
+            Regression(), loader(), ckpt_path=tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    intact = torch.load(tmp_path / "last.ckpt", weights_only=False)  # the old file, complete
+    assert intact["global_step"] == 4
+    assert torch.equal(intact["state_dict"]["lin.weight"], good["state_dict"]["lin.weight"])
