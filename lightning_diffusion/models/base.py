@@ -265,6 +265,20 @@ class GenerativeModel(L.LightningModule):
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
 
+def full_precision(bits_per_dim: Callable) -> Callable:
+    """Decorator: run a likelihood method with autocast off and float32 data, whatever the caller's
+    precision (``bf16-mixed`` trains in bf16; a log-likelihood summed over thousands of terms or an
+    ODE integrated over t needs float32 at least, and the schedule math is float64 already)."""
+    import functools
+
+    @functools.wraps(bits_per_dim)
+    def wrapper(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return bits_per_dim(self, x.float() if x.is_floating_point() else x, *args, **kwargs)
+
+    return wrapper
+
+
 def _rng_states() -> dict[str, Any]:
     """The global RNG states as tensors and plain lists (loadable with ``weights_only=True``,
     which LightningCLI uses to read a checkpoint's hyperparameters)."""

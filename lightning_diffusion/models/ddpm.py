@@ -13,7 +13,7 @@ from lightning_diffusion.diffusion import vlb
 from lightning_diffusion.diffusion.schedules import (BetaSchedule, NoiseSchedule, Parameterization, Variance,
                                                      append_dims, min_snr_weight, x0_from_output)
 from lightning_diffusion.diffusion.sde import DiscreteVP
-from lightning_diffusion.models.base import GenerativeModel, data_noise, uniform_steps
+from lightning_diffusion.models.base import GenerativeModel, data_noise, full_precision, uniform_steps
 
 LossType = Literal["simple", "hybrid"]
 
@@ -191,6 +191,7 @@ class DDPM(GenerativeModel):
         or ``vlb-respaced-S``."""
         return "vlb" if steps is None else f"vlb-respaced-{steps}"
 
+    @full_precision
     @torch.no_grad()
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: int = 100,
                      generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import likelihood, vlb
 from lightning_diffusion.diffusion.schedules import append_dims, x0_from_output
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
-from lightning_diffusion.models.base import GenerativeModel, data_noise
+from lightning_diffusion.models.base import GenerativeModel, data_noise, full_precision
 
 SDEParameterization = Literal["eps", "score", "edm"]
 Weighting = Literal["sigma2", "likelihood"]
@@ -196,6 +196,7 @@ class ScoreSDE(GenerativeModel):
         """Name of what :meth:`bits_per_dim` returns: ``ode`` (probability-flow ODE likelihood)."""
         return "ode"
 
+    @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
                      rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
                      generator: torch.Generator | None = None) -> Tensor:

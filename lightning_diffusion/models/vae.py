@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import distributions as dist
 from lightning_diffusion.diffusion.distributions import LikelihoodName
 from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim, normal_kl, sum_over_dims
-from lightning_diffusion.models.base import GenerativeModel
+from lightning_diffusion.models.base import GenerativeModel, full_precision
 
 
 class GradientSkip:
@@ -369,6 +369,7 @@ class LatentVariableModel(GenerativeModel):
         """Not defined: a VAE samples in one decoder pass, with no denoising trajectory."""
         raise NotImplementedError(f"{type(self).__name__} samples in one pass: it has no sampling trajectory")
 
+    @full_precision
     @torch.no_grad()
     def bits_per_dim(self, x: Tensor, num_importance_samples: int = 1, *, generator: torch.Generator | None = None,
                      chunk_rows: int | None = None) -> Tensor:

@@ -1,0 +1,76 @@
+"""bf16-mixed for every family: the loss on a fixed batch under bf16 autocast is close to fp32,
+bits/dim is computed in full precision whatever the autocast context, and a `bf16-mixed` fit runs."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_diffusion import DDPM, HierarchicalVAE, ScoreSDE, ShardDataModule, UNet, VAE, VPSDE
+from lightning_diffusion.nets import ConvVAENet, LadderVAENet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def unet():
+    return UNet(in_channels=1, image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(), dropout=0.0)
+
+
+FAMILIES = {
+    "ddpm": lambda: DDPM(net=unet(), data_shape=(1, 8, 8), timesteps=100),
+    "score_sde": lambda: ScoreSDE(net=unet(), sde=VPSDE(), data_shape=(1, 8, 8)),
+    "vae": lambda: VAE(net=ConvVAENet(in_channels=1, image_size=8, latent_dim=8, channels=[16, 32], num_blocks=1),
+                       data_shape=(1, 8, 8), likelihood="discretized_logistic"),
+    "hvae": lambda: HierarchicalVAE(net=LadderVAENet(in_channels=1, image_size=8, width=16, latent_channels=4,
+                                                     latent_resolutions=[1, 4, 8], groups_per_resolution=[1, 1, 1],
+                                                     encoder_blocks=1, output_blocks=1),
+                                    data_shape=(1, 8, 8), likelihood="discretized_logistic"),
+}
+BPD_OPTIONS = {"ddpm": {"steps": 10}, "score_sde": {"steps": 8}, "vae": {}, "hvae": {}}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    dm = ShardDataModule("digits", batch_size=32, num_workers=0)
+    dm.setup("fit")
+    return next(iter(dm.eval_dataloader("val")))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_loss_is_close_to_fp32_and_bits_per_dim_stays_full_precision(family, batch):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # the UNet's output layers start at zero (a constant loss): perturb them all
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fp32 = model.loss(batch, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.loss(batch, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(bf16)
+    # bf16 keeps 8 mantissa bits: the same loss within a few per cent, not bit for bit
+    assert abs(bf16.float().item() - fp32.item()) <= 0.05 * abs(fp32.item()) + 1e-3
+    assert bf16.float().item() != fp32.item()  # autocast did run in bf16
+
+    x = batch["x"][:8]
+    options = BPD_OPTIONS[family]
+    reference = model.bits_per_dim(x, generator=torch.Generator().manual_seed(2), **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.bits_per_dim(x, generator=torch.Generator().manual_seed(2), **options)
+    assert under_autocast.dtype in (torch.float32, torch.float64)
+    torch.testing.assert_close(under_autocast.double(), reference.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_mixed_fit_runs(family, tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    dm = ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
