@@ -204,5 +204,6 @@ def test_cli_fit_and_reload(tmp_path):
     assert model.net.width == 16 and model.num_groups == 6
     assert model.sample(4, temperature=0.8).shape == (4, 1, 8, 8)
     assert (run / "samples" / "final.png").is_file()
+    assert len(list((run / "samples").glob("reconstructions-step*.png"))) == 1  # WandbSamples through reconstruct()
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "val/active_units_group5" in header and "val/kl_group5" in header
