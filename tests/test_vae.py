@@ -47,14 +47,15 @@ def linear_gaussian():
     b = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
     post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / s**2)
     A = post_cov @ W.T / s**2  # exact posterior mean: A (x - b)
-    net = LinearGaussianNet(1.2 * A, -A @ b + 0.3, (2 * post_cov.diagonal()).log())
-    model = VAE(net, likelihood="gaussian", decoder_std=s, data_shape=(D,)).double()
+    # the model in float32, as it runs (bits_per_dim computes in float32); the ground truth in float64
+    net = LinearGaussianNet((1.2 * A).float(), (-A @ b + 0.3).float(), (2 * post_cov.diagonal()).log().float())
+    model = VAE(net, likelihood="gaussian", decoder_std=s, data_shape=(D,))
     with torch.no_grad():
         model.head.weight.copy_(W)
         model.head.bias.copy_(b)
     marginal = torch.distributions.MultivariateNormal(b, W @ W.T + s**2 * torch.eye(D, dtype=torch.float64))
     x = marginal.sample((1500,))
-    q_mean, q_logvar = model._encode(x)
+    q_mean, q_logvar = (t.detach().double() for t in model._encode(x.float()))
     q = torch.distributions.MultivariateNormal(q_mean, torch.diag_embed(q_logvar.exp()))
     exact_post = torch.distributions.MultivariateNormal((x - b) @ A.T, post_cov)
     log_px = marginal.log_prob(x)
@@ -63,8 +64,8 @@ def linear_gaussian():
 
 
 def bound_nats(model, x, k, seed):
-    bits = model.bits_per_dim(x, num_importance_samples=k, generator=torch.Generator().manual_seed(seed))
-    return -bits * x.shape[1] * LN2  # a lower bound on log p(x), nats
+    bits = model.bits_per_dim(x.float(), num_importance_samples=k, generator=torch.Generator().manual_seed(seed))
+    return -bits.double() * x.shape[1] * LN2  # a lower bound on log p(x), nats
 
 
 def test_elbo_matches_its_closed_form(linear_gaussian):
@@ -97,7 +98,7 @@ def test_iwae_rises_with_k_and_approaches_log_px(linear_gaussian):
 
 
 def test_iwae_in_chunks_keeps_rows_bounded(linear_gaussian):
-    model, x = linear_gaussian["model"], linear_gaussian["x"][:20]
+    model, x = linear_gaussian["model"], linear_gaussian["x"][:20].float()
     net = model.net
     net.rows.clear()
     model.bits_per_dim(x, 1)
