@@ -266,7 +266,7 @@ class GenerativeModel(L.LightningModule):
 
 
 def full_precision(bits_per_dim: Callable) -> Callable:
-    """Decorator: run a likelihood method with autocast off and float32 data, whatever the caller's
+    """Decorator: run a likelihood method with autocast off and at least float32 data, whatever the caller's
     precision (``bf16-mixed`` trains in bf16; a log-likelihood summed over thousands of terms or an
     ODE integrated over t needs float32 at least, and the schedule math is float64 already)."""
     import functools
@@ -274,7 +274,8 @@ def full_precision(bits_per_dim: Callable) -> Callable:
     @functools.wraps(bits_per_dim)
     def wrapper(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return bits_per_dim(self, x.float() if x.is_floating_point() else x, *args, **kwargs)
+            low = x.dtype in (torch.float16, torch.bfloat16)  # float32/float64 data stay as they are
+            return bits_per_dim(self, x.float() if low else x, *args, **kwargs)
 
     return wrapper
 
