@@ -6,9 +6,11 @@ Trainer subcommands go to :class:`DiffusionCLI` (a LightningCLI in subclass mode
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -59,26 +61,28 @@ class DiffusionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Resuming ``fit`` from a checkpoint continues its W&B run: the run id stored in the
-        checkpoint becomes the id of every WandbLogger that was given none."""
+        checkpoint becomes the id of every WandbLogger that was given none. In a SLURM job a requeued
+        job continues its run (see :func:`_continue_slurm_job`)."""
         if self.subcommand != "fit":
             return
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
         from lightning_diffusion.callbacks.wandb import wandb_run_id_from_checkpoint
 
         config = self.config.fit
+        if SLURMEnvironment.detect():
+            _continue_slurm_job(config)
         run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
         if not run_id:
             return
-        loggers = config.trainer.get("logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("WandbLogger"):
-                continue
-            init_args = logger.get("init_args")
-            if init_args is not None and not init_args.get("id") and not init_args.get("version"):
+        for class_path, init_args in _logger_configs(config):
+            if class_path.endswith("WandbLogger") and not init_args.get("id") and not init_args.get("version"):
                 init_args["id"] = run_id
                 rank_zero_info(f"Resuming W&B run {run_id} (stored in {config.get('ckpt_path')})")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        _add_slurm_requeue(self.trainer)
         # A link into a net that lacks the target (image_size into an MLP, or a user's net) is
         # skipped when the net is built but still lands in the model's saved hyperparameters, which
         # load_from_checkpoint would then reject: drop such keys.
@@ -88,12 +92,13 @@ class DiffusionCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part
         if not trainer.is_global_zero:
             return
-        lines = [f"Run directory: {trainer.log_dir or trainer.default_root_dir}"]
+        lines = [f"Run directory: {log_dir or trainer.default_root_dir}"]
         config = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
         if config is not None:
-            lines.append(f"  config:      {Path(trainer.log_dir or '.') / config.config_filename}")
+            lines.append(f"  config:      {Path(log_dir or '.') / config.config_filename}")
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:
             for label, path in (("last", getattr(ckpt, "last_model_path", "")), ("best", ckpt.best_model_path)):
@@ -104,6 +109,57 @@ class DiffusionCLI(LightningCLI):
             if path is not None:
                 lines.append(f"  samples:     {path}")
         rank_zero_info("\n".join(lines))
+
+
+def _logger_configs(config) -> Iterator[tuple[str, Any]]:
+    """``(class_path, init_args)`` of each logger in a fit config that names its class (editable in place)."""
+    loggers = config.trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if hasattr(logger, "get") and logger.get("init_args") is not None:
+            yield str(logger.get("class_path", "")), logger.get("init_args")
+
+
+def slurm_hpc_checkpoint(root_dir: str | os.PathLike) -> str | None:
+    """The checkpoint Lightning restores in a SLURM job, as ``Trainer.fit(ckpt_path=None)`` does: the
+    ``hpc_ckpt_N.ckpt`` with the largest N in ``root_dir`` (the trainer's ``default_root_dir``),
+    which its auto-requeue handler writes on the requeue signal; None when there is none."""
+    found = [(int(m.group(1)), p) for p in Path(root_dir).glob("hpc_ckpt_*.ckpt")
+             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return str(max(found)[1]) if found else None
+
+
+def _continue_slurm_job(config) -> None:
+    """In a SLURM job (under ``srun``), make a requeued job continue its run where it stopped.
+
+    - Loggers that take a ``version`` and were given none (CSVLogger, TensorBoardLogger) get
+      ``slurm-<job id>``, which a requeued job keeps, so its metrics and checkpoints stay in one
+      directory. (A WandbLogger's version is its run id: that one comes from the checkpoint.)
+    - The newest ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir`` becomes ``ckpt_path`` when none
+      was given (the checkpoint Lightning would restore anyway; naming it here lets the W&B run id
+      be read from it) and, when the job was requeued (``SLURM_RESTART_COUNT`` > 0), also in place of
+      a given ``--ckpt_path``: that one is where the job started, the hpc checkpoint where it stopped.
+    """
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
+    for class_path, init_args in _logger_configs(config):
+        if job_id and not class_path.endswith("WandbLogger") and "version" in init_args and init_args.get("version") is None:
+            init_args["version"] = f"slurm-{job_id}"
+    hpc = slurm_hpc_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
+    given = config.get("ckpt_path")
+    if hpc and (given is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0):
+        if given not in (None, hpc):
+            rank_zero_info(f"Requeued SLURM job: resuming from {hpc} instead of --ckpt_path {given}")
+        config["ckpt_path"] = hpc
+
+
+def _add_slurm_requeue(trainer: L.Trainer) -> None:
+    """In a SLURM job with auto-requeue, run the requeue at a step boundary: see :class:`SlurmRequeue`
+    (Lightning's own handler saves a collective checkpoint from inside the signal handler and can
+    hang DDP). Added unless the config has one already."""
+    from lightning_diffusion.callbacks.requeue import SlurmRequeue
+
+    if SlurmRequeue.requeue_environment(trainer) and not any(isinstance(cb, SlurmRequeue) for cb in trainer.callbacks):
+        trainer.callbacks.append(SlurmRequeue())
 
 
 def _drop_unaccepted_init_args(config) -> None:

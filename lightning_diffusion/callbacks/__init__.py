@@ -3,7 +3,8 @@
 from lightning_diffusion.callbacks.checkpoint import LastCheckpoint
 from lightning_diffusion.callbacks.ema import EMA, evaluation_weights, load_ema_weights
 from lightning_diffusion.callbacks.quality import Likelihood, SampleQuality
+from lightning_diffusion.callbacks.requeue import SlurmRequeue
 from lightning_diffusion.callbacks.samples import SampleGrid
 from lightning_diffusion.callbacks.wandb import WandbSamples
 
-__all__ = ["EMA", "LastCheckpoint", "Likelihood", "SampleGrid", "SampleQuality", "WandbSamples", "evaluation_weights", "load_ema_weights"]
+__all__ = ["EMA", "LastCheckpoint", "Likelihood", "SampleGrid", "SampleQuality", "SlurmRequeue", "WandbSamples", "evaluation_weights", "load_ema_weights"]
