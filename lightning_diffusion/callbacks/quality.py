@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import estimator_name
+from lightning_diffusion.data.datamodule import rank_world
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import FeatureExtractor, get_extractor
 
@@ -38,14 +39,6 @@ def _append_jsonl(trainer: L.Trainer, name: str, record: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
@@ -170,7 +163,7 @@ class SampleQuality(_Periodic):
     def generate(self, trainer: L.Trainer | None, pl_module: L.LightningModule):
         """Yield this rank's generated batches; every rank runs the same number of ``sample`` calls
         (ceil(num_samples / world) samples each, extra ones dropped)."""
-        rank, world = _rank_world(trainer)
+        rank, world = rank_world(trainer)
         share = quality.split_count(self.num_samples, rank, world)
         per_rank = math.ceil(self.num_samples / world)
         offset = sum(quality.split_count(self.num_samples, r, world) for r in range(rank))
@@ -207,7 +200,7 @@ class SampleQuality(_Periodic):
             stats, bank, logits, _ = quality.load_stats(path)
             self._real = (stats, bank, logits)
             return self._real
-        rank, world = _rank_world(trainer)
+        rank, world = rank_world(trainer)
         limit = None if self.num_real is None else quality.split_count(self.num_real, rank, world)
         dim = 2 if points else self.extractor(pl_module.device).num_features
         stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
@@ -246,7 +239,7 @@ class SampleQuality(_Periodic):
         """Generate, extract, reduce over ranks and compute; returns ``{val/fid: ..., ...}`` (the
         same on every rank)."""
         start = time.perf_counter()
-        rank, world = _rank_world(trainer)
+        rank, world = rank_world(trainer)
         with evaluation_weights(trainer, pl_module) as weights:
             fake_stats = fake_bank = logits_bank = None
             points = None
@@ -324,7 +317,7 @@ class Likelihood(_Periodic):
     def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
                  datamodule: Any = None) -> dict[str, float]:
         start = time.perf_counter()
-        rank, world = _rank_world(trainer)
+        rank, world = rank_world(trainer)
         batches = []
         for batch in _eval_batches(trainer, self.split, datamodule):
             batches.append(batch)

@@ -26,6 +26,15 @@ from lightning_diffusion.data.streams import EvalStream, ShardError, TrainStream
 __all__ = ["ShardDataModule", "ShardError"]
 
 
+def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(global rank, world size): the trainer's, else the default process group's, else (0, 1)."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class _EpochLoader(DataLoader):
     """A DataLoader over a TrainStream that hands the trainer's epoch to the stream, and knows its
     position for an exact mid-epoch resume.
@@ -158,12 +167,7 @@ class ShardDataModule(L.LightningDataModule):
         return self.index["splits"][split]["count"]
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_world(getattr(self, "trainer", None))
 
     def _labelled(self) -> bool:
         return self.num_classes is not None
