@@ -1,36 +1,88 @@
 """lightning_diffusion: VAEs, hierarchical VAEs, DDPMs and score SDEs for PyTorch Lightning.
 
-The public names below are imported on first use (PEP 562), so that ``import lightning_diffusion``
-and spawned DataLoader workers do not pay for Lightning until they need it.
+The public API is exactly the names in ``__all__``, importable from the top level::
+
+    from lightning_diffusion import DDPM, ScoreSDE, VPSDE, EMA, SampleQuality, ShardDataModule
+
+- Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE` and their base
+  `GenerativeModel`.
+- Processes and schedules (pure math, no Lightning): the SDEs `VPSDE`, `SubVPSDE`, `VESDE`, their
+  base `GaussianProcess`, `DiscreteVP` (a DDPM schedule as a process), `NoiseSchedule` and
+  `make_betas`; `GaussianMixture` (exact scores and densities at every noise level, for tests).
+- Samplers and likelihood: `sample` runs a sampler by name on any denoiser
+  ``denoise_fn(x_t, t) -> x0_hat`` and process, returning a `SamplerOutput`; `sampler_options`
+  lists a sampler's options; `ode_nll` is the probability-flow ODE likelihood.
+- Data: `ShardDataModule` (WebDataset shards as batch dicts ``{"x", "y"}``), `write_shards` and
+  `Source` (write your own arrays as shards), `ShardError`.
+- Callbacks: `EMA`, `SampleQuality`, `Likelihood`, `WandbSamples`, `SampleGrid`, `LastCheckpoint`,
+  `SlurmRequeue`, and `evaluation_weights` / `load_ema_weights` for the EMA weights outside a
+  callback.
+- The callbacks' contract as `typing.Protocol`s: `GenerativeModule` (``sample`` and
+  ``bits_per_dim``, required), `Reconstructs`, `HasTrajectory`, `NamesEstimator` (optional).
+  A LightningModule of your own that has these methods gets every callback; it need not subclass
+  ours.
+- Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
+  `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`.
+
+Everything else, including every name that is reachable only through a submodule
+(``lightning_diffusion.models.ddpm...``), is private by convention: it may change in any release
+without notice. The public names are imported on first use (PEP 562), so that
+``import lightning_diffusion`` and spawned DataLoader workers do not pay for Lightning until they
+need it.
 """
 
 from importlib import import_module
 
 __version__ = "0.1.0"
+"""The package version (semantic versioning; see CHANGELOG.md)."""
 
 _PUBLIC = {
+    # models
     "DDPM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
+    "HierarchicalVAE": "lightning_diffusion.models",
     "ScoreSDE": "lightning_diffusion.models",
     "VAE": "lightning_diffusion.models",
-    "HierarchicalVAE": "lightning_diffusion.models",
-    "VPSDE": "lightning_diffusion.diffusion.sde",
+    # processes and schedules
+    "DiscreteVP": "lightning_diffusion.diffusion.sde",
+    "GaussianProcess": "lightning_diffusion.diffusion.sde",
     "SubVPSDE": "lightning_diffusion.diffusion.sde",
     "VESDE": "lightning_diffusion.diffusion.sde",
+    "VPSDE": "lightning_diffusion.diffusion.sde",
     "NoiseSchedule": "lightning_diffusion.diffusion.schedules",
+    "make_betas": "lightning_diffusion.diffusion.schedules",
     "GaussianMixture": "lightning_diffusion.diffusion.mixture",
+    # samplers and likelihood
+    "SamplerOutput": "lightning_diffusion.diffusion.samplers",
+    "sample": "lightning_diffusion.diffusion.samplers",
+    "sampler_options": "lightning_diffusion.diffusion.samplers",
+    "ode_nll": "lightning_diffusion.diffusion.likelihood",
+    # data
     "ShardDataModule": "lightning_diffusion.data",
-    "SampleGrid": "lightning_diffusion.callbacks",
+    "ShardError": "lightning_diffusion.data",
+    "Source": "lightning_diffusion.data.sources",
+    "write_shards": "lightning_diffusion.data",
+    # callbacks
     "EMA": "lightning_diffusion.callbacks",
-    "SampleQuality": "lightning_diffusion.callbacks",
-    "Likelihood": "lightning_diffusion.callbacks",
     "LastCheckpoint": "lightning_diffusion.callbacks",
+    "Likelihood": "lightning_diffusion.callbacks",
+    "SampleGrid": "lightning_diffusion.callbacks",
+    "SampleQuality": "lightning_diffusion.callbacks",
+    "SlurmRequeue": "lightning_diffusion.callbacks",
     "WandbSamples": "lightning_diffusion.callbacks",
-    "MLP": "lightning_diffusion.nets",
-    "UNet": "lightning_diffusion.nets",
+    "evaluation_weights": "lightning_diffusion.callbacks",
+    "load_ema_weights": "lightning_diffusion.callbacks",
+    # the callbacks' contract
+    "GenerativeModule": "lightning_diffusion.callbacks.protocol",
+    "HasTrajectory": "lightning_diffusion.callbacks.protocol",
+    "NamesEstimator": "lightning_diffusion.callbacks.protocol",
+    "Reconstructs": "lightning_diffusion.callbacks.protocol",
+    # networks
     "ConvVAENet": "lightning_diffusion.nets",
-    "MLPVAENet": "lightning_diffusion.nets",
     "LadderVAENet": "lightning_diffusion.nets",
+    "MLP": "lightning_diffusion.nets",
+    "MLPVAENet": "lightning_diffusion.nets",
+    "UNet": "lightning_diffusion.nets",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
@@ -38,7 +90,9 @@ __all__ = [*_PUBLIC, "__version__"]
 
 def __getattr__(name: str):
     if name in _PUBLIC:
-        return getattr(import_module(_PUBLIC[name]), name)
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

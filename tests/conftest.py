@@ -16,6 +16,21 @@ def data_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B in offline mode with its files in the test's ``tmp_path``; the run is finished after the
+    test (an open run would be reused by the next WandbLogger)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    yield
+    import wandb
+
+    wandb.finish()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module of small-tensor tests (``pytestmark =

@@ -22,17 +22,7 @@ from lightning_diffusion import DDPM, EMA, UNet
 from lightning_diffusion.callbacks.wandb import WandbSamples, continue_wandb_run, wandb_run_id_from_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    yield
-    import wandb
-
-    wandb.finish()  # a run left open would be reused by the next WandbLogger
+pytestmark = pytest.mark.usefixtures("offline_wandb")  # tests/conftest.py
 
 
 class Dicts(torch.utils.data.Dataset):

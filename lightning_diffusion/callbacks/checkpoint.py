@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,7 +25,13 @@ class LastCheckpoint(ModelCheckpoint):
     here the old one stays intact until the new one is complete.
     """
 
-    def __init__(self, *args, save_last: bool = True, **kwargs):
+    def __init__(self, *args: Any, save_last: bool = True, **kwargs: Any):
+        """
+        Args:
+            *args: ModelCheckpoint's positional arguments.
+            save_last: write ``last.ckpt`` (ModelCheckpoint's default is False).
+            **kwargs: ModelCheckpoint's keyword arguments (``dirpath``, ``every_n_train_steps``, ...).
+        """
         super().__init__(*args, save_last=save_last, **kwargs)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -213,24 +213,36 @@ def find_ema(trainer: L.Trainer | None) -> EMA | None:
 
 
 @contextlib.contextmanager
-def evaluation_weights(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Iterator[str]:
-    """Run the body on the weights evaluation uses and yield their name, ``"ema"`` or ``"raw"``.
+def evaluation_weights(trainer: L.Trainer | None, pl_module: nn.Module) -> Iterator[str]:
+    """Run the body as evaluation runs and yield the name of the weights, ``"ema"`` or ``"raw"``.
 
-    With an :class:`EMA` callback (``evaluate_with="ema"``) the averages are swapped in for the
-    body, unless they already are (inside validation); without one the raw weights are used.
+    The module is in eval mode for the body (dropout off, batch-norm statistics frozen, as in
+    validation; its training mode comes back after), so a model need not switch modes itself in
+    ``sample`` or ``bits_per_dim``. With an :class:`EMA` callback (``evaluate_with="ema"``) the
+    averages are swapped in for the body, unless they already are (inside validation); without one
+    the raw weights are used. Gradients are left as they are: callers that need none add
+    ``torch.no_grad()``.
+
+    Args:
+        trainer: the trainer whose :class:`EMA` callback holds the averages; None: raw weights.
+        pl_module: the model to evaluate.
     """
     ema = find_ema(trainer)
-    if ema is None or ema.evaluate_with == "raw":
-        yield "raw"
-        return
-    if ema.swapped:
-        yield "ema"
-        return
-    ema.swap_in(pl_module)
+    was_training = pl_module.training
+    pl_module.eval()
     try:
-        yield "ema"
+        if ema is None or ema.evaluate_with == "raw":
+            yield "raw"
+        elif ema.swapped:
+            yield "ema"
+        else:
+            ema.swap_in(pl_module)
+            try:
+                yield "ema"
+            finally:
+                ema.swap_out(pl_module)
     finally:
-        ema.swap_out(pl_module)
+        pl_module.train(was_training)
 
 
 def ema_state_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor] | None:

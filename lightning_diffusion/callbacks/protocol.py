@@ -4,6 +4,16 @@ A LightningModule of any origin (not necessarily a subclass of ours) that has ``
 ``bits_per_dim`` gets EMA, SampleQuality, Likelihood and WandbSamples; the optional hooks add
 reconstructions, denoising trajectories and the name of the likelihood estimator to the logs.
 Callbacks test for the optional hooks with ``isinstance(module, Reconstructs)`` etc.
+
+What the callbacks do for the model, so that it need not: they call ``sample`` and
+``bits_per_dim`` in eval mode (dropout off) on the evaluation weights (the EMA averages with an
+:class:`~lightning_diffusion.callbacks.ema.EMA` callback) and under ``torch.no_grad()`` (a
+likelihood that needs gradients, such as an ODE divergence, enables them inside). Optional
+attributes: a model with ``class_conditional = True`` and ``num_classes`` gets balanced labels ``y``
+from SampleQuality.
+
+Batches: the callbacks read real data as :func:`batch_x` does: ``batch["x"]`` of a batch dict (the
+contract of DESIGN.md), the first item of a tuple or list, or the batch itself if it is a tensor.
 """
 
 from __future__ import annotations
@@ -49,6 +59,16 @@ class NamesEstimator(Protocol):
 
     def bpd_estimator(self, **options: Any) -> str:
         """e.g. ``elbo``, ``iwae-100``, ``vlb``, ``ode``."""
+
+
+def batch_x(batch: Any) -> Tensor | None:
+    """The data tensor of a batch: ``batch["x"]`` of a dict, the first item of a tuple or list, a
+    tensor itself; None if there is none."""
+    if isinstance(batch, dict):
+        return batch.get("x")
+    if isinstance(batch, (tuple, list)):
+        return batch[0] if batch else None
+    return batch if isinstance(batch, Tensor) else None
 
 
 def estimator_name(module: Any, **options: Any) -> str:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
-from lightning_diffusion.callbacks.protocol import estimator_name
+from lightning_diffusion.callbacks.protocol import batch_x, estimator_name
 from lightning_diffusion.data.datamodule import rank_world
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import FeatureExtractor, get_extractor
@@ -47,24 +47,38 @@ def _datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
     return getattr(trainer, "datamodule", None) if trainer is not None else None
 
 
-def _eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None):
-    """Batches of ``split``: each sample once over ranks (ShardDataModule), else the trainer's
-    validation loader."""
+_TRAINER_LOADERS = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
+
+
+def _eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None, option: str = "split"):
+    """Batches of ``split`` (train, val or test): from a DataModule with ``eval_dataloader``
+    (ShardDataModule: every sample once over ranks); else the trainer's loader of that split
+    (Lightning gives each rank its share); else the DataModule's ``<split>_dataloader()``.
+    ``option`` names the callback's option in errors."""
+    if split not in _TRAINER_LOADERS:
+        raise ValueError(f"{option}={split!r}: unknown split; choose train, val or test")
     datamodule = _datamodule(trainer, datamodule)
     if datamodule is not None and hasattr(datamodule, "eval_dataloader"):
         return datamodule.eval_dataloader(split)
-    if datamodule is not None and hasattr(datamodule, f"{split}_dataloader"):
-        return getattr(datamodule, f"{split}_dataloader")()
-    loaders = getattr(trainer, "val_dataloaders", None)
+    loaders = getattr(trainer, _TRAINER_LOADERS[split], None) if trainer is not None else None
+    if loaders is None and datamodule is not None and hasattr(datamodule, f"{split}_dataloader"):
+        loaders = getattr(datamodule, f"{split}_dataloader")()
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
     if loaders is None:
-        raise ValueError(f"no data for split {split!r}: give the Trainer a DataModule or validation data")
-    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        raise ValueError(f"{option}={split!r}: no {split} data; give the Trainer a DataModule or {split} dataloaders, "
+                         f"or choose another {option}")
+    return loaders
 
 
 def _images(batch: Any) -> Tensor:
-    if isinstance(batch, dict):
-        return batch["x"]
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
+    x = batch_x(batch)
+    if x is None:
+        raise ValueError(f"a batch of type {type(batch).__name__} holds no data tensor; batches are dicts with key "
+                         "'x', tuples or lists whose first item is the data, or tensors")
+    return x
 
 
 class _Periodic(L.Callback):
@@ -206,7 +220,7 @@ class SampleQuality(_Periodic):
         stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         logits_bank = quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         seen = 0
-        for batch in _eval_batches(trainer, self.real_split, datamodule):
+        for batch in _eval_batches(trainer, self.real_split, datamodule, option="real_split"):
             x = _images(batch)
             if limit is not None:
                 x = x[: max(0, limit - seen)]

@@ -70,19 +70,23 @@ class SampleGrid(L.Callback):
         self.last_path: Path | None = None
 
     def _reference(self, trainer: L.Trainer) -> Tensor | None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+        """Up to ``num_reference`` validation points (None without validation data)."""
+        from lightning_diffusion.callbacks.quality import _eval_batches, _images
+
+        try:
+            batches = _eval_batches(trainer, "val")
+        except ValueError:
             return None
         points = []
-        for batch in datamodule.val_dataloader():
-            points.append(batch["x"])
+        for batch in batches:
+            points.append(_images(batch))
             if sum(p.shape[0] for p in points) >= self.num_reference:
                 break
-        return torch.cat(points)[: self.num_reference] if points else None
+        return torch.cat(points)[: self.num_reference].cpu() if points else None
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        with evaluation_weights(trainer, pl_module):
+        with torch.no_grad(), evaluation_weights(trainer, pl_module):
             x = pl_module.sample(self.num_samples, generator=generator)
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
         if trainer.is_global_zero:

@@ -16,12 +16,11 @@ a warning; checkpoint folders Lightning named after the logger's version keep th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
-from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs
+from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs, batch_x
 from lightning_diffusion.callbacks.samples import save_image_grid, save_scatter
 
 RUN_ID_KEY = "wandb_run_id"
@@ -94,27 +93,6 @@ def continue_wandb_run(logger: WandbLogger, run_id: str) -> None:
 
 def _wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-
-
-def _batch_x(batch: Any) -> Tensor | None:
-    """The data tensor of a batch: ``batch["x"]`` (our contract), else a tuple's first item."""
-    if isinstance(batch, dict):
-        return batch.get("x")
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    return batch if isinstance(batch, Tensor) else None
-
-
-@contextlib.contextmanager
-def _generating(pl_module: L.LightningModule) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd, for any module; training mode is restored after."""
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        pl_module.train(was_training)
 
 
 class WandbSamples(L.Callback):
@@ -184,7 +162,7 @@ class WandbSamples(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._val_x is None and dataloader_idx == 0:
-            x = _batch_x(batch)
+            x = batch_x(batch)
             if isinstance(x, Tensor):  # points: the whole batch, also the scatter plots' reference
                 self._val_x = (x if x.ndim == 2 else x[: self.num_reconstructions]).detach().cpu().clone()
 
@@ -208,7 +186,7 @@ class WandbSamples(L.Callback):
             return torch.Generator(device=pl_module.device).manual_seed(self.seed)
 
         out: dict[str, Tensor] = {}
-        with _generating(pl_module), evaluation_weights(trainer, pl_module) as which:
+        with torch.no_grad(), evaluation_weights(trainer, pl_module) as which:
             out["samples"] = pl_module.sample(self.num_samples, generator=generator(), **self.sample_options)
             if self.num_trajectories > 0 and isinstance(pl_module, HasTrajectory) and out["samples"].ndim == 4:
                 try:

@@ -20,13 +20,14 @@ import torch
 from torch import Tensor
 
 from lightning_diffusion.diffusion.schedules import append_dims
+from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Divergence = Literal["exact", "rademacher", "gaussian"]
 
 
-def probability_flow_drift(score_fn: ScoreFn, process, x: Tensor, t: Tensor) -> Tensor:
+def probability_flow_drift(score_fn: ScoreFn, process: GaussianProcess, x: Tensor, t: Tensor) -> Tensor:
     """``v(x, t) = f(t) x - g(t)^2 / 2 * score(x, t)`` for a batch x [B, ...] at times t [B]."""
     f = append_dims(process.f(t), x.ndim).to(x.dtype)
     g2 = append_dims(process.g2(t), x.ndim).to(x.dtype)
@@ -35,7 +36,7 @@ def probability_flow_drift(score_fn: ScoreFn, process, x: Tensor, t: Tensor) -> 
 
 def ode_nll(
     score_fn: ScoreFn,
-    process,
+    process: GaussianProcess,
     x: Tensor,
     *,
     divergence: Divergence = "rademacher",

@@ -25,11 +25,11 @@ Conventions shared by all samplers:
   denoised estimate x0_hat at the last grid time, and ``nfe`` counts the ``denoise_fn`` calls.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the fields of the NamedTuple SamplerOutput must be
+# evaluated types, or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
 import inspect
 import math
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -452,8 +452,23 @@ def sampler_options(name: str) -> list[str]:
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
            steps: int | None = None, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
-           **options) -> SamplerOutput:
-    """Run the sampler called ``name`` (a key of :data:`SAMPLERS`); options go to it by keyword."""
+           **options: Any) -> SamplerOutput:
+    """Run the sampler called ``name`` on ``denoise_fn`` over ``process``; returns ``(x, nfe)``.
+
+    Args:
+        name: ``ancestral``, ``ddim``, ``euler_maruyama``, ``pc``, ``ode``, ``heun`` or
+            ``dpm_solver`` (the keys of :data:`SAMPLERS`).
+        denoise_fn: ``denoise_fn(x_t, t) -> x0_hat``, the clean-data estimate at time ``t``
+            (a float tensor [B] in the process's own time).
+        process: the Gaussian process ``x_t = alpha(t) x_0 + sigma(t) eps`` (an SDE, or a DDPM
+            schedule as :class:`~lightning_diffusion.diffusion.sde.DiscreteVP`).
+        shape: shape of the batch of samples, ``[N, *data_shape]``.
+        steps: the sampler's step count (None: the paper's default; see each sampler).
+        generator: source of the sampling noise.
+        device: device of the samples.
+        clip: clamp x0_hat to this range at every evaluation (``(-1, 1)`` for images).
+        **options: the sampler's own options, by keyword (:func:`sampler_options` lists them).
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     unknown = sorted(set(options) - set(sampler_options(name)))
