@@ -45,6 +45,25 @@ def test_unet_narrow_groupnorm_and_heads():
     assert net(torch.randn(1, 3, 8, 8), torch.rand(1)).shape == (1, 3, 8, 8)
 
 
+@pytest.mark.parametrize("model_channels", [8, 16, 32, 128])
+def test_every_unet_resblock_sees_the_embedding(model_channels):
+    """A GroupNorm of one channel per group after the embedding's per-channel bias would erase it:
+    narrow nets (16 channels) then ignored t and y altogether."""
+    from lightning_diffusion.nets.unet import ResBlock
+
+    net = small_unet(model_channels=model_channels, image_size=8, num_classes=10)
+    perturb_zero_init(net)
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    temb_ch = 4 * model_channels
+    for block in blocks:
+        x = torch.randn(2, block.conv1.in_channels, 4, 4)
+        changed = block(x, torch.randn(2, temb_ch)) - block(x, torch.randn(2, temb_ch))
+        assert changed.abs().amax() > 1e-3, block
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2) * 100
+    assert (net(x, t, torch.tensor([1, 2])) - net(x, t, torch.tensor([3, 4]))).abs().amax() > 1e-3
+    assert (net(x, t, torch.tensor([1, 2])) - net(x, t + 400, torch.tensor([1, 2]))).abs().amax() > 1e-3
+
+
 def test_timestep_embedding_values():
     dim = 6
     emb = timestep_embedding(torch.tensor([0.0, 2.0]), dim)

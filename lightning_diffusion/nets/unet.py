@@ -15,8 +15,14 @@ from lightning_diffusion.nets.embedding import ClassEmbedding, check_uncondition
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of ``channels`` below 32 for narrow layers."""
-    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    """GroupNorm with 32 groups, or for narrow layers the largest divisor of ``channels`` that
+    leaves at least 4 channels per group (as the DDPM UNet's narrowest layer, 128 channels in 32
+    groups).
+
+    A group of one channel would subtract that channel's spatial mean, and with it the per-channel
+    bias by which a ResBlock adds the time and class embedding: the net would not see t or y.
+    """
+    groups = max(g for g in range(1, max(1, min(32, channels // 4)) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
