@@ -40,19 +40,21 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
 
 
 def _labels(model, num: int, class_label: int | None, device) -> torch.Tensor | None:
+    from lightning_diffusion.callbacks.samples import class_labels
+
     if not getattr(model, "class_conditional", False):
         if class_label is not None:
             raise ValueError("--class_label given, but the model is not class_conditional")
         return None
     if class_label is not None:
         return torch.full((num,), class_label, dtype=torch.long, device=device)
-    return torch.arange(num, device=device) % int(model.num_classes)
+    return class_labels(model, num, device=device)
 
 
 def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str | None = None,
            steps: int | None = None, guidance_scale: float = 1.0, class_label: int | None = None,
            batch_size: int = 256, seed: int = 0, weights: Weights = "ema", device: str = "cpu",
-           options: dict[str, Any] | None = None) -> Path:
+           options: dict[str, Any] | None = None, nrow: int | None = None) -> Path:
     """Draw samples from a checkpoint: one PNG per image, grid.png and samples.npz in OUT.
 
     Args:
@@ -63,17 +65,24 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
             (None: the model's default).
         steps: sampler steps (None: the sampler's default).
         guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
-        class_label: condition every sample on this class (default: cycle through the classes).
+        class_label: condition every sample on this class (default: cycle through the classes in
+            order, so sample i has class ``i % num_classes``).
         batch_size: samples per ``model.sample`` call.
         seed: seed of the sampling noise.
         weights: ``ema`` (default; raw if the run had no EMA) or ``raw``.
         device: ``cpu`` or ``cuda``.
         options: further sampler options, e.g. ``{eta: 0.5}`` or ``{temperature: 0.8}``.
+        nrow: images per row of grid.png, which shows the first 256 samples (None: about the
+            square root of their number). With the cycled classes, ``--num 80 --nrow 8`` on
+            ``colour_digits`` (label ``digit * 8 + colour``) puts digits in rows and colours in
+            columns.
     """
     import numpy as np
 
     from lightning_diffusion.callbacks.samples import save_image_grid, save_scatter
 
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"--nrow must be >= 1, got {nrow}")
     model, _, used = load_model(ckpt_path, weights, device)
     kwargs = dict(options or {})
     if sampler is not None:
@@ -100,7 +109,7 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
         (out_dir / "images").mkdir(exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(out_dir / "images" / f"{i:06d}.png")
-        save_image_grid(x[:256], out_dir / "grid.png")
+        save_image_grid(x[:256], out_dir / "grid.png", nrow=nrow)
         arrays["images"] = images
     else:
         save_scatter(x, out_dir / "grid.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,6 +23,22 @@ def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Pat
     nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
     return path
+
+
+def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor | None:
+    """Labels for ``num`` samples of a model with ``class_conditional = True`` and ``num_classes``:
+    sample i gets class ``(offset + i) % num_classes`` (balanced, in class order, so a grid with a
+    multiple of ``num_classes`` samples shows every class in turn); None for any other model.
+
+    Args:
+        module: the model; only its ``class_conditional`` and ``num_classes`` attributes are read.
+        num: number of labels.
+        offset: class of the first sample (for a batch inside a larger set).
+        device: device of the labels.
+    """
+    if not getattr(module, "class_conditional", False):
+        return None
+    return (torch.arange(offset, offset + num, device=device) % int(module.num_classes)).long()
 
 
 def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
@@ -53,20 +70,36 @@ class SampleGrid(L.Callback):
     Images become a PNG grid; 2-D points a scatter plot over validation data. Every rank samples
     (a sharded model needs all ranks in its forward) from the same seed; rank zero writes the file
     and logs it to loggers that have ``log_image`` (W&B). Uses only the model contract.
+
+    A class-conditional model (``class_conditional = True``, ``num_classes``) is sampled with the
+    labels of :func:`class_labels`, in class order: ``nrow`` images per row. On ``colour_digits``
+    (label ``digit * 8 + colour``) 80 samples with ``nrow: 8`` put digits in rows and colours in
+    columns.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, seed: int = 0,
-                 num_reference: int = 2000):
+                 num_reference: int = 2000, nrow: int | None = None, guidance_scale: float = 1.0,
+                 sample_options: dict[str, Any] | None = None):
         """
         Args:
             num_samples: samples per grid (images) or per scatter plot (points).
             every_n_epochs: also save a grid every this many training epochs; 0: only at fit end.
             seed: seed of the sampler's noise, the same for every grid so they compare.
             num_reference: validation points drawn under a 2-D scatter plot.
+            nrow: images per row of the grid; None: about the square root of ``num_samples``.
+            guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
+            sample_options: further options of ``pl_module.sample``, e.g. ``{sampler: ddim, steps: 50}``.
         """
         super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"SampleGrid: num_samples must be >= 1, got {num_samples}")
+        if nrow is not None and nrow < 1:
+            raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
-        self.seed, self.num_reference = seed, num_reference
+        self.seed, self.num_reference, self.nrow = seed, num_reference, nrow
+        self.sample_options = dict(sample_options or {})
+        if guidance_scale != 1.0:
+            self.sample_options["guidance_scale"] = guidance_scale
         self.last_path: Path | None = None
 
     def _reference(self, trainer: L.Trainer) -> Tensor | None:
@@ -87,11 +120,13 @@ class SampleGrid(L.Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with torch.no_grad(), evaluation_weights(trainer, pl_module):
-            x = pl_module.sample(self.num_samples, generator=generator)
+            labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
+            options = self.sample_options if labels is None else {**self.sample_options, "y": labels}
+            x = pl_module.sample(self.num_samples, generator=generator, **options)
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
         if trainer.is_global_zero:
             if x.ndim == 4:
-                save_image_grid(x, path)
+                save_image_grid(x, path, nrow=self.nrow)
             else:
                 save_scatter(x, path, self._reference(trainer) if x.shape[-1] == 2 else None)
             for logger in trainer.loggers:

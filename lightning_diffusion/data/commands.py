@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lightning_diffusion.data import sources
 from lightning_diffusion.data.shards import write_shards
-from lightning_diffusion.data.sources import ImageSize, Toy2DName, TorchvisionName
+from lightning_diffusion.data.sources import ColourDigitsSize, ImageSize, Toy2DName, TorchvisionName
 
 Fractions = tuple[float, float, float]
 
@@ -29,6 +29,21 @@ def digits(*, out: str, image_size: ImageSize = 8, shard_size: int = 256,
         seed: seed of the deterministic split.
     """
     _write(sources.digits(image_size), out, shard_size, fractions, seed)
+
+
+def colour_digits(*, out: str, image_size: ColourDigitsSize = 16, colours_per_image: int | None = None,
+                  shard_size: int = 512, fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
+    """The 8x8 digits upsampled and tinted with 8 named colours, RGB; label digit * 8 + colour.
+
+    Args:
+        out: output directory for the shards and index.json (required).
+        image_size: 16 (default) or 32 pixels (bicubic upsampling before tinting), or 8 (native).
+        colours_per_image: distinct colours each digit image is drawn in, 1 .. 8 (default: all 8).
+        shard_size: samples per tar shard.
+        fractions: train/val/test fractions (sum to 1).
+        seed: seed of the colour draw and of the deterministic split.
+    """
+    _write(sources.colour_digits(image_size, colours_per_image, seed), out, shard_size, fractions, seed)
 
 
 def toy2d(*, out: str, name: Toy2DName = "gaussians8", num_points: int = 20000, radius: float = 2.0,
@@ -85,6 +100,6 @@ def shards_cli(argv: list[str]) -> None:
     """Parse ``SOURCE ...`` and write the shards."""
     from jsonargparse import CLI
 
-    CLI({"digits": digits, "toy2d": toy2d, "imagefolder": imagefolder, "torchvision": torchvision},
+    CLI({"digits": digits, "colour_digits": colour_digits, "toy2d": toy2d, "imagefolder": imagefolder, "torchvision": torchvision},
         args=argv, prog="lightning-diffusion shards",
         description="Write train/val/test WebDataset tar shards and index.json (counts, shape, dtype, classes, source, SHA-256 per shard).")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_diffusion.data.sources import Source, digits, toy2d
+from lightning_diffusion.data.sources import Source, colour_digits, digits, toy2d
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
@@ -186,6 +186,8 @@ EMBEDDED: dict[str, tuple[Any, dict[str, Any], int]] = {
     "digits": (digits, {"image_size": 8}, 256),
     "digits16": (digits, {"image_size": 16}, 256),
     "digits32": (digits, {"image_size": 32}, 256),
+    "colour_digits": (colour_digits, {"image_size": 16}, 512),
+    "colour_digits32": (colour_digits, {"image_size": 32}, 512),
     "gaussians8": (toy2d, {"name": "gaussians8"}, 4000),
     "moons": (toy2d, {"name": "moons"}, 4000),
     "swissroll": (toy2d, {"name": "swissroll"}, 4000),

@@ -93,6 +93,89 @@ def digits(image_size: ImageSize = 8) -> Source:
     )
 
 
+# The named colours of ``colour_digits``: well-separated hues (the six corners of the RGB cube
+# other than black and white, orange between red and yellow) and white. Every one has a channel at
+# 255, so the per-pixel channel maximum of a tinted digit is the grey digit itself.
+COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (255, 0, 0)),
+    ("orange", (255, 128, 0)),
+    ("yellow", (255, 255, 0)),
+    ("green", (0, 255, 0)),
+    ("cyan", (0, 255, 255)),
+    ("blue", (0, 0, 255)),
+    ("magenta", (255, 0, 255)),
+    ("white", (255, 255, 255)),
+)
+COLOUR_NAMES: tuple[str, ...] = tuple(name for name, _ in COLOURS)
+ColourDigitsSize = Literal[8, 16, 32]
+
+
+def tint(grey: np.ndarray, rgb: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Tint uint8 grey images ``[H, W, 1]`` or ``[N, H, W, 1]`` with a colour: ``round(grey * rgb /
+    255)`` per channel, uint8 ``[..., H, W, 3]``: the digit in that colour on black.
+
+    Args:
+        grey: uint8 grey images, 0..255, channel last.
+        rgb: one colour ``(r, g, b)`` in 0..255, or one per image ``[N, 3]``.
+    """
+    rgb = np.asarray(rgb, dtype=np.float64) / 255.0
+    if rgb.ndim == 2:  # one colour per image
+        rgb = rgb[:, None, None, :]
+    return np.rint(grey.astype(np.float64) * rgb).astype(np.uint8)
+
+
+def colour_digit_label(digit: int | np.ndarray, colour: int | np.ndarray, num_colours: int = len(COLOURS)):
+    """The joint class label of ``colour_digits``: ``digit * num_colours + colour``."""
+    return digit * num_colours + colour
+
+
+def split_colour_digit_label(label: Any, num_colours: int = len(COLOURS)) -> tuple[Any, Any]:
+    """``(digit, colour)`` of joint labels (ints, numpy arrays or tensors): the inverse of
+    :func:`colour_digit_label`."""
+    return label // num_colours, label % num_colours
+
+
+def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | None = None, seed: int = 0) -> Source:
+    """scikit-learn's 8x8 digits upsampled to ``image_size`` pixels and tinted with named colours
+    (:data:`COLOURS`): RGB uint8 images of a digit in one colour on black.
+
+    Every one of the 1797 digits appears in ``colours_per_image`` distinct colours, drawn for each
+    image from ``numpy.random.default_rng(seed)`` (default: in every colour, 14376 images with
+    exactly as many of each (digit image, colour) pair; no randomness then). The label is the joint
+    class ``digit * 8 + colour`` (:func:`colour_digit_label`), class names ``"3-red"``; the index
+    records the colour names and RGB values under ``extra``.
+
+    Args:
+        image_size: side in pixels; the grey digit (0..16 -> 0..255) is upsampled bicubically
+            before it is tinted (8: native).
+        colours_per_image: distinct colours each digit image is drawn in, 1 .. 8; None: all 8.
+        seed: seed of the colour draw (used only when ``colours_per_image`` < 8).
+    """
+    num_colours = len(COLOURS)
+    if image_size not in ColourDigitsSize.__args__:
+        raise ValueError(f"colour_digits: image_size must be one of {list(ColourDigitsSize.__args__)}, got {image_size}")
+    k = num_colours if colours_per_image is None else colours_per_image
+    if not 1 <= k <= num_colours:
+        raise ValueError(f"colour_digits: colours_per_image must be in 1 .. {num_colours} (or None: all), "
+                         f"got {colours_per_image}")
+    grey_source = digits(image_size)
+    grey, digit = grey_source.pools["all"].x, grey_source.pools["all"].y
+    rng = np.random.default_rng(seed)
+    # per image, its colours in increasing order: with k = 8 every image in every colour
+    chosen = np.sort(np.stack([rng.permutation(num_colours)[:k] for _ in range(len(grey))]), axis=1)
+    image_index, colour = np.repeat(np.arange(len(grey)), k), chosen.reshape(-1)
+    x = tint(grey[image_index], np.asarray([rgb for _, rgb in COLOURS])[colour])
+    return Source(
+        name="colour_digits",
+        params={"image_size": image_size, "colours_per_image": k, "seed": seed},
+        kind="image",
+        pools={"all": _ArrayPool(x, colour_digit_label(digit[image_index], colour).astype(np.int64))},
+        classes=[f"{d}-{name}" for d in range(10) for name in COLOUR_NAMES],
+        extra={"colours": {name: list(rgb) for name, rgb in COLOURS}, "num_digits": 10, "num_colours": num_colours,
+               "label": "digit * num_colours + colour"},
+    )
+
+
 def toy2d_points(
     name: Toy2DName, num_points: int, rng: np.random.Generator, radius: float = 2.0, std: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray | None]:

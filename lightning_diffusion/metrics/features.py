@@ -141,6 +141,39 @@ def to_digit_input(x: Tensor) -> Tensor:
     return x
 
 
+def nearest_colour(x: Tensor, palette: Tensor | None = None) -> Tensor:
+    """Index of the named colour closest to each image's foreground colour (a colour classifier
+    for tinted digits on black).
+
+    The background is the per-channel median ``b`` of the image (a digit covers less than half of
+    it); the foreground colour is the weighted mean ``c = sum_p w_p (rgb_p - b) / sum_p w_p`` with
+    ``w_p = max(0, max_channel(rgb_p) - max_channel(b))`` (pixels in [0, 1]), normalized by its
+    largest channel, so that a digit drawn at any intensity in colour ``k`` on black (or on a grey
+    haze) gives exactly ``palette[k] / 255``; the nearest palette colour (Euclidean, in [0, 1]^3)
+    wins.
+
+    Args:
+        x: RGB images in [-1, 1], ``[N, 3, H, W]``.
+        palette: colours ``[K, 3]`` in 0..255; default the ``colour_digits`` colours
+            (:data:`lightning_diffusion.data.sources.COLOURS`).
+
+    Returns:
+        int64 ``[N]``: indices into the palette.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"nearest_colour: expected RGB images [N, 3, H, W], got shape {tuple(x.shape)}")
+    if palette is None:
+        from lightning_diffusion.data.sources import COLOURS
+
+        palette = torch.tensor([rgb for _, rgb in COLOURS])
+    rgb = (x.float().clamp(-1, 1) + 1) / 2
+    background = rgb.flatten(2).median(dim=2).values[:, :, None, None]
+    weight = (rgb.amax(dim=1, keepdim=True) - background.amax(dim=1, keepdim=True)).clamp_min(0)
+    mean = (weight * (rgb - background)).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-8)
+    mean = mean / mean.amax(dim=1, keepdim=True).clamp_min(1e-8)
+    return torch.cdist(mean, palette.to(mean) / 255.0).argmin(dim=1)
+
+
 def train_digits_classifier(out: str | Path | None = None, epochs: int = 25, seed: int = 0) -> Path:
     """Train :class:`DigitsCNN` on the embedded digits' train split and save it to ``out``
     (default ``$LD_DATA/weights/digits-cnn-v1.pt``) with its validation accuracy.
