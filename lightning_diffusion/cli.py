@@ -209,6 +209,50 @@ EXTRA_SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
 }
 
 
+def packaged_configs_dir() -> Path:
+    """The folder of the configs that ship with the package: ``lightning_diffusion/configs`` in an
+    installed wheel, the checkout's ``configs/`` in an editable install."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs (``ddpm_digits``, ...), for ``--config NAME``."""
+    return sorted(p.stem for p in packaged_configs_dir().glob("*.yaml"))
+
+
+_CONFIG_NAME = re.compile(r"(?:configs/)?([\w.-]+?)(?:\.ya?ml)?")
+
+
+def resolve_config(value: str) -> str:
+    """The file ``--config value`` reads: ``value`` itself if it is a file, or if it is no config name
+    (another path, or inline YAML, which LightningCLI takes too); else the packaged config named by
+    ``NAME``, ``NAME.yaml`` or ``configs/NAME.yaml``, so that the README's commands work outside a
+    checkout. Exits with a message naming the option and the packaged configs when there is none."""
+    match = _CONFIG_NAME.fullmatch(value)
+    if match is None or Path(value).is_file():
+        return value
+    packaged = packaged_configs_dir() / f"{match.group(1)}.yaml"
+    if not packaged.is_file():
+        sys.exit(f"lightning-diffusion: --config {value}: no such file, and no packaged config of that name; "
+                 f"packaged configs: {', '.join(packaged_configs())}")
+    if value != match.group(1):  # a file name that is not here: say which file is read instead
+        rank_zero_info(f"--config {value}: no such file here; using the packaged config {packaged}")
+    return str(packaged)
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every ``-c``/``--config`` resolved by :func:`resolve_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+        elif arg in ("-c", "--config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
 def _overview() -> str:
     width = max(map(len, [*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS]))
     rows = [f"  {k.ljust(width)}  {v}" for k, v in TRAINER_SUBCOMMANDS.items()]
@@ -220,7 +264,8 @@ def _overview() -> str:
         "subcommands:\n" + "\n".join(rows) + "\n\n"
         "Run `lightning-diffusion SUBCOMMAND --help` for its options, e.g.\n"
         "  lightning-diffusion fit --config configs/ddpm_digits.yaml\n"
-        "  lightning-diffusion fit --config configs/ddpm_digits.yaml --print_config\n"
+        "  lightning-diffusion fit --config configs/ddpm_digits.yaml --print_config\n\n"
+        f"Configs in the package (--config NAME, also outside a checkout): {', '.join(packaged_configs())}\n"
     )
 
 
@@ -239,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in TRAINER_SUBCOMMANDS:
         known = ", ".join([*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS])
         sys.exit(f"lightning-diffusion: unknown subcommand {argv[0]!r}; choose one of: {known}")
-    DiffusionCLI(args=argv)
+    DiffusionCLI(args=_resolve_config_args(argv))
 
 
 if __name__ == "__main__":

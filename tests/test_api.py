@@ -28,6 +28,8 @@ PUBLIC = [name for name in lightning_diffusion.__all__ if name != "__version__"]
 def test_version_is_semantic_and_is_the_distributions():
     assert re.fullmatch(r"\d+\.\d+\.\d+", lightning_diffusion.__version__)
     assert importlib.metadata.version("lightning-diffusion") == lightning_diffusion.__version__
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"## [{lightning_diffusion.__version__}]" in changelog
 
 
 @pytest.mark.parametrize("name", PUBLIC)
