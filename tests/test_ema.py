@@ -166,11 +166,10 @@ def test_ema_rejects_bad_options():
         EMA(evaluate_with="average")
 
 
-@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
-def test_ema_under_fsdp2_and_ddp(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["fsdp2"])  # DDP: tests/test_distributed.py (same averages on every rank)
+def test_ema_under_fsdp2(tmp_path, kind):
     """2 CPU processes. ModelParallelStrategy (FSDP2): each rank's averages are a DTensor shard laid
-    out like its parameters, validation runs on them, the checkpoint holds them whole. DDP: every
-    rank holds the same full averages."""
+    out like its parameters, validation runs on them, the checkpoint holds them whole."""
     import os
     import subprocess
     import sys

@@ -5,10 +5,12 @@ scheduler travel in the checkpoint; writes of last.ckpt are atomic."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from conftest import ROOT
 CONFIG = {
     "seed_everything": 0,
     "trainer": {"max_steps": 14, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "check_val_every_n_epoch": 100, "num_sanity_val_steps": 0,
+                "enable_model_summary": False, "check_val_every_n_epoch": 2, "limit_val_batches": 2,
+                "num_sanity_val_steps": 0,
                 "callbacks": [{"class_path": "EMA", "init_args": {"decay": 0.99}},
                               {"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]},
     "model": {"class_path": "DDPM", "init_args": {
@@ -43,17 +46,42 @@ def write_config(path: Path, **trainer) -> Path:
 
 
 def fit(config: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """A CLI fit in a subprocess (for the run that is SIGKILLed)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(config),
-                             f"--trainer.default_root_dir={run}",
-                             f"--trainer.callbacks.dirpath={run}/checkpoints", *extra],
+    return subprocess.Popen([sys.executable, "-m", "lightning_diffusion", *fit_args(config, run, *extra)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fit_args(config: Path, run: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), f"--trainer.default_root_dir={run}",
+            f"--trainer.callbacks.dirpath={run}/checkpoints", *extra]
+
+
+def fit_here(config: Path, run: Path, *extra: str) -> None:
+    """The same CLI fit in this process (saves a subprocess's ~8 s of imports)."""
+    from lightning_diffusion.cli import main
+
+    main(fit_args(config, run, *extra))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, last: Path, min_step: int, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` as soon as ``last`` holds a checkpoint of at least ``min_step`` steps."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if last.exists() and torch.load(last, weights_only=False)["global_step"] >= min_step:
+                break
+        except Exception:  # noqa: BLE001 - os.replace makes the file appear whole; a race on a stale handle is retried
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
 
 
 def final_state(run: Path) -> dict:
@@ -75,32 +103,34 @@ def assert_same(a: dict, b: dict) -> None:
     assert a["sched"] == b["sched"]
 
 
-def test_resume_and_sigkill_resume_are_bitwise_exact(tmp_path):
+def test_resume_and_sigkill_resume_are_bitwise_exact(tmp_path, caplog):
+    # killed: a subprocess, SIGKILLed (by a watcher thread) as soon as a checkpoint past step 9 exists
+    # (mid-epoch: epoch 2 after 1 of its 4 batches, an odd offset over 2 workers, or later);
+    # it runs while the in-process runs below do
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    proc = fit(write_config(tmp_path / "c14k.yaml", max_steps=200), killed)
+    watcher = threading.Thread(target=kill_after_checkpoint, args=(proc, last, 9))
+    watcher.start()
+
     # straight: 14 steps (epochs of 4 batches, 2 DataLoader workers, dropout, random flips)
     straight = tmp_path / "straight"
-    finish(fit(write_config(tmp_path / "c14.yaml"), straight))
+    fit_here(write_config(tmp_path / "c14.yaml"), straight)
 
-    # 7 steps (mid-epoch: epoch 1 after 3 of its 4 batches, an odd offset over 2 workers), resume, 7 more
+    # 8 steps, resume, 6 more. Step 8 ends epoch 1: the checkpoint is written after the epoch's last
+    # batch, then (straight run) validation and a new epoch's iter() come before step 9
     split = tmp_path / "split"
-    finish(fit(write_config(tmp_path / "c7.yaml", max_steps=7), split))
-    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
-    out = finish(fit(write_config(tmp_path / "c14b.yaml"), split, f"--ckpt_path={split}/checkpoints/last.ckpt"))
-    assert "Restored all states" in out
+    fit_here(write_config(tmp_path / "c8.yaml", max_steps=8), split)
+    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    with caplog.at_level(logging.INFO):
+        fit_here(write_config(tmp_path / "c14b.yaml"), split, f"--ckpt_path={split}/checkpoints/last.ckpt")
+    assert "Restored all states" in caplog.text
 
-    # killed: SIGKILL as soon as a checkpoint past step 6 exists, then resume from last.ckpt
-    killed = tmp_path / "killed"
-    proc = fit(write_config(tmp_path / "c14k.yaml", max_steps=200), killed)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if last.exists() and torch.load(last, weights_only=False)["global_step"] >= 6:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    watcher.join()
+    assert proc.returncode == -signal.SIGKILL, "the run to kill ended by itself"
     step = torch.load(last, weights_only=False)["global_step"]
-    assert 6 <= step < 200 and step % 3 == 0
-    finish(fit(write_config(tmp_path / "c14c.yaml"), killed, f"--ckpt_path={last}"))
+    assert 9 <= step < 200 and step % 3 == 0
+    fit_here(write_config(tmp_path / "c14c.yaml"), killed, f"--ckpt_path={last}")
 
     reference = final_state(straight)
     assert_same(reference, final_state(split))

@@ -38,8 +38,23 @@ def ema_decay(step: int, decay: float = 0.9999, inv_gamma: float = 1.0, power: f
 
 def averaged_parameters(module: nn.Module) -> dict[str, Tensor]:
     """The parameters the EMA averages: every floating-point parameter, by its qualified name
-    (buffers, e.g. a schedule's constants, are not trained and are left alone)."""
+    (buffers, e.g. a schedule's constants, are not trained and are left alone).
+
+    Under FSDP2 these are the sharded parameters: FSDP2 leaves the root unit's parameters
+    unsharded after a forward without backward (sampling, evaluation), so that is undone first."""
+    reshard(module)
     return {name: p for name, p in module.named_parameters() if p.dtype.is_floating_point}
+
+
+def reshard(module: nn.Module) -> None:
+    """Register the sharded parameters of every FSDP2 unit in ``module`` again (no-op otherwise)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class EMA(L.Callback):

@@ -34,8 +34,8 @@ def _run_dir(trainer: L.Trainer) -> Path:
 
 
 def _append_jsonl(trainer: L.Trainer, name: str, record: dict) -> None:
+    path = _run_dir(trainer) / "metrics" / f"{name}.jsonl"  # trainer.log_dir broadcasts: every rank calls it
     if trainer.is_global_zero:
-        path = _run_dir(trainer) / "metrics" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -49,13 +49,22 @@ class _EpochLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self._resume: dict[str, int] | None = None
+        self._iter_epoch: int | None = None
 
     def __iter__(self):
-        epoch = self._epoch_fn()
-        self.dataset.epoch = epoch  # before the workers copy the dataset
-        self.dataset.start_batch = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            self.dataset.start_batch = self._resume["batches"]
+        epoch, start = self._epoch_fn(), 0
+        if self._resume is not None:
+            # The first iteration after a resume continues the saved position, whatever the trainer's
+            # epoch says at this point: Lightning calls iter() before it settles its counters, and
+            # for a checkpoint saved after the last batch of an epoch (on_train_batch_end) it is
+            # still the finished epoch. A finished epoch continues as the next one from its start
+            # (state_dict saves it so; this also reads checkpoints written before it did).
+            epoch, start = self._resume["epoch"], self._resume["batches"]
+            if start >= self.dataset.batches_per_rank:
+                epoch, start = epoch + 1, 0
+        self.dataset.epoch = self._iter_epoch = epoch  # before the workers copy the dataset
+        self.dataset.start_batch = start
+        if self._resume is not None:
             if self._resume.get("num_workers", self.num_workers) != self.num_workers:
                 import warnings
 
@@ -65,8 +74,14 @@ class _EpochLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch_fn(), "batches": self._progress_fn(), "seed": self.dataset.seed,
-                "num_workers": self.num_workers}
+        """Where the next batch comes from: the epoch being iterated (the loader's own count, not the
+        trainer's, which Lightning advances at different points of a finished epoch) and the batches
+        of it already trained on; a finished epoch is saved as the start of the next one."""
+        epoch = self._iter_epoch if self._iter_epoch is not None else self._epoch_fn()
+        batches = self._progress_fn()
+        if batches >= self.dataset.batches_per_rank:
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "seed": self.dataset.seed, "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.dataset.seed) != self.dataset.seed:
@@ -102,8 +117,8 @@ class ShardDataModule(L.LightningDataModule):
         """
         Args:
             dataset: an embedded dataset name (``digits``, ``digits16``, ``digits32``,
-                ``gaussians8``, ``moons``, ``swissroll``, ``checkerboard``; built into ``$LD_DATA``
-                on first use), or the path of a shard directory / its ``index.json``. None when
+                ``colour_digits`` (16 px RGB), ``colour_digits32``, ``gaussians8``, ``moons``,
+                ``swissroll``, ``checkerboard``; built into ``$LD_DATA`` on first use), or the path of a shard directory / its ``index.json``. None when
                 only shard patterns are given.
             train: brace pattern of training shards, e.g. ``/data/train-{000000..000099}.tar``;
                 overrides the index's list.
@@ -173,7 +188,11 @@ class ShardDataModule(L.LightningDataModule):
         return self.num_classes is not None
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        return dict(num_workers=self.num_workers,
+        # Our own generator: DataLoader.__iter__ draws its workers' base seed from it, and from the global
+        # torch RNG without one. The streams seed themselves, so that draw only disturbed the training
+        # noise and dropout: an iter() between a checkpoint and the next step (a new epoch, validation)
+        # then made the resumed run differ from the straight one.
+        return dict(num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
                     multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None)
 
     # -- loaders ---------------------------------------------------------------------------

@@ -28,6 +28,8 @@ class HierarchicalVAE(LatentVariableModel):
     non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.vae.GradientSkip`).
     """
 
+    fsdp_forward_methods = ("bottom_up", "top_down")
+
     def __init__(self, net: nn.Module, logvar_soft_clamp: float | None = 10.0, grad_skip_factor: float | None = 10.0,
                  **kwargs: Any):
         """

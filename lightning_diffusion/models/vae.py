@@ -443,6 +443,7 @@ class VAE(LatentVariableModel):
     """
 
     free_bits_per_dimension = True
+    fsdp_forward_methods = ("encode", "decode")
 
     def __init__(self, net: nn.Module, **kwargs: Any):
         """

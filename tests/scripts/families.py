@@ -1,0 +1,180 @@
+"""Every model family on 2 CPU processes (gloo); run by tests/test_distributed.py.
+
+``python families.py fsdp2 OUT FAMILY...``: ModelParallelStrategy (FSDP2: ``fully_shard`` in
+``configure_model``). For each family: train 4 steps straight with EMA, SampleQuality, Likelihood and LastCheckpoint
+(a sharded checkpoint directory every 2 steps); train 2 steps, resume from that directory and
+train 2 more; then sample. Every rank writes ``OUT/<family>-rank<r>.pt`` with what the test checks:
+the parameter and EMA types and local shapes (sharded?), full parameters and EMA averages of both
+runs, the evaluation callbacks' results, a sample batch, and the global steps.
+
+``python families.py ddp OUT FAMILY...``: one DDP step on a fixed global batch of 16 (8 per rank)
+with EMA. Every rank writes ``OUT/<family>-ddp-rank<r>.pt`` with its all-reduced gradients and EMA
+averages; rank zero adds the single-process reference: the gradient of the mean of the two halves'
+losses, each half drawn with the same seed as its rank (so dropout, label dropout and the training
+noise are the same draws).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_diffusion import (DDPM, EMA, MLP, VAE, ConvVAENet, HierarchicalVAE, LadderVAENet, LastCheckpoint,
+                                 Likelihood, SampleQuality, ScoreSDE, ShardDataModule, UNet)
+
+
+def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
+    """The model, its data, SampleQuality options and Likelihood options (fixed step counts: every
+    rank makes the same number of net calls, as a sharded model needs)."""
+    images = ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
+    image_quality = {"extractor": "digits", "metrics": ["fid"], "num_samples": 20, "batch_size": 10}
+    if family == "ddpm":
+        net = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                   image_size=8, dropout=0.1, num_classes=10)
+        model = DDPM(net=net, data_shape=(1, 8, 8), num_classes=10, class_conditional=True, label_dropout=0.2,
+                     timesteps=50, warmup_steps=2, lr=1e-3)
+        return model, images, {**image_quality, "sample_options": {"sampler": "ddim", "steps": 3}}, {"steps": 3}
+    if family == "score_sde":
+        points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
+        model = ScoreSDE(net=MLP(in_channels=2, hidden=32, num_layers=2, time_embed_dim=16), data_shape=(2,),
+                         warmup_steps=2, lr=1e-3)
+        return model, points, {"num_samples": 20, "batch_size": 10, "sample_options": {"sampler": "euler_maruyama",
+                                                                                        "steps": 4}}, {"steps": 3}
+    if family == "vae":
+        model = VAE(net=ConvVAENet(in_channels=1, image_size=8, latent_dim=4, channels=(8, 16)), data_shape=(1, 8, 8),
+                    warmup_steps=2, lr=1e-3)
+        return model, images, image_quality, {"num_importance_samples": 4}
+    if family == "hvae":
+        net = LadderVAENet(in_channels=1, image_size=8, width=16, latent_channels=2, latent_resolutions=(1, 4),
+                           groups_per_resolution=(1, 1), encoder_blocks=1)
+        model = HierarchicalVAE(net=net, data_shape=(1, 8, 8), warmup_steps=2, lr=1e-3)
+        return model, images, image_quality, {"num_importance_samples": 4}
+    raise ValueError(family)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
+    torch.manual_seed(0)
+    model, data, quality_options, bpd_options = build(family)
+    ema = EMA(decay=0.9)
+    quality = SampleQuality(every_n_epochs=0, every_n_steps=4, cache_stats=False, **quality_options)
+    likelihood = Likelihood(every_n_epochs=0, every_n_steps=4, num_batches=1, split="test", bpd_options=bpd_options)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                                                    tensor_parallel_size=1),
+                        max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[ema, quality, likelihood, LastCheckpoint(dirpath=f"{root}/ck", every_n_train_steps=2)])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, ema, trainer, quality.last_results, likelihood.last_results
+
+
+STEP_SEED = 1234
+
+
+class FixedBatch(L.LightningDataModule):
+    """Rank r trains on half r of a fixed global batch (no sampler: the split is ours)."""
+
+    def __init__(self, halves: list[dict]):
+        super().__init__()
+        self.halves = halves
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([self.halves[self.trainer.global_rank]], batch_size=None)
+
+
+class Grads(L.Callback):
+    """Seeds every rank alike before the step; records the all-reduced, unclipped gradients."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(STEP_SEED)
+        self.batch_sum = float(batch["x"].double().sum())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = float(outputs["loss"])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def fixed_halves(family: str) -> list[dict]:
+    """16 fixed samples in the batch contract, straight from the sources (the same on every rank)."""
+    import numpy as np
+
+    from lightning_diffusion.data.sources import digits, toy2d_points
+
+    if family == "score_sde":
+        x, y = toy2d_points("gaussians8", 16, np.random.default_rng(0))
+        batch = {"x": torch.from_numpy(x), "y": torch.from_numpy(y).long()}
+    else:
+        pool = digits(8).pools["all"]
+        images = np.stack([pool[i][0] for i in range(16)])  # uint8 [16, 8, 8, 1]
+        batch = {"x": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                 "y": torch.tensor([pool[i][1] for i in range(16)])}
+    return [{k: v[h * 8:(h + 1) * 8] for k, v in batch.items()} for h in (0, 1)]
+
+
+def ddp_step(family: str, out: str) -> None:
+    torch.manual_seed(0)
+    model, data, _, _ = build(family)
+    model.grad_clip = None
+    with torch.no_grad():  # zero-initialised output layers would leave every gradient but theirs at zero
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    halves = fixed_halves(family)
+    grads, ema = Grads(), EMA(decay=0.5)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=[grads, ema])
+    trainer.fit(model, datamodule=FixedBatch(halves))
+    result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum, "ema": {n: full(s) for n, s in ema.shadow.items()}}
+    if trainer.global_rank == 0:  # the single-process reference, on a fresh copy of the initial model
+        torch.manual_seed(0)
+        reference, _, _, _ = build(family)
+        reference.load_state_dict(init)
+        reference.train()
+        losses = []
+        for half in halves:
+            torch.manual_seed(STEP_SEED)
+            losses.append(reference.training_step(half, 0))
+        (sum(losses) / len(losses)).backward()
+        result["reference_losses"] = [float(l) for l in losses]
+        result["half_sums"] = [float(h["x"].double().sum()) for h in halves]
+        result["reference"] = {n: p.grad.detach().clone() for n, p in reference.named_parameters()
+                               if p.grad is not None}
+    torch.save(result, f"{out}/{family}-ddp-rank{trainer.global_rank}.pt")
+
+
+def fsdp2_runs(family: str, out: str) -> None:
+    model, ema, trainer, quality, likelihood = fit(family, f"{out}/{family}-straight", 4)
+    name, largest = max(model.named_parameters(), key=lambda item: item[1].numel())
+    result = {"param_type": type(largest).__name__, "shadow_type": type(ema.shadow[name]).__name__,
+              "local_shape": tuple(largest.to_local().shape if hasattr(largest, "to_local") else largest.shape),
+              "full_shape": tuple(largest.shape),
+              "fsdp_units": sum(type(m).__name__.startswith("FSDP") for m in model.modules()),
+              "params": {n: full(p) for n, p in model.named_parameters()},
+              "ema": {n: full(s) for n, s in ema.shadow.items()}, "quality": quality, "likelihood": likelihood,
+              "step": trainer.global_step}
+    g = torch.Generator().manual_seed(1)
+    options = {"ddpm": {"sampler": "ddim", "steps": 3}, "score_sde": {"sampler": "euler_maruyama", "steps": 4}}
+    y = torch.arange(6) % 10 if getattr(model, "class_conditional", False) else None
+    result["samples"] = model.sample(6, y=y, generator=g, **options.get(family, {})).detach()
+    fit(family, f"{out}/{family}-split", 2)
+    model, ema, trainer, _, _ = fit(family, f"{out}/{family}-split", 4, ckpt_path=f"{out}/{family}-split/ck/last.ckpt")
+    result.update(resumed_params={n: full(p) for n, p in model.named_parameters()},
+                  resumed_ema={n: full(s) for n, s in ema.shadow.items()}, resumed_step=trainer.global_step)
+    torch.save(result, f"{out}/{family}-rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    mode, out, families = sys.argv[1], sys.argv[2], sys.argv[3:]
+    for family in families:
+        {"fsdp2": fsdp2_runs, "ddp": ddp_step}[mode](family, out)
