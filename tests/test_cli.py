@@ -14,7 +14,7 @@ TINY = ["--trainer.max_steps=4", "--model.init_args.timesteps=20", "--data.init_
 
 
 def test_help_lists_every_subcommand():
-    out = run_cli("--help").stdout
+    out = run_cli("--help", separate_process=True).stdout  # the real entry point, once
     for sub in ("fit", "validate", "test", "predict", "shards"):
         assert re.search(rf"^\s+{sub}\s+\S", out, re.M), f"{sub} missing from --help"
     assert "--trainer.max_steps" in run_cli("fit", "--help").stdout

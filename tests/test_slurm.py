@@ -1,6 +1,6 @@
 """SLURM: ``slurm/train.sbatch`` on the one-machine cluster of ``slurm/local_cluster.sh`` (a 2-task DDP
 job; SIGUSR1 -> hpc checkpoint -> requeue -> resume with the same W&B run), and the two-node
-environment path through SLURM's variables (4 processes on this machine as 2 nodes x 2 tasks).
+environment path through SLURM's variables (2 processes on this machine as 2 nodes x 1 task).
 
 The cluster tests need Debian's ``slurm-wlm`` and ``munge`` and root (slurmd); without them they are
 skipped with the reason (CI installs them: ``.ci/run``). The two-node test needs neither.
@@ -161,23 +161,23 @@ def test_sbatch_ddp_job_trains_is_signalled_requeued_and_finishes_in_the_same_wa
 
 
 def test_two_node_environment_from_slurm_variables(tmp_path):
-    """Four processes on this machine with the SLURM variables srun sets for a 2-node x 2-task job:
-    Lightning's SLURMEnvironment places them (world size 4, node ranks 0/1, global ranks 0-3), the CLI
+    """Two processes on this machine with the SLURM variables srun sets for a 2-node x 1-task job:
+    Lightning's SLURMEnvironment places them (world size 2, node ranks 0/1, global ranks 0/1), the CLI
     trains a few DDP steps and every rank ends with the same parameters."""
     port = _free_port_pair()
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")}
     base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(port),
                 PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "scripts"), base.get("PYTHONPATH", "")]),
                 SLURM_JOB_ID="4242", SLURM_JOB_NAME="ld-two-nodes", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2",
-                SLURM_NTASKS="4", SLURM_NTASKS_PER_NODE="2", SLURM_NODELIST="localhost,localhost",
+                SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="localhost,localhost",
                 SLURM_JOB_NODELIST="localhost,localhost", SLURM_CPUS_PER_TASK="1")
     args = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(CONFIG), *TINY,
-            "--trainer.num_nodes=2", "--trainer.devices=2", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+            "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks+=slurm_ranks.RankReport", f"--trainer.callbacks.out={tmp_path / 'ranks'}"]
     procs = []
-    for rank in range(4):
-        env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2), "SLURM_NODEID": str(rank // 2)}
+    for rank in range(2):  # one task per node: global rank = node rank
+        env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank)}
         procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = []
@@ -190,12 +190,12 @@ def test_two_node_environment_from_slurm_variables(tmp_path):
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{out[-4000:]}"
 
-    reports = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(4)]
+    reports = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):
         assert report["environment"] == "SLURMEnvironment"
-        assert (report["world_size"], report["dist_world_size"], report["num_nodes"]) == (4, 4, 2)
+        assert (report["world_size"], report["dist_world_size"], report["num_nodes"]) == (2, 2, 2)
         assert (report["global_rank"], report["dist_rank"]) == (rank, rank)
-        assert (report["node_rank"], report["local_rank"]) == (rank // 2, rank % 2)
+        assert (report["node_rank"], report["local_rank"]) == (rank, 0)
         assert (report["main_address"], report["main_port"]) == ("localhost", port)
         assert report["global_step"] == 3
         assert report["log_dir"] == str(tmp_path / "ddpm_toy2d" / "slurm-4242")
