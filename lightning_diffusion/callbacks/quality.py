@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import batch_x, estimator_name
+from lightning_diffusion.callbacks.samples import class_labels
 from lightning_diffusion.data.datamodule import rank_world
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import FeatureExtractor, get_extractor
@@ -167,13 +168,6 @@ class SampleQuality(_Periodic):
             self._extractor = get_extractor(self.extractor_name, self.weights_path)
         return self._extractor.to(device)
 
-    def _labels(self, pl_module: L.LightningModule, n: int, offset: int, device) -> Tensor | None:
-        """Class-conditional models get labels cycling over the classes (balanced)."""
-        if not getattr(pl_module, "class_conditional", False):
-            return None
-        num_classes = int(pl_module.num_classes)
-        return (torch.arange(offset, offset + n, device=device) % num_classes).long()
-
     def generate(self, trainer: L.Trainer | None, pl_module: L.LightningModule):
         """Yield this rank's generated batches; every rank runs the same number of ``sample`` calls
         (ceil(num_samples / world) samples each, extra ones dropped)."""
@@ -185,7 +179,7 @@ class SampleQuality(_Periodic):
         done = 0
         while done < per_rank:
             n = min(self.batch_size, per_rank - done)
-            x = pl_module.sample(n, generator=generator, y=self._labels(pl_module, n, offset + done, pl_module.device),
+            x = pl_module.sample(n, generator=generator, y=class_labels(pl_module, n, offset + done, pl_module.device),
                                  **self.sample_options)
             keep = max(0, min(n, share - done))
             done += n
