@@ -204,6 +204,8 @@ EXTRA_SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "sample": ("Draw samples from a checkpoint (EMA weights): PNGs, a grid and an npz.", _command("sample")),
     "evaluate": ("Score a checkpoint: FID/KID/IS/precision-recall and bits/dim on a split; table + JSON.",
                  _command("evaluate")),
+    "consolidate": ("Write a sharded (FSDP / ModelParallelStrategy) checkpoint folder as one checkpoint file.",
+                    _command("consolidate")),
     "features": ("Feature networks of the metrics: fetch the Inception weights, train the digits one.",
                  _command("features")),
 }

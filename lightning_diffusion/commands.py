@@ -1,10 +1,12 @@
-"""``lightning-diffusion sample``, ``evaluate`` and ``features``: work on a trained checkpoint
-without a Trainer loop. Both load the EMA weights by default (``--weights raw`` for the others)."""
+"""``lightning-diffusion sample``, ``evaluate``, ``consolidate`` and ``features``: work on a trained
+checkpoint without a Trainer loop. ``sample`` and ``evaluate`` load the EMA weights by default
+(``--weights raw`` for the others) from a checkpoint file or a sharded checkpoint folder."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +25,13 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
     from lightning_diffusion.callbacks.ema import load_ema_weights
 
     path = Path(ckpt_path)
-    if not path.is_file():
+    if path.is_dir():  # a sharded checkpoint (FSDP / ModelParallelStrategy): consolidate it in memory
+        ckpt = consolidated_checkpoint(path)
+        path = None
+    elif not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    else:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     class_path = str(ckpt.get("hyper_parameters", {}).get("_class_path", ""))
     if not class_path:
         raise ValueError(f"{path}: no hyper_parameters._class_path; was it written by `lightning-diffusion fit`? "
@@ -34,9 +40,61 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
 
     module, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    model = cls.load_from_checkpoint(path, map_location=device).eval()
+    if path is None:  # load_from_checkpoint takes a file or a buffer: the consolidated dict as one
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        model = cls.load_from_checkpoint(buffer, map_location=device).eval()
+    else:
+        model = cls.load_from_checkpoint(path, map_location=device).eval()
     used = "ema" if weights == "ema" and load_ema_weights(model, ckpt) else "raw"
     return model, ckpt, used
+
+
+def consolidated_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """One ordinary Lightning checkpoint dict from a sharded checkpoint folder (torch distributed
+    checkpoint + ``meta.pt``), as ``ModelParallelStrategy`` (FSDP2) or ``FSDPStrategy`` (FSDP1) with
+    ``state_dict_type="sharded"`` write it: full tensors, in one process, without a process group.
+
+    Lightning's own ``lightning.pytorch.utilities.consolidate_checkpoint`` reads the folder with the
+    same loader but expects FSDP1's key ``model``; ModelParallelStrategy writes ``state_dict``. This
+    accepts both and gathers ``optimizer_<i>`` into ``optimizer_states``.
+    """
+    import re
+
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder} is not a sharded checkpoint folder (no .metadata file)")
+    ckpt = _load_distributed_checkpoint(folder)
+    if "model" in ckpt and "state_dict" not in ckpt:
+        ckpt["state_dict"] = ckpt.pop("model")
+    optimizers = sorted((k for k in ckpt if re.fullmatch(r"optimizer_[0-9]+", k)), key=lambda k: int(k.split("_")[1]))
+    if optimizers:
+        ckpt["optimizer_states"] = [ckpt.pop(k) for k in optimizers]
+    return ckpt
+
+
+def consolidate(*, ckpt_path: str, out: str | None = None) -> Path:
+    """Write a sharded checkpoint folder (FSDP / ModelParallelStrategy) as one checkpoint file that
+    ``load_from_checkpoint``, ``--ckpt_path`` of ``fit`` on one device, ``sample`` and ``evaluate``
+    read: weights, EMA averages, optimizer, schedulers, loops and the data position.
+
+    Args:
+        ckpt_path: the sharded checkpoint folder, e.g. ``runs/x/version_0/checkpoints/last.ckpt``.
+        out: the file to write (default: ``<ckpt_path>.consolidated``).
+    """
+    target = Path(out) if out else Path(f"{ckpt_path}.consolidated")
+    ckpt = consolidated_checkpoint(ckpt_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    torch.save(ckpt, partial)
+    os.replace(partial, target)
+    print(f"Wrote {target} (step {ckpt.get('global_step')}, {len(ckpt['state_dict'])} tensors)")
+    return target
 
 
 def _labels(model, num: int, class_label: int | None, device) -> torch.Tensor | None:
@@ -235,4 +293,5 @@ def run(name: str, argv: list[str]) -> None:
         CLI({"fetch-inception": fetch_inception, "train-digits": train_digits}, args=argv,
             prog="lightning-diffusion features", description="Feature networks of the sample-quality metrics.")
     else:
-        CLI({"sample": sample, "evaluate": evaluate}[name], args=argv, prog=f"lightning-diffusion {name}")
+        CLI({"sample": sample, "evaluate": evaluate, "consolidate": consolidate}[name], args=argv,
+            prog=f"lightning-diffusion {name}")

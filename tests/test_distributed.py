@@ -74,11 +74,27 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
         assert samples.shape == ((6, 2) if family == "score_sde" else (6, 1, 8, 8)), family
         quality, likelihood = rank0["quality"], rank0["likelihood"]
         if family == "score_sde":
+            assert len(rank0["refused"]) == 2 and all("sharded (FSDP) model" in m for m in rank0["refused"])
             assert quality["val/energy_distance"] > 0 and math.isfinite(quality["val/mmd"])
         else:
             assert quality["val/fid_num_samples"] == 20 and 0 < quality["val/fid"] < 1000, family
         assert likelihood["val/bpd_num_samples"] > 0 and 0 < likelihood["val/bpd"] < 20, family
         assert quality == rank1["quality"] and likelihood == rank1["likelihood"], family
+
+    # the sharded checkpoint folder as one file: full weights, EMA averages and optimizer state
+    from lightning_diffusion.callbacks.ema import ema_state_from_checkpoint
+    from lightning_diffusion.commands import consolidate
+
+    rank0, _ = load(tmp_path, "ddpm")
+    folder = tmp_path / "ddpm-split" / "ck" / "last.ckpt"
+    assert folder.is_dir() and (folder / "meta.pt").is_file()
+    ckpt = torch.load(consolidate(ckpt_path=str(folder)), weights_only=False)
+    assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"]) == 1
+    assert set(ckpt["state_dict"]) >= set(rank0["resumed_params"])
+    for name, value in rank0["resumed_params"].items():
+        assert torch.equal(ckpt["state_dict"][name], value), name
+    for name, value in ema_state_from_checkpoint(ckpt).items():
+        assert torch.equal(value, rank0["resumed_ema"][name]), name
 
 
 def test_tensor_parallel_is_refused_with_a_clear_error():

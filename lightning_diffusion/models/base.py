@@ -148,6 +148,8 @@ class GenerativeModel(L.LightningModule):
         """
         from lightning_diffusion.diffusion import samplers
 
+        if sampler == "ode":
+            self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
         shape = (num_samples, *self.require_data_shape())
         y = None if y is None else y.to(self.device)
         clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
@@ -253,6 +255,22 @@ class GenerativeModel(L.LightningModule):
     #: methods of ``self.net`` that the family calls besides ``forward`` (a VAE's encode/decode);
     #: FSDP2 must gather the net's own parameters around them too
     fsdp_forward_methods: tuple[str, ...] = ()
+
+    def is_sharded(self) -> bool:
+        """True when FSDP2 has sharded this model over more than one rank: every forward then needs
+        all ranks, so adaptive solvers (different step counts per rank) would hang."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:
+            return False
+        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and \
+            any(isinstance(m, FSDPModule) for m in self.modules())
+
+    def require_fixed_steps(self, what: str, instead: str) -> None:
+        """Refuse an adaptive solver (``what``) on a sharded model, naming the alternative."""
+        if self.is_sharded():
+            raise ValueError(f"{type(self).__name__}.{what} is adaptive: its number of network calls differs "
+                             f"between ranks, which a sharded (FSDP) model cannot do; use {instead}")
 
     def configure_model(self) -> None:
         """Shard the model with FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``.

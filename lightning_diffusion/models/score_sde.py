@@ -207,6 +207,9 @@ class ScoreSDE(GenerativeModel):
         NLL. ``steps`` switches to a fixed rk4 grid: the same number of net evaluations on every
         rank, as a sharded model needs. The NFE of the last call is in ``self.last_likelihood_nfe``.
         """
+        if steps is None:
+            self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
+                                     "bpd_options: {steps: N})")
         num_dims = x[0].numel()
         divergence = divergence or self.likelihood_divergence
         was_training = self.training
