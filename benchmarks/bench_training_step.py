@@ -13,7 +13,17 @@ Lightning's time is its training loop (``on_train_start`` .. ``on_train_end``); 
 
 Target: lightning / plain >= 0.95.
 
+On a GPU the same comparison runs the paper-scale model: ``--config configs/ddpm_cifar10.yaml``
+(Ho et al.'s 35.7M UNet on 3x32x32 batches of random images: throughput does not depend on the
+pixels), with ``--precision bf16-mixed`` (Lightning's flag; the plain loop uses the same autocast)
+and ``--compile`` (``torch.compile`` of the net on both sides). The FLOPs of one training step are
+counted with ``torch.utils.flop_counter`` (forward + backward of the loss), so images/s and model
+FLOPs utilisation (MFU = FLOPs/step x steps/s / ``--peak_tflops``; default: the H100/H200 dense
+bf16 peak, 989 TFLOP/s) are reported for both sides.
+
     python benchmarks/bench_training_step.py [--steps 100] [--rounds 3] [--json out.json]
+    python benchmarks/bench_training_step.py --config configs/ddpm_cifar10.yaml --accelerator cuda \
+        --precision bf16-mixed --compile --steps 50 --json benchmarks/results/h100_training_step_cifar10.json
 """
 
 from __future__ import annotations
@@ -37,16 +47,28 @@ from lightning_diffusion import DDPM, UNet
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def data_shape(config: dict) -> tuple[int, int, int]:
+    """``[C, H, W]`` of the config's data: CIFAR-10 configs 3x32x32, the rest the 8x8 digits."""
+    return (3, 32, 32) if "cifar10" in str(config.get("trainer", {}).get("logger", {})) else (1, 8, 8)
+
+
 def build_model(config: dict) -> DDPM:
-    """The DDPM of the config, for 8x8 one-channel digits with 10 classes (what the CLI links in)."""
+    """The DDPM of the config with 10 classes and the config's data shape (what the CLI links in)."""
     model_args = dict(config["model"]["init_args"])
     net_args = dict(model_args.pop("net")["init_args"])
-    net = UNet(in_channels=1, image_size=8, num_classes=10, **net_args)
-    return DDPM(net=net, data_shape=(1, 8, 8), num_classes=10, **model_args)
+    shape = data_shape(config)
+    net = UNet(in_channels=shape[0], image_size=shape[1], num_classes=10, **net_args)
+    return DDPM(net=net, data_shape=shape, num_classes=10, **model_args)
 
 
-def make_batches(num: int, batch_size: int, seed: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """``num`` batches of real digits, pixels mapped as in the shards (8-bit, then [-1, 1])."""
+def make_batches(num: int, batch_size: int, seed: int, device: torch.device,
+                 shape: tuple[int, int, int] = (1, 8, 8)) -> list[dict[str, torch.Tensor]]:
+    """``num`` batches of real digits, pixels mapped as in the shards (8-bit, then [-1, 1]); for
+    another ``shape``, uniform random images in [-1, 1] with random labels."""
+    if shape != (1, 8, 8):
+        g = torch.Generator().manual_seed(seed)
+        return [{"x": (torch.rand(batch_size, *shape, generator=g) * 2 - 1).to(device),
+                 "y": torch.randint(0, 10, (batch_size,), generator=g).to(device)} for _ in range(num)]
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -62,7 +84,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_round(model: DDPM, batches: list, steps: int, device: torch.device) -> float:
+def autocast(device: torch.device, precision: str):
+    """The autocast context Lightning's ``precision`` flag sets up, for the plain loop."""
+    import contextlib
+
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_flops(model: DDPM, batch: dict, device: torch.device, precision: str) -> float:
+    """FLOPs of one training step's forward and backward (torch.utils.flop_counter; the optimizer's
+    elementwise work is not counted, as MFU conventions have it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, precision):
+            loss = model.loss(batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def plain_round(model: DDPM, batches: list, steps: int, device: torch.device, precision: str = "32-true") -> float:
     """``steps`` hand-written optimizer steps; returns steps/s."""
     opt = torch.optim.AdamW(model.parameters(), lr=model.lr, betas=model.adam_betas, weight_decay=model.weight_decay)
     warmup = model.warmup_steps
@@ -71,7 +115,8 @@ def plain_round(model: DDPM, batches: list, steps: int, device: torch.device) ->
     sync(device)
     start = time.perf_counter()
     for i in range(steps):
-        loss = model.loss(batches[i % len(batches)])
+        with autocast(device, precision):
+            loss = model.loss(batches[i % len(batches)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), model.grad_clip)
@@ -96,12 +141,13 @@ class LoopTimer(L.Callback):
         self.seconds = time.perf_counter() - self._t0
 
 
-def lightning_round(model: DDPM, batches: list, steps: int, accelerator: str, device: torch.device) -> tuple[float, float]:
+def lightning_round(model: DDPM, batches: list, steps: int, accelerator: str, device: torch.device,
+                    precision: str = "32-true") -> tuple[float, float]:
     """``steps`` steps of ``trainer.fit``; returns (loop steps/s, whole-fit steps/s)."""
     # the same in-memory batches, in the same order; batch_size=None hands the dicts through as they are
     loader = DataLoader([batches[i % len(batches)] for i in range(steps)], batch_size=None, shuffle=False)
     timer = LoopTimer(device)
-    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False,
+    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False, precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
     start = time.perf_counter()
@@ -121,6 +167,11 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                   help="Lightning's precision flag; the plain loop uses the same autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the net on both sides")
+    p.add_argument("--peak_tflops", type=float, default=989.4,
+                   help="the device's peak TFLOP/s for MFU (default: H100/H200 SXM dense bf16)")
     p.add_argument("--json", help="write the numbers to this JSON file")
     args = p.parse_args()
 
@@ -137,20 +188,25 @@ def main() -> None:
     torch.manual_seed(args.seed)
     lit = build_model(config)  # the Trainer moves it
     same = all(torch.equal(a, b.to(device)) for a, b in zip(plain.state_dict().values(), lit.state_dict().values()))
-    batches = make_batches(args.num_batches, args.batch_size, args.seed, device)
-    print(f"DDPM digits 8x8: {sum(q.numel() for q in plain.parameters()):,} parameters, batch {args.batch_size}, "
-          f"{args.accelerator}, {torch.get_num_threads()} threads; identical init: {same}")
+    shape = data_shape(config)
+    batches = make_batches(args.num_batches, args.batch_size, args.seed, device, shape)
+    flops = step_flops(plain, batches[0], device, args.precision)
+    if args.compile:
+        plain.net, lit.net = torch.compile(plain.net), torch.compile(lit.net)
+    print(f"DDPM {'x'.join(map(str, shape))}: {sum(q.numel() for q in plain.parameters()):,} parameters, batch "
+          f"{args.batch_size}, {args.accelerator}, {args.precision}{', compiled' if args.compile else ''}, "
+          f"{torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP/step; identical init: {same}")
 
     torch.manual_seed(args.seed)
-    plain_round(plain, batches, args.warmup, device)
-    lightning_round(lit, batches, args.warmup, args.accelerator, device)
+    plain_round(plain, batches, args.warmup, device, args.precision)
+    lightning_round(lit, batches, args.warmup, args.accelerator, device, args.precision)
 
     rows = []
     for r in range(args.rounds):
         torch.manual_seed(args.seed + 1 + r)
-        p_sps = plain_round(plain, batches, args.steps, device)
+        p_sps = plain_round(plain, batches, args.steps, device, args.precision)
         torch.manual_seed(args.seed + 1 + r)
-        l_sps, l_fit_sps = lightning_round(lit, batches, args.steps, args.accelerator, device)
+        l_sps, l_fit_sps = lightning_round(lit, batches, args.steps, args.accelerator, device, args.precision)
         rows.append({"round": r, "plain": p_sps, "lightning": l_sps, "lightning_fit": l_fit_sps})
         print(f"round {r}: plain {p_sps:8.2f} steps/s   lightning {l_sps:8.2f} steps/s   "
               f"(whole fit() {l_fit_sps:8.2f} steps/s)")
@@ -161,11 +217,19 @@ def main() -> None:
     print(f"{'plain PyTorch loop':28s}{med['plain']:16.2f}{1.0:10.3f}")
     print(f"{'Lightning (training loop)':28s}{med['lightning']:16.2f}{ratio:10.3f}")
     print(f"{'Lightning (whole fit call)':28s}{med['lightning_fit']:16.2f}{ratio_fit:10.3f}")
+    images = {k: v * args.batch_size for k, v in med.items()}
+    mfu = {k: flops * v / (args.peak_tflops * 1e12) for k, v in med.items()}
+    print(f"images/s: plain {images['plain']:.0f}, Lightning {images['lightning']:.0f}; MFU (of "
+          f"{args.peak_tflops:g} TFLOP/s): plain {mfu['plain']:.3%}, Lightning {mfu['lightning']:.3%}")
     print(f"\nlightning / plain = {ratio:.3f}  (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")
 
     if args.json:
         out = {"benchmark": "training_step", "steps": args.steps, "rounds": args.rounds,
                "batch_size": args.batch_size, "accelerator": args.accelerator, "threads": torch.get_num_threads(),
+               "config": Path(args.config).name, "data_shape": list(shape), "precision": args.precision,
+               "compile": args.compile, "flops_per_step": flops, "peak_tflops": args.peak_tflops,
+               "median_images_per_s": images, "mfu": mfu,
+               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "identical_init": same, "per_round": rows, "median_steps_per_s": med,
                "ratio_lightning_over_plain": ratio, "ratio_fit_over_plain": ratio_fit, "target_ratio": 0.95}
         Path(args.json).write_text(json.dumps(out, indent=2))
