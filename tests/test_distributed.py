@@ -112,3 +112,37 @@ def test_tensor_parallel_is_refused_with_a_clear_error():
     model._device_mesh = Mesh()
     with pytest.raises(ValueError, match="tensor parallelism is not supported"):
         model.configure_model()
+
+
+def _ddp_overrides(config: Path) -> list[str]:
+    """Tiny settings that keep a config's model family, net class and callbacks."""
+    import yaml
+
+    text = yaml.safe_load(config.read_text())
+    model = text["model"]["class_path"]
+    args = ["--trainer.max_steps=2", "--data.init_args.batches_per_epoch=2", "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=8", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
+    if "cifar10" in config.name:  # no CIFAR-10 here: the same model on the 32x32 digits, narrower
+        args += ["--data.init_args.dataset=digits32"]
+        args += (["--model.init_args.net.init_args.width=16"] if model == "HierarchicalVAE" else
+                 ["--model.init_args.net.init_args.model_channels=32"])
+    if model == "DDPM":
+        args += ["--model.init_args.timesteps=50"]  # >= the configs' DDIM steps
+    if model == "ScoreSDE":
+        args += ["--model.init_args.sample_steps=3"]
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_config_trains_under_ddp(config, tmp_path):
+    """``--trainer.strategy=ddp --trainer.devices=2`` on CPU (gloo), each shipped config, through the
+    CLI: 2 steps, validation, its callbacks and the final samples (tiny settings)."""
+    from conftest import ROOT, run_cli
+
+    path = ROOT / "configs" / config
+    run_cli("fit", "--config", str(path), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *_ddp_overrides(path), separate_process=True, timeout=900)
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
