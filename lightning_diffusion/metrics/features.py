@@ -174,6 +174,33 @@ def nearest_colour(x: Tensor, palette: Tensor | None = None) -> Tensor:
     return torch.cdist(mean, palette.to(mean) / 255.0).argmin(dim=1)
 
 
+def colour_digit_accuracy(x: Tensor, y: Tensor, digits: DigitsFeatures | None = None) -> dict[str, float]:
+    """How often coloured-digit images show their joint label ``y = digit * 8 + colour``
+    (``colour_digits``): the fraction whose digit the :class:`DigitsFeatures` classifier reads
+    (on the per-pixel channel maximum, pooled to 8 x 8), whose :func:`nearest_colour` is the
+    colour, and both. Chance: 1/10, 1/8 and 1/80.
+
+    Args:
+        x: RGB images in [-1, 1], ``[N, 3, H, W]``.
+        y: joint labels ``[N]`` (int64).
+        digits: the digit classifier; None loads (or trains) the cached one.
+
+    Returns:
+        ``{"digit": ..., "colour": ..., "both": ...}``, fractions in [0, 1].
+    """
+    from lightning_diffusion.data.sources import split_colour_digit_label
+
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"colour_digit_accuracy: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+    digit, colour = split_colour_digit_label(y.cpu())
+    with torch.no_grad():
+        predicted_digit = (digits or DigitsFeatures())(x.cpu())[1].argmax(1)
+    predicted_colour = nearest_colour(x.cpu())
+    return {"digit": (predicted_digit == digit).float().mean().item(),
+            "colour": (predicted_colour == colour).float().mean().item(),
+            "both": ((predicted_digit == digit) & (predicted_colour == colour)).float().mean().item()}
+
+
 def train_digits_classifier(out: str | Path | None = None, epochs: int = 25, seed: int = 0) -> Path:
     """Train :class:`DigitsCNN` on the embedded digits' train split and save it to ``out``
     (default ``$LD_DATA/weights/digits-cnn-v1.pt``) with its validation accuracy.
