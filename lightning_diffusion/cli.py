@@ -199,7 +199,7 @@ def _command(name: str) -> Callable[[list[str]], None]:
 
 
 EXTRA_SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
-    "shards": ("Write WebDataset shards + index.json from digits, toy2d, an image folder or a torchvision set.",
+    "shards": ("Write WebDataset shards + index.json from (colour) digits, toy2d, an image folder or a torchvision set.",
                _shards_main),
     "sample": ("Draw samples from a checkpoint (EMA weights): PNGs, a grid and an npz.", _command("sample")),
     "evaluate": ("Score a checkpoint: FID/KID/IS/precision-recall and bits/dim on a split; table + JSON.",
