@@ -58,10 +58,16 @@ def fit_args(config: Path, run: Path, *extra: str) -> list[str]:
 
 
 def fit_here(config: Path, run: Path, *extra: str) -> None:
-    """The same CLI fit in this process (saves a subprocess's ~8 s of imports)."""
+    """The same CLI fit in this process (saves a subprocess's ~8 s of imports), with one intra-op
+    thread like the subprocess: float sums in another thread count round differently."""
     from lightning_diffusion.cli import main
 
-    main(fit_args(config, run, *extra))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(fit_args(config, run, *extra))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
