@@ -60,7 +60,9 @@ def cluster(tmp_path_factory):
     """A local cluster of its own (own state directory and ports), stopped after the module.
     Yields the environment for client commands and jobs."""
     state = tmp_path_factory.mktemp("slurm")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # not WANDB_SERVICE either: set where this pytest process itself ran W&B (the in-process CLI tests),
+    # it would make the jobs' ranks share that service, which then refuses the requeued job's run id
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "WANDB_SERVICE"}
     env.update(LD_SLURM_PORT=str(_free_port_pair()), SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", WANDB_MODE="offline", LD_COMMAND=f"{sys.executable} -m lightning_diffusion")
     proc = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=120)
@@ -165,7 +167,8 @@ def test_two_node_environment_from_slurm_variables(tmp_path):
     Lightning's SLURMEnvironment places them (world size 2, node ranks 0/1, global ranks 0/1), the CLI
     trains a few DDP steps and every rank ends with the same parameters."""
     port = _free_port_pair()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE")}
     base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(port),
                 PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "scripts"), base.get("PYTHONPATH", "")]),
                 SLURM_JOB_ID="4242", SLURM_JOB_NAME="ld-two-nodes", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2",
