@@ -166,32 +166,5 @@ def test_ema_rejects_bad_options():
         EMA(evaluate_with="average")
 
 
-@pytest.mark.parametrize("kind", ["fsdp2"])  # DDP: tests/test_distributed.py (same averages on every rank)
-def test_ema_under_fsdp2(tmp_path, kind):
-    """2 CPU processes. ModelParallelStrategy (FSDP2): each rank's averages are a DTensor shard laid
-    out like its parameters, validation runs on them, the checkpoint holds them whole."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent / "scripts" / "ema_fsdp2.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), kind], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result, other = (torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in (0, 1))
-    sharded = kind == "fsdp2"
-    assert result["param_type"] == ("DTensor" if sharded else "Parameter")
-    assert result["shadow_type"] == ("DTensor" if sharded else "Tensor")
-    assert result["local_shape"] == ((8, 4) if sharded else (16, 4))  # FSDP2: half of the [16, 4] weight per rank
-    assert result["updates"] == other["updates"] == 4
-    for name, full in result["full"].items():
-        torch.testing.assert_close(other["full"][name], full, rtol=0, atol=0)  # the ranks agree
-        torch.testing.assert_close(result["seen"][name], full, rtol=0, atol=0)  # validated on the averages
-    assert (result["raw"]["net.0.weight"] - result["full"]["net.0.weight"]).abs().max() > 1e-3
-    ckpt = tmp_path / "ck" / "last.ckpt"
-    saved = ema_state_from_checkpoint(torch.load(ckpt / "meta.pt" if sharded else ckpt, weights_only=False))
-    for name, full in result["full"].items():
-        assert tuple(saved[name].shape) == tuple(full.shape)
-        torch.testing.assert_close(saved[name], full, rtol=0, atol=0)
+# EMA under DDP and FSDP2 (sharded averages, evaluation on them, exact resume, the checkpoint holding
+# them whole): tests/test_distributed.py
