@@ -4,6 +4,7 @@ checkpoint without a Trainer loop. ``sample`` and ``evaluate`` load the EMA weig
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,13 +26,16 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
     from lightning_diffusion.callbacks.ema import load_ema_weights
 
     path = Path(ckpt_path)
-    if path.is_dir():  # a sharded checkpoint (FSDP / ModelParallelStrategy): consolidate it in memory
+    if path.is_dir():  # a sharded checkpoint (FSDP / ModelParallelStrategy): consolidated in memory and
+        # handed to load_from_checkpoint (which takes a file or a buffer) as one serialized checkpoint
         ckpt = consolidated_checkpoint(path)
-        path = None
+        source: Path | io.BytesIO = io.BytesIO()
+        torch.save(ckpt, source)
+        source.seek(0)
     elif not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
     else:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt, source = torch.load(path, map_location=device, weights_only=False), path
     class_path = str(ckpt.get("hyper_parameters", {}).get("_class_path", ""))
     if not class_path:
         raise ValueError(f"{path}: no hyper_parameters._class_path; was it written by `lightning-diffusion fit`? "
@@ -40,15 +44,7 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
 
     module, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    if path is None:  # load_from_checkpoint takes a file or a buffer: the consolidated dict as one
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(ckpt, buffer)
-        buffer.seek(0)
-        model = cls.load_from_checkpoint(buffer, map_location=device).eval()
-    else:
-        model = cls.load_from_checkpoint(path, map_location=device).eval()
+    model = cls.load_from_checkpoint(source, map_location=device).eval()
     used = "ema" if weights == "ema" and load_ema_weights(model, ckpt) else "raw"
     return model, ckpt, used
 

@@ -51,36 +51,36 @@ class _EpochLoader(DataLoader):
         self._resume: dict[str, int] | None = None
         self._iter_epoch: int | None = None
 
+    def _position(self, epoch: int, batches: int) -> tuple[int, int]:
+        """``(epoch, batches trained on)`` with a finished epoch as the start of the next one."""
+        return (epoch + 1, 0) if batches >= self.dataset.batches_per_rank else (epoch, batches)
+
     def __iter__(self):
-        epoch, start = self._epoch_fn(), 0
-        if self._resume is not None:
+        if self._resume is None:
+            epoch, start = self._epoch_fn(), 0
+        else:
             # The first iteration after a resume continues the saved position, whatever the trainer's
             # epoch says at this point: Lightning calls iter() before it settles its counters, and
             # for a checkpoint saved after the last batch of an epoch (on_train_batch_end) it is
-            # still the finished epoch. A finished epoch continues as the next one from its start
-            # (state_dict saves it so; this also reads checkpoints written before it did).
-            epoch, start = self._resume["epoch"], self._resume["batches"]
-            if start >= self.dataset.batches_per_rank:
-                epoch, start = epoch + 1, 0
-        self.dataset.epoch = self._iter_epoch = epoch  # before the workers copy the dataset
-        self.dataset.start_batch = start
-        if self._resume is not None:
+            # still the finished epoch (state_dict saves that as the next epoch's start; _position
+            # also reads checkpoints written before it did).
+            epoch, start = self._position(self._resume["epoch"], self._resume["batches"])
             if self._resume.get("num_workers", self.num_workers) != self.num_workers:
                 import warnings
 
                 warnings.warn(f"ShardDataModule: resuming with num_workers={self.num_workers}, saved with "
                               f"{self._resume['num_workers']}: the rest of the epoch is not the same batches")
-        self._resume = None
+            self._resume = None
+        self.dataset.epoch = self._iter_epoch = epoch  # before the workers copy the dataset
+        self.dataset.start_batch = start
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         """Where the next batch comes from: the epoch being iterated (the loader's own count, not the
         trainer's, which Lightning advances at different points of a finished epoch) and the batches
         of it already trained on; a finished epoch is saved as the start of the next one."""
-        epoch = self._iter_epoch if self._iter_epoch is not None else self._epoch_fn()
-        batches = self._progress_fn()
-        if batches >= self.dataset.batches_per_rank:
-            epoch, batches = epoch + 1, 0
+        epoch, batches = self._position(self._iter_epoch if self._iter_epoch is not None else self._epoch_fn(),
+                                        self._progress_fn())
         return {"epoch": epoch, "batches": batches, "seed": self.dataset.seed, "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

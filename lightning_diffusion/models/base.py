@@ -294,9 +294,9 @@ class GenerativeModel(L.LightningModule):
         dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         if any(isinstance(m, FSDPModule) for m in self.modules()):
             return  # already sharded (configure_model runs again on a resumed or re-fitted model)
+        containers = (torch.nn.ModuleList, torch.nn.ModuleDict)  # no forward: never a unit
         roots = [m for m in self.children() if any(True for _ in m.parameters())]
         for root in roots:
-            containers = (torch.nn.ModuleList, torch.nn.ModuleDict)  # no forward: never a unit
             blocks = [m for parent in root.modules() if isinstance(parent, torch.nn.ModuleList) for m in parent
                       if not isinstance(m, containers) and any(True for _ in m.parameters())]
             for block in reversed(blocks):  # pre-order reversed: nested blocks before their parents
