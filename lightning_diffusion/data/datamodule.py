@@ -13,6 +13,7 @@ node splitter cannot see them and silently duplicates data.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ class ShardDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         seed: int = 0,
         multiprocessing_context: str | None = None,
+        verify: bool = True,
     ):
         """
         Args:
@@ -134,16 +136,28 @@ class ShardDataModule(L.LightningDataModule):
             seed: seed of the training stream (with epoch, rank and worker).
             multiprocessing_context: start method of the workers (``fork``, ``spawn``,
                 ``forkserver``); None: the platform's default. Coverage is exact with any of them.
+            verify: check the SHA-256 of every shard listed in ``index.json`` against the index, once
+                per shard and process (worker), hashed while the shard is read. False skips the
+                hashing, for very large datasets on slow or remote storage. Either way, every complete
+                read of a listed shard must give the sample count the index records. A failed check
+                is a ShardError naming the shard. Shards given by pattern and not in the index go
+                unchecked.
         """
+        for option, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                     ("shuffle_buffer", shuffle_buffer, 0), ("batches_per_epoch", batches_per_epoch, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"ShardDataModule: data.{option} must be >= {least}, got {value}"
+                                 + (" (None: one pass over the training split)" if option == "batches_per_epoch" else ""))
         super().__init__()
         # num_classes is logged by the model (linked, resolved); two differing copies would clash
         self.save_hyperparameters(ignore=["num_classes"])
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
-        self.multiprocessing_context = multiprocessing_context
+        self.multiprocessing_context, self.verify = multiprocessing_context, verify
         self.index: dict[str, Any] | None = None
         self.urls: dict[str, list[str]] = {s: [] for s in SPLITS}
+        self._records: dict[str, dict[str, Any]] = {}  # real path of a shard -> what index.json records of it
         if dataset is not None:
             path = ensure_embedded(dataset) if dataset in EMBEDDED else Path(dataset)
             if not path.exists():
@@ -152,7 +166,11 @@ class ShardDataModule(L.LightningDataModule):
                     "nor an existing shard directory or index.json; write shards with `lightning-diffusion shards`")
             self.index, root = load_index(path)
             for split in SPLITS:
-                self.urls[split] = [str(root / s["name"]) for s in self.index["splits"].get(split, {}).get("shards", [])]
+                shards = self.index["splits"].get(split, {}).get("shards", [])
+                self.urls[split] = [str(root / s["name"]) for s in shards]
+                for s in shards:
+                    self._records[os.path.realpath(root / s["name"])] = {
+                        "count": s.get("count"), "sha256": s.get("sha256"), "index": str(root / "index.json")}
         for split, pattern in (("train", train), ("val", val), ("test", test)):
             if pattern is not None:
                 self.urls[split] = expand_pattern(pattern)
@@ -187,6 +205,10 @@ class ShardDataModule(L.LightningDataModule):
     def _labelled(self) -> bool:
         return self.num_classes is not None
 
+    def _shard_records(self, urls: list[str]) -> dict[str, dict[str, Any]]:
+        """What the index records of each of ``urls`` (those it lists), for the streams' checks."""
+        return {u: self._records[r] for u in urls if (r := os.path.realpath(u)) in self._records}
+
     def _loader_kwargs(self) -> dict[str, Any]:
         # Our own generator: DataLoader.__iter__ draws its workers' base seed from it, and from the global
         # torch RNG without one. The streams seed themselves, so that draw only disturbed the training
@@ -211,7 +233,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = TrainStream(self.urls["train"], self.batch_size, self.train_batches_per_rank(), self.data_shape,
                              self._labelled(), self.shuffle_buffer, self.random_flip and self.kind == "image",
-                             self.seed, rank, world)
+                             self.seed, rank, world, self._shard_records(self.urls["train"]), self.verify)
         return _EpochLoader(stream, self._current_epoch, self._batches_done, **self._loader_kwargs())
 
     def _current_epoch(self) -> int:
@@ -246,7 +268,8 @@ class ShardDataModule(L.LightningDataModule):
         if not self.urls[split]:
             raise ValueError(f"ShardDataModule: no {split} shards (index split {split!r} empty and no `{split}` pattern)")
         rank, world = self._rank_world()
-        stream = EvalStream(self.urls[split], self.batch_size, self.data_shape, self._labelled(), rank, world)
+        stream = EvalStream(self.urls[split], self.batch_size, self.data_shape, self._labelled(), rank, world,
+                            self._shard_records(self.urls[split]), self.verify)
         return DataLoader(stream, batch_size=None, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

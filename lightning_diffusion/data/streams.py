@@ -4,15 +4,19 @@ Kept free of Lightning and of the rest of the package so that spawned DataLoader
 re-import the module of the dataset they unpickle, start quickly.
 
 Shard content is untrusted: only PNG/JPEG, ``.npy`` (with ``allow_pickle=False``) and ASCII
-``.cls`` labels are decoded; nothing is unpickled.
+``.cls`` labels are decoded; nothing is unpickled. Shards listed in an ``index.json`` are checked
+against it as they are read (:func:`iter_shard`): the sample count on every complete read, the
+SHA-256 once per shard and process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import random
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,17 +39,74 @@ def expand_pattern(pattern: str) -> list[str]:
     return list(expand_urls(pattern))
 
 
-def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+class _HashingReader:
+    """A binary file read through SHA-256: the tar iterator reads the shard once, and the digest
+    of what it read comes for free. ``hexdigest`` reads what the iterator left (tar padding after
+    the end-of-archive blocks) and returns the digest of the whole file."""
+
+    def __init__(self, file):
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+
+# (path, recorded SHA-256, size, mtime) of the shards whose SHA-256 this process has checked: later
+# reads skip the hashing. A forked DataLoader worker inherits the parent's set, a spawned one starts empty.
+_VERIFIED: set[tuple[str, str, int, int]] = set()
+
+
+def iter_shard(url: str, record: Mapping[str, Any] | None = None, verify: bool = True) -> Iterator[dict[str, Any]]:
     """Yield the raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard.
 
     Any failure to open or parse the tar is raised as :class:`ShardError` naming the shard.
+
+    ``record`` is the shard's entry in ``index.json`` (``count``, ``sha256``; ``index``: the index's
+    path, for messages). With it, a read to the end raises :class:`ShardError` if the shard held
+    another number of samples than ``count`` (a read abandoned part way, as the training stream's at
+    an epoch's end, is checked only for holding more), and, with ``verify``, if the SHA-256 of its
+    bytes, hashed as they are read, is not ``sha256``: on the first complete read of the shard in
+    this process; later reads of the unchanged file are not hashed again.
     """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+    record = record or {}
+    count = record.get("count")
+    digest = record.get("sha256") if verify else None
+    index = record.get("index", "index.json")
     try:
         with open(url, "rb") as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            stat = os.fstat(stream.fileno())
+            key = (url, digest, stat.st_size, stat.st_mtime_ns)
+            reader = _HashingReader(stream) if digest and key not in _VERIFIED else stream
+            files = ({**f, "__url__": url} for f in tar_file_iterator(reader))
+            read = 0
+            samples = group_by_keys(files)
+            for raw in samples:
+                read += 1
+                if count is not None and read > count:
+                    read += sum(1 for _ in samples)
+                    break
+                yield raw
+            if count is not None and read != count:
+                raise ShardError(f"shard {url} holds {read} samples, but {index} records {count}: it was cut short, "
+                                 "or replaced after the index was written; rewrite the shards with "
+                                 "`lightning-diffusion shards` (or restore the file)")
+            if reader is not stream:
+                actual = reader.hexdigest()
+                if actual != digest:
+                    raise ShardError(
+                        f"shard {url}: SHA-256 is {actual}, but {index} records {digest}: the file is corrupt or "
+                        "was replaced after the index was written; rewrite the shards with `lightning-diffusion "
+                        "shards`, or read them unchecked with verify=False (--data.init_args.verify=false)")
+                _VERIFIED.add(key)
     except ShardError:
         raise
     except FileNotFoundError as e:
@@ -112,6 +173,10 @@ class TrainStream(IterableDataset):
     possible; DataLoader interleaves them, so batch b of an epoch is batch ``b // W`` of worker
     ``b % W``'s stream.
 
+    ``records`` maps a shard's path to its entry in ``index.json``; each complete read of a shard is
+    checked against it (see :func:`iter_shard`; ``verify=False``: the count only). The checks draw
+    nothing from the streams' random generators, so the batches are the same with and without.
+
     ``start_batch = k`` resumes an epoch after its first k batches (exact mid-epoch resume, with
     the same number of workers W): worker w takes the stream of worker ``(k + w) % W`` and skips
     that stream's first ``(k + w) // W`` batches by reading their raw bytes (no decoding), so
@@ -119,9 +184,11 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
-                 labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int):
+                 labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int,
+                 records: Mapping[str, Mapping[str, Any]] | None = None, verify: bool = True):
         super().__init__()
         self.urls, self.batch_size, self.batches_per_rank = urls, batch_size, batches_per_rank
+        self.records, self.verify = dict(records or {}), verify
         self.shape, self.labelled = shape, labelled
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -136,7 +203,11 @@ class TrainStream(IterableDataset):
         # buffer at an epoch start (or skipping batches on resume) costs tar reading alone
         buffer: list[dict[str, Any]] = []
         while True:
-            for raw in iter_shard(rng.choice(self.urls)):
+            url = rng.choice(self.urls)
+            for raw in iter_shard(url, self.records.get(url), self.verify):
+                if self.shuffle_buffer == 0:  # no shuffling
+                    yield raw
+                    continue
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
                     continue
@@ -169,25 +240,31 @@ class EvalStream(IterableDataset):
     """Reads every sample of ``urls`` exactly once across ranks x workers, in batches.
 
     With at least as many shards as readers (ranks x workers), reader g takes shards g, g+G, ...;
-    otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence.
+    otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence. Every
+    shard read is checked against its entry in ``records`` as in :class:`TrainStream`.
     """
 
     def __init__(self, urls: list[str], batch_size: int, shape: tuple[int, ...], labelled: bool,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, records: Mapping[str, Mapping[str, Any]] | None = None,
+                 verify: bool = True):
         super().__init__()
         self.urls, self.batch_size, self.shape, self.labelled = urls, batch_size, shape, labelled
         self.rank, self.world_size = rank, world_size
+        self.records, self.verify = dict(records or {}), verify
+
+    def _shard(self, url: str) -> Iterator[dict[str, Any]]:
+        return iter_shard(url, self.records.get(url), self.verify)
 
     def _raw(self) -> Iterator[dict[str, Any]]:
         wid, nworkers = _worker()
         readers, me = self.world_size * nworkers, self.rank * nworkers + wid
         if len(self.urls) >= readers:
             for url in self.urls[me::readers]:
-                yield from iter_shard(url)
+                yield from self._shard(url)
         else:
             i = 0
             for url in self.urls:
-                for raw in iter_shard(url):
+                for raw in self._shard(url):
                     if i % readers == me:
                         yield raw
                     i += 1

@@ -1,0 +1,199 @@
+"""Shards are checked against index.json as they are read: a shard cut at a sample boundary (still
+a valid tar) or with a flipped byte (still decodable) is a ShardError naming it, in training and in
+evaluation; the SHA-256 is computed once per shard and process; ShardDataModule refuses bad options."""
+
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from lightning_diffusion.data import ShardDataModule, ShardError, ensure_embedded, streams
+from lightning_diffusion.data.streams import iter_shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """A private copy of the embedded digits shards (6 train shards of 256 samples, the last 157;
+    val: one shard of 180), so a test may damage them."""
+    root = tmp_path / "digits"
+    shutil.copytree(ensure_embedded("digits"), root)
+    return root
+
+
+def cut_to_first_half(shard):
+    """Rewrite ``shard`` as a valid tar of its first half of samples; return (kept, recorded)."""
+    import webdataset as wds
+
+    samples = [{k: v for k, v in raw.items() if k != "__url__"} for raw in iter_shard(str(shard))]
+    kept = samples[:len(samples) // 2]
+    with wds.TarWriter(str(shard), encoder=False, mtime=0) as sink:
+        for raw in kept:
+            sink.write(raw)
+    return len(kept), len(samples)
+
+
+def flip_a_pixel_byte(shard):
+    """Flip one bit inside the compressed pixels (IDAT) of the shard's first PNG such that the PNG
+    still decodes, to other pixels; the tar stays valid (its checksums cover headers only)."""
+    from PIL import Image
+
+    data = bytearray(shard.read_bytes())
+    png = next(iter_shard(str(shard)))["png"]
+    at = data.find(png)
+    original = np.asarray(Image.open(io.BytesIO(png)))
+    idat = png.find(b"IDAT") + 4
+    for pos in range(idat, idat + int.from_bytes(png[idat - 8:idat - 4], "big")):
+        changed = bytearray(png)
+        changed[pos] ^= 1
+        try:
+            with Image.open(io.BytesIO(bytes(changed))) as im:
+                im.load()
+                pixels = np.asarray(im)
+        except Exception:  # noqa: BLE001 - this flip breaks the PNG; try the next byte
+            continue
+        if pixels.shape == original.shape and (pixels != original).any():
+            data[at + pos] ^= 1
+            shard.write_bytes(bytes(data))
+            return
+    raise AssertionError("no decodable one-bit change found")
+
+
+def epochs(dm, n, **attach):
+    """Iterate ``n`` training epochs; the samples read."""
+    from types import SimpleNamespace
+
+    read = 0
+    for epoch in range(n):
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=epoch)
+        read += sum(b["x"].shape[0] for b in dm.train_dataloader())
+    return read
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_on_a_cut_shard_names_it_and_both_counts(digits, num_workers):
+    kept, recorded = cut_to_first_half(digits / "train-000002.tar")
+    assert (kept, recorded) == (128, 256)
+    dm = ShardDataModule(str(digits), batch_size=64, num_workers=num_workers, multiprocessing_context="fork")
+    with pytest.raises(ShardError, match=rf"shard {digits}/train-000002.tar holds 128 samples, but "
+                                         rf"{digits}/index.json records 256: it was cut short"):
+        epochs(dm, 4)
+    # the intact set reads 4 epochs of 23 batches of 64 without complaint
+    intact = ShardDataModule("digits", batch_size=64, num_workers=num_workers, multiprocessing_context="fork")
+    assert epochs(intact, 4) == 4 * 23 * 64
+
+
+def test_fit_on_a_cut_shard_stops_with_the_shard_error(digits):
+    import lightning as L
+    import torch
+
+    from lightning_diffusion import DDPM, UNet
+
+    cut_to_first_half(digits / "train-000000.tar")
+    # seed 0's stream (4 batches of 64 an epoch through a buffer of 64) first reads train-000000 to
+    # its end in epoch 3
+    dm = ShardDataModule(str(digits), batch_size=64, batches_per_epoch=4, shuffle_buffer=64)
+    net = UNet(in_channels=1, model_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    model = DDPM(net, data_shape=(1, 8, 8), timesteps=10)
+    trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    torch.manual_seed(0)
+    with pytest.raises(ShardError, match=r"train-000000\.tar holds 128 samples, but .*index\.json records 256"):
+        trainer.fit(model, dm)
+    assert trainer.current_epoch == 3
+
+
+def test_eval_on_a_cut_shard_and_on_too_many_samples(digits):
+    cut_to_first_half(digits / "val-000000.tar")  # 180 -> 90
+    dm = ShardDataModule(str(digits), batch_size=64)
+    with pytest.raises(ShardError, match=r"val-000000\.tar holds 90 samples, but .* records 180"):
+        list(dm.val_dataloader())
+    # more samples than recorded: a training shard (256) in the test shard's (180) place
+    shutil.copy(digits / "train-000000.tar", digits / "test-000000.tar")
+    with pytest.raises(ShardError, match=r"test-000000\.tar holds 256 samples, but .* records 180"):
+        list(dm.test_dataloader())
+
+
+def test_flipped_byte_is_a_sha_error_and_verify_false_reads_it(digits):
+    shard = digits / "val-000000.tar"
+    flip_a_pixel_byte(shard)
+    with pytest.raises(ShardError, match=rf"shard {shard}: SHA-256 is [0-9a-f]{{64}}, but {digits}/index\.json "
+                                         r"records [0-9a-f]{64}: the file is corrupt.*lightning-diffusion shards.*"
+                                         r"verify=False"):
+        list(ShardDataModule(str(digits), batch_size=64).val_dataloader())
+    batches = list(ShardDataModule(str(digits), batch_size=64, verify=False).val_dataloader())
+    assert sum(b["x"].shape[0] for b in batches) == 180
+    # training reads the same shard set: with a flipped training shard the error comes there too
+    flip_a_pixel_byte(digits / "train-000001.tar")
+    with pytest.raises(ShardError, match=r"train-000001\.tar: SHA-256 is"):
+        epochs(ShardDataModule(str(digits), batch_size=64), 4)
+    assert epochs(ShardDataModule(str(digits), batch_size=64, verify=False), 2) == 2 * 23 * 64
+
+
+def test_sha256_computed_once_per_shard_per_process(digits, monkeypatch):
+    hashed = Counter()
+
+    class CountingReader(streams._HashingReader):
+        def hexdigest(self):
+            hashed[self.file.name.rsplit("/", 1)[1]] += 1
+            return super().hexdigest()
+
+    monkeypatch.setattr(streams, "_HashingReader", CountingReader)
+    dm = ShardDataModule(str(digits), batch_size=64)
+    for _ in range(3):
+        assert sum(b["x"].shape[0] for b in dm.val_dataloader()) == 180
+    assert hashed == {"val-000000.tar": 1}
+    read = epochs(dm, 5)  # 5 x 23 batches of 64 + a buffer of 1000: every train shard is read many times
+    assert read == 5 * 23 * 64
+    assert hashed == {"val-000000.tar": 1, **{f"train-00000{i}.tar": 1 for i in range(6)}}
+    # a shard replaced after it was checked is hashed (and refused) again
+    flip_a_pixel_byte(digits / "val-000000.tar")
+    with pytest.raises(ShardError, match="SHA-256 is"):
+        list(dm.val_dataloader())
+    assert hashed["val-000000.tar"] == 2
+    # verify=False hashes nothing
+    hashed.clear()
+    list(ShardDataModule(str(digits), batch_size=64, verify=False).val_dataloader())
+    assert hashed == {}
+
+
+def test_patterns_outside_the_index_are_read_unchecked(digits):
+    cut_to_first_half(digits / "val-000000.tar")
+    dm = ShardDataModule(None, val=str(digits / "val-000000.tar"), batch_size=64, num_classes=10)
+    assert sum(b["x"].shape[0] for b in dm.val_dataloader()) == 90
+    # a pattern naming a shard the index lists is checked against it
+    dm = ShardDataModule(str(digits), val=str(digits / "val-{000000..000000}.tar"), batch_size=64)
+    with pytest.raises(ShardError, match="holds 90 samples"):
+        list(dm.val_dataloader())
+
+
+def test_no_shuffle_buffer_reads_in_order():
+    import random
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_diffusion.data.streams import decode_sample
+
+    dm = ShardDataModule("digits", batch_size=16, batches_per_epoch=2, shuffle_buffer=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    x = next(iter(dm.train_dataloader()))["x"]
+    # the first 16 samples of the shard the stream (seed-epoch-rank-worker 0-0-0-0) draws first, in order
+    first = random.Random("0-0-0-0").choice(dm.urls["train"])
+    expected = [decode_sample(raw, (1, 8, 8), True)[0] for _, raw in zip(range(16), iter_shard(first))]
+    assert torch.equal(x, torch.stack(expected))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("batch_size", -4, "data.batch_size must be >= 1, got -4"),
+    ("batch_size", 0, "data.batch_size must be >= 1, got 0"),
+    ("num_workers", -1, "data.num_workers must be >= 0, got -1"),
+    ("batches_per_epoch", 0, "data.batches_per_epoch must be >= 1, got 0"),
+    ("shuffle_buffer", -1, "data.shuffle_buffer must be >= 0, got -1"),
+])
+def test_bad_options_are_refused_at_construction(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        ShardDataModule("digits", **{option: value})
