@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from lightning_diffusion import DDPM
+from lightning_diffusion.commands import load_checkpoint
 from lightning_diffusion.data.shards import split_indices
 
 
 def load_model(ckpt: Path, device: str) -> DDPM:
     """The DDPM of ``ckpt`` in eval mode. A checkpoint written by the CLI holds the net's config."""
     try:
-        return DDPM.load_from_checkpoint(ckpt, map_location=device).eval()
+        return DDPM.load_from_checkpoint(ckpt, map_location=device, weights_only=True).eval()
     except TypeError as e:
         raise SystemExit(f"cannot rebuild the model of {ckpt}: {e}. A model built in Python needs its net: "
                          "DDPM.load_from_checkpoint(path, net=...)") from e
@@ -70,10 +71,13 @@ def main() -> None:
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
         raise SystemExit(f"--ckpt {ckpt} does not exist")
+    try:
+        step = load_checkpoint(ckpt, mmap=True).get("global_step")  # weights_only: a bad file is named first
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     model = load_model(ckpt, args.device)
     if tuple(model.data_shape) != (1, 8, 8):
         raise SystemExit(f"{ckpt}: model data_shape is {model.data_shape}, expected (1, 8, 8) (digits 8x8)")
-    step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
     print(f"model: {ckpt} (global step {step})")
 
     data = real_digits()

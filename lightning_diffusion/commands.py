@@ -17,11 +17,51 @@ import torch
 Weights = Literal["ema", "raw"]
 
 
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a Lightning checkpoint file, with errors that name it.
+
+    Only tensors and plain containers/numbers/strings are unpickled. That is all a checkpoint of
+    ``lightning-diffusion fit`` holds (checked for DDPM, ScoreSDE and HierarchicalVAE runs: the
+    hyperparameters are dicts of the config's values, the RNG states tensors and lists, the loops',
+    optimizers', schedulers' and callbacks' (EMA, checkpointing, W&B) states dicts and tensors, the
+    data position ints), so no class is allowlisted (``torch.serialization.add_safe_globals``) and
+    nothing falls back to ``weights_only=False``. ``mmap=True`` maps the tensors instead of reading them.
+
+    Raises ValueError: ``<path> is not a PyTorch/Lightning checkpoint (...)`` for a file that
+    ``torch.save`` did not write (random bytes, text, an image) or that is no dict with a
+    ``state_dict``; for a checkpoint holding an object of another class, the message names the class.
+    """
+    import pickle
+    import re
+    import zipfile
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every failure is named with the file below
+        inner = e.__context__ if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None else e
+        refused = re.search(r"GLOBAL ([\w.]+)", str(inner))  # torch's weights-only unpickler names what it refused
+        if refused:
+            raise ValueError(f"{path} holds an object of class {refused[1]}, which a safe (weights_only) load refuses: it "
+                             "was not written by `lightning-diffusion fit`. If you trust the file, read it with "
+                             "torch.load(path, weights_only=False)") from e
+        reason = "not the zip archive torch.save writes" if not zipfile.is_zipfile(path) else \
+            f"{type(inner).__name__}: {inner}"
+        raise ValueError(f"{path} is not a PyTorch/Lightning checkpoint ({reason}); give the .ckpt file (or "
+                         "sharded checkpoint folder) that `lightning-diffusion fit` wrote, e.g. "
+                         "<run>/checkpoints/last.ckpt") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        what = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"{path} is not a PyTorch/Lightning checkpoint (no 'state_dict': it holds {what}); give "
+                         "the .ckpt file that `lightning-diffusion fit` wrote, e.g. <run>/checkpoints/last.ckpt")
+    return ckpt
+
+
 def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "cpu"):
     """The model of a checkpoint written by ``lightning-diffusion fit`` (any family), in eval mode,
     with its EMA averages when ``weights="ema"`` and the run had an EMA callback.
 
-    Returns ``(model, checkpoint dict, weights used)``.
+    Returns ``(model, checkpoint dict, weights used)``. The file is read with ``weights_only=True``
+    (see :func:`load_checkpoint`).
     """
     from lightning_diffusion.callbacks.ema import load_ema_weights
 
@@ -35,7 +75,7 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
     elif not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
     else:
-        ckpt, source = torch.load(path, map_location=device, weights_only=False), path
+        ckpt, source = load_checkpoint(path, map_location=device), path
     class_path = str(ckpt.get("hyper_parameters", {}).get("_class_path", ""))
     if not class_path:
         raise ValueError(f"{path}: no hyper_parameters._class_path; was it written by `lightning-diffusion fit`? "
@@ -43,8 +83,13 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
     import importlib
 
     module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    model = cls.load_from_checkpoint(source, map_location=device).eval()
+    cls = getattr(importlib.import_module(module), name, None)
+    import lightning as L
+
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
+        raise ValueError(f"{path}: hyper_parameters._class_path {class_path!r} is not a LightningModule class; "
+                         "was it written by `lightning-diffusion fit`?")
+    model = cls.load_from_checkpoint(source, map_location=device, weights_only=True).eval()
     used = "ema" if weights == "ema" and load_ema_weights(model, ckpt) else "raw"
     return model, ckpt, used
 

@@ -53,10 +53,12 @@ def wandb_run_id_from_checkpoint(path: str | os.PathLike | None) -> str | None:
         path = path / "meta.pt"
     if not path.is_file():
         raise FileNotFoundError(f"wandb_run_id_from_checkpoint: no checkpoint file at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # not the zip format: mmap is unsupported
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from lightning_diffusion.commands import load_checkpoint
+
+    if path.name == "meta.pt":  # a sharded folder's metadata: no state_dict of its own
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = load_checkpoint(path, mmap=True)
     run_id = checkpoint.get(RUN_ID_KEY) if isinstance(checkpoint, dict) else None
     return str(run_id) if run_id else None
 

@@ -165,7 +165,8 @@ def mmd(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.05, 0.2, 1.0)) 
 
 
 def save_stats(path: str | Path, stats: GaussianStats, bank: Tensor, logits: Tensor | None, meta: dict) -> None:
-    """Cache real-data statistics (atomic write)."""
+    """Cache real-data statistics (atomic write): tensors, ints and a ``meta`` dict of strings and
+    numbers only, so that :func:`load_stats` reads them with ``weights_only=True``."""
     import os
 
     path = Path(path)
@@ -176,8 +177,22 @@ def save_stats(path: str | Path, stats: GaussianStats, bank: Tensor, logits: Ten
 
 
 def load_stats(path: str | Path) -> tuple[GaussianStats, Tensor, Tensor | None, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return GaussianStats.from_state(state["stats"]), state["bank"], state.get("logits"), state.get("meta", {})
+    """Read statistics cached by :func:`save_stats` with ``torch.load(weights_only=True)``.
+
+    Raises ValueError naming the file, saying to delete it (the statistics are then recomputed), for
+    a file that is no such cache: unreadable, holding objects a safe load refuses, or missing keys.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stats = GaussianStats.from_state(state["stats"])
+        bank, logits, meta = state["bank"], state.get("logits"), state.get("meta", {})
+        if not isinstance(bank, Tensor) or not (logits is None or isinstance(logits, Tensor)):
+            raise TypeError("'bank' / 'logits' are not tensors")
+    except Exception as e:  # noqa: BLE001 - any failure: the file is not a cache this version reads
+        raise ValueError(f"cached real-data statistics {path} cannot be read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); delete the file: the statistics are "
+                         "recomputed from the data on the next run") from e
+    return stats, bank, logits, meta
 
 
 def split_count(total: int, rank: int, world: int) -> int:
