@@ -250,10 +250,10 @@ def test_unknown_sampler_is_a_clear_error():
 
 
 @pytest.mark.parametrize(("name", "kwargs", "message"), [
-    ("ddim", {"variance": "fixedlarge"}, r"sampler 'ddim' has no option \['variance'\]; its options are \['eta'\]"),
-    ("ancestral", {"variance": "learned"}, r"unknown variance 'learned'"),
-    ("pc", {"predictor": "ald"}, r"unknown predictor 'ald'"),
-    ("dpm_solver", {"grid": "karras"}, r"unknown grid 'karras'"),
+    ("ddim", {"variance": "fixedlarge"}, r"variance='fixedlarge': the ddim sampler has no option 'variance'; its options are steps, eta"),
+    ("ancestral", {"variance": "learned"}, r"variance='learned': must be one of \['fixedsmall', 'fixedlarge'\]"),
+    ("pc", {"predictor": "ald"}, r"predictor='ald': must be one of"),
+    ("dpm_solver", {"grid": "karras"}, r"grid='karras': must be one of"),
     ("ode", {"steps": 10}, r"adaptive and takes no steps"),
     ("heun", {"steps": 1}, r"steps must be an integer >= 2"),
 ])
@@ -263,7 +263,7 @@ def test_bad_options_are_clear_errors(name, kwargs, message):
 
 
 def test_respacing_more_steps_than_the_ddpm_has_is_an_error():
-    with pytest.raises(ValueError, match=r"steps=101 exceeds the DDPM's 100 timesteps"):
+    with pytest.raises(ValueError, match=r"steps=101: steps must be an integer in \[2, 100\] \(a DDPM of 100 timesteps"):
         sample("ancestral", lambda x, t: x, DiscreteVP(NoiseSchedule("linear", 100)), (4, 2), steps=101)
 
 

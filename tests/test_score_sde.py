@@ -173,5 +173,5 @@ def test_score_sde_classifier_free_guidance_combines_cond_and_uncond(monkeypatch
     monkeypatch.setattr(samplers, "sample", spy)
     model.sample(4, y=y, guidance_scale=3.0)
     assert torch.allclose(seen["x0"], uncond + 3.0 * (cond - uncond), atol=1e-6)
-    with pytest.raises(ValueError, match="guidance_scale=3.0 needs a class_conditional model"):
+    with pytest.raises(ValueError, match="guidance_scale=3.0: classifier-free guidance needs a class_conditional ScoreSDE"):
         ScoreSDE(LabelNet(), data_shape=(2,)).sample(4, guidance_scale=3.0)

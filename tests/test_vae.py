@@ -164,7 +164,7 @@ def test_errors_name_the_option():
     model = VAE(small_net(), data_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="unconditional"):
         model.sample(2, y=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="decoder option 'mode'"):
+    with pytest.raises(ValueError, match="decoder='mode': must be 'sample'"):
         model.sample(2, decoder="mode")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         model.bits_per_dim(2 * DIGITS)

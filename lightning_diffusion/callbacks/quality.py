@@ -22,10 +22,10 @@ from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import batch_x, estimator_name
-from lightning_diffusion.callbacks.samples import class_labels
+from lightning_diffusion.callbacks.samples import check_model_options, class_labels
 from lightning_diffusion.data.datamodule import rank_world
 from lightning_diffusion.metrics import quality
-from lightning_diffusion.metrics.features import FeatureExtractor, get_extractor
+from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
 
 IMAGE_METRICS = ("fid", "kid", "is", "pr")
 
@@ -51,13 +51,23 @@ def _datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
 _TRAINER_LOADERS = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
 
 
+def _check_split(split: str, option: str) -> None:
+    if split not in _TRAINER_LOADERS:
+        raise ValueError(f"{option}={split!r}: unknown split; choose train, val or test")
+
+
+def _data_shape(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, ...] | None:
+    """The shape of one sample, from the model (our families) or the DataModule; None if neither says."""
+    shape = getattr(pl_module, "data_shape", None) or getattr(getattr(trainer, "datamodule", None), "data_shape", None)
+    return tuple(shape) if shape is not None else None
+
+
 def _eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None, option: str = "split"):
     """Batches of ``split`` (train, val or test): from a DataModule with ``eval_dataloader``
     (ShardDataModule: every sample once over ranks); else the trainer's loader of that split
     (Lightning gives each rank its share); else the DataModule's ``<split>_dataloader()``.
     ``option`` names the callback's option in errors."""
-    if split not in _TRAINER_LOADERS:
-        raise ValueError(f"{option}={split!r}: unknown split; choose train, val or test")
+    _check_split(split, option)
     datamodule = _datamodule(trainer, datamodule)
     if datamodule is not None and hasattr(datamodule, "eval_dataloader"):
         return datamodule.eval_dataloader(split)
@@ -95,6 +105,11 @@ class _Periodic(L.Callback):
                  datamodule: Any = None) -> dict[str, float]:
         """Run the evaluation now (every rank must call it); ``datamodule`` when there is no trainer."""
         raise NotImplementedError
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether training runs the evaluation (every_n_epochs or every_n_steps > 0)."""
+        return self.every_n_epochs > 0 or self.every_n_steps > 0
 
     def _log(self, pl_module: L.LightningModule, results: dict[str, float]) -> None:
         for key, value in results.items():
@@ -154,6 +169,10 @@ class SampleQuality(_Periodic):
             raise ValueError(f"SampleQuality: unknown metrics {unknown}; choose from {list(IMAGE_METRICS)}")
         if num_samples < 2:
             raise ValueError(f"SampleQuality: num_samples must be >= 2, got {num_samples}")
+        if extractor not in EXTRACTORS:
+            raise ValueError(f"SampleQuality.extractor={extractor!r}: unknown feature extractor; choose one of "
+                             f"{sorted(EXTRACTORS)} (2-D points need none: they get energy distance and MMD)")
+        _check_split(real_split, "real_split")
         self.num_samples, self.extractor_name, self.weights_path = num_samples, extractor, weights_path
         self.metrics, self.real_split, self.num_real = metrics, real_split, num_real
         self.batch_size, self.seed, self.max_features = batch_size, seed, max_features
@@ -161,6 +180,29 @@ class SampleQuality(_Periodic):
         self.cache_stats = cache_stats
         self._extractor: FeatureExtractor | None = None
         self._real: tuple | None = None
+
+    # -- before training ----------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the sanity check and the first step of ``fit``, so that a run does not fail only
+        at its first evaluation: the model must take ``sample_options``, and image data need the
+        feature extractor's weights (loaded now: a missing file is named with the command that
+        makes it)."""
+        if stage != "fit" or not self.scheduled:
+            return
+        check_model_options(pl_module, "SampleQuality.sample_options", self.sample_options)
+        shape = _data_shape(trainer, pl_module)
+        if shape is not None and len(shape) == 3:  # images; points need no extractor
+            self.check_extractor()
+
+    def check_extractor(self) -> None:
+        """Load the feature extractor; a missing or wrong weights file is a ValueError that names the
+        callback's options, the file and the command that fetches or makes it."""
+        try:
+            self.extractor(torch.device("cpu"))
+        except (FileNotFoundError, ValueError) as error:
+            given = f"extractor={self.extractor_name!r}" + \
+                (f", weights_path={self.weights_path!r}" if self.weights_path else "")
+            raise ValueError(f"SampleQuality ({given}): {error}") from None
 
     # -- pieces -------------------------------------------------------------------------------
     def extractor(self, device: torch.device) -> FeatureExtractor:
@@ -318,8 +360,14 @@ class Likelihood(_Periodic):
             seed: seed of the estimator's noise (the same at every evaluation).
         """
         super().__init__(every_n_epochs, every_n_steps)
+        _check_split(split, "split")
         self.num_batches, self.split, self.seed = num_batches, split, seed
         self.bpd_options = dict(bpd_options or {})
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the sanity check and the first step of ``fit``: the model must take ``bpd_options``."""
+        if stage == "fit" and self.scheduled:
+            check_model_options(pl_module, "Likelihood.bpd_options", self.bpd_options, check="check_bpd_options")
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,

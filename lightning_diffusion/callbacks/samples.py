@@ -41,6 +41,39 @@ def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | 
     return (torch.arange(offset, offset + num, device=device) % int(module.num_classes)).long()
 
 
+def check_model_options(pl_module: Any, where: str, options: dict[str, Any], check: str = "check_sample_options",
+                        written_as: dict[str, str] | None = None) -> None:
+    """Check a callback's options for the model before training: ``pl_module.<check>(**options)``
+    (``check_sample_options`` or ``check_bpd_options``; a model without it, such as a user's own
+    LightningModule, is not checked). A refused option becomes a ValueError that names it as the
+    config writes it, ``<where>.<option>=<value>`` (``where``: e.g. ``SampleQuality.sample_options``;
+    ``written_as`` renames options the callback took elsewhere), with what is allowed and what to do.
+
+    Args:
+        pl_module: the model.
+        where: the callback and its option, as in the config.
+        options: the options the callback will pass.
+        check: the model's check method.
+        written_as: option -> how the config writes it, for options not in ``where``.
+    """
+    from lightning_diffusion.diffusion.samplers import OptionError
+
+    method = getattr(pl_module, check, None)
+    if method is None:
+        return
+    try:
+        method(**options)
+    except OptionError as error:
+        written_as = written_as or {}
+        if error.option in written_as or error.option in options:
+            name = written_as.get(error.option, f"{where}.{error.option}")
+            given = f"{name}={error.value!r}"
+        else:  # a default that the options leave in place
+            given = f"{where}={options!r}"
+        advice = f"; {error.advice}" if error.advice else ""
+        raise ValueError(f"{given}: {error.problem}{advice}") from None
+
+
 def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
     """Save a scatter plot of 2-D ``points`` [N, 2] over ``reference`` data (grey), as PNG."""
     import matplotlib
@@ -98,9 +131,17 @@ class SampleGrid(L.Callback):
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.seed, self.num_reference, self.nrow = seed, num_reference, nrow
         self.sample_options = dict(sample_options or {})
+        self._written_options = set(self.sample_options)
         if guidance_scale != 1.0:
             self.sample_options["guidance_scale"] = guidance_scale
         self.last_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before training: the model must take ``sample_options`` (:func:`check_model_options`)."""
+        if stage == "fit":
+            check_model_options(pl_module, "SampleGrid.sample_options", self.sample_options,
+                                written_as={"guidance_scale": "SampleGrid.guidance_scale"}
+                                if "guidance_scale" not in self._written_options else None)
 
     def _reference(self, trainer: L.Trainer) -> Tensor | None:
         """Up to ``num_reference`` validation points (None without validation data)."""

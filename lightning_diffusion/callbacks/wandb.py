@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs, batch_x
-from lightning_diffusion.callbacks.samples import save_image_grid, save_scatter
+from lightning_diffusion.callbacks.samples import check_model_options, save_image_grid, save_scatter
 
 RUN_ID_KEY = "wandb_run_id"
 """Key of the W&B run id in a Lightning checkpoint dict."""
@@ -161,6 +161,11 @@ class WandbSamples(L.Callback):
         self._logged_step = -1  # global step of the last logging
 
     # -- when -------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the sanity check and the first step of ``fit``: the model must take ``sample_options``."""
+        if stage == "fit":
+            check_model_options(pl_module, "WandbSamples.sample_options", self.sample_options)
+
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._val_x is None and dataloader_idx == 0:

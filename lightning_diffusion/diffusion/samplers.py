@@ -27,8 +27,11 @@ Conventions shared by all samplers:
 
 # No `from __future__ import annotations` here: the fields of the NamedTuple SamplerOutput must be
 # evaluated types, or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
+import difflib
 import inspect
 import math
+import types
+import typing
 from typing import Any, Callable, Literal, NamedTuple
 
 import torch
@@ -98,19 +101,54 @@ def transition(process: GaussianProcess, t: float, s: float) -> Transition:
     return Transition(alpha_t, sigma_t, alpha_s, sigma_s, a, v, sigma_s**2 * v / sigma_t**2)
 
 
-def _check_steps(steps: int, least: int) -> None:
-    if not isinstance(steps, int) or steps < least:
-        raise ValueError(f"steps must be an integer >= {least}, got {steps!r}")
+class OptionError(ValueError):
+    """A bad option of a sampler or likelihood estimator: which ``option``, its ``value`` as given,
+    what is allowed (``problem``) and what to do (``advice``). ``str(error)`` reads
+    ``option=value: problem; advice``; a caller that knows where the option was written (a
+    callback's ``sample_options``) names it with :meth:`message`."""
+
+    def __init__(self, option: str, value: Any, problem: str, advice: str = ""):
+        self.option, self.value, self.problem, self.advice = option, value, problem, advice
+        super().__init__(self.message())
+
+    def message(self, where: str = "") -> str:
+        """The sentence, with ``where`` (e.g. ``SampleQuality.sample_options.``) before the option."""
+        return f"{where}{self.option}={self.value!r}: {self.problem}" + (f"; {self.advice}" if self.advice else "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_steps(steps: int | None, default: int, least: int, most: int | None = None, what: str = "") -> int:
+    """``steps`` (or ``default`` when None), checked to be an integer in ``[least, most]`` (else an
+    :class:`OptionError`); ``what`` says where ``most`` comes from. The one rule of every step count."""
+    value = default if steps is None else steps
+    if _is_int(value) and value >= least and (most is None or value <= most):
+        return value
+    allowed = f"an integer >= {least}" if most is None else f"an integer in [{least}, {most}]"
+    problem = f"steps must be {allowed}{what}" if steps is not None else \
+        f"the default of {default} steps is out of range{what}: steps must be {allowed}"
+    advice = (f"give steps <= {most}" if _is_int(value) and most is not None and value > most
+              else f"give an integer steps >= {least}")
+    raise OptionError("steps", steps, problem, advice)
+
+
+def _step_limit(process: GaussianProcess, extra: int = 0) -> tuple[int | None, str]:
+    """The most grid points ``- extra`` a time grid can have: a DDPM's T (its integer steps), else no limit."""
+    if not process.discrete:
+        return None, ""
+    timesteps = int(process.t_max) + 1
+    return timesteps - extra, f" (a DDPM of {timesteps} timesteps has at most {timesteps} grid points)"
 
 
 def time_grid(process: GaussianProcess, num: int) -> list[float]:
     """``num`` times uniform from ``t_max`` down to ``t_min`` (Song et al. 2021's grid); on a DDPM
     ``num`` evenly spaced integer steps from T-1 to 0, both included (timestep respacing)."""
-    _check_steps(num, 2)
+    most, what = _step_limit(process)
+    check_steps(num, num, 2, most, what)
     grid = torch.linspace(process.t_max, process.t_min, num, dtype=torch.float64)
     if process.discrete:
-        if num > process.t_max + 1:
-            raise ValueError(f"steps={num} exceeds the DDPM's {int(process.t_max) + 1} timesteps")
         grid = grid.round()
     return grid.tolist()
 
@@ -135,7 +173,7 @@ def karras_grid(process: GaussianProcess, num: int, rho: float = 7.0, sigma_max:
     ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``, i = 0..N-1, with
     ``smax = sigma_max`` and ``smin = sigma_min`` in units of ``sigma/alpha``, clamped to the
     process's range ``[ratio(t_min), ratio(t_max)]`` (None: the ends of that range)."""
-    _check_steps(num, 2)
+    check_steps(num, num, 2)
     top, bottom = _at(process.ratio, process.t_max), _at(process.ratio, process.t_min)
     smax = top if sigma_max is None else min(max(sigma_max, bottom), top)
     smin = bottom if sigma_min is None else min(max(sigma_min, bottom), smax)
@@ -151,13 +189,36 @@ def karras_grid(process: GaussianProcess, num: int, rho: float = 7.0, sigma_max:
 
 def logsnr_grid(process: GaussianProcess, num: int) -> list[float]:
     """``num`` times uniform in ``lambda = log(alpha/sigma)`` from t_max to t_min (Lu et al. 2022)."""
-    _check_steps(num, 2)
+    check_steps(num, num, 2)
     lam_max, lam_min = -math.log(_at(process.ratio, process.t_min)), -math.log(_at(process.ratio, process.t_max))
     return _times_of_ratios(process, torch.exp(-torch.linspace(lam_min, lam_max, num, dtype=torch.float64)))
 
 
-def _default(steps: int | None, default: int) -> int:
-    return default if steps is None else steps
+def sampler_grid(name: str, process: GaussianProcess, steps: int | None = None, **options: Any) -> list[float]:
+    """The time grid that sampler ``name`` runs on ``process`` with ``steps`` (None: the sampler's
+    default) and its grid ``options`` (heun's ``rho``, ``sigma_max``, ``sigma_min``; dpm_solver's
+    ``grid``): the samplers take their grids from here, and :func:`check_options` checks a step
+    count by building the grid, so each sampler's step rule is written once. ``ode`` is adaptive:
+    it has no grid and takes no ``steps``. Raises :class:`OptionError` for a step count the grid
+    cannot have (fewer than 2 points; more than the T integer steps of a DDPM)."""
+    if name == "ode":
+        if steps is not None:
+            raise OptionError("steps", steps, "the ode sampler is adaptive and takes no steps",
+                              "leave steps out and set rtol/atol, or choose a fixed-step sampler (ddim, heun, dpm_solver)")
+        return []
+    if name == "heun":
+        return karras_grid(process, check_steps(steps, 18, 2), options.get("rho", 7.0), options.get("sigma_max"),
+                           options.get("sigma_min"))
+    if name == "dpm_solver":
+        grid = options.get("grid", "logsnr")
+        most, what = _step_limit(process, extra=1) if grid == "time" else (None, "")
+        num = check_steps(steps, 20, 1, most, what) + 1  # M solver steps: M + 1 grid times
+        return logsnr_grid(process, num) if grid == "logsnr" else time_grid(process, num)
+    defaults = {"ancestral": int(process.t_max) + 1 if process.discrete else 1000, "ddim": 50,
+                "euler_maruyama": 1000, "pc": 1000}
+    if name not in defaults:
+        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return time_grid(process, check_steps(steps, defaults[name], 2, *_step_limit(process)))
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -166,7 +227,7 @@ def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def _choose(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {option} {value!r}; choose one of {list(choices)}")
+        raise OptionError(option, value, f"must be one of {list(choices)}")
 
 
 def _prior(process: GaussianProcess, shape: tuple[int, ...], generator, device) -> Tensor:
@@ -225,7 +286,7 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
     """
     _choose("variance", variance, ("fixedsmall", "fixedlarge"))
     den = CountedDenoiser(denoise_fn, process, clip)
-    grid = time_grid(process, _default(steps, int(process.t_max) + 1 if process.discrete else 1000))
+    grid = sampler_grid("ancestral", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
         step = transition(process, t, s)
@@ -249,7 +310,7 @@ def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
     ``steps``: grid points (default 50); NFE = steps.
     """
     den = CountedDenoiser(denoise_fn, process, clip)
-    grid = time_grid(process, _default(steps, 50))
+    grid = sampler_grid("ddim", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
         step = transition(process, t, s)
@@ -273,7 +334,7 @@ def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[
     ``steps``: grid points (default 1000, as in the paper); NFE = steps.
     """
     den = CountedDenoiser(denoise_fn, process, clip)
-    grid = time_grid(process, _default(steps, 1000))
+    grid = sampler_grid("euler_maruyama", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         x = euler_maruyama_step(process, den, x, t, s, None if i == len(grid) - 2 else _noise(x, generator))
@@ -298,7 +359,7 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
     _choose("predictor", predictor, ("reverse_diffusion", "euler_maruyama"))
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
     den = CountedDenoiser(denoise_fn, process, clip)
-    grid = time_grid(process, _default(steps, 1000))
+    grid = sampler_grid("pc", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         a2 = transition(process, t, s).a ** 2
@@ -321,8 +382,7 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
     """
     from torchdiffeq import odeint
 
-    if steps is not None:
-        raise ValueError(f"the ode sampler is adaptive and takes no steps (got steps={steps}); set rtol/atol instead")
+    sampler_grid("ode", process, steps)  # refuses steps
     den = CountedDenoiser(denoise_fn, process, clip)
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
@@ -357,7 +417,7 @@ def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
     that round to the same integer step are merged first).
     """
     den = CountedDenoiser(denoise_fn, process, clip)
-    times = karras_grid(process, _default(steps, 18), rho, sigma_max, sigma_min)
+    times = sampler_grid("heun", process, steps, rho=rho, sigma_max=sigma_max, sigma_min=sigma_min)
     sigmas = [_at(process.ratio, t) for t in times]
     n = len(sigmas)
 
@@ -406,10 +466,8 @@ def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int,
     on a DDPM, logSNR times that round to the same integer step are merged first).
     """
     _choose("grid", grid, ("logsnr", "time"))
-    steps = _default(steps, 20)
-    _check_steps(steps, 1)
     den = CountedDenoiser(denoise_fn, process, clip)
-    times = logsnr_grid(process, steps + 1) if grid == "logsnr" else time_grid(process, steps + 1)
+    times = sampler_grid("dpm_solver", process, steps, grid=grid)
     alphas = [_at(process.alpha, t) for t in times]
     sigmas = [_at(process.sigma, t) for t in times]
     lambdas = [math.log(a / s) for a, s in zip(alphas, sigmas)]
@@ -449,6 +507,52 @@ def sampler_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
 
 
+def check_options(name: str, process: GaussianProcess, steps: int | None = None, *, also: tuple[str, ...] = (),
+                  **options: Any) -> None:
+    """Raise :class:`OptionError` unless sampler ``name`` can run on ``process`` with ``steps`` and
+    ``options``: a known sampler, only its own options, each of the kind its signature declares
+    (one of a ``Literal``'s values, a number), and a step count its grid allows
+    (:func:`sampler_grid`). :func:`sample` calls it; a model calls it before training to refuse a
+    callback's ``sample_options`` early. ``also``: the caller's own option names, listed with the
+    sampler's in the message about an unknown option."""
+    if name not in SAMPLERS:
+        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    own = sampler_options(name)
+    params = inspect.signature(SAMPLERS[name]).parameters
+    for option, value in options.items():
+        if option not in own:
+            known = ["steps", *also, *own] if name != "ode" else [*also, *own]
+            close = difflib.get_close_matches(option, known, n=1)
+            raise OptionError(option, value, f"the {name} sampler has no option {option!r}"
+                              + (f" (did you mean {close[0]}?)" if close else ""),
+                              f"its options are {', '.join(known)}")
+        _check_kind(option, value, params[option].annotation)
+    sampler_grid(name, process, steps, **options)
+
+
+def _check_kind(option: str, value: Any, annotation: Any) -> None:
+    """Refuse ``value`` unless it is of ``annotation``'s kind: a ``Literal``'s values, a number for
+    ``float``/``int``, None for an optional one; other annotations are not checked."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if value is None and type(None) in kinds:
+        return
+    for kind in kinds:
+        if typing.get_origin(kind) is Literal:
+            if value in typing.get_args(kind):
+                return
+            raise OptionError(option, value, f"must be one of {list(typing.get_args(kind))}")
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind is int and _is_int(value):
+            return
+        if kind not in (float, int, type(None)):
+            return  # a kind not checked here
+    wanted = "an integer" if int in kinds else "a number"
+    raise OptionError(option, value, f"must be {wanted}" + (" or None" if type(None) in kinds else ""),
+                      "write it as a number (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) else "")
+
+
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
            steps: int | None = None, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
@@ -469,10 +573,6 @@ def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tup
         clip: clamp x0_hat to this range at every evaluation (``(-1, 1)`` for images).
         **options: the sampler's own options, by keyword (:func:`sampler_options` lists them).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    unknown = sorted(set(options) - set(sampler_options(name)))
-    if unknown:
-        raise ValueError(f"sampler {name!r} has no option {unknown}; its options are {sampler_options(name)}")
+    check_options(name, process, steps, **options)
     return SAMPLERS[name](denoise_fn, process, shape, steps=steps, generator=generator, device=device,
                           clip=clip, **options)

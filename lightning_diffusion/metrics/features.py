@@ -76,9 +76,9 @@ class InceptionV3Features(FeatureExtractor):
         path = Path(weights_path) if weights_path else weights_dir() / INCEPTION_FILE
         if not path.is_file():
             raise FileNotFoundError(
-                f"InceptionV3 weights not found at {path}. This machine may have no network: on one that has, run "
-                f"`lightning-diffusion features fetch-inception --out {INCEPTION_FILE}` and copy the file here, or "
-                "pass its location as weights_path")
+                f"the InceptionV3 weights are not at {path}: run `lightning-diffusion features fetch-inception "
+                f"--out {path}` (on a machine with network; then copy the file here), or pass the file's location "
+                "as weights_path")
         digest = sha256_of(path)
         if not digest.startswith(INCEPTION_SHA256_PREFIX):
             raise ValueError(f"{path}: SHA-256 {digest} does not start with {INCEPTION_SHA256_PREFIX}; not the "
@@ -263,8 +263,9 @@ class DigitsFeatures(FeatureExtractor):
         path = Path(weights_path) if weights_path else weights_dir() / DIGITS_FILE
         if not path.is_file():
             if weights_path:
-                raise FileNotFoundError(f"digits classifier weights not found at {path}; "
-                                        "`lightning-diffusion features train-digits --out PATH` writes them")
+                raise FileNotFoundError(f"the digits classifier weights are not at {path}: run `lightning-diffusion "
+                                        f"features train-digits --out {path}` to make them, or leave weights_path "
+                                        "unset to train them on first use")
             import fcntl
 
             path.parent.mkdir(parents=True, exist_ok=True)

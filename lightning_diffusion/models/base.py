@@ -22,6 +22,11 @@ class GenerativeModel(L.LightningModule):
     configures AdamW with linear warm-up and gradient-norm clipping.
     """
 
+    #: options whose change makes a checkpoint's weights mean something else (a family adds its own:
+    #: timesteps, parameterization, ...): a resume with ``--ckpt_path`` refuses them, with every net
+    #: argument but ``dropout`` and any change of a parameter's shape (:mod:`lightning_diffusion.resume`)
+    resume_fixed_hparams: tuple[str, ...] = ("data_shape",)
+
     def __init__(
         self,
         data_shape: tuple[int, ...] | None = None,
@@ -80,6 +85,57 @@ class GenerativeModel(L.LightningModule):
             raise ValueError(f"{type(self).__name__}: data_shape is not set; pass data_shape=(C, H, W) or (D,), "
                              "or let the CLI link it from the DataModule")
         return self.data_shape
+
+    #: the family's net for each kind of data, ``{"images" | "points": (name, class_path)}``, named
+    #: by :meth:`check_net`
+    data_nets: dict[str, tuple[str, str]] = {}
+
+    def setup(self, stage: str) -> None:
+        """Before the first step (and the sanity check): :meth:`check_net`."""
+        super().setup(stage)
+        self.check_net(getattr(self, "net", None))
+
+    def check_net(self, net: Any) -> None:
+        """Refuse a net made for the other kind of data, naming both and the net to use.
+
+        A net declares what it takes in ``data_kind`` (``"points"``: ``[B, D]``, ``"images"``:
+        ``[B, C, H, W]``); nets without it (a user's) are not checked. Run in :meth:`setup`, not
+        in ``__init__``: LightningCLI would bury an error of ``__init__`` in its own message."""
+        kind, data = getattr(net, "data_kind", None), _data_kind(self.data_shape)
+        if kind is None or data is None or kind == data or data not in self.data_nets:
+            return
+        takes = "points [D]" if kind == "points" else "images [C, H, W]"
+        shape = "x".join(map(str, self.data_shape))
+        described = f"{shape} images" if data == "images" else f"points of dimension {shape}"
+        name, class_path = self.data_nets[data]
+        raise ValueError(f"{type(self).__name__}: the net {type(net).__name__} takes {takes}, but the data are "
+                         f"{described}: use {name} (class_path: {class_path})")
+
+    # -- checking sampling and likelihood options before they are used ------------------------
+    def check_sample_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        ``sample(n, **options)`` accepts ``options``. :meth:`sample` calls it first; the callbacks
+        call it on their ``sample_options`` before training, so a bad option stops the run then."""
+
+    def check_bpd_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        ``bits_per_dim(x, **options)`` accepts ``options`` (its first check; Likelihood's before
+        training)."""
+
+    def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
+                               options: dict[str, Any]) -> None:
+        """The diffusion families' :meth:`check_sample_options`: guidance needs a class-conditional
+        model; the sampler, its options and ``steps`` are checked against ``process``
+        (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
+        from lightning_diffusion.diffusion import samplers
+
+        check_number("guidance_scale", guidance_scale)
+        if guidance_scale != 1.0 and not getattr(self, "class_conditional", False):
+            raise samplers.OptionError("guidance_scale", guidance_scale,
+                                       f"classifier-free guidance needs a class_conditional {type(self).__name__}",
+                                       "use guidance_scale 1.0, or train with class_conditional: true")
+        own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator")}
+        samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip"), **own)
 
     # -- the contract -----------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
@@ -201,12 +257,31 @@ class GenerativeModel(L.LightningModule):
     # -- Lightning hooks ----------------------------------------------------------------------
     def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:
         if not torch.isfinite(loss):
+            checkpoint = self._written_checkpoint()
+            resumed = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            held = (f"the last checkpoint written, {checkpoint}, holds parameters of an earlier step" if checkpoint
+                    else "no checkpoint has been written yet in this run"
+                    + (f"; it resumed from {resumed}" if resumed else ""))
             raise FloatingPointError(
                 f"{split}/loss is {loss.item()} at global step {self.global_step}, batch {batch_idx}; "
-                "the parameters before this step are intact (the last checkpoint holds them). "
+                f"the parameters before this step are intact ({held}). "
                 "Lower model.lr, check the data for NaN/Inf, or set trainer.detect_anomaly=true to find the op."
             )
         return loss
+
+    def _written_checkpoint(self) -> str | None:
+        """The newest checkpoint file the trainer's checkpoint callback has written (last, else best),
+        if it exists on disk; None without a trainer, a checkpoint callback or a written file."""
+        import os
+
+        trainer = self._trainer
+        callback = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        if callback is None:
+            return None
+        for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+            if path and os.path.exists(path):
+                return str(path)
+        return None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._checked(self.loss(batch), "train", batch_idx)
@@ -312,7 +387,32 @@ class GenerativeModel(L.LightningModule):
         warmup = max(self.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        self._optimizer_from_options = optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Set the optimizer's ``lr``, ``adam_betas`` and ``weight_decay`` from this model's options.
+
+        On resume Lightning loads the optimizer and scheduler state after ``configure_optimizers``,
+        and with it the old run's learning rate: an ``lr`` changed on the command line would be
+        dropped. Here (after the restore) the param groups and the warm-up schedule's base rate take
+        the current options; the schedule's step count stays the checkpoint's. Without a resume this
+        sets the values they already have.
+        """
+        optimizer = getattr(self, "_optimizer_from_options", None)
+        trainer_optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizer is None or optimizer not in trainer_optimizers:
+            return  # a subclass's own optimizer: its options are its own business
+        for group in optimizer.param_groups:
+            group.update(initial_lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                scheduler.base_lrs = [self.lr] * len(optimizer.param_groups)
+                lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if gradient_clip_val is None and self.grad_clip is not None:
@@ -363,6 +463,46 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
+
+
+def _data_kind(data_shape: tuple[int, ...] | None) -> str | None:
+    """``"points"`` for ``[D]``, ``"images"`` for ``[C, H, W]``, None otherwise (or unknown)."""
+    if data_shape is None:
+        return None
+    return {1: "points", 3: "images"}.get(len(data_shape))
+
+
+def check_number(option: str, value: Any, *, least: float | None = None, integer: bool = False,
+                 optional: bool = False, above: bool = False) -> None:
+    """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless ``value`` is a
+    number (an integer with ``integer``; None with ``optional``) ``>= least`` (``> least`` with
+    ``above``)."""
+    from lightning_diffusion.diffusion.samplers import OptionError
+
+    if optional and value is None:
+        return
+    is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    in_range = is_number and not isinstance(value, bool) and \
+        (least is None or (value > least if above else value >= least))
+    if not in_range:
+        kind = "an integer" if integer else "a number"
+        bound = "" if least is None else f" {'>' if above else '>='} {least:g}"
+        raise OptionError(option, value, f"must be {kind}{bound}" + (" or None" if optional else ""))
+
+
+def check_option_names(owner: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` for the first option of
+    ``options`` that ``owner`` (e.g. ``VAE.sample``) does not take, with the closest accepted name."""
+    import difflib
+
+    from lightning_diffusion.diffusion.samplers import OptionError
+
+    for option, value in options.items():
+        if option not in accepted:
+            close = difflib.get_close_matches(option, accepted, n=1)
+            raise OptionError(option, value, f"{owner} has no option {option!r}"
+                              + (f" (did you mean {close[0]}?)" if close else ""),
+                              f"its options are {', '.join(accepted)}")
 
 
 def data_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -12,8 +12,13 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import vlb
 from lightning_diffusion.diffusion.schedules import (BetaSchedule, NoiseSchedule, Parameterization, Variance,
                                                      append_dims, min_snr_weight, x0_from_output)
+from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
-from lightning_diffusion.models.base import GenerativeModel, data_noise, full_precision, uniform_steps
+from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, data_noise,
+                                             full_precision, uniform_steps)
+
+#: the net a diffusion family uses for each kind of data: (name, class_path)
+DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
 
 LossType = Literal["simple", "hybrid"]
 
@@ -34,6 +39,11 @@ class DDPM(GenerativeModel):
       the drawn t, in bits/dim, with the mean's gradient stopped so that it trains only the
       variance (as improved-diffusion, whose ``lambda T = T / 1000``).
     """
+
+    data_nets = DIFFUSION_NETS
+
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
+    resume_fixed_hparams = ("data_shape", "timesteps", "beta_schedule", "parameterization", "class_conditional")
 
     def __init__(
         self,
@@ -180,10 +190,27 @@ class DDPM(GenerativeModel):
         by the samplers). The number of network evaluations is stored in ``last_sample_nfe``
         (a guided evaluation counts once, though it runs a 2B batch).
         """
+        self.check_sample_options(sampler=sampler, steps=steps, guidance_scale=guidance_scale, **options)
         if sampler == "ancestral":
             options.setdefault("variance", self.variance)
         return self.draw_samples(sampler, self.process, num_samples, y=y, guidance_scale=guidance_scale,
                                  steps=steps, generator=generator, **options)
+
+    def check_sample_options(self, *, sampler: str = "ancestral", steps: int | None = None,
+                             guidance_scale: float = 1.0, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        takes these options: a known sampler, its own options, and ``steps`` that its grid allows
+        on the T steps of this DDPM (time grids: 2..T points)."""
+        self._check_sampler_options(sampler, self.process, steps, guidance_scale, options)
+
+    def check_bpd_options(self, *, steps: int | None = None, batch_t: int = 100, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        :meth:`bits_per_dim` takes these options: ``steps`` None or 1..T, ``batch_t`` >= 1."""
+        check_option_names("DDPM.bits_per_dim", options, ("steps", "batch_t"))
+        if steps is not None:  # None: the full bound
+            timesteps = self.schedule.timesteps
+            check_steps(steps, steps, 1, timesteps, f" (the respaced bound of a DDPM of {timesteps} timesteps)")
+        check_number("batch_t", batch_t, least=1, integer=True)
 
     # -- likelihood ----------------------------------------------------------------------------
     def bpd_estimator(self, *, steps: int | None = None, **_: Any) -> str:
@@ -223,8 +250,7 @@ class DDPM(GenerativeModel):
                 ``val_seed``, so repeated calls give the same number.
             y: labels for a class-conditional model (None: the unconditional model).
         """
-        if batch_t < 1:
-            raise ValueError(f"DDPM.bits_per_dim: batch_t must be >= 1, got {batch_t}")
+        self.check_bpd_options(steps=steps, batch_t=batch_t)
         schedule = self.schedule if steps is None else self.schedule.respaced(steps)
         images = self._is_image(x)
         if images and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):

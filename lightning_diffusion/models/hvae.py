@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_diffusion.diffusion import distributions as dist
 from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion.models.base import check_number
 from lightning_diffusion.models.vae import LatentVariableModel
 
 
@@ -27,6 +28,8 @@ class HierarchicalVAE(LatentVariableModel):
     Log-variances of prior and posterior are soft-clamped (``c tanh(x / c)``); updates with a
     non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.vae.GradientSkip`).
     """
+
+    data_nets = {"images": ("LadderVAENet", "LadderVAENet")}
 
     fsdp_forward_methods = ("bottom_up", "top_down")
 
@@ -101,13 +104,30 @@ class HierarchicalVAE(LatentVariableModel):
 
     def temperatures(self, temperature: float | Sequence[float]) -> list[float]:
         """One temperature per latent group from a float or a list of ``num_groups`` floats."""
+        self._check_temperature(temperature)
         if isinstance(temperature, (int, float)):
             return [float(temperature)] * self.num_groups
-        temps = [float(t) for t in temperature]
-        if len(temps) != self.num_groups:
-            raise ValueError(f"HierarchicalVAE.sample: temperature has {len(temps)} entries but the model has "
-                             f"{self.num_groups} latent groups; give one float or one per group")
-        return temps
+        return [float(t) for t in temperature]
+
+    def _check_temperature(self, temperature: Any) -> None:
+        from lightning_diffusion.diffusion.samplers import OptionError
+
+        if isinstance(temperature, (list, tuple)):
+            if len(temperature) != self.num_groups:
+                raise OptionError("temperature", temperature, f"has {len(temperature)} entries but the model has "
+                                  f"{self.num_groups} latent groups", "give one float or one per group")
+            for t in temperature:
+                check_number("temperature", t, least=0)
+        else:
+            check_number("temperature", temperature, least=0)
+
+    def check_sample_options(self, *, decoder: str = "sample", temperature: float | Sequence[float] = 1.0,
+                             **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        takes these options: ``decoder`` ``sample`` or ``mean``, ``temperature`` >= 0 (one, or one
+        per latent group), no other."""
+        self._check_decoder_options(options, decoder, temperature)
+        self._check_temperature(temperature)
 
     # -- contract -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,9 +137,7 @@ class HierarchicalVAE(LatentVariableModel):
         temperature ``t_i`` (a float for all groups or one per group; NVAE/VDVAE sample at t < 1
         for cleaner images), then ``x ~ p(x | z)`` (``decoder="sample"``, 8-bit grid) or its mean
         (``decoder="mean"``). Images in [-1, 1]."""
-        if options:
-            raise ValueError(f"HierarchicalVAE.sample: unknown options {sorted(options)}; it takes temperature= "
-                             "and decoder=")
+        self.check_sample_options(decoder=decoder, temperature=temperature, **options)
         self._check_unconditional("HierarchicalVAE", y)
         temps = self.temperatures(temperature)
 

@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import likelihood, vlb
 from lightning_diffusion.diffusion.schedules import append_dims, x0_from_output
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
-from lightning_diffusion.models.base import GenerativeModel, data_noise, full_precision
+from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, data_noise,
+                                             full_precision)
+from lightning_diffusion.models.ddpm import DIFFUSION_NETS
 
 SDEParameterization = Literal["eps", "score", "edm"]
 Weighting = Literal["sigma2", "likelihood"]
@@ -48,6 +50,11 @@ class ScoreSDE(GenerativeModel):
     of EDM preconditioning (``edm``).
     """
 
+    data_nets = DIFFUSION_NETS
+
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
+    resume_fixed_hparams = ("data_shape", "sde", "parameterization", "sigma_data", "class_conditional")
+
     def __init__(
         self,
         net: nn.Module,
@@ -80,7 +87,7 @@ class ScoreSDE(GenerativeModel):
             sigma_data: EDM's data standard deviation (0.5 for images in [-1, 1]).
             sampler: default sampler name for ``sample()`` (``pc`` is score_sde's default).
             sample_steps: number of steps of the default ``sampler`` (other samplers use their own
-                defaults unless ``steps`` is given).
+                defaults unless ``steps`` is given; the adaptive ``ode`` takes none).
             likelihood_divergence: ``rademacher``, ``gaussian`` (Hutchinson) or ``exact`` for the
                 ODE likelihood.
             class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
@@ -100,6 +107,12 @@ class ScoreSDE(GenerativeModel):
         self.class_conditional, self.label_dropout = class_conditional, label_dropout
         if class_conditional and self.num_classes is None:
             raise ValueError("ScoreSDE: class_conditional=True needs num_classes (labelled data)")
+        for name, value, choices in (("parameterization", parameterization, ("eps", "score", "edm")),
+                                     ("weighting", weighting, ("sigma2", "likelihood")),
+                                     ("likelihood_divergence", likelihood_divergence, ("rademacher", "gaussian", "exact"))):
+            if value not in choices:
+                raise ValueError(f"ScoreSDE: unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+        self._check_default_sampler()
         self._is_grid: tuple[Tensor, Tensor] | None = None
 
     # -- time sampling ----------------------------------------------------------------------
@@ -186,11 +199,52 @@ class ScoreSDE(GenerativeModel):
         """Samples with a named sampler (``pc``, ``euler_maruyama``, ``ode``, ``heun``, ``ddim``,
         ``dpm_solver``, ``ancestral``); images come back in [-1, 1]. The NFE of the last call is in
         ``self.last_sample_nfe``. ``guidance_scale`` > 1 applies classifier-free guidance with ``y``."""
-        name = sampler or self.sampler
-        if steps is None and name == self.sampler:  # sample_steps belongs to the default sampler
-            steps = self.sample_steps
+        self.check_sample_options(sampler=sampler, steps=steps, guidance_scale=guidance_scale, **options)
+        name, steps = self._sampler_steps(sampler, steps)
         return self.draw_samples(name, self.sde, num_samples, y=y, guidance_scale=guidance_scale, steps=steps,
                                  generator=generator, **options)
+
+    def _sampler_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampler's name and step count: None means the model's ``sampler``, whose steps
+        default to ``sample_steps`` (other samplers keep their own defaults)."""
+        name = sampler or self.sampler
+        if steps is None and name == self.sampler and name != "ode":  # sample_steps belongs to the default sampler
+            steps = self.sample_steps
+        return name, steps
+
+    def _check_default_sampler(self) -> None:
+        """``sampler`` and ``sample_steps`` of the model itself, checked when it is built."""
+        from lightning_diffusion.diffusion.samplers import OptionError, check_options
+
+        try:
+            name, steps = self._sampler_steps(None, None)
+            check_options(name, self.sde, steps)
+        except OptionError as error:
+            option = "sample_steps" if error.option == "steps" else error.option
+            raise ValueError(f"ScoreSDE: {option}={error.value!r}: {error.problem}"
+                             + (f"; {error.advice}" if error.advice else "")) from None
+
+    def check_sample_options(self, *, sampler: str | None = None, steps: int | None = None,
+                             guidance_scale: float = 1.0, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        takes these options: a known sampler, its own options and a step count its grid allows."""
+        name, steps = self._sampler_steps(sampler, steps)
+        self._check_sampler_options(name, self.sde, steps, guidance_scale, options)
+
+    def check_bpd_options(self, *, num_dequantizations: int = 1, divergence: str | None = None,
+                          rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        :meth:`bits_per_dim` takes these options."""
+        from lightning_diffusion.diffusion.samplers import OptionError
+
+        check_option_names("ScoreSDE.bits_per_dim", options,
+                           ("num_dequantizations", "divergence", "rtol", "atol", "steps"))
+        check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
+        if divergence not in (None, "rademacher", "gaussian", "exact"):
+            raise OptionError("divergence", divergence, "must be one of ['rademacher', 'gaussian', 'exact'] or None")
+        check_number("rtol", rtol, least=0, above=True)
+        check_number("atol", atol, least=0, above=True)
+        check_number("steps", steps, least=1, integer=True, optional=True)
 
     def bpd_estimator(self, **_: Any) -> str:
         """Name of what :meth:`bits_per_dim` returns: ``ode`` (probability-flow ODE likelihood)."""
@@ -207,6 +261,8 @@ class ScoreSDE(GenerativeModel):
         NLL. ``steps`` switches to a fixed rk4 grid: the same number of net evaluations on every
         rank, as a sharded model needs. The NFE of the last call is in ``self.last_likelihood_nfe``.
         """
+        self.check_bpd_options(num_dequantizations=num_dequantizations, divergence=divergence, rtol=rtol, atol=atol,
+                               steps=steps)
         if steps is None:
             self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
                                      "bpd_options: {steps: N})")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import distributions as dist
 from lightning_diffusion.diffusion.distributions import LikelihoodName
 from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim, normal_kl, sum_over_dims
-from lightning_diffusion.models.base import GenerativeModel, full_precision
+from lightning_diffusion.models.base import GenerativeModel, check_number, check_option_names, full_precision
 
 
 class GradientSkip:
@@ -116,6 +116,9 @@ class LatentVariableModel(GenerativeModel):
     """
 
     free_bits_per_dimension = False  # free bits per latent dimension (VAE) or per latent group (HVAE)
+
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
+    resume_fixed_hparams = ("data_shape", "likelihood", "num_mixtures", "decoder_std", "logvar_soft_clamp")
 
     def __init__(
         self,
@@ -365,6 +368,23 @@ class LatentVariableModel(GenerativeModel):
         ``iwae-K`` otherwise."""
         return "elbo" if num_importance_samples == 1 else f"iwae-{num_importance_samples}"
 
+    def check_bpd_options(self, *, num_importance_samples: int = 1, chunk_rows: int | None = None,
+                          **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        :meth:`bits_per_dim` takes these options: K >= 1 importance samples, ``chunk_rows`` >= 1 or None."""
+        check_option_names(f"{type(self).__name__}.bits_per_dim", options, ("num_importance_samples", "chunk_rows"))
+        check_number("num_importance_samples", num_importance_samples, least=1, integer=True)
+        check_number("chunk_rows", chunk_rows, least=1, integer=True, optional=True)
+
+    def _check_decoder_options(self, options: dict[str, Any], decoder: str, temperature: Any) -> None:
+        """What :meth:`sample` of both families takes besides ``temperature``'s own rule: no other
+        option, ``decoder`` ``sample`` or ``mean``."""
+        from lightning_diffusion.diffusion.samplers import OptionError
+
+        check_option_names(f"{type(self).__name__}.sample", options, ("decoder", "temperature"))
+        if decoder not in ("sample", "mean"):
+            raise OptionError("decoder", decoder, "must be 'sample' (x ~ p(x | z)) or 'mean' (its mean)")
+
     def sample_trajectory(self, num_samples: int, **options: Any) -> Tensor:
         """Not defined: a VAE samples in one decoder pass, with no denoising trajectory."""
         raise NotImplementedError(f"{type(self).__name__} samples in one pass: it has no sampling trajectory")
@@ -391,16 +411,13 @@ class LatentVariableModel(GenerativeModel):
                 ``iwae_chunk_rows``, else the batch size B, so K = 1000 needs no more activation
                 memory than K = 1.
         """
+        self.check_bpd_options(num_importance_samples=num_importance_samples, chunk_rows=chunk_rows)
         k_total = int(num_importance_samples)
-        if k_total < 1:
-            raise ValueError(f"{type(self).__name__}.bits_per_dim: num_importance_samples must be >= 1, got {k_total}")
         if self.is_image and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
             raise ValueError(f"{type(self).__name__}.bits_per_dim: images must lie in [-1, 1] (8-bit values k / 127.5 - 1)")
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.val_seed)
         rows = chunk_rows or self.iwae_chunk_rows or x.shape[0]
-        if rows < 1:
-            raise ValueError(f"{type(self).__name__}.bits_per_dim: chunk_rows must be >= 1, got {rows}")
         was_training = self.training
         self.eval()
         try:
@@ -441,6 +458,8 @@ class VAE(LatentVariableModel):
     objective is ``recon + beta_t max(free_bits, KL_d)`` summed over latent dimensions d
     (Kingma et al. 2016's free bits, per dimension here), ``beta_t`` warmed up linearly.
     """
+
+    data_nets = {"images": ("ConvVAENet", "ConvVAENet"), "points": ("MLPVAENet", "MLPVAENet")}
 
     free_bits_per_dimension = True
     fsdp_forward_methods = ("encode", "decode")
@@ -498,8 +517,7 @@ class VAE(LatentVariableModel):
                decoder: str = "sample", temperature: float = 1.0, **options: Any) -> Tensor:
         """``z ~ N(0, temperature^2 I)``, then ``x ~ p(x | z)`` (``decoder="sample"``, on the 8-bit grid
         for images) or its mean (``decoder="mean"``); data space, images in [-1, 1]."""
-        if options:
-            raise ValueError(f"VAE.sample: unknown options {sorted(options)}; it takes decoder= and temperature=")
+        self.check_sample_options(decoder=decoder, temperature=temperature, **options)
         self._check_unconditional("VAE", y)
         was_training = self.training
         self.eval()
@@ -508,6 +526,12 @@ class VAE(LatentVariableModel):
             return self._decode_to_data(self._decoder_params(z), decoder, generator)
         finally:
             self.train(was_training)
+
+    def check_sample_options(self, *, decoder: str = "sample", temperature: float = 1.0, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        takes these options: ``decoder`` ``sample`` or ``mean``, ``temperature`` >= 0, no other."""
+        self._check_decoder_options(options, decoder, temperature)
+        check_number("temperature", temperature, least=0)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:

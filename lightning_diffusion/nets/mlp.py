@@ -47,6 +47,8 @@ class MLP(nn.Module):
             DDPM that learns its variance (``loss_type="hybrid"``).
     """
 
+    data_kind = "points"  #: what the net takes: points [B, D] (the models check it against their data)
+
     def __init__(
         self,
         in_channels: int = 2,

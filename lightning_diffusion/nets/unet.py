@@ -150,6 +150,8 @@ class UNet(nn.Module):
             pooling / plain nearest upsampling).
     """
 
+    data_kind = "images"  #: what the net takes: images [B, C, H, W] (the models check it against their data)
+
     def __init__(
         self,
         in_channels: int = 3,

@@ -65,7 +65,15 @@ class BottleneckBlock(nn.Module):
         return x + h if self.residual else h
 
 
+def _require_image_size(name: str, image_size: int | None, instead: str) -> None:
+    """An image net needs ``image_size``; the CLI links None from points data."""
+    if image_size is None:
+        raise ValueError(f"{name} takes images [C, H, W], but image_size is None, as the CLI links it from points "
+                         f"data [D]: for points use {instead}")
+
+
 def _check_image_size(name: str, image_size: int, levels: int) -> int:
+    _require_image_size(name, image_size, "MLPVAENet (class_path: MLPVAENet)")
     factor = 2 ** (levels - 1)
     if image_size % factor:
         raise ValueError(f"{name}: image_size {image_size} is not divisible by 2^{levels - 1} = {factor} "
@@ -89,6 +97,8 @@ class ConvVAENet(nn.Module):
         num_blocks: bottleneck blocks per level in the encoder and in the decoder.
         out_features: channels of the decoder's output features (default ``channels[0]``).
     """
+
+    data_kind = "images"  #: what the net takes: images [B, C, H, W] (the VAE checks it against its data)
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, latent_dim: int = 16,
                  channels: Sequence[int] = (32, 64), num_blocks: int = 1, out_features: int | None = None) -> None:
@@ -142,6 +152,8 @@ class MLPVAENet(nn.Module):
         num_layers: hidden layers of the encoder and of the decoder.
         out_features: size of the decoder's output features (default ``hidden``).
     """
+
+    data_kind = "points"  #: what the net takes: points [B, D] (the VAE checks it against its data)
 
     def __init__(self, in_channels: int = 2, latent_dim: int = 2, hidden: int = 256, num_layers: int = 3,
                  out_features: int | None = None) -> None:
@@ -229,11 +241,14 @@ class LadderVAENet(nn.Module):
         out_features: channels of the output features (default ``width``).
     """
 
+    data_kind = "images"  #: what the net takes: images [B, C, H, W] (the HVAE checks it against its data)
+
     def __init__(self, in_channels: int = 1, image_size: int = 8, width: int = 64, latent_channels: int = 8,
                  latent_resolutions: Sequence[int] = (1, 4, 8), groups_per_resolution: Sequence[int] = (2, 2, 2),
                  encoder_blocks: int | Sequence[int] = 2, output_blocks: int = 1, bottleneck_ratio: float = 0.25,
                  out_features: int | None = None) -> None:
         super().__init__()
+        _require_image_size("LadderVAENet", image_size, "VAE with MLPVAENet (the hierarchical VAE models images)")
         resolutions, groups = [int(r) for r in latent_resolutions], [int(g) for g in groups_per_resolution]
         if len(resolutions) != len(groups) or not resolutions:
             raise ValueError(f"LadderVAENet: latent_resolutions {resolutions} and groups_per_resolution {groups} must be "
