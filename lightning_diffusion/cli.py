@@ -26,6 +26,16 @@ TRAINER_SUBCOMMANDS = {
 }
 
 
+#: ``(DataModule attribute, model option)``: facts of the data that the CLI links into the model
+LINKS = (
+    ("data.data_shape", "model.init_args.data_shape"),
+    ("data.num_classes", "model.init_args.num_classes"),
+    ("data.num_channels", "model.init_args.net.init_args.in_channels"),
+    ("data.image_size", "model.init_args.net.init_args.image_size"),
+    ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+)
+
+
 class DiffusionCLI(LightningCLI):
     """LightningCLI with our models and DataModule by short name and data facts linked into the model.
 
@@ -43,33 +53,45 @@ class DiffusionCLI(LightningCLI):
         import lightning_diffusion.models  # noqa: F401
         import lightning_diffusion.nets  # noqa: F401
 
+        from lightning_diffusion.run_directory import RunConfig
+
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        # overwrite: resuming into the same run directory rewrites config.yaml instead of failing
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # the run directory held while the fit runs, each launch's config in its own file
+        kwargs.setdefault("save_config_callback", RunConfig)
+        self._explicit_links: dict[str, Any] = {}
+        given = kwargs.get("args")
+        self._args = [a for a in (given if isinstance(given, list) else sys.argv[1:]) if isinstance(a, str)]
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse ``args`` (:func:`main` always passes the command line itself, so Lightning's warning
+        about ``args`` and ``sys.argv`` both being given would appear on every fit)."""
+        self.config = parser.parse_args(args)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in (
-            ("data.data_shape", "model.init_args.data_shape"),
-            ("data.num_classes", "model.init_args.num_classes"),
-            ("data.num_channels", "model.init_args.net.init_args.in_channels"),
-            ("data.image_size", "model.init_args.net.init_args.image_size"),
-            ("data.num_classes", "model.init_args.net.init_args.num_classes"),
-        ):
+        for source, target in LINKS:
             parser.link_arguments(source, target, apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line: LightningCLI's own version parses the checkpoint's hyperparameters
+        *over* it, so every ``--model.*`` change given with ``--ckpt_path`` was silently dropped.
+        Instead the model built from the command line is compared with the checkpoint in
+        :meth:`instantiate_classes` (:func:`lightning_diffusion.resume.check_resume`)."""
 
     def before_instantiate_classes(self) -> None:
         """Resuming ``fit`` from a checkpoint continues its W&B run: the run id stored in the
         checkpoint becomes the id of every WandbLogger that was given none. In a SLURM job a requeued
         job continues its run (see :func:`_continue_slurm_job`)."""
         if self.subcommand != "fit":
+            self._explicit_links = _explicit_link_values(self.config[self.subcommand], self._args)
             return
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         from lightning_diffusion.callbacks.wandb import wandb_run_id_from_checkpoint
 
         config = self.config.fit
+        self._explicit_links = _explicit_link_values(config, self._args)
         if SLURMEnvironment.detect():
             _continue_slurm_job(config)
         run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
@@ -89,6 +111,32 @@ class DiffusionCLI(LightningCLI):
         for hparams in (self.model.hparams, getattr(self.model, "_hparams_initial", {})):
             for value in hparams.values():
                 _drop_unaccepted_init_args(value)
+        _check_links(self._explicit_links, self.datamodule)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")  # a requeued SLURM job's is set by now
+        if ckpt_path and Path(ckpt_path).exists():
+            from lightning_diffusion.resume import check_resume
+
+            changes = check_resume(self.model, self.model.hparams, _checkpoint_for_comparison(ckpt_path), ckpt_path)
+            if changes:
+                rank_zero_info("Resuming with changed options (they apply from the next step): " + "; ".join(
+                    f"model.init_args.{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        # the run directory held (rank zero) before the Trainer writes anything into it
+        from lightning_diffusion.run_directory import RunConfig
+
+        self.trainer.callbacks.sort(key=lambda cb: not isinstance(cb, RunConfig))
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RunConfig):
+                cb.hold(self.trainer)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning_diffusion.run_directory import RunConfig
+
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, RunConfig):
+                    cb.release()
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -98,7 +146,8 @@ class DiffusionCLI(LightningCLI):
         lines = [f"Run directory: {log_dir or trainer.default_root_dir}"]
         config = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
         if config is not None:
-            lines.append(f"  config:      {Path(log_dir or '.') / config.config_filename}")
+            path = getattr(config, "config_path", None) or Path(log_dir or ".") / config.config_filename
+            lines.append(f"  config:      {path}")
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:
             for label, path in (("last", getattr(ckpt, "last_model_path", "")), ("best", ckpt.best_model_path)):
@@ -109,6 +158,88 @@ class DiffusionCLI(LightningCLI):
             if path is not None:
                 lines.append(f"  samples:     {path}")
         rank_zero_info("\n".join(lines))
+
+
+def _checkpoint_for_comparison(ckpt_path: str) -> dict[str, Any]:
+    """What :func:`~lightning_diffusion.resume.check_resume` needs of a checkpoint: its
+    ``hyper_parameters`` and its ``state_dict`` (tensors memory-mapped, or for a sharded folder
+    the parameters' shapes from its metadata), loaded with ``weights_only=True``."""
+    import torch
+
+    from lightning_diffusion.commands import load_checkpoint
+
+    path = Path(ckpt_path)
+    if path.is_dir():  # a sharded checkpoint folder: meta.pt holds the hyperparameters
+        out: dict[str, Any] = {}
+        if (path / "meta.pt").is_file():
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            out["hyper_parameters"] = meta.get("hyper_parameters")
+        try:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            out["state_dict"] = {k.split(".", 1)[1]: _Shape(tuple(v.size)) for k, v in metadata.items()
+                                 if k.split(".", 1)[0] in ("state_dict", "model") and hasattr(v, "size")}
+        except Exception:  # noqa: BLE001 - no shapes to compare: the hyperparameters still are
+            pass
+        return out
+    return load_checkpoint(path, mmap=True)
+
+
+class _Shape:
+    """A parameter known only by its shape (from a sharded checkpoint's metadata)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
+    """``{model option: value}`` of the link targets (:data:`LINKS`) the user gave a value of: one
+    named on the command line ``args``, or (from a config file) one that differs from the class's
+    default."""
+    import importlib
+    import inspect
+
+    out: dict[str, Any] = {}
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    for _, target in LINKS:
+        owner, _, name = target.rpartition(".init_args.")
+        try:
+            class_path, value = config[f"{owner}.class_path"], config[target]
+        except (KeyError, TypeError):
+            continue
+        if not isinstance(class_path, str):
+            continue
+        try:
+            module, _, cls_name = class_path.rpartition(".")
+            param = inspect.signature(getattr(importlib.import_module(module), cls_name)).parameters.get(name)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            continue
+        if param is None:
+            continue
+        default = param.default if param.default is not inspect.Parameter.empty else None
+        if _plain(value) != _plain(default) or f"--{target}" in given:
+            out[target] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _check_links(explicit: dict[str, Any], datamodule) -> None:
+    """Refuse an explicit value of a linked option that differs from the data's (the link would
+    silently replace it)."""
+    from lightning_diffusion.errors import LinkConflictError
+
+    for source, target in LINKS:
+        if target not in explicit or not hasattr(datamodule, source.split(".", 1)[1]):
+            continue
+        data_value = getattr(datamodule, source.split(".", 1)[1])
+        if data_value is not None and _plain(explicit[target]) != _plain(data_value):
+            raise LinkConflictError(
+                f"--{target}={_plain(explicit[target])!r}, but the data have {source}={_plain(data_value)!r}: "
+                f"{target} is linked from the data; leave it out, or choose data that match it")
 
 
 def _logger_configs(config) -> Iterator[tuple[str, Any]]:
@@ -272,21 +403,53 @@ def _overview() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-diffusion`` console script and ``python -m lightning_diffusion``."""
+    """Entry point of the ``lightning-diffusion`` console script and ``python -m lightning_diffusion``.
+
+    An error of the user's input (a config, an option, a file: see :func:`_user_errors`) is printed as
+    one line naming it, and the command exits with status 1; ``--debug`` (anywhere on the command
+    line) or ``LD_DEBUG=1`` shows the traceback instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LD_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return
     if argv[0] == "--version":
         print(__version__)
         return
-    if argv[0] in EXTRA_SUBCOMMANDS:
-        EXTRA_SUBCOMMANDS[argv[0]][1](argv[1:])
-        return
-    if argv[0] not in TRAINER_SUBCOMMANDS:
+    if argv[0] not in EXTRA_SUBCOMMANDS and argv[0] not in TRAINER_SUBCOMMANDS:
         known = ", ".join([*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS])
         sys.exit(f"lightning-diffusion: unknown subcommand {argv[0]!r}; choose one of: {known}")
-    DiffusionCLI(args=_resolve_config_args(argv))
+    try:
+        if argv[0] in EXTRA_SUBCOMMANDS:
+            EXTRA_SUBCOMMANDS[argv[0]][1](argv[1:])
+        else:
+            DiffusionCLI(args=_resolve_config_args(argv))
+    except _user_errors() as e:
+        if debug:
+            raise
+        sys.stderr.write(f"lightning-diffusion {argv[0]}: error: {_one_line(e)}\n"
+                         "(--debug or LD_DEBUG=1 shows the traceback)\n")
+        sys.exit(1)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What the command reports in one line: our own errors (:class:`~lightning_diffusion.errors.UserError`,
+    shard errors, a NaN loss) and those of the user's files and values (a missing or unreadable
+    file, a value out of range, a missing key, a file that is no checkpoint). Anything else is a
+    bug, and keeps its traceback."""
+    import pickle
+
+    from lightning_diffusion.data.streams import ShardError
+    from lightning_diffusion.errors import UserError
+
+    return (UserError, ShardError, OSError, ValueError, KeyError, FloatingPointError, pickle.UnpicklingError)
+
+
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return str(message) or type(error).__name__
 
 
 if __name__ == "__main__":

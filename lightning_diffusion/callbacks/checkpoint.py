@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ class LastCheckpoint(ModelCheckpoint):
     early stopping), so the final steps are lost. Here ``on_train_end`` saves the final state too.
     Every argument is ModelCheckpoint's; ``save_last`` defaults to True.
 
-    Every file is written atomically: into ``<name>.partial`` first, then renamed over the old one
-    (a sharded checkpoint directory too). Lightning's own save truncates the file and then writes
+    Every file is written atomically: into ``<name>.partial-<host>-<pid>`` first (a name of this
+    process's own: two writers never share one), then renamed over the old one (a sharded
+    checkpoint directory too). Lightning's own save truncates the file and then writes
     it, so a kill during the write (preemption, OOM killer, SIGKILL) left a corrupt ``last.ckpt``;
     here the old one stays intact until the new one is complete.
     """
@@ -35,9 +38,11 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(*args, save_last=save_last, **kwargs)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
+        # this process's own temporary name (rank zero's, the same on every rank: a sharded
+        # checkpoint is one folder): two writers never share one
+        partial = trainer.strategy.broadcast(f"{filepath}.partial-{socket.gethostname()}-{os.getpid()}")
         if trainer.is_global_zero:
-            _remove(partial)  # from an earlier kill
+            _remove_stale_partials(filepath)  # left by a killed run
         trainer.strategy.barrier("LastCheckpoint.partial")
         super()._save_checkpoint(trainer, partial)
         if trainer.is_global_zero:
@@ -58,6 +63,29 @@ class LastCheckpoint(ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+def _remove_stale_partials(filepath: str) -> None:
+    """Remove ``<filepath>.partial-<host>-<pid>`` files or folders of dead processes on this host
+    (and this process's own), and the ``<filepath>.partial`` of older versions."""
+    host = socket.gethostname()
+    for path in glob.glob(glob.escape(filepath) + ".partial*"):
+        suffix = path[len(filepath) + len(".partial"):]
+        if suffix:
+            owner_host, _, pid = suffix[1:].rpartition("-")
+            if owner_host != host or not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+                continue  # another host's, or a live process's
+        _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: str) -> None:
