@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
             EXTRA_SUBCOMMANDS[argv[0]][1](argv[1:])
         else:
             DiffusionCLI(args=_resolve_config_args(argv))
+            from lightning_diffusion.distributed import end_process_group
+
+            end_process_group()  # every rank leaves the process group together: lightning_diffusion/distributed.py
     except _user_errors() as e:
         if debug:
             raise
@@ -448,8 +451,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(error: BaseException) -> str:
+    """The message of ``error``; for an error that jsonargparse wrapped (a model or net refusing its
+    arguments while it is built comes out as "Does not validate against any of the Union subtypes"
+    with the whole config), the message of the innermost error our package raised."""
+    error = _own_error(error) or error
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return str(message) or type(error).__name__
+
+
+def _own_error(error: BaseException) -> BaseException | None:
+    import traceback
+
+    package = str(Path(__file__).resolve().parent)
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames or "jsonargparse" not in frames[-1].filename:
+        return None
+    found, seen = None, set()
+    inner = error.__cause__ or error.__context__
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        tb = traceback.extract_tb(inner.__traceback__)
+        if tb and tb[-1].filename.startswith(package) and isinstance(inner, _user_errors()):
+            found = inner
+        inner = inner.__cause__ or inner.__context__
+    return found
 
 
 if __name__ == "__main__":
