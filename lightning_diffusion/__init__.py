@@ -12,6 +12,9 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 - Samplers and likelihood: `sample` runs a sampler by name on any denoiser
   ``denoise_fn(x_t, t) -> x0_hat`` and process, returning a `SamplerOutput`; `sampler_options`
   lists a sampler's options; `ode_nll` is the probability-flow ODE likelihood.
+- MCMC on an energy ``energy(x) -> E [B]`` (pure math, no Lightning): `langevin` (ULA) and `mala`
+  return an `MCMCResult`; `ais` estimates log Z from a `gaussian_base` (an `AISResult`). The rest
+  (HMC, annealing, parallel tempering, reverse AIS, 2-D quadrature) is in ``lightning_diffusion.mcmc``.
 - Data: `ShardDataModule` (WebDataset shards as batch dicts ``{"x", "y"}``), `write_shards` and
   `Source` (write your own arrays as shards), `ShardError`.
 - Callbacks: `EMA`, `SampleQuality`, `Likelihood`, `WandbSamples`, `SampleGrid`, `LastCheckpoint`,
@@ -57,6 +60,13 @@ _PUBLIC = {
     "sample": "lightning_diffusion.diffusion.samplers",
     "sampler_options": "lightning_diffusion.diffusion.samplers",
     "ode_nll": "lightning_diffusion.diffusion.likelihood",
+    # MCMC on an energy
+    "AISResult": "lightning_diffusion.mcmc",
+    "MCMCResult": "lightning_diffusion.mcmc",
+    "ais": "lightning_diffusion.mcmc",
+    "gaussian_base": "lightning_diffusion.mcmc",
+    "langevin": "lightning_diffusion.mcmc",
+    "mala": "lightning_diffusion.mcmc",
     # data
     "ShardDataModule": "lightning_diffusion.data",
     "ShardError": "lightning_diffusion.data",
