@@ -28,3 +28,19 @@ class LinkConflictError(UserError, ValueError):
 class CheckpointError(UserError, ValueError):
     """A file given as a checkpoint that is none (or not one this package can read)."""
 
+
+class OptionError(UserError, ValueError):
+    """A bad option of a sampler, likelihood estimator or model method: which ``option``, its
+    ``value`` as given, what is allowed (``problem``) and what to do (``advice``). ``str(error)``
+    reads ``option=value: problem; advice``; a caller that knows where the option was written (a
+    callback's ``sample_options``) names it with :meth:`message`. Here, not in ``diffusion/``, so
+    that every layer (the pure math, the models, the callbacks) raises and catches the same class
+    without importing another's folder."""
+
+    def __init__(self, option: str, value: object, problem: str, advice: str = ""):
+        self.option, self.value, self.problem, self.advice = option, value, problem, advice
+        super().__init__(self.message())
+
+    def message(self, where: str = "") -> str:
+        """The sentence, with ``where`` (e.g. ``SampleQuality.sample_options.``) before the option."""
+        return f"{where}{self.option}={self.value!r}: {self.problem}" + (f"; {self.advice}" if self.advice else "")

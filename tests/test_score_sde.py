@@ -2,6 +2,7 @@
 denoising loss, importance sampling, EDM preconditioning; and training on toy 2-D data."""
 
 import math
+import re
 
 import lightning as L
 import pytest
@@ -175,3 +176,28 @@ def test_score_sde_classifier_free_guidance_combines_cond_and_uncond(monkeypatch
     assert torch.allclose(seen["x0"], uncond + 3.0 * (cond - uncond), atol=1e-6)
     with pytest.raises(ValueError, match="guidance_scale=3.0: classifier-free guidance needs a class_conditional ScoreSDE"):
         ScoreSDE(LabelNet(), data_shape=(2,)).sample(4, guidance_scale=3.0)
+
+
+def test_the_given_sde_is_not_changed_by_building_and_training():
+    sde = VESDE(sigma_min=0.02, sigma_max=5.0, t_min=0.0)
+    before = dict(vars(sde))
+    model = ScoreSDE(MLP(in_channels=2, hidden=16, num_layers=1, time_scale=1000.0), sde=sde, t_eps=1e-3,
+                     sample_steps=10, data_shape=(2,), warmup_steps=0)
+    assert model.sde is not sde and model.sde.t_min == 1e-3 and model.sde.sigma_max == 5.0
+    points = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"x": p} for p in points], batch_size=32)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, loader)
+    model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert vars(sde) == before
+
+
+@pytest.mark.parametrize("option,value,names", [
+    ("t_eps", 0.0, "t_eps=0.0"), ("t_eps", 1.5, "t_eps=1.5"), ("sigma_data", -1.0, "sigma_data=-1.0"),
+    ("label_dropout", 1.5, "label_dropout=1.5"), ("importance_sampling", True, "importance_sampling=True"),
+    ("sde", "vp", "sde='vp'"), ("parameterization", "x0", "unknown parameterization 'x0'"),
+])
+def test_a_bad_option_is_refused_naming_it(option, value, names):
+    with pytest.raises(ValueError, match="^ScoreSDE: " + re.escape(names)):
+        ScoreSDE(nn.Identity(), data_shape=(2,), **{option: value})

@@ -23,6 +23,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_diffusion.modes import evaluating
+
 
 def ema_decay(step: int, decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
     """EMA decay after ``step`` optimizer steps, with warm-up:
@@ -243,9 +245,7 @@ def evaluation_weights(trainer: L.Trainer | None, pl_module: nn.Module) -> Itera
         pl_module: the model to evaluate.
     """
     ema = find_ema(trainer)
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
+    with evaluating(pl_module, no_grad=False):
         if ema is None or ema.evaluate_with == "raw":
             yield "raw"
         elif ema.swapped:
@@ -256,8 +256,6 @@ def evaluation_weights(trainer: L.Trainer | None, pl_module: nn.Module) -> Itera
                 yield "ema"
             finally:
                 ema.swap_out(pl_module)
-    finally:
-        pl_module.train(was_training)
 
 
 def ema_state_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor] | None:

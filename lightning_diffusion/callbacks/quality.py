@@ -20,9 +20,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_diffusion.callbacks.common import (batch_data, check_model_options, check_split, class_labels,
+                                                  eval_batches, find_datamodule, run_dir)
 from lightning_diffusion.callbacks.ema import evaluation_weights
-from lightning_diffusion.callbacks.protocol import batch_x, estimator_name
-from lightning_diffusion.callbacks.samples import check_model_options, class_labels
+from lightning_diffusion.callbacks.protocol import estimator_name
 from lightning_diffusion.data.datamodule import rank_world
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
@@ -30,66 +31,18 @@ from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, g
 IMAGE_METRICS = ("fid", "kid", "is", "pr")
 
 
-def _run_dir(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
 def _append_jsonl(trainer: L.Trainer, name: str, record: dict) -> None:
-    path = _run_dir(trainer) / "metrics" / f"{name}.jsonl"  # trainer.log_dir broadcasts: every rank calls it
+    path = run_dir(trainer) / "metrics" / f"{name}.jsonl"  # trainer.log_dir broadcasts: every rank calls it
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def _datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
-    if datamodule is not None:
-        return datamodule
-    return getattr(trainer, "datamodule", None) if trainer is not None else None
-
-
-_TRAINER_LOADERS = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
-
-
-def _check_split(split: str, option: str) -> None:
-    if split not in _TRAINER_LOADERS:
-        raise ValueError(f"{option}={split!r}: unknown split; choose train, val or test")
-
-
 def _data_shape(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, ...] | None:
     """The shape of one sample, from the model (our families) or the DataModule; None if neither says."""
     shape = getattr(pl_module, "data_shape", None) or getattr(getattr(trainer, "datamodule", None), "data_shape", None)
     return tuple(shape) if shape is not None else None
-
-
-def _eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None, option: str = "split"):
-    """Batches of ``split`` (train, val or test): from a DataModule with ``eval_dataloader``
-    (ShardDataModule: every sample once over ranks); else the trainer's loader of that split
-    (Lightning gives each rank its share); else the DataModule's ``<split>_dataloader()``.
-    ``option`` names the callback's option in errors."""
-    _check_split(split, option)
-    datamodule = _datamodule(trainer, datamodule)
-    if datamodule is not None and hasattr(datamodule, "eval_dataloader"):
-        return datamodule.eval_dataloader(split)
-    loaders = getattr(trainer, _TRAINER_LOADERS[split], None) if trainer is not None else None
-    if loaders is None and datamodule is not None and hasattr(datamodule, f"{split}_dataloader"):
-        loaders = getattr(datamodule, f"{split}_dataloader")()
-    if isinstance(loaders, dict):
-        loaders = next(iter(loaders.values()), None)
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    if loaders is None:
-        raise ValueError(f"{option}={split!r}: no {split} data; give the Trainer a DataModule or {split} dataloaders, "
-                         f"or choose another {option}")
-    return loaders
-
-
-def _images(batch: Any) -> Tensor:
-    x = batch_x(batch)
-    if x is None:
-        raise ValueError(f"a batch of type {type(batch).__name__} holds no data tensor; batches are dicts with key "
-                         "'x', tuples or lists whose first item is the data, or tensors")
-    return x
 
 
 class _Periodic(L.Callback):
@@ -172,7 +125,7 @@ class SampleQuality(_Periodic):
         if extractor not in EXTRACTORS:
             raise ValueError(f"SampleQuality.extractor={extractor!r}: unknown feature extractor; choose one of "
                              f"{sorted(EXTRACTORS)} (2-D points need none: they get energy distance and MMD)")
-        _check_split(real_split, "real_split")
+        check_split(real_split, "real_split")
         self.num_samples, self.extractor_name, self.weights_path = num_samples, extractor, weights_path
         self.metrics, self.real_split, self.num_real = metrics, real_split, num_real
         self.batch_size, self.seed, self.max_features = batch_size, seed, max_features
@@ -229,7 +182,7 @@ class SampleQuality(_Periodic):
                 yield x[:keep]
 
     def _real_path(self, trainer: L.Trainer | None, kind: str, datamodule: Any = None) -> Path | None:
-        datamodule = _datamodule(trainer, datamodule)
+        datamodule = find_datamodule(trainer, datamodule)
         if not self.cache_stats or datamodule is None or not hasattr(datamodule, "fingerprint"):
             return None
         from lightning_diffusion.data.shards import data_cache_dir
@@ -256,8 +209,8 @@ class SampleQuality(_Periodic):
         stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         logits_bank = quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         seen = 0
-        for batch in _eval_batches(trainer, self.real_split, datamodule, option="real_split"):
-            x = _images(batch)
+        for batch in eval_batches(trainer, self.real_split, datamodule, option="real_split"):
+            x = batch_data(batch)
             if limit is not None:
                 x = x[: max(0, limit - seen)]
             if x.shape[0] == 0:
@@ -360,7 +313,7 @@ class Likelihood(_Periodic):
             seed: seed of the estimator's noise (the same at every evaluation).
         """
         super().__init__(every_n_epochs, every_n_steps)
-        _check_split(split, "split")
+        check_split(split, "split")
         self.num_batches, self.split, self.seed = num_batches, split, seed
         self.bpd_options = dict(bpd_options or {})
 
@@ -375,7 +328,7 @@ class Likelihood(_Periodic):
         start = time.perf_counter()
         rank, world = rank_world(trainer)
         batches = []
-        for batch in _eval_batches(trainer, self.split, datamodule):
+        for batch in eval_batches(trainer, self.split, datamodule):
             batches.append(batch)
             if self.num_batches and len(batches) >= self.num_batches:
                 break
@@ -392,7 +345,7 @@ class Likelihood(_Periodic):
                 batch = batches[i] if real else batches[-1] if batches else None
                 if batch is None:
                     continue
-                x = _images(batch).to(pl_module.device)
+                x = batch_data(batch).to(pl_module.device)
                 options = dict(self.bpd_options)
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,90 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+# class_labels, check_model_options, save_image_grid and save_scatter are importable from here as before
+from lightning_diffusion.callbacks.common import (batch_data, check_model_options, class_labels, eval_batches,  # noqa: F401
+                                                  run_dir, save_image_grid, save_scatter)
 from lightning_diffusion.callbacks.ema import evaluation_weights
-
-
-def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1], [N, C, H, W], as one PNG grid (``nrow`` images per row)."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
-    save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
-    return path
-
-
-def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor | None:
-    """Labels for ``num`` samples of a model with ``class_conditional = True`` and ``num_classes``:
-    sample i gets class ``(offset + i) % num_classes`` (balanced, in class order, so a grid with a
-    multiple of ``num_classes`` samples shows every class in turn); None for any other model.
-
-    Args:
-        module: the model; only its ``class_conditional`` and ``num_classes`` attributes are read.
-        num: number of labels.
-        offset: class of the first sample (for a batch inside a larger set).
-        device: device of the labels.
-    """
-    if not getattr(module, "class_conditional", False):
-        return None
-    return (torch.arange(offset, offset + num, device=device) % int(module.num_classes)).long()
-
-
-def check_model_options(pl_module: Any, where: str, options: dict[str, Any], check: str = "check_sample_options",
-                        written_as: dict[str, str] | None = None) -> None:
-    """Check a callback's options for the model before training: ``pl_module.<check>(**options)``
-    (``check_sample_options`` or ``check_bpd_options``; a model without it, such as a user's own
-    LightningModule, is not checked). A refused option becomes a ValueError that names it as the
-    config writes it, ``<where>.<option>=<value>`` (``where``: e.g. ``SampleQuality.sample_options``;
-    ``written_as`` renames options the callback took elsewhere), with what is allowed and what to do.
-
-    Args:
-        pl_module: the model.
-        where: the callback and its option, as in the config.
-        options: the options the callback will pass.
-        check: the model's check method.
-        written_as: option -> how the config writes it, for options not in ``where``.
-    """
-    from lightning_diffusion.diffusion.samplers import OptionError
-
-    method = getattr(pl_module, check, None)
-    if method is None:
-        return
-    try:
-        method(**options)
-    except OptionError as error:
-        written_as = written_as or {}
-        if error.option in written_as or error.option in options:
-            name = written_as.get(error.option, f"{where}.{error.option}")
-            given = f"{name}={error.value!r}"
-        else:  # a default that the options leave in place
-            given = f"{where}={options!r}"
-        advice = f"; {error.advice}" if error.advice else ""
-        raise ValueError(f"{given}: {error.problem}{advice}") from None
-
-
-def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
-    """Save a scatter plot of 2-D ``points`` [N, 2] over ``reference`` data (grey), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    if reference is not None:
-        ref = reference.float().cpu()
-        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
-    pts = points.float().cpu()
-    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", label="samples")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=4)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 class SampleGrid(L.Callback):
@@ -145,15 +64,13 @@ class SampleGrid(L.Callback):
 
     def _reference(self, trainer: L.Trainer) -> Tensor | None:
         """Up to ``num_reference`` validation points (None without validation data)."""
-        from lightning_diffusion.callbacks.quality import _eval_batches, _images
-
         try:
-            batches = _eval_batches(trainer, "val")
+            batches = eval_batches(trainer, "val")
         except ValueError:
             return None
         points = []
         for batch in batches:
-            points.append(_images(batch))
+            points.append(batch_data(batch))
             if sum(p.shape[0] for p in points) >= self.num_reference:
                 break
         return torch.cat(points)[: self.num_reference].cpu() if points else None
@@ -164,7 +81,7 @@ class SampleGrid(L.Callback):
             labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
             options = self.sample_options if labels is None else {**self.sample_options, "y": labels}
             x = pl_module.sample(self.num_samples, generator=generator, **options)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
+        path = run_dir(trainer) / "samples" / f"{name}.png"
         if trainer.is_global_zero:
             if x.ndim == 4:
                 save_image_grid(x, path, nrow=self.nrow)

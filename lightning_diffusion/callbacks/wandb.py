@@ -28,9 +28,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_diffusion.callbacks.common import check_model_options, run_dir, save_image_grid, save_scatter
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs, batch_x
-from lightning_diffusion.callbacks.samples import check_model_options, save_image_grid, save_scatter
 
 RUN_ID_KEY = "wandb_run_id"
 """Key of the W&B run id in a Lightning checkpoint dict."""
@@ -209,7 +209,7 @@ class WandbSamples(L.Callback):
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Path]:
         """Generate (every rank), then write the PNGs and the table row and log them (rank zero)."""
         step = trainer.global_step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"  # log_dir broadcasts: every rank
+        out_dir = run_dir(trainer) / "samples"  # log_dir broadcasts: every rank
         which, generated = self.generate(trainer, pl_module)
         self._logged_step = step
         row = {"step": step, "epoch": trainer.current_epoch, "weights": which,

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_diffusion.diffusion.sde import GaussianProcess
+from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 AncestralVariance = Literal["fixedsmall", "fixedlarge"]
@@ -99,21 +100,6 @@ def transition(process: GaussianProcess, t: float, s: float) -> Transition:
     a = alpha_t / alpha_s
     v = max(sigma_t**2 - a**2 * sigma_s**2, 0.0)
     return Transition(alpha_t, sigma_t, alpha_s, sigma_s, a, v, sigma_s**2 * v / sigma_t**2)
-
-
-class OptionError(ValueError):
-    """A bad option of a sampler or likelihood estimator: which ``option``, its ``value`` as given,
-    what is allowed (``problem``) and what to do (``advice``). ``str(error)`` reads
-    ``option=value: problem; advice``; a caller that knows where the option was written (a
-    callback's ``sample_options``) names it with :meth:`message`."""
-
-    def __init__(self, option: str, value: Any, problem: str, advice: str = ""):
-        self.option, self.value, self.problem, self.advice = option, value, problem, advice
-        super().__init__(self.message())
-
-    def message(self, where: str = "") -> str:
-        """The sentence, with ``where`` (e.g. ``SampleQuality.sample_options.``) before the option."""
-        return f"{where}{self.option}={self.value!r}: {self.problem}" + (f"; {self.advice}" if self.advice else "")
 
 
 def _is_int(value: Any) -> bool:

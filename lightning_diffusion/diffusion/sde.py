@@ -28,7 +28,7 @@ from lightning_diffusion.diffusion.schedules import NoiseSchedule, append_dims
 class GaussianProcess:
     """Base class: alpha, sigma, f, g^2 as functions of t [B] (float64 inside, data dtype outside)."""
 
-    t_min: float  # smallest time samplers integrate to (a ScoreSDE model sets it to its t_eps)
+    t_min: float  # smallest time samplers integrate to (a ScoreSDE model keeps a copy with its t_eps)
     t_max: float  # time of the prior
     discrete: bool = False  # True where t is a DDPM step index: grids are then rounded to integers
 

@@ -1,9 +1,16 @@
-"""LightningModules of the model families."""
+"""LightningModules of the model families: the thin base, one layer per kind of family, the families.
+
+``GenerativeModel`` (base) <- ``GaussianDiffusionModel`` (gaussian_diffusion) <- ``DDPM``, ``ScoreSDE``;
+``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``.
+"""
 
 from lightning_diffusion.models.base import GenerativeModel
 from lightning_diffusion.models.ddpm import DDPM
+from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
 from lightning_diffusion.models.hvae import HierarchicalVAE
+from lightning_diffusion.models.latent_variable import LatentVariableModel
 from lightning_diffusion.models.score_sde import ScoreSDE
 from lightning_diffusion.models.vae import VAE
 
-__all__ = ["DDPM", "GenerativeModel", "HierarchicalVAE", "ScoreSDE", "VAE"]
+__all__ = ["DDPM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
+           "VAE"]

@@ -1,8 +1,12 @@
-"""The small base every model family shares: data facts, optimizer defaults, the model contract.
+"""The thin base every model family shares: the model contract, data facts, logging, optimizer.
 
-Contract (DESIGN.md): ``sample(num_samples, *, y=None, generator=None, **options)`` returns
-samples in data space; ``bits_per_dim(x, **options)`` returns the per-sample negative
-log-likelihood in bits per dimension; ``train/loss`` and ``val/loss`` are logged.
+Contract (docs/architecture.md): ``sample(num_samples, *, y=None, generator=None, **options)``
+returns samples in data space; ``bits_per_dim(x, **options)`` returns the per-sample negative
+log-likelihood in bits per dimension; ``train/loss`` and ``val/loss`` are logged. Nothing here knows
+how a family samples: the Gaussian-diffusion layer
+(:mod:`~lightning_diffusion.models.gaussian_diffusion`) and the latent-variable layer
+(:mod:`~lightning_diffusion.models.latent_variable`) sit on it, and so can an energy-based or a
+discrete-diffusion family.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ class GenerativeModel(L.LightningModule):
     """Base LightningModule of the model families.
 
     Subclasses implement ``loss(batch, generator=None) -> Tensor`` (a scalar), ``sample`` and
-    ``bits_per_dim``; the base logs the losses, refuses non-finite ones with a clear error, and
-    configures AdamW with linear warm-up and gradient-norm clipping.
+    ``bits_per_dim`` (and, to check options before training, ``check_sample_options`` /
+    ``check_bpd_options``); the base logs the losses, refuses non-finite ones with a clear error,
+    configures AdamW with linear warm-up and gradient-norm clipping, keeps the RNG states in the
+    checkpoint and shards the model with FSDP2 under ``ModelParallelStrategy``.
     """
 
     #: options whose change makes a checkpoint's weights mean something else (a family adds its own:
@@ -113,29 +119,14 @@ class GenerativeModel(L.LightningModule):
 
     # -- checking sampling and likelihood options before they are used ------------------------
     def check_sample_options(self, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
         ``sample(n, **options)`` accepts ``options``. :meth:`sample` calls it first; the callbacks
         call it on their ``sample_options`` before training, so a bad option stops the run then."""
 
     def check_bpd_options(self, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
         ``bits_per_dim(x, **options)`` accepts ``options`` (its first check; Likelihood's before
         training)."""
-
-    def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
-                               options: dict[str, Any]) -> None:
-        """The diffusion families' :meth:`check_sample_options`: guidance needs a class-conditional
-        model; the sampler, its options and ``steps`` are checked against ``process``
-        (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
-        from lightning_diffusion.diffusion import samplers
-
-        check_number("guidance_scale", guidance_scale)
-        if guidance_scale != 1.0 and not getattr(self, "class_conditional", False):
-            raise samplers.OptionError("guidance_scale", guidance_scale,
-                                       f"classifier-free guidance needs a class_conditional {type(self).__name__}",
-                                       "use guidance_scale 1.0, or train with class_conditional: true")
-        own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator")}
-        samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip"), **own)
 
     # -- the contract -----------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
@@ -154,7 +145,9 @@ class GenerativeModel(L.LightningModule):
     def training_labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
         """The labels a class-conditional family feeds its net: None unless ``class_conditional``;
         in training each label becomes the null label -1 with probability ``label_dropout``
-        (classifier-free guidance, Ho & Salimans 2022)."""
+        (classifier-free guidance, Ho & Salimans 2022). Generic to every family with the attributes
+        ``class_conditional`` and ``label_dropout``: -1 is the contract's "no label" in ``sample(y=...)``
+        too."""
         if not getattr(self, "class_conditional", False):
             return None
         if "y" not in batch:
@@ -164,95 +157,6 @@ class GenerativeModel(L.LightningModule):
             drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, -1), y)
         return y
-
-    # -- sampling, shared by the diffusion families ---------------------------------------
-    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""
-        raise NotImplementedError
-
-    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers.
-
-        With ``guidance_scale = w != 1`` (classifier-free guidance, Ho & Salimans 2022):
-        ``x0_hat = x0_hat(x_t | null) + w (x0_hat(x_t | y) - x0_hat(x_t | null))``, both from one
-        forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
-        unconditional one.
-        """
-        if guidance_scale == 1.0:
-            return lambda x_t, t: self.denoise(x_t, t, y)
-        if not self.class_conditional or y is None:
-            raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
-                             "and labels y; use guidance_scale=1.0 otherwise")
-        null = torch.full_like(y, -1)
-
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
-            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                                      torch.cat([y, null])).chunk(2)
-            return unconditional + guidance_scale * (conditional - unconditional)
-
-        return guided
-
-    def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
-                     guidance_scale: float = 1.0, steps: int | None = None,
-                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
-        """Run sampler ``sampler`` of :mod:`~lightning_diffusion.diffusion.samplers` on this model's
-        (guided) denoiser over ``process``, in eval mode; images are clipped to [-1, 1].
-
-        The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
-        counts once, though it runs a 2B batch).
-        """
-        from lightning_diffusion.diffusion import samplers
-
-        if sampler == "ode":
-            self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
-        shape = (num_samples, *self.require_data_shape())
-        y = None if y is None else y.to(self.device)
-        clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
-        denoise_fn = self.guided_denoiser(y, guidance_scale)
-        frames = getattr(self, "_trajectory_frames", None)
-        if frames is not None:  # sample_trajectory is recording
-            guided = denoise_fn
-
-            def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
-                x0 = guided(x_t, t)
-                frames.append(x0.detach().clone())
-                return x0
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
-                                  generator=generator, device=self.device, clip=clip, **options)
-        finally:
-            self.train(was_training)
-        self.last_sample_nfe = out.nfe
-        return out.x.clamp(-1, 1) if self.is_image else out.x
-
-    def sample_trajectory(self, num_samples: int, *, num_frames: int = 8, y: Tensor | None = None,
-                          generator: torch.Generator | None = None, **options: Any) -> Tensor:
-        """The denoising trajectory of ``sample(num_samples, ...)``: ``[num_frames, N, *data_shape]``.
-
-        Frames are the denoised estimates ``x0_hat`` at ``num_frames - 1`` network evaluations
-        evenly spaced from the first (pure noise) to the last, then the final samples; images in
-        [-1, 1]. Options are :meth:`sample`'s. Every evaluation is kept until the end (memory
-        ``NFE x N x D`` floats): use few samples.
-        """
-        if num_frames < 2:
-            raise ValueError(f"{type(self).__name__}.sample_trajectory: num_frames must be >= 2, got {num_frames}")
-        self._trajectory_frames: list[Tensor] | None = []
-        try:
-            final = self.sample(num_samples, y=y, generator=generator, **options)
-            recorded = self._trajectory_frames
-        finally:
-            self._trajectory_frames = None
-        if not recorded:
-            raise NotImplementedError(f"{type(self).__name__} does not sample through a denoiser: no trajectory")
-        picks = torch.linspace(0, len(recorded) - 1, num_frames - 1).round().long().tolist()
-        frames = [recorded[i] for i in picks] + [final]
-        if self.is_image:
-            frames = [f.clamp(-1, 1) for f in frames]
-        return torch.stack(frames)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:
@@ -474,10 +378,10 @@ def _data_kind(data_shape: tuple[int, ...] | None) -> str | None:
 
 def check_number(option: str, value: Any, *, least: float | None = None, integer: bool = False,
                  optional: bool = False, above: bool = False) -> None:
-    """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless ``value`` is a
+    """Raise :class:`~lightning_diffusion.errors.OptionError` unless ``value`` is a
     number (an integer with ``integer``; None with ``optional``) ``>= least`` (``> least`` with
     ``above``)."""
-    from lightning_diffusion.diffusion.samplers import OptionError
+    from lightning_diffusion.errors import OptionError
 
     if optional and value is None:
         return
@@ -491,11 +395,11 @@ def check_number(option: str, value: Any, *, least: float | None = None, integer
 
 
 def check_option_names(owner: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
-    """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` for the first option of
+    """Raise :class:`~lightning_diffusion.errors.OptionError` for the first option of
     ``options`` that ``owner`` (e.g. ``VAE.sample``) does not take, with the closest accepted name."""
     import difflib
 
-    from lightning_diffusion.diffusion.samplers import OptionError
+    from lightning_diffusion.errors import OptionError
 
     for option, value in options.items():
         if option not in accepted:
@@ -508,9 +412,4 @@ def check_option_names(owner: str, options: dict[str, Any], accepted: tuple[str,
 def data_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
     """Standard normal noise of ``shape`` on ``like``'s device/dtype, from ``generator`` if given."""
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-def uniform_steps(batch: int, timesteps: int, generator: torch.Generator | None, device) -> Tensor:
-    """Integer steps drawn uniformly from ``{0, ..., timesteps - 1}``, shape [B]."""
-    return torch.randint(0, timesteps, (batch,), generator=generator, device=device)
 

@@ -14,16 +14,14 @@ from lightning_diffusion.diffusion.schedules import (BetaSchedule, NoiseSchedule
                                                      append_dims, min_snr_weight, x0_from_output)
 from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
-from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, data_noise,
-                                             full_precision, uniform_steps)
-
-#: the net a diffusion family uses for each kind of data: (name, class_path)
-DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
+from lightning_diffusion.models.base import check_number, check_option_names, data_noise, full_precision
+from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel, uniform_steps
+from lightning_diffusion.modes import evaluating
 
 LossType = Literal["simple", "hybrid"]
 
 
-class DDPM(GenerativeModel):
+class DDPM(GaussianDiffusionModel):
     """Denoising diffusion probabilistic model over any data shape.
 
     The net is called as ``net(x_t, t, y)`` with ``t`` the integer step index in ``[0, T)`` as
@@ -39,8 +37,6 @@ class DDPM(GenerativeModel):
       the drawn t, in bits/dim, with the mean's gradient stopped so that it trains only the
       variance (as improved-diffusion, whose ``lambda T = T / 1000``).
     """
-
-    data_nets = DIFFUSION_NETS
 
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
     resume_fixed_hparams = ("data_shape", "timesteps", "beta_schedule", "parameterization", "class_conditional")
@@ -78,9 +74,10 @@ class DDPM(GenerativeModel):
             vlb_weight: lambda of the hybrid loss (Nichol & Dhariwal: 0.001).
             min_snr_gamma: weight the MSE by min-SNR-gamma (Hang et al. 2023 recommend 5);
                 None: unweighted.
-            **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
+            **kwargs: data facts and optimizer settings of
+                :class:`~lightning_diffusion.models.base.GenerativeModel`.
         """
-        super().__init__(**kwargs)
+        super().__init__(class_conditional=class_conditional, label_dropout=label_dropout, **kwargs)
         self.save_hyperparameters_except("net")
         for name, value, choices in (("parameterization", parameterization, ("eps", "x0", "v")),
                                      ("variance", variance, ("fixedlarge", "fixedsmall")),
@@ -93,12 +90,8 @@ class DDPM(GenerativeModel):
         self.schedule = NoiseSchedule(beta_schedule, timesteps)
         self.process = DiscreteVP(self.schedule)
         self.parameterization, self.variance = parameterization, variance
-        self.class_conditional, self.label_dropout = class_conditional, label_dropout
         self.loss_type, self.vlb_weight, self.min_snr_gamma = loss_type, vlb_weight, min_snr_gamma
         self.learn_sigma = loss_type == "hybrid"
-        self.last_sample_nfe: int | None = None
-        if class_conditional and self.num_classes is None:
-            raise ValueError("DDPM: class_conditional=True needs num_classes (labelled data)")
         out_channels = getattr(net, "out_channels", None)
         if self.learn_sigma and self.data_shape is not None and isinstance(out_channels, int) \
                 and out_channels != 2 * self.data_shape[0]:
@@ -174,8 +167,6 @@ class DDPM(GenerativeModel):
         sigma = append_dims(self.process.sigma(t), x_t.ndim).to(x_t.device, torch.float32)
         return x0_from_output(self.parameterization, prediction.float(), x_t.float(), alpha, sigma)
 
-
-    @torch.no_grad()
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                sampler: str = "ancestral", steps: int | None = None, guidance_scale: float = 1.0,
                **options: Any) -> Tensor:
@@ -198,13 +189,13 @@ class DDPM(GenerativeModel):
 
     def check_sample_options(self, *, sampler: str = "ancestral", steps: int | None = None,
                              guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
         takes these options: a known sampler, its own options, and ``steps`` that its grid allows
         on the T steps of this DDPM (time grids: 2..T points)."""
         self._check_sampler_options(sampler, self.process, steps, guidance_scale, options)
 
     def check_bpd_options(self, *, steps: int | None = None, batch_t: int = 100, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
         :meth:`bits_per_dim` takes these options: ``steps`` None or 1..T, ``batch_t`` >= 1."""
         check_option_names("DDPM.bits_per_dim", options, ("steps", "batch_t"))
         if steps is not None:  # None: the full bound
@@ -219,7 +210,6 @@ class DDPM(GenerativeModel):
         return "vlb" if steps is None else f"vlb-respaced-{steps}"
 
     @full_precision
-    @torch.no_grad()
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: int = 100,
                      generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
@@ -261,9 +251,7 @@ class DDPM(GenerativeModel):
         x0, batch = x.to(dtype), x.shape[0]
         y = None if y is None else y.to(x.device)
         original_steps = schedule.original_steps.to(x.device)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             total = vlb.prior_kl(schedule, x0)
             for start in range(0, schedule.timesteps, batch_t):
                 steps_chunk = torch.arange(start, min(start + batch_t, schedule.timesteps), device=x.device)
@@ -277,6 +265,4 @@ class DDPM(GenerativeModel):
                 mean, log_variance = self._reverse_gaussian(schedule, prediction, v, x_t, t, clip=images)
                 terms = vlb.vlb_terms(schedule, x0_rep, x_t, t, mean, log_variance, discrete=images)
                 total = total + terms.view(n, batch).sum(0)
-        finally:
-            self.train(was_training)
         return vlb.nats_to_bits_per_dim(total, x[0].numel()).to(x.dtype)

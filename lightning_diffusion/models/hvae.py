@@ -16,8 +16,10 @@ from torch import Tensor, nn
 
 from lightning_diffusion.diffusion import distributions as dist
 from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion.errors import OptionError
 from lightning_diffusion.models.base import check_number
-from lightning_diffusion.models.vae import LatentVariableModel
+from lightning_diffusion.models.latent_variable import LatentVariableModel
+from lightning_diffusion.modes import evaluating
 
 
 class HierarchicalVAE(LatentVariableModel):
@@ -26,7 +28,7 @@ class HierarchicalVAE(LatentVariableModel):
     Logs the KL of every group (``train/kl_group{i}``, bits/dim) and, after each validation epoch,
     the active units per group (``val/active_units_group{i}``) and in all (``val/active_units``).
     Log-variances of prior and posterior are soft-clamped (``c tanh(x / c)``); updates with a
-    non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.vae.GradientSkip`).
+    non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.latent_variable.GradientSkip`).
     """
 
     data_nets = {"images": ("LadderVAENet", "LadderVAENet")}
@@ -42,10 +44,10 @@ class HierarchicalVAE(LatentVariableModel):
             logvar_soft_clamp: soft clamp of the prior and posterior log-variances to (-c, c)
                 (NVAE's ``soft_clamp5`` on log sigma is c = 10 on the log-variance).
             grad_skip_factor: skip updates whose gradient norm exceeds this multiple of the running
-                median (see :class:`~lightning_diffusion.models.vae.GradientSkip`; VDVAE's fixed
+                median (see :class:`~lightning_diffusion.models.latent_variable.GradientSkip`; VDVAE's fixed
                 threshold is ``grad_skip_threshold``); None with no threshold: no skipping.
             **kwargs: the likelihood, KL and gradient-skip settings of
-                :class:`~lightning_diffusion.models.vae.LatentVariableModel`, and the data facts and
+                :class:`~lightning_diffusion.models.latent_variable.LatentVariableModel`, and the data facts and
                 optimizer settings of :class:`~lightning_diffusion.models.base.GenerativeModel`.
         """
         super().__init__(logvar_soft_clamp=logvar_soft_clamp, grad_skip_factor=grad_skip_factor, **kwargs)
@@ -110,8 +112,6 @@ class HierarchicalVAE(LatentVariableModel):
         return [float(t) for t in temperature]
 
     def _check_temperature(self, temperature: Any) -> None:
-        from lightning_diffusion.diffusion.samplers import OptionError
-
         if isinstance(temperature, (list, tuple)):
             if len(temperature) != self.num_groups:
                 raise OptionError("temperature", temperature, f"has {len(temperature)} entries but the model has "
@@ -123,14 +123,13 @@ class HierarchicalVAE(LatentVariableModel):
 
     def check_sample_options(self, *, decoder: str = "sample", temperature: float | Sequence[float] = 1.0,
                              **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
         takes these options: ``decoder`` ``sample`` or ``mean``, ``temperature`` >= 0 (one, or one
         per latent group), no other."""
         self._check_decoder_options(options, decoder, temperature)
         self._check_temperature(temperature)
 
     # -- contract -------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                temperature: float | Sequence[float] = 1.0, decoder: str = "sample", **options: Any) -> Tensor:
         """Ancestral samples: ``z_i ~ N(mu_i, (t_i sigma_i)^2)`` of ``p(z_i | z_<i)`` top to bottom with
@@ -145,21 +144,14 @@ class HierarchicalVAE(LatentVariableModel):
             mean, logvar = self._clamped(prior)
             return dist.diagonal_gaussian_sample(mean, logvar, generator, temps[group])
 
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             features = self.net.top_down(None, prior_sample, num_samples)
             return self._decode_to_data(self.head(features), decoder, generator)
-        finally:
-            self.train(was_training)
 
-    @torch.no_grad()
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:
         """Decode ``z ~ q(z | x)`` (every group from its posterior): the decoder's mean, or a sample
         with ``decoder="sample"``; images in [-1, 1]."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             x = x.to(self.device)
 
             def posterior_sample(group, prior, posterior):
@@ -168,5 +160,3 @@ class HierarchicalVAE(LatentVariableModel):
 
             features = self.net.top_down(self._encode(x), posterior_sample, x.shape[0])
             return self._decode_to_data(self.head(features), decoder, generator)
-        finally:
-            self.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -11,9 +12,10 @@ from torch import Tensor, nn
 from lightning_diffusion.diffusion import likelihood, vlb
 from lightning_diffusion.diffusion.schedules import append_dims, x0_from_output
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
-from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, data_noise,
-                                             full_precision)
-from lightning_diffusion.models.ddpm import DIFFUSION_NETS
+from lightning_diffusion.errors import OptionError
+from lightning_diffusion.models.base import check_number, check_option_names, data_noise, full_precision
+from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
+from lightning_diffusion.modes import evaluating
 
 SDEParameterization = Literal["eps", "score", "edm"]
 Weighting = Literal["sigma2", "likelihood"]
@@ -39,7 +41,7 @@ class EDMPreconditioning:
         return c_skip, c_out, c_in
 
 
-class ScoreSDE(GenerativeModel):
+class ScoreSDE(GaussianDiffusionModel):
     """Score-based generative model trained by denoising score matching on a Gaussian SDE.
 
     Training draws ``t ~ U(t_eps, 1)`` (or from the importance distribution of the likelihood
@@ -49,8 +51,6 @@ class ScoreSDE(GenerativeModel):
     continuous time t in (0, 1] and outputs eps (``eps``), the score (``score``), or the raw output F
     of EDM preconditioning (``edm``).
     """
-
-    data_nets = DIFFUSION_NETS
 
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
     resume_fixed_hparams = ("data_shape", "sde", "parameterization", "sigma_data", "class_conditional")
@@ -92,28 +92,52 @@ class ScoreSDE(GenerativeModel):
                 ODE likelihood.
             class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
             label_dropout: probability of replacing a label by the null label -1 in training.
-            **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
+            **kwargs: data facts and optimizer settings of
+                :class:`~lightning_diffusion.models.base.GenerativeModel`.
+
+        The given ``sde`` is not changed: the model keeps a copy whose ``t_min`` is ``t_eps``.
         """
-        super().__init__(**kwargs)
+        super().__init__(class_conditional=class_conditional, label_dropout=label_dropout, **kwargs)
         self.save_hyperparameters_except("net", "sde")
-        self.net = net
-        self.sde = sde if sde is not None else VPSDE(t_min=t_eps)
-        self.sde.t_min = t_eps
-        self.parameterization, self.weighting = parameterization, weighting
-        self.importance_sampling, self.t_eps = importance_sampling, t_eps
-        self.edm = EDMPreconditioning(sigma_data)
-        self.sampler, self.sample_steps = sampler, sample_steps
-        self.likelihood_divergence = likelihood_divergence
-        self.class_conditional, self.label_dropout = class_conditional, label_dropout
-        if class_conditional and self.num_classes is None:
-            raise ValueError("ScoreSDE: class_conditional=True needs num_classes (labelled data)")
         for name, value, choices in (("parameterization", parameterization, ("eps", "score", "edm")),
                                      ("weighting", weighting, ("sigma2", "likelihood")),
                                      ("likelihood_divergence", likelihood_divergence, ("rademacher", "gaussian", "exact"))):
             if value not in choices:
                 raise ValueError(f"ScoreSDE: unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+        self.sde = self._own_sde(sde, t_eps)
+        if not isinstance(importance_sampling, bool):
+            raise ValueError(f"ScoreSDE: importance_sampling={importance_sampling!r} must be true or false")
+        if importance_sampling and weighting != "likelihood":
+            raise ValueError(f"ScoreSDE: importance_sampling=True draws t for the likelihood weighting (density "
+                             f"g^2/sigma^2) and does nothing with weighting={weighting!r}; set weighting: likelihood, "
+                             "or importance_sampling: false")
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0:
+            raise ValueError(f"ScoreSDE: sigma_data={sigma_data!r} must be a number > 0 (EDM: 0.5 for images in [-1, 1])")
+        self.net = net
+        self.parameterization, self.weighting = parameterization, weighting
+        self.importance_sampling, self.t_eps = importance_sampling, t_eps
+        self.edm = EDMPreconditioning(sigma_data)
+        self.sampler, self.sample_steps = sampler, sample_steps
+        self.likelihood_divergence = likelihood_divergence
         self._check_default_sampler()
         self._is_grid: tuple[Tensor, Tensor] | None = None
+
+    @staticmethod
+    def _own_sde(sde: GaussianProcess | None, t_eps: float) -> GaussianProcess:
+        """The model's own process: a copy of ``sde`` (default ``VPSDE()``) integrated down to
+        ``t_min = t_eps``; ``t_eps`` is checked to lie in (0, t_max)."""
+        if sde is None:
+            sde = VPSDE()
+        elif not isinstance(sde, GaussianProcess) or getattr(sde, "discrete", False):
+            raise ValueError(f"ScoreSDE: sde={sde!r} must be a continuous-time GaussianProcess (VPSDE, SubVPSDE, "
+                             "VESDE); a DDPM schedule (DiscreteVP) trains with DDPM")
+        t_max = float(sde.t_max)
+        if isinstance(t_eps, bool) or not isinstance(t_eps, (int, float)) or not 0 < t_eps < t_max:
+            raise ValueError(f"ScoreSDE: t_eps={t_eps!r} must be a number in (0, {t_max:g}), the smallest training "
+                             "time (Song et al.: 1e-5, or 1e-3 with the reverse-diffusion sampler on VP)")
+        own = copy.copy(sde)
+        own.t_min = float(t_eps)
+        return own
 
     # -- time sampling ----------------------------------------------------------------------
     def _importance_grid(self) -> tuple[Tensor, Tensor]:
@@ -192,7 +216,6 @@ class ScoreSDE(GenerativeModel):
         return (weight.to(per_sample.dtype) * per_sample).mean()
 
     # -- the model contract -------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                sampler: str | None = None, steps: int | None = None, guidance_scale: float = 1.0,
                **options: Any) -> Tensor:
@@ -214,7 +237,7 @@ class ScoreSDE(GenerativeModel):
 
     def _check_default_sampler(self) -> None:
         """``sampler`` and ``sample_steps`` of the model itself, checked when it is built."""
-        from lightning_diffusion.diffusion.samplers import OptionError, check_options
+        from lightning_diffusion.diffusion.samplers import check_options
 
         try:
             name, steps = self._sampler_steps(None, None)
@@ -226,17 +249,15 @@ class ScoreSDE(GenerativeModel):
 
     def check_sample_options(self, *, sampler: str | None = None, steps: int | None = None,
                              guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless :meth:`sample`
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
         takes these options: a known sampler, its own options and a step count its grid allows."""
         name, steps = self._sampler_steps(sampler, steps)
         self._check_sampler_options(name, self.sde, steps, guidance_scale, options)
 
     def check_bpd_options(self, *, num_dequantizations: int = 1, divergence: str | None = None,
                           rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.diffusion.samplers.OptionError` unless
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
         :meth:`bits_per_dim` takes these options."""
-        from lightning_diffusion.diffusion.samplers import OptionError
-
         check_option_names("ScoreSDE.bits_per_dim", options,
                            ("num_dequantizations", "divergence", "rtol", "atol", "steps"))
         check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
@@ -268,9 +289,7 @@ class ScoreSDE(GenerativeModel):
                                      "bpd_options: {steps: N})")
         num_dims = x[0].numel()
         divergence = divergence or self.likelihood_divergence
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             results = []
             for _ in range(num_dequantizations if self.is_image else 1):
                 data = likelihood.dequantize(x, generator) if self.is_image else x
@@ -279,8 +298,6 @@ class ScoreSDE(GenerativeModel):
                 bpd = (likelihood.bits_per_dim_discrete(nll, num_dims) if self.is_image
                        else vlb.nats_to_bits_per_dim(nll, num_dims))
                 results.append(bpd)
-        finally:
-            self.train(was_training)
         self.last_likelihood_nfe = nfe
         return torch.stack(results).mean(0)
 

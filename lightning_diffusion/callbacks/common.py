@@ -1,0 +1,159 @@
+"""What the callbacks share: the run directory, labels for class-conditional models, checking a
+callback's options against the model, reading evaluation batches, and saving pictures.
+
+Imports no other callback module but :mod:`~lightning_diffusion.callbacks.protocol`, so the
+callbacks import each other in one direction only: ``protocol`` <- ``common`` <- ``samples``,
+``quality``, ``wandb`` (which also use ``ema``); ``ema``, ``checkpoint`` and ``requeue`` stand alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_diffusion.callbacks.protocol import batch_x
+from lightning_diffusion.errors import OptionError
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run directory: ``trainer.log_dir`` (it broadcasts: every rank must call it), else
+    ``default_root_dir``."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+# -- the model's side -------------------------------------------------------------------------------
+def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor | None:
+    """Labels for ``num`` samples of a model with ``class_conditional = True`` and ``num_classes``:
+    sample i gets class ``(offset + i) % num_classes`` (balanced, in class order, so a grid with a
+    multiple of ``num_classes`` samples shows every class in turn); None for any other model.
+
+    Args:
+        module: the model; only its ``class_conditional`` and ``num_classes`` attributes are read.
+        num: number of labels.
+        offset: class of the first sample (for a batch inside a larger set).
+        device: device of the labels.
+    """
+    if not getattr(module, "class_conditional", False):
+        return None
+    return (torch.arange(offset, offset + num, device=device) % int(module.num_classes)).long()
+
+
+def check_model_options(pl_module: Any, where: str, options: dict[str, Any], check: str = "check_sample_options",
+                        written_as: dict[str, str] | None = None) -> None:
+    """Check a callback's options for the model before training: ``pl_module.<check>(**options)``
+    (``check_sample_options`` or ``check_bpd_options``; a model without it, such as a user's own
+    LightningModule, is not checked). A refused option (an :class:`~lightning_diffusion.errors.OptionError`)
+    becomes a ValueError that names it as the config writes it, ``<where>.<option>=<value>``
+    (``where``: e.g. ``SampleQuality.sample_options``; ``written_as`` renames options the callback
+    took elsewhere), with what is allowed and what to do.
+
+    Args:
+        pl_module: the model.
+        where: the callback and its option, as in the config.
+        options: the options the callback will pass.
+        check: the model's check method.
+        written_as: option -> how the config writes it, for options not in ``where``.
+    """
+    method = getattr(pl_module, check, None)
+    if method is None:
+        return
+    try:
+        method(**options)
+    except OptionError as error:
+        written_as = written_as or {}
+        if error.option in written_as or error.option in options:
+            name = written_as.get(error.option, f"{where}.{error.option}")
+            given = f"{name}={error.value!r}"
+        else:  # a default that the options leave in place
+            given = f"{where}={options!r}"
+        advice = f"; {error.advice}" if error.advice else ""
+        raise ValueError(f"{given}: {error.problem}{advice}") from None
+
+
+# -- the data's side --------------------------------------------------------------------------------
+_TRAINER_LOADERS = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
+
+
+def check_split(split: str, option: str) -> None:
+    """Refuse a split other than train, val or test, naming the callback's ``option``."""
+    if split not in _TRAINER_LOADERS:
+        raise ValueError(f"{option}={split!r}: unknown split; choose train, val or test")
+
+
+def find_datamodule(trainer: L.Trainer | None, datamodule: Any = None) -> Any:
+    """``datamodule`` if given, else the trainer's (None without either)."""
+    if datamodule is not None:
+        return datamodule
+    return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+
+def eval_batches(trainer: L.Trainer | None, split: str, datamodule: Any = None, option: str = "split"):
+    """Batches of ``split`` (train, val or test): from a DataModule with ``eval_dataloader``
+    (ShardDataModule: every sample once over ranks); else the trainer's loader of that split
+    (Lightning gives each rank its share); else the DataModule's ``<split>_dataloader()``.
+    ``option`` names the callback's option in errors."""
+    check_split(split, option)
+    datamodule = find_datamodule(trainer, datamodule)
+    if datamodule is not None and hasattr(datamodule, "eval_dataloader"):
+        return datamodule.eval_dataloader(split)
+    loaders = getattr(trainer, _TRAINER_LOADERS[split], None) if trainer is not None else None
+    if loaders is None and datamodule is not None and hasattr(datamodule, f"{split}_dataloader"):
+        loaders = getattr(datamodule, f"{split}_dataloader")()
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise ValueError(f"{option}={split!r}: no {split} data; give the Trainer a DataModule or {split} dataloaders, "
+                         f"or choose another {option}")
+    return loaders
+
+
+def batch_data(batch: Any) -> Tensor:
+    """The data tensor of a batch (:func:`~lightning_diffusion.callbacks.protocol.batch_x`), or a
+    ValueError that says what batches may be."""
+    x = batch_x(batch)
+    if x is None:
+        raise ValueError(f"a batch of type {type(batch).__name__} holds no data tensor; batches are dicts with key "
+                         "'x', tuples or lists whose first item is the data, or tensors")
+    return x
+
+
+# -- pictures ---------------------------------------------------------------------------------------
+def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Save images in [-1, 1], [N, C, H, W], as one PNG grid (``nrow`` images per row)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
+    save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
+    return path
+
+
+def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
+    """Save a scatter plot of 2-D ``points`` [N, 2] over ``reference`` data (grey), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    if reference is not None:
+        ref = reference.float().cpu()
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
+    pts = points.float().cpu()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""The Gaussian-diffusion layer of DDPM and ScoreSDE: a denoiser ``x0_hat(x_t, t)`` over a
+:class:`~lightning_diffusion.diffusion.sde.GaussianProcess`, classifier-free guidance, the sampler
+driver and the denoising trajectory.
+
+A family of this layer implements ``denoise(x_t, t, y)`` and calls :meth:`draw_samples` with its
+process from ``sample``; every sampler of :mod:`~lightning_diffusion.diffusion.samplers` then serves
+it (DEVELOPERS.md, "The diffusion math in one form").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lightning_diffusion.diffusion import samplers
+from lightning_diffusion.errors import OptionError
+from lightning_diffusion.models.base import GenerativeModel, check_number
+from lightning_diffusion.modes import evaluating
+
+#: the net a diffusion family uses for each kind of data: (name, class_path)
+DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
+
+
+class GaussianDiffusionModel(GenerativeModel):
+    """Base of :class:`~lightning_diffusion.models.ddpm.DDPM` and
+    :class:`~lightning_diffusion.models.score_sde.ScoreSDE`.
+
+    Holds ``class_conditional`` and ``label_dropout`` (the labels of the batch go to the net,
+    each replaced by the null label -1 with probability ``label_dropout`` in training, for
+    classifier-free guidance), and ``last_sample_nfe``, the network evaluations of the last
+    :meth:`draw_samples`. Has the optional contract ``sample_trajectory``
+    (:class:`~lightning_diffusion.callbacks.protocol.HasTrajectory`).
+    """
+
+    data_nets = DIFFUSION_NETS
+
+    def __init__(self, class_conditional: bool = False, label_dropout: float = 0.1, **kwargs: Any):
+        """
+        Args:
+            class_conditional: feed the labels ``y`` of the batch to the net.
+            label_dropout: with ``class_conditional``, the probability of replacing a label by the
+                null label -1 in training (classifier-free guidance, Ho & Salimans 2022).
+            **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
+        """
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        if class_conditional and self.num_classes is None:
+            raise ValueError(f"{name}: class_conditional=True needs num_classes (labelled data)")
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
+                or not 0 <= label_dropout <= 1:
+            raise ValueError(f"{name}: label_dropout={label_dropout!r} must be a probability in [0, 1] "
+                             "(Ho & Salimans use 0.1 or 0.2)")
+        self.class_conditional, self.label_dropout = class_conditional, label_dropout
+        self.last_sample_nfe: int | None = None
+        self._trajectory_frames: list[Tensor] | None = None
+
+    # -- the family's denoiser --------------------------------------------------------------
+    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""
+        raise NotImplementedError
+
+    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers.
+
+        With ``guidance_scale = w != 1`` (classifier-free guidance, Ho & Salimans 2022):
+        ``x0_hat = x0_hat(x_t | null) + w (x0_hat(x_t | y) - x0_hat(x_t | null))``, both from one
+        forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
+        unconditional one.
+        """
+        if guidance_scale == 1.0:
+            return lambda x_t, t: self.denoise(x_t, t, y)
+        if not self.class_conditional or y is None:
+            raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
+                             "and labels y; use guidance_scale=1.0 otherwise")
+        null = torch.full_like(y, -1)
+
+        def guided(x_t: Tensor, t: Tensor) -> Tensor:
+            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                      torch.cat([y, null])).chunk(2)
+            return unconditional + guidance_scale * (conditional - unconditional)
+
+        return guided
+
+    # -- checking the options of sample() -------------------------------------------------------
+    def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
+                               options: dict[str, Any]) -> None:
+        """The families' :meth:`check_sample_options`: guidance needs a class-conditional model; the
+        sampler, its options and ``steps`` are checked against ``process``
+        (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
+        check_number("guidance_scale", guidance_scale)
+        if guidance_scale != 1.0 and not self.class_conditional:
+            raise OptionError("guidance_scale", guidance_scale,
+                              f"classifier-free guidance needs a class_conditional {type(self).__name__}",
+                              "use guidance_scale 1.0, or train with class_conditional: true")
+        own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator")}
+        samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip"), **own)
+
+    # -- the sampler driver -------------------------------------------------------------------------
+    def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
+                     guidance_scale: float = 1.0, steps: int | None = None,
+                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """Run sampler ``sampler`` of :mod:`~lightning_diffusion.diffusion.samplers` on this model's
+        (guided) denoiser over ``process``, in eval mode; images are clipped to [-1, 1].
+
+        The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
+        counts once, though it runs a 2B batch).
+        """
+        if sampler == "ode":
+            self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
+        shape = (num_samples, *self.require_data_shape())
+        y = None if y is None else y.to(self.device)
+        clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
+        denoise_fn = self.guided_denoiser(y, guidance_scale)
+        frames = self._trajectory_frames
+        if frames is not None:  # sample_trajectory is recording
+            guided = denoise_fn
+
+            def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
+                x0 = guided(x_t, t)
+                frames.append(x0.detach().clone())
+                return x0
+
+        with evaluating(self):
+            out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
+                                  generator=generator, device=self.device, clip=clip, **options)
+        self.last_sample_nfe = out.nfe
+        return out.x.clamp(-1, 1) if self.is_image else out.x
+
+    def sample_trajectory(self, num_samples: int, *, num_frames: int = 8, y: Tensor | None = None,
+                          generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """The denoising trajectory of ``sample(num_samples, ...)``: ``[num_frames, N, *data_shape]``.
+
+        Frames are the denoised estimates ``x0_hat`` at ``num_frames - 1`` network evaluations
+        evenly spaced from the first (pure noise) to the last, then the final samples; images in
+        [-1, 1]. Options are :meth:`sample`'s. Every evaluation is kept until the end (memory
+        ``NFE x N x D`` floats): use few samples.
+        """
+        if num_frames < 2:
+            raise ValueError(f"{type(self).__name__}.sample_trajectory: num_frames must be >= 2, got {num_frames}")
+        self._trajectory_frames = []
+        try:
+            final = self.sample(num_samples, y=y, generator=generator, **options)
+            recorded = self._trajectory_frames
+        finally:
+            self._trajectory_frames = None
+        if not recorded:
+            raise NotImplementedError(f"{type(self).__name__} does not sample through a denoiser: no trajectory")
+        picks = torch.linspace(0, len(recorded) - 1, num_frames - 1).round().long().tolist()
+        frames = [recorded[i] for i in picks] + [final]
+        if self.is_image:
+            frames = [f.clamp(-1, 1) for f in frames]
+        return torch.stack(frames)
+
+
+def uniform_steps(batch: int, timesteps: int, generator: torch.Generator | None, device) -> Tensor:
+    """Integer steps drawn uniformly from ``{0, ..., timesteps - 1}``, shape [B]."""
+    return torch.randint(0, timesteps, (batch,), generator=generator, device=device)
