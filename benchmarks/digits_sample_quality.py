@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lightning_diffusion import DDPM
-from lightning_diffusion.commands import load_checkpoint
+from lightning_diffusion.checkpoints import load_checkpoint
 from lightning_diffusion.data.shards import split_indices
 
 

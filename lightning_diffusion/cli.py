@@ -166,7 +166,7 @@ def _checkpoint_for_comparison(ckpt_path: str) -> dict[str, Any]:
     the parameters' shapes from its metadata), loaded with ``weights_only=True``."""
     import torch
 
-    from lightning_diffusion.commands import load_checkpoint
+    from lightning_diffusion.checkpoints import load_checkpoint
 
     path = Path(ckpt_path)
     if path.is_dir():  # a sharded checkpoint folder: meta.pt holds the hyperparameters

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from lightning_diffusion.commands import load_checkpoint, load_model
+from lightning_diffusion.checkpoints import load_checkpoint
+from lightning_diffusion.commands import load_model
 
 TINY = ["--trainer.max_steps=2", "--model.init_args.timesteps=20", "--data.init_args.batches_per_epoch=2",
         "--data.init_args.num_workers=0", "--trainer.limit_val_batches=1"]

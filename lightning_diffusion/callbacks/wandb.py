@@ -53,7 +53,7 @@ def wandb_run_id_from_checkpoint(path: str | os.PathLike | None) -> str | None:
         path = path / "meta.pt"
     if not path.is_file():
         raise FileNotFoundError(f"wandb_run_id_from_checkpoint: no checkpoint file at {path}")
-    from lightning_diffusion.commands import load_checkpoint
+    from lightning_diffusion.checkpoints import load_checkpoint
 
     if path.name == "meta.pt":  # a sharded folder's metadata: no state_dict of its own
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
