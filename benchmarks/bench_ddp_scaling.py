@@ -73,6 +73,9 @@ def worker(args: argparse.Namespace) -> None:
         samples = args.steps * args.batch_size * args.world
         Path(args.out).write_text(json.dumps({"world": args.world, "seconds": timer.seconds,
                                               "samples_per_s": samples / timer.seconds}))
+    from lightning_diffusion.distributed import end_process_group
+
+    end_process_group()  # every rank leaves the process group together, before the interpreter exits
 
 
 def timed_run(world: int, args: argparse.Namespace) -> dict:

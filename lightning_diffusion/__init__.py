@@ -24,6 +24,8 @@ The public API is exactly the names in ``__all__``, importable from the top leve
   ``bits_per_dim``, required), `Reconstructs`, `HasTrajectory`, `NamesEstimator` (optional).
   A LightningModule of your own that has these methods gets every callback; it need not subclass
   ours.
+- Multi-process runs: `end_process_group`, the orderly end of a DDP / FSDP2 / SLURM run (every rank
+  leaves the process group together; the ``lightning-diffusion`` command calls it).
 - Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
   `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`.
 
@@ -82,6 +84,8 @@ _PUBLIC = {
     "WandbSamples": "lightning_diffusion.callbacks",
     "evaluation_weights": "lightning_diffusion.callbacks",
     "load_ema_weights": "lightning_diffusion.callbacks",
+    # multi-process runs
+    "end_process_group": "lightning_diffusion.distributed",
     # the callbacks' contract
     "GenerativeModule": "lightning_diffusion.callbacks.protocol",
     "HasTrajectory": "lightning_diffusion.callbacks.protocol",

@@ -43,6 +43,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# what a process that aborts at its end prints: std::terminate (e.g. a gloo thread unwound during the
+# interpreter's exit, see lightning_diffusion/distributed.py) and faulthandler's report of the SIGABRT
+ABORT_MARKERS = ("terminate called", "Fatal Python error")
+
+
+def assert_ended_cleanly(returncode: int, output: str, what: str) -> None:
+    """``what`` (a process, or a launcher and the ranks it started, whose output this is) exited 0
+    and no process in it aborted."""
+    aborted = [m for m in ABORT_MARKERS if m in output]
+    assert returncode == 0 and not aborted, f"{what} failed ({returncode}; {aborted or 'no abort'}):\n{output[-4000:]}"
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = True,
             separate_process: bool = False) -> subprocess.CompletedProcess:
     """Run ``lightning-diffusion ARGS`` as a user would; return the finished process (its

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_ended_cleanly
+
 FAMILIES = ["ddpm", "score_sde", "vae", "hvae"]
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
@@ -27,10 +29,12 @@ def run_families(mode: str, out: Path) -> None:
     from lightning_diffusion.metrics import get_extractor
 
     get_extractor("digits")  # train the digits classifier once, before the ranks race for it
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), *FAMILIES], env=env, capture_output=True,
                           text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    # the output is both ranks' (rank 1 is the launcher's child): neither may abort at its end
+    assert_ended_cleanly(proc.returncode, proc.stdout + proc.stderr, f"families.py {mode}")
 
 
 def load(out: Path, name: str) -> tuple[dict, dict]:

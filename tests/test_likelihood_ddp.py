@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_diffusion import ScoreSDE
+from lightning_diffusion.distributed import end_process_group
 from lightning_diffusion.diffusion.mixture import GaussianMixture, MixtureOracle
 
 
@@ -53,7 +54,7 @@ def _worker(rank, world, port, out):
         results[mode] = ((total[0] / total[1]).item(), [int(n) for n in nfes])
     if rank == 0:
         out.update(results)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def test_ode_likelihood_two_processes_equals_single_process():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_ended_cleanly
 
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
@@ -162,14 +162,12 @@ def test_sbatch_ddp_job_trains_is_signalled_requeued_and_finishes_in_the_same_wa
     assert f"Resuming W&B run {run_id}" in log
 
 
-def test_two_node_environment_from_slurm_variables(tmp_path):
-    """Two processes on this machine with the SLURM variables srun sets for a 2-node x 1-task job:
-    Lightning's SLURMEnvironment places them (world size 2, node ranks 0/1, global ranks 0/1), the CLI
-    trains a few DDP steps and every rank ends with the same parameters."""
-    port = _free_port_pair()
+def two_node_ranks(tmp_path: Path, port: int, timeout: float = 240) -> list[tuple[int, str]]:
+    """Run the CLI as the 2 ranks of a 2-node x 1-task job, with the SLURM variables srun sets (no
+    SLURM itself), on this machine: (exit status, output) of each rank. A few DDP steps of the toy config."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE")}
-    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(port),
+    base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", MASTER_PORT=str(port),
                 PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "scripts"), base.get("PYTHONPATH", "")]),
                 SLURM_JOB_ID="4242", SLURM_JOB_NAME="ld-two-nodes", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2",
                 SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="localhost,localhost",
@@ -186,12 +184,20 @@ def test_two_node_environment_from_slurm_variables(tmp_path):
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             proc.kill()
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{out[-4000:]}"
+    return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
+
+
+def test_two_node_environment_from_slurm_variables(tmp_path):
+    """Two processes on this machine with the SLURM variables srun sets for a 2-node x 1-task job:
+    Lightning's SLURMEnvironment places them (world size 2, node ranks 0/1, global ranks 0/1), the CLI
+    trains a few DDP steps, every rank ends with the same parameters and exits 0 without an abort."""
+    port = _free_port_pair()
+    for rank, (code, out) in enumerate(two_node_ranks(tmp_path, port)):
+        assert_ended_cleanly(code, out, f"rank {rank}")
 
     reports = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, report in enumerate(reports):

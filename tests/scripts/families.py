@@ -194,3 +194,6 @@ if __name__ == "__main__":
     mode, out, families = sys.argv[1], sys.argv[2], sys.argv[3:]
     for family in families:
         {"fsdp2": fsdp2_runs, "ddp": ddp_step}[mode](family, out)
+    from lightning_diffusion.distributed import end_process_group
+
+    end_process_group()  # every rank leaves the process group together, before the interpreter exits
