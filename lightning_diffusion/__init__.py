@@ -4,8 +4,8 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 
     from lightning_diffusion import DDPM, ScoreSDE, VPSDE, EMA, SampleQuality, ShardDataModule
 
-- Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE` and their base
-  `GenerativeModel`.
+- Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE`, the energy-based
+  `EBM` and their base `GenerativeModel`.
 - Processes and schedules (pure math, no Lightning): the SDEs `VPSDE`, `SubVPSDE`, `VESDE`, their
   base `GaussianProcess`, `DiscreteVP` (a DDPM schedule as a process), `NoiseSchedule` and
   `make_betas`; `GaussianMixture` (exact scores and densities at every noise level, for tests).
@@ -21,13 +21,15 @@ The public API is exactly the names in ``__all__``, importable from the top leve
   `SlurmRequeue`, and `evaluation_weights` / `load_ema_weights` for the EMA weights outside a
   callback.
 - The callbacks' contract as `typing.Protocol`s: `GenerativeModule` (``sample`` and
-  ``bits_per_dim``, required), `Reconstructs`, `HasTrajectory`, `NamesEstimator` (optional).
+  ``bits_per_dim``, required), `Reconstructs`, `HasTrajectory`, `HasDensity`, `NamesEstimator`
+  (optional).
   A LightningModule of your own that has these methods gets every callback; it need not subclass
   ours.
 - Multi-process runs: `end_process_group`, the orderly end of a DDP / FSDP2 / SLURM run (every rank
   leaves the process group together; the ``lightning-diffusion`` command calls it).
 - Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
-  `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`.
+  `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`; energy nets
+  (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`.
 
 Everything else, including every name that is reachable only through a submodule
 (``lightning_diffusion.models.ddpm...``), is private by convention: it may change in any release
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # models
     "DDPM": "lightning_diffusion.models",
+    "EBM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
     "HierarchicalVAE": "lightning_diffusion.models",
     "ScoreSDE": "lightning_diffusion.models",
@@ -88,14 +91,18 @@ _PUBLIC = {
     "end_process_group": "lightning_diffusion.distributed",
     # the callbacks' contract
     "GenerativeModule": "lightning_diffusion.callbacks.protocol",
+    "HasDensity": "lightning_diffusion.callbacks.protocol",
     "HasTrajectory": "lightning_diffusion.callbacks.protocol",
     "NamesEstimator": "lightning_diffusion.callbacks.protocol",
     "Reconstructs": "lightning_diffusion.callbacks.protocol",
     # networks
     "ConvVAENet": "lightning_diffusion.nets",
+    "EnergyConvNet": "lightning_diffusion.nets",
+    "EnergyMLP": "lightning_diffusion.nets",
     "LadderVAENet": "lightning_diffusion.nets",
     "MLP": "lightning_diffusion.nets",
     "MLPVAENet": "lightning_diffusion.nets",
+    "ScalarEnergy": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",
 }
 

@@ -21,7 +21,8 @@ import torch
 
 from conftest import assert_ended_cleanly
 
-FAMILIES = ["ddpm", "score_sde", "vae", "hvae"]
+FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "ebm"]
+POINTS = ("score_sde", "ebm")
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
 
@@ -69,12 +70,16 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
         assert rank0["step"] == 4
         for name, value in rank0["params"].items():
             assert torch.equal(value, rank1["params"][name]), f"{family} {name}: ranks disagree"
-        if family in ("ddpm", "hvae"):  # families.RESUMED
+        if family in ("ddpm", "hvae", "ebm"):  # families.RESUMED
             assert rank0["resumed_step"] == 4
             for name, value in rank0["params"].items():
                 assert torch.equal(value, rank0["resumed_params"][name]), f"{family} {name}: resume not exact"
             for name, value in rank0["ema"].items():
                 assert torch.equal(value, rank0["resumed_ema"][name]), f"{family} EMA {name}: resume not exact"
+        if family == "ebm":  # each rank's own replay buffer, restored from the sharded checkpoint
+            for rank in (rank0, rank1):
+                assert all(torch.equal(rank["replay"][k], rank["resumed_replay"][k]) for k in ("x", "age"))
+            assert not torch.equal(rank0["replay"]["x"], rank1["replay"]["x"])  # per rank
         assert any(not torch.equal(v, rank0["params"][n]) for n, v in rank0["ema"].items()), family
         # evaluation runs on the EMA averages (swapped into the sharded parameters), then swaps back
         used, evaluated = rank0["evaluated"]
@@ -82,10 +87,11 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
         assert all(torch.equal(rank0["after_evaluation"][n], v) for n, v in rank0["params"].items()), family
         samples = rank0["samples"]
         assert torch.isfinite(samples).all() and torch.equal(samples, rank1["samples"]), family
-        assert samples.shape == ((6, 2) if family == "score_sde" else (6, 1, 8, 8)), family
+        assert samples.shape == ((6, 2) if family in POINTS else (6, 1, 8, 8)), family
         quality, likelihood = rank0["quality"], rank0["likelihood"]
         if family == "score_sde":
             assert len(rank0["refused"]) == 2 and all("sharded (FSDP) model" in m for m in rank0["refused"])
+        if family in POINTS:
             assert quality["val/energy_distance"] > 0 and math.isfinite(quality["val/mmd"])
         else:
             assert quality["val/fid_num_samples"] == 20 and 0 < quality["val/fid"] < 1000, family
@@ -141,6 +147,9 @@ def _ddp_overrides(config: Path) -> list[str]:
         args += ["--model.init_args.timesteps=50"]  # >= the configs' DDIM steps
     if model == "ScoreSDE":
         args += ["--model.init_args.sample_steps=3"]
+    if model == "EBM":
+        args += ["--model.init_args.sample_steps=3", "--model.init_args.mcmc_steps=2",
+                 "--model.init_args.buffer_size=32", "--model.init_args.quadrature_points=51"]
     return args
 
 

@@ -136,8 +136,11 @@ def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Pat
     return path
 
 
-def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
-    """Save a scatter plot of 2-D ``points`` [N, 2] over ``reference`` data (grey), as PNG."""
+def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None,
+                 density: Tensor | None = None, bounds: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Path:
+    """Save a scatter plot of 2-D ``points`` [N, 2] over ``reference`` data (grey), as PNG. With a
+    ``density`` (a model's log density [ny, nx] on a grid over ``bounds``, rows are y), three panels:
+    the data, the density as a heat map, the samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,14 +148,29 @@ def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = No
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    if reference is not None:
-        ref = reference.float().cpu()
-        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
     pts = points.float().cpu()
-    ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", label="samples")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=4)
+    ref = reference.float().cpu() if reference is not None else None
+    if density is None:
+        fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+        if ref is not None:
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c="tab:red", label="samples")
+        ax.set_aspect("equal")
+        ax.legend(loc="upper right", markerscale=4)
+    else:
+        (x_lo, x_hi), (y_lo, y_hi) = bounds
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.5), dpi=100, sharex=True, sharey=True)
+        for ax, (title, data) in zip(axes[::2], (("data", ref), ("samples", pts))):
+            if data is not None:
+                ax.scatter(data[:, 0], data[:, 1], s=2, c="tab:red" if title == "samples" else "0.3")
+            ax.set_title(title)
+        axes[1].imshow(density.float().exp().cpu().numpy(), origin="lower", extent=(x_lo, x_hi, y_lo, y_hi),
+                       cmap="viridis", aspect="auto")
+        axes[1].set_title("learned density")
+        for ax in axes:
+            ax.set_xlim(x_lo, x_hi)
+            ax.set_ylim(y_lo, y_hi)
+            ax.set_aspect("equal")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -2,7 +2,8 @@
 
 A LightningModule of any origin (not necessarily a subclass of ours) that has ``sample`` and
 ``bits_per_dim`` gets EMA, SampleQuality, Likelihood and WandbSamples; the optional hooks add
-reconstructions, denoising trajectories and the name of the likelihood estimator to the logs.
+reconstructions, denoising trajectories, a density heat map and the name of the likelihood
+estimator to the logs.
 Callbacks test for the optional hooks with ``isinstance(module, Reconstructs)`` etc.
 
 What the callbacks do for the model, so that it need not: they call ``sample`` and
@@ -51,6 +52,16 @@ class HasTrajectory(Protocol):
     def sample_trajectory(self, num_samples: int, *, num_frames: int = 8, y: Tensor | None = None,
                           generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Intermediate states of sampling, ``[num_frames, N, *data_shape]``, the last the samples."""
+
+
+@runtime_checkable
+class HasDensity(Protocol):
+    """Optional: a normalised density that can be evaluated on a 2-D grid (the EBM)."""
+
+    def density_grid(self, bounds: tuple[tuple[float, float], tuple[float, float]], num: int = 201) -> Any:
+        """The model's normalised log density on a ``num`` x ``num`` grid over ``bounds``
+        ``((x_lo, x_hi), (y_lo, y_hi))``: an object with ``log_density`` [num, num] (rows are y) in
+        nats and ``log_z``."""
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_diffusion.callbacks.common import (batch_data, check_model_options, class_labels, eval_batches,  # noqa: F401
                                                   run_dir, save_image_grid, save_scatter)
 from lightning_diffusion.callbacks.ema import evaluation_weights
+from lightning_diffusion.callbacks.protocol import HasDensity
 
 
 class SampleGrid(L.Callback):
@@ -81,12 +82,16 @@ class SampleGrid(L.Callback):
             labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
             options = self.sample_options if labels is None else {**self.sample_options, "y": labels}
             x = pl_module.sample(self.num_samples, generator=generator, **options)
+            density = bounds = None
+            if x.ndim == 2 and x.shape[-1] == 2 and isinstance(pl_module, HasDensity):  # every rank: a sharded net
+                bounds = _bounds(x)
+                density = pl_module.density_grid(bounds).log_density
         path = run_dir(trainer) / "samples" / f"{name}.png"
         if trainer.is_global_zero:
             if x.ndim == 4:
                 save_image_grid(x, path, nrow=self.nrow)
             else:
-                save_scatter(x, path, self._reference(trainer) if x.shape[-1] == 2 else None)
+                save_scatter(x, path, self._reference(trainer) if x.shape[-1] == 2 else None, density, bounds)
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
@@ -100,3 +105,10 @@ class SampleGrid(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.save(trainer, pl_module, "final")
         rank_zero_info(f"Samples: {path}")
+
+
+def _bounds(points: Tensor, pad: float = 0.25) -> tuple[tuple[float, float], tuple[float, float]]:
+    """A square box around 2-D ``points``: the larger axis range widened by ``pad`` of it on each side."""
+    lo, hi = points.float().min(0).values, points.float().max(0).values
+    centre, half = (lo + hi) / 2, float((hi - lo).max()) * (0.5 + pad)
+    return ((float(centre[0]) - half, float(centre[0]) + half), (float(centre[1]) - half, float(centre[1]) + half))

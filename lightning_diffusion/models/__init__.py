@@ -1,16 +1,18 @@
 """LightningModules of the model families: the thin base, one layer per kind of family, the families.
 
 ``GenerativeModel`` (base) <- ``GaussianDiffusionModel`` (gaussian_diffusion) <- ``DDPM``, ``ScoreSDE``;
-``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``.
+``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``;
+``GenerativeModel`` <- ``EBM`` (ebm).
 """
 
 from lightning_diffusion.models.base import GenerativeModel
 from lightning_diffusion.models.ddpm import DDPM
+from lightning_diffusion.models.ebm import EBM
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
 from lightning_diffusion.models.hvae import HierarchicalVAE
 from lightning_diffusion.models.latent_variable import LatentVariableModel
 from lightning_diffusion.models.score_sde import ScoreSDE
 from lightning_diffusion.models.vae import VAE
 
-__all__ = ["DDPM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
+__all__ = ["DDPM", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
            "VAE"]

@@ -210,14 +210,7 @@ class GenerativeModel(L.LightningModule):
         """Store every rank's global RNG states (torch, CUDA, numpy, Python): dropout and the
         training noise draw from them, so a resumed run continues the same random sequence.
         Lightning builds the checkpoint on every rank, so the gather runs on every rank."""
-        states = _rng_states()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-        else:
-            gathered = [states]
-        checkpoint["rng_states"] = gathered
+        checkpoint["rng_states"] = gather_per_rank(_rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_states = checkpoint.get("rng_states")
@@ -338,6 +331,17 @@ def full_precision(bits_per_dim: Callable) -> Callable:
             return bits_per_dim(self, x.float() if low else x, *args, **kwargs)
 
     return wrapper
+
+
+def gather_per_rank(value: Any) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` (``all_gather_object``; ``[value]`` without a
+    process group): per-rank state for a checkpoint, which Lightning builds on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+    return [value]
 
 
 def _rng_states() -> dict[str, Any]:

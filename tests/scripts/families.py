@@ -22,8 +22,9 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_diffusion import (DDPM, EMA, MLP, VAE, ConvVAENet, HierarchicalVAE, LadderVAENet, LastCheckpoint,
-                                 Likelihood, SampleQuality, ScoreSDE, ShardDataModule, UNet, evaluation_weights)
+from lightning_diffusion import (DDPM, EBM, EMA, MLP, VAE, ConvVAENet, EnergyMLP, HierarchicalVAE, LadderVAENet,
+                                 LastCheckpoint, Likelihood, SampleQuality, ScoreSDE, ShardDataModule, UNet,
+                                 evaluation_weights)
 
 
 def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
@@ -52,6 +53,17 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
                            groups_per_resolution=(1, 1), encoder_blocks=1)
         model = HierarchicalVAE(net=net, data_shape=(1, 8, 8), warmup_steps=2, lr=1e-3)
         return model, images, image_quality, {"num_importance_samples": 4}
+    if family == "ebm":  # persistent CD: a replay buffer per rank, Langevin chains, quadrature log Z
+        import numpy as np
+
+        from lightning_diffusion.data.sources import toy2d_points
+
+        points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
+        model = EBM(net=EnergyMLP(in_channels=2, hidden=32, num_layers=2), data_shape=(2,), step_size=0.05,
+                    mcmc_steps=3, buffer_size=64, sample_steps=4, quadrature_points=51, warmup_steps=2, lr=1e-3)
+        model.fit_base(torch.from_numpy(toy2d_points("gaussians8", 256, np.random.default_rng(1))[0]))
+        return model, points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
+                               "sample_options": {"steps": 3}}, {}
     raise ValueError(family)
 
 
@@ -76,8 +88,9 @@ def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
 
 STEP_SEED = 1234
 # the families whose FSDP2 resume is checked (restoring is family-independent; the suite's time budget
-# takes two: the UNet DDPM and the ladder HVAE with its registered bottom_up/top_down)
-RESUMED = ("ddpm", "hvae")
+# takes three: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, and the EBM with
+# its per-rank replay buffers)
+RESUMED = ("ddpm", "hvae", "ebm")
 
 
 class FixedBatch(L.LightningDataModule):
@@ -111,7 +124,7 @@ def fixed_halves(family: str) -> list[dict]:
 
     from lightning_diffusion.data.sources import digits, toy2d_points
 
-    if family == "score_sde":
+    if family in ("score_sde", "ebm"):
         x, y = toy2d_points("gaussians8", 16, np.random.default_rng(0))
         batch = {"x": torch.from_numpy(x), "y": torch.from_numpy(y).long()}
     else:
@@ -145,8 +158,11 @@ def ddp_step(family: str, out: str) -> None:
         reference.load_state_dict(init)
         reference.train()
         losses = []
-        for half in halves:
+        for rank, half in enumerate(halves):
             torch.manual_seed(STEP_SEED)
+            if family == "ebm":  # each rank starts its own replay buffer, with its own generator
+                reference._replay = None
+                reference._chain_rng = torch.Generator().manual_seed(reference.chain_seed(rank))
             losses.append(reference.training_step(half, 0))
         (sum(losses) / len(losses)).backward()
         result["reference_losses"] = [float(l) for l in losses]
@@ -158,6 +174,7 @@ def ddp_step(family: str, out: str) -> None:
 
 def fsdp2_runs(family: str, out: str) -> None:
     model, ema, trainer, quality, likelihood = fit(family, f"{out}/{family}-straight", 4)
+    straight_replay = getattr(model, "_replay", None)
     name, largest = max(model.named_parameters(), key=lambda item: item[1].numel())
     result = {"param_type": type(largest).__name__, "shadow_type": type(ema.shadow[name]).__name__,
               "local_shape": tuple(largest.to_local().shape if hasattr(largest, "to_local") else largest.shape),
@@ -187,6 +204,9 @@ def fsdp2_runs(family: str, out: str) -> None:
                                         ckpt_path=f"{out}/{family}-split/ck/last.ckpt")
         result.update(resumed_params={n: full(p) for n, p in model.named_parameters()},
                       resumed_ema={n: full(s) for n, s in ema.shadow.items()}, resumed_step=trainer.global_step)
+        if family == "ebm":
+            result["replay"] = {k: v.clone() for k, v in straight_replay.items()}
+            result["resumed_replay"] = {k: v.clone() for k, v in model._replay.items()}
     torch.save(result, f"{out}/{family}-rank{trainer.global_rank}.pt")
 
 

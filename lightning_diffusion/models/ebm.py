@@ -1,0 +1,432 @@
+"""The energy-based model ``p(x) = exp(-E(x)) / Z``, trained by contrastive divergence, NCE or
+denoising score matching, sampled with true Langevin/MALA, scored with a named ``log Z``.
+
+The energy net is any ``nn.Module`` mapping ``x [B, ...]`` to ``E [B]`` (nats):
+:class:`~lightning_diffusion.nets.energy.EnergyMLP`, :class:`~lightning_diffusion.nets.energy.EnergyConvNet`
+or :class:`~lightning_diffusion.nets.energy.ScalarEnergy` around another net. The MCMC is
+:mod:`lightning_diffusion.mcmc` (no Lightning there).
+
+Objectives (``objective``):
+
+- ``cd``: maximum likelihood, whose gradient is ``E_data[grad E] - E_model[grad E]``, with the
+  model expectation from persistent chains (a replay buffer of ``buffer_size`` states, each draw
+  re-initialised from the base with probability ``reinit_prob``; Du & Mordatch 2019), ``mcmc_steps``
+  MCMC steps per update, plus ``energy_l2 * (E(x+)^2 + E(x-)^2)`` to keep the energies near 0.
+  ``short_run=True``: chains from the base every step, no buffer (Nijkamp et al. 2019).
+- ``nce``: noise-contrastive estimation (Gutmann & Hyvärinen 2010) against the Gaussian base
+  ``q`` with ``noise_ratio`` noise samples per data sample; ``log p(x) = -E(x) - c`` with ``c`` a
+  learned parameter (``normalizer``), which estimates ``log Z`` at the optimum.
+- ``dsm``: denoising score matching (Vincent 2011) of the score ``-grad E``:
+  ``sigma^2 ||-grad E(x + sigma eps) + eps / sigma||^2 / 2`` at noise levels ``dsm_sigmas``.
+
+The *base* is the Gaussian fitted to the first training batch (over every rank): a full covariance
+for points, per-dimension for images. Fresh chains start from it, NCE contrasts with it, and AIS
+anneals from it. It is in the state dict, so a resumed or reloaded model has the same one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, full_precision,
+                                             gather_per_rank)
+from lightning_diffusion.modes import evaluating
+
+Objective = Literal["cd", "nce", "dsm"]
+SamplerName = Literal["langevin", "mala", "decoupled"]
+SampleInit = Literal["base", "buffer"]
+
+
+class LogNormalizer(nn.Module):
+    """The learned ``c`` of NCE's ``log p(x) = -E(x) - c`` (nats): a module of its own, so that FSDP2
+    shards it (and reduces its gradient) like every other parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(1))
+
+    def forward(self) -> Tensor:
+        return self.value[0]
+
+
+class EBM(GenerativeModel):
+    """Energy-based model over any data shape (see the module docstring).
+
+    Logs in training: ``train/loss``, ``train/energy_gap`` (``mean E(data) - mean E(negatives)``:
+    near 0 at equilibrium, ever more negative when the chains fall behind), and for ``cd``
+    ``train/chain_grad_norm``, ``train/acceptance`` (MALA), ``train/buffer_age`` (mean MCMC steps a
+    buffer state has run since it was drawn from the base); for ``nce`` ``train/log_normalizer``.
+    A divergence guard stops a run whose energies leave ``[-max_energy, max_energy]`` or turn
+    non-finite, naming the step and the last checkpoint, before the parameters take the step.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective: Objective = "cd",
+        sampler: SamplerName = "langevin",
+        step_size: float = 0.01,
+        mcmc_steps: int = 40,
+        chain_grad_clip: float | None = None,
+        decoupled_step_size: float = 10.0,
+        decoupled_noise_std: float = 0.005,
+        buffer_size: int = 10000,
+        reinit_prob: float = 0.05,
+        short_run: bool = False,
+        energy_l2: float = 0.1,
+        noise_ratio: float = 1.0,
+        dsm_sigmas: tuple[float, ...] = (0.1,),
+        sample_steps: int = 500,
+        ais_chains: int = 256,
+        ais_steps: int = 1000,
+        ais_step_size: float | None = None,
+        quadrature_points: int = 401,
+        max_energy: float = 1e4,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            net: the energy net, ``net(x [B, ...]) -> E [B]`` in nats.
+            objective: ``cd`` (persistent contrastive divergence), ``nce`` or ``dsm``.
+            sampler: MCMC of the CD negatives and of :meth:`sample`: ``langevin`` (ULA,
+                ``x <- x - (eps^2/2) grad E + eps xi``), ``mala`` (the same, Metropolis-adjusted: exact
+                for exp(-E) at any eps) or ``decoupled`` (IGEBM/JEM's ``x - step grad E + noise xi``:
+                NOT a sampler of exp(-E), its temperature is ``noise^2 / (2 step)``; for comparison).
+            step_size: ``eps`` of Langevin/MALA, the noise std per step in data units.
+            mcmc_steps: MCMC steps per CD update (K).
+            chain_grad_clip: clip each chain's ||grad E|| to this (None: off).
+            decoupled_step_size: the gradient step of ``sampler="decoupled"`` (IGEBM: 10).
+            decoupled_noise_std: the noise std of ``sampler="decoupled"`` (IGEBM: 0.005).
+            buffer_size: states in each rank's replay buffer (``cd``).
+            reinit_prob: probability that a drawn buffer state restarts from the base (IGEBM: 0.05).
+            short_run: ``cd`` with chains from the base every update and no buffer.
+            energy_l2: weight of the L2 penalty on the energies of data and negatives (``cd``).
+            noise_ratio: noise samples per data sample (``nce``), nu.
+            dsm_sigmas: noise levels of ``dsm`` (data units); each sample draws one uniformly.
+            sample_steps: MCMC steps of :meth:`sample` from fresh chains.
+            ais_chains: AIS chains for ``log Z`` of data that are not 2-D points.
+            ais_steps: intermediate distributions of the AIS path.
+            ais_step_size: MALA step of the AIS transitions; None: ``step_size``.
+            quadrature_points: grid points per axis of the quadrature ``log Z`` (2-D points).
+            max_energy: the divergence guard's bound on ``|E|`` (nats).
+            **kwargs: :class:`~lightning_diffusion.models.base.GenerativeModel`'s (``lr``, ``warmup_steps``, ...).
+        """
+        super().__init__(**kwargs)
+        self.save_hyperparameters_except("net")
+        if objective not in ("cd", "nce", "dsm"):
+            raise ValueError(f"EBM: objective={objective!r}; choose cd, nce or dsm")
+        if sampler not in ("langevin", "mala", "decoupled"):
+            raise ValueError(f"EBM: sampler={sampler!r}; choose langevin, mala or decoupled")
+        for name, value, least, integer in (("step_size", step_size, 0, False), ("mcmc_steps", mcmc_steps, 1, True),
+                                            ("buffer_size", buffer_size, 1, True), ("noise_ratio", noise_ratio, 0, False),
+                                            ("sample_steps", sample_steps, 1, True), ("ais_chains", ais_chains, 2, True),
+                                            ("ais_steps", ais_steps, 1, True), ("quadrature_points", quadrature_points, 3, True),
+                                            ("max_energy", max_energy, 0, False)):
+            check_number(f"EBM.{name}", value, least=least, integer=integer, above=not integer)
+        if not 0.0 <= reinit_prob <= 1.0:
+            raise ValueError(f"EBM: reinit_prob must be in [0, 1], got {reinit_prob}")
+        if not dsm_sigmas or min(dsm_sigmas) <= 0:
+            raise ValueError(f"EBM: dsm_sigmas must be positive noise levels, got {dsm_sigmas}")
+        self.net = net
+        self.objective, self.sampler = objective, sampler
+        self.step_size, self.mcmc_steps, self.chain_grad_clip = step_size, mcmc_steps, chain_grad_clip
+        self.decoupled_step_size, self.decoupled_noise_std = decoupled_step_size, decoupled_noise_std
+        self.buffer_size, self.reinit_prob, self.short_run = buffer_size, reinit_prob, short_run
+        self.energy_l2, self.noise_ratio, self.dsm_sigmas = energy_l2, noise_ratio, tuple(dsm_sigmas)
+        self.sample_steps, self.max_energy = sample_steps, max_energy
+        self.ais_chains, self.ais_steps, self.ais_step_size = ais_chains, ais_steps, ais_step_size
+        self.quadrature_points = quadrature_points
+        if objective == "nce":
+            self.normalizer = LogNormalizer()  #: c of log p = -E - c (nats)
+        shape = self.require_data_shape()
+        dim = math.prod(shape)
+        full = len(shape) == 1
+        # the base Gaussian: fitted once, on the first training batch (base_fitted flips to 1)
+        self.register_buffer("base_mean", torch.zeros(shape))
+        self.register_buffer("base_scale", torch.eye(dim) if full else torch.ones(shape))
+        self.register_buffer("base_fitted", torch.zeros((), dtype=torch.long))
+        self._replay: dict[str, Tensor] | None = None  # {"x": [N, ...], "age": [N]}: per rank, in the checkpoint
+        self._chain_rng: torch.Generator | None = None  # the training chains' noise: per rank, in the checkpoint
+        self._pending_replay: list[dict[str, Any]] | None = None
+        self._log_z_cache: tuple[Any, tuple[float, float, str]] | None = None
+
+    # -- the base Gaussian ---------------------------------------------------------------------
+    def base(self):
+        """The :class:`~lightning_diffusion.mcmc.GaussianBase` fitted to the data."""
+        from lightning_diffusion.mcmc import GaussianBase
+
+        if self.base_scale.dim() == 2 and len(self.require_data_shape()) == 1:
+            return GaussianBase(self.base_mean, scale_tril=self.base_scale)
+        return GaussianBase(self.base_mean, std=self.base_scale)
+
+    def fit_base(self, x: Tensor) -> None:
+        """Fit the base Gaussian to ``x`` [N, ...] (moments; full covariance for points)."""
+        from lightning_diffusion.mcmc import gaussian_base
+
+        fitted = gaussian_base(x.detach().float(), full=self.base_scale.dim() == 2 and x.dim() == 2)
+        self.base_mean.copy_(fitted.mean.reshape(self.base_mean.shape))
+        self.base_scale.copy_((fitted.scale_tril if fitted.scale_tril is not None else fitted.std).reshape(self.base_scale.shape))
+        self.base_fitted.fill_(1)
+
+    # -- energies --------------------------------------------------------------------------------
+    def energy(self, x: Tensor) -> Tensor:
+        """``E(x)`` [B] (nats) of data ``x`` [B, ...]."""
+        return self.net(x)
+
+    def _guard(self, *energies: Tensor) -> None:
+        """The divergence guard: stop before a step whose energies exploded."""
+        worst = max(float(e.detach().abs().max()) if e.numel() else 0.0 for e in energies)
+        if not math.isfinite(worst) or worst > self.max_energy:
+            where = self._written_checkpoint()
+            saved = f"the last checkpoint written is {where}" if where else "no checkpoint has been written yet in this run"
+            raise FloatingPointError(
+                f"EBM: the energies diverged at global step {self.global_step} (max |E| = {worst:.4g} > "
+                f"max_energy={self.max_energy:g}); the parameters before this step are intact ({saved}). Lower "
+                "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
+                "spectral_norm in the net")
+
+    def chain_seed(self, rank: int) -> int:
+        """The seed of rank ``rank``'s training generator: from the run's seed (``torch.initial_seed()``,
+        which ``seed_everything`` sets) and the rank, so that every rank's chains and noise differ
+        (the global RNG is the same on every rank)."""
+        return (torch.initial_seed() * 1_000_003 + 7919 * (rank + 1)) % 2**63
+
+    def training_generator(self) -> torch.Generator:
+        """This rank's generator of the training noise: buffer draws and re-initialisations, the
+        chains' noise, NCE's noise samples, DSM's noise."""
+        if self._chain_rng is None:
+            self._chain_rng = torch.Generator(device=self.device).manual_seed(self.chain_seed(self.global_rank))
+        return self._chain_rng
+
+    def _mcmc(self, x: Tensor, steps: int, generator: torch.Generator | None = None, **override: Any):
+        from lightning_diffusion import mcmc
+
+        sampler = override.get("sampler", self.sampler)
+        step_size = override.get("step_size", self.step_size)
+        if sampler == "decoupled":
+            return mcmc.decoupled_langevin(self.energy, x, step_size=self.decoupled_step_size,
+                                           noise_std=self.decoupled_noise_std, steps=steps,
+                                           grad_clip=self.chain_grad_clip, generator=generator)
+        return mcmc.langevin(self.energy, x, step_size=step_size, steps=steps, metropolis=sampler == "mala",
+                             grad_clip=self.chain_grad_clip, generator=generator)
+
+    # -- training --------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """The objective's loss of a batch (scalar); ``generator`` fixes its noise (validation)."""
+        x = batch["x"]
+        if not int(self.base_fitted):
+            self.fit_base(self.all_gather(x).reshape(-1, *x.shape[1:]) if self._trainer is not None else x)
+        if generator is None:
+            generator = self.training_generator()
+        if self.objective == "cd":
+            return self._cd_loss(x, generator)
+        if self.objective == "nce":
+            return self._nce_loss(x, generator)
+        return self._dsm_loss(x, generator)
+
+    def _negatives_init(self, batch: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """Chain starts: base samples (short-run, validation) or buffer states with re-initialisation."""
+        base = self.base()
+        if self.short_run or not self.training:
+            return base.sample(batch, generator).to(self.base_mean), None
+        if self._replay is None:
+            self._replay = {"x": base.sample(self.buffer_size, generator).to(self.base_mean),
+                            "age": torch.zeros(self.buffer_size, dtype=torch.long, device=self.device)}
+        index = torch.randint(0, self.buffer_size, (batch,), device=self.device, generator=generator)
+        start = self._replay["x"][index]
+        fresh = torch.rand(batch, device=self.device, generator=generator) < self.reinit_prob
+        start = torch.where(fresh.reshape(-1, *[1] * (start.dim() - 1)), base.sample(batch, generator).to(start), start)
+        self._replay["age"][index] = torch.where(fresh, 0, self._replay["age"][index])
+        return start, index
+
+    def _cd_loss(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        start, index = self._negatives_init(x.shape[0], generator)
+        chains = self._mcmc(start, self.mcmc_steps, generator)
+        negatives = chains.x.detach()
+        if index is not None:
+            self._replay["x"][index] = negatives
+            self._replay["age"][index] += self.mcmc_steps
+        e_pos, e_neg = self.energy(x), self.energy(negatives)
+        self._guard(e_pos, e_neg)
+        if self.training:
+            stats = {"energy_gap": e_pos.mean() - e_neg.mean(), "chain_grad_norm": chains.grad_norm,
+                     "acceptance": chains.acceptance}
+            if index is not None:
+                stats["buffer_age"] = self._replay["age"].float().mean()
+            self._log_stats(stats, x.shape[0])
+        return e_pos.mean() - e_neg.mean() + self.energy_l2 * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+
+    def _nce_loss(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        base = self.base()
+        num_noise = max(1, round(self.noise_ratio * x.shape[0]))
+        noise = base.sample(num_noise, generator).to(x)
+        log_nu = math.log(num_noise / x.shape[0])
+        e_pos, e_noise = self.energy(x), self.energy(noise)
+        self._guard(e_pos, e_noise)
+
+        def logit(samples: Tensor, e: Tensor) -> Tensor:  # log p_model - log(nu q)
+            return -e - log_c - base.log_prob(samples).to(e) - log_nu
+
+        log_c = self.normalizer()
+        loss = -(F.logsigmoid(logit(x, e_pos)).mean() + num_noise / x.shape[0] * F.logsigmoid(-logit(noise, e_noise)).mean())
+        if self.training:
+            self._log_stats({"energy_gap": e_pos.mean() - e_noise.mean(), "log_normalizer": log_c.detach()},
+                            x.shape[0])
+        return loss
+
+    def _dsm_loss(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        levels = torch.tensor(self.dsm_sigmas, device=x.device, dtype=x.dtype)
+        pick = torch.randint(0, len(levels), (x.shape[0],), generator=generator, device=x.device)
+        sigma = levels[pick].reshape(-1, *[1] * (x.dim() - 1))
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        train = torch.is_grad_enabled()  # the loss is differentiated: the score's graph is kept
+        with torch.enable_grad():
+            noisy = (x + sigma * eps).requires_grad_(True)
+            e = self.energy(noisy)
+            (grad,) = torch.autograd.grad(e.sum(), noisy, create_graph=train)
+        self._guard(e)
+        # sigma^2 || s(x~) - grad log q(x~ | x) ||^2 / 2 with s = -grad E and grad log q = -eps / sigma
+        loss = 0.5 * (eps - sigma * grad).pow(2).flatten(1).sum(1).mean()
+        if self.training:
+            self._log_stats({"energy_gap": self.energy(x).detach().mean() - e.detach().mean()}, x.shape[0])
+        return loss
+
+    def _log_stats(self, stats: dict[str, Any], batch_size: int) -> None:
+        if self._trainer is None:
+            return
+        for name, value in stats.items():
+            self.log(f"train/{name}", torch.as_tensor(value, dtype=torch.float32).detach(), batch_size=batch_size)
+
+    # -- the replay buffer in the checkpoint (per rank) -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        replay = {k: v.detach().cpu() for k, v in (self._replay or {}).items()}
+        if self._chain_rng is not None:
+            replay["rng"] = self._chain_rng.get_state()
+        # per rank: {"x", "age"} (cd) and "rng" (the training generator)
+        checkpoint["ebm_replay_buffers"] = gather_per_rank(replay)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._pending_replay = checkpoint.get("ebm_replay_buffers")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._pending_replay:
+            saved = dict(self._pending_replay[self.global_rank % len(self._pending_replay)] or {})
+            rng = saved.pop("rng", None)
+            self._replay = {k: v.to(self.device) for k, v in saved.items()} or None
+            if rng is not None:
+                self._chain_rng = torch.Generator(device=self.device)
+                self._chain_rng.set_state(rng)
+        self._pending_replay = None
+
+    # -- the contract ------------------------------------------------------------------------------
+    def check_sample_options(self, *, steps: int | None = None, init: str = "base", sampler: str | None = None,
+                             step_size: float | None = None, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these options."""
+        from lightning_diffusion.errors import OptionError
+
+        check_option_names("EBM.sample", options, ())
+        check_number("steps", steps, least=1, integer=True, optional=True)
+        check_number("step_size", step_size, least=0, above=True, optional=True)
+        if init not in ("base", "buffer"):
+            raise OptionError("init", init, "EBM.sample starts its chains from the base or the replay buffer",
+                              "choose init: base or buffer")
+        if sampler is not None and sampler not in ("langevin", "mala", "decoupled"):
+            raise OptionError("sampler", sampler, "unknown EBM sampler", "choose langevin, mala or decoupled")
+
+    def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+               steps: int | None = None, init: SampleInit = "base", sampler: SamplerName | None = None,
+               step_size: float | None = None, **options: Any) -> Tensor:
+        """``num_samples`` samples of exp(-E) by the configured MCMC (``sampler``, ``step_size``
+        override it), ``steps`` (default ``sample_steps``) steps from fresh chains at the base
+        (``init="base"``) or from replay-buffer states (``init="buffer"``, ``cd`` after training);
+        images are clipped to [-1, 1]."""
+        self.check_sample_options(steps=steps, init=init, sampler=sampler, step_size=step_size, **options)
+        if y is not None:
+            raise ValueError("EBM is unconditional: sample(y=...) is not supported")
+        override = {k: v for k, v in (("sampler", sampler), ("step_size", step_size)) if v is not None}
+        with evaluating(self):
+            if init == "buffer":
+                if self._replay is None:
+                    raise ValueError("EBM.sample(init='buffer'): there is no replay buffer (objective cd, after training)")
+                pick = torch.randint(0, self._replay["x"].shape[0], (num_samples,), generator=generator,
+                                     device=self._replay["x"].device)
+                start = self._replay["x"][pick]
+            else:
+                start = self.base().sample(num_samples, generator).to(self.base_mean)
+            x = self._mcmc(start, steps or self.sample_steps, generator, **override).x
+        return x.clamp(-1, 1) if self.is_image else x
+
+    def check_bpd_options(self, *, num_dequantizations: int = 1, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`bits_per_dim` takes these options."""
+        check_option_names("EBM.bits_per_dim", options, ("num_dequantizations", "generator"))
+        check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
+
+    def log_partition(self, generator: torch.Generator | None = None) -> tuple[float, float, str]:
+        """``(log Z, its standard error, method)`` in nats for the current weights (cached until they change).
+
+        2-D points: quadrature on a grid over the base's mean +- 8 standard deviations
+        (``quadrature_points`` per axis), ``method="quadrature"``, exact up to the grid's error (the
+        stderr is 0). Otherwise forward AIS from the base (``ais_chains`` chains, ``ais_steps``
+        distributions, MALA), ``method="ais"``: a stochastic *lower* bound of log Z, so the NLL it gives
+        errs low (optimistic); the stderr is the Monte Carlo error of the estimate, not its bias.
+        """
+        from lightning_diffusion import mcmc
+
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters()) + (int(self.base_fitted),)
+        if self._log_z_cache is not None and self._log_z_cache[0] == key:
+            return self._log_z_cache[1]
+        with evaluating(self):
+            if self.data_shape == (2,):
+                spread = 8 * self.base_scale.diagonal().clamp_min(1e-3) if self.base_scale.dim() == 2 else \
+                    8 * self.base_scale
+                lo, hi = (self.base_mean - spread).tolist(), (self.base_mean + spread).tolist()
+                grid = mcmc.log_density_grid(self.energy, ((lo[0], hi[0]), (lo[1], hi[1])), num=self.quadrature_points,
+                                             device=self.device, dtype=self.base_mean.dtype)
+                result = (grid.log_z, 0.0, "quadrature")
+            else:
+                out = mcmc.ais(self.energy, self.base(), self.ais_chains, step_size=self.ais_step_size or self.step_size,
+                               betas=self.ais_steps, generator=generator)
+                result = (out.log_z, out.stderr, "ais")
+        self._log_z_cache = (key, result)
+        return result
+
+    def density_grid(self, bounds: tuple[tuple[float, float], tuple[float, float]], num: int = 201):
+        """The normalised log density ``-E - log Z`` of 2-D points on a ``num`` x ``num`` grid over
+        ``bounds`` (log Z by quadrature over that box): a :class:`~lightning_diffusion.mcmc.DensityGrid`."""
+        from lightning_diffusion import mcmc
+
+        if self.data_shape != (2,):
+            raise ValueError(f"EBM.density_grid needs 2-D points; the data have shape {self.data_shape}")
+        with evaluating(self):
+            return mcmc.log_density_grid(self.energy, bounds, num=num, device=self.device, dtype=self.base_mean.dtype)
+
+    def bpd_estimator(self, **_: Any) -> str:
+        """``exact-quadrature`` for 2-D points, ``ais-lower-bound-logZ`` otherwise (see :meth:`log_partition`)."""
+        return "exact-quadrature" if self.data_shape == (2,) else "ais-logZ"
+
+    @full_precision
+    def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1,
+                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """``(E(x) + log Z) / (D ln 2)`` [B]: the NLL in bits per dimension with ``log Z`` from
+        :meth:`log_partition`. 8-bit images are uniformly dequantized (``num_dequantizations`` draws,
+        averaged) and scored as discrete data (+7 bits/dim for the 1/128 bins), like the other families."""
+        from lightning_diffusion.diffusion import likelihood
+
+        self.check_bpd_options(num_dequantizations=num_dequantizations, **options)
+        log_z, _, _ = self.log_partition(generator)
+        dims = math.prod(self.require_data_shape())
+        with evaluating(self):
+            x = x.to(self.base_mean)
+            if not self.is_image:
+                return likelihood.nats_to_bits_per_dim(self.energy(x) + log_z, dims)
+            nll = torch.stack([self.energy(likelihood.dequantize(x, generator)) + log_z
+                               for _ in range(num_dequantizations)]).mean(0)
+            return likelihood.bits_per_dim_discrete(nll, dims)
