@@ -204,3 +204,17 @@ def test_inception_weights_are_checked_before_loading(tmp_path, monkeypatch):
         InceptionV3Features(str(fake))
     with pytest.raises(ValueError, match="unknown feature extractor 'clip'"):
         get_extractor("clip")
+
+
+def test_fewer_samples_than_ranks_is_refused_on_every_rank():
+    """Each rank generates a share of num_samples: a rank with none could not join the reductions, so the
+    same check refuses the option on every rank (before any collective) instead of one rank raising."""
+    from types import SimpleNamespace
+
+    from lightning_diffusion.callbacks import SampleQuality
+
+    callback = SampleQuality(num_samples=3, extractor="digits")
+    for rank in range(4):
+        with pytest.raises(ValueError, match="num_samples=3 is less than the 4 ranks"):
+            callback._check_world(SimpleNamespace(global_rank=rank, world_size=4))
+    callback._check_world(SimpleNamespace(global_rank=0, world_size=3))

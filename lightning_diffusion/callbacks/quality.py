@@ -142,10 +142,19 @@ class SampleQuality(_Periodic):
         makes it)."""
         if stage != "fit" or not self.scheduled:
             return
+        self._check_world(trainer)
         check_model_options(pl_module, "SampleQuality.sample_options", self.sample_options)
         shape = _data_shape(trainer, pl_module)
         if shape is not None and len(shape) == 3:  # images; points need no extractor
             self.check_extractor()
+
+    def _check_world(self, trainer: L.Trainer | None) -> None:
+        """Every rank generates its share of ``num_samples``: with fewer samples than ranks one would
+        have none and could not take part in the reductions (the same test on every rank: no hang)."""
+        world = rank_world(trainer)[1]
+        if self.num_samples < world:
+            raise ValueError(f"SampleQuality.num_samples={self.num_samples} is less than the {world} ranks: every "
+                             f"rank generates a share; give num_samples >= {world}")
 
     def check_extractor(self) -> None:
         """Load the feature extractor; a missing or wrong weights file is a ValueError that names the
@@ -199,11 +208,16 @@ class SampleQuality(_Periodic):
             return self._real
         kind = "points" if points else self.extractor_name
         path = self._real_path(trainer, kind, datamodule)
-        if path is not None and path.is_file():
+        rank, world = rank_world(trainer)
+        # every rank reads the cache, or none does: a rank that computes enters collectives that a rank
+        # reading the file would skip (with $LD_DATA per node, one node may have the file and another not)
+        cached = torch.tensor([int(path is not None and path.is_file())])
+        if world > 1:
+            cached = _all_reduce(cached, "sum")
+        if int(cached) == world:
             stats, bank, logits, _ = quality.load_stats(path)
             self._real = (stats, bank, logits)
             return self._real
-        rank, world = rank_world(trainer)
         limit = None if self.num_real is None else quality.split_count(self.num_real, rank, world)
         dim = 2 if points else self.extractor(pl_module.device).num_features
         stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
@@ -243,6 +257,7 @@ class SampleQuality(_Periodic):
         same on every rank)."""
         start = time.perf_counter()
         rank, world = rank_world(trainer)
+        self._check_world(trainer)
         with evaluation_weights(trainer, pl_module) as weights:
             fake_stats = fake_bank = logits_bank = None
             points = None
@@ -342,10 +357,12 @@ class Likelihood(_Periodic):
             supports_generator = "generator" in _parameters(pl_module.bits_per_dim)
             for i in range(calls):
                 real = i < len(batches)
-                batch = batches[i] if real else batches[-1] if batches else None
-                if batch is None:
+                if batches:
+                    x = batch_data(batches[i] if real else batches[-1]).to(pl_module.device)
+                elif getattr(pl_module, "data_shape", None) is not None:  # no batch here: a stand-in call, so that
+                    x = torch.zeros(1, *pl_module.data_shape, device=pl_module.device)  # a sharded net runs on all ranks
+                else:
                     continue
-                x = batch_data(batch).to(pl_module.device)
                 options = dict(self.bpd_options)
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
