@@ -205,8 +205,13 @@ class RunConfig(SaveConfigCallback):
         log_dir = trainer.log_dir  # a broadcast: every rank takes part
         if trainer.is_global_zero:
             self.config_path = launch_config_path(log_dir, self.config_filename)
-            self.parser.save(self.config, str(self.config_path), skip_none=False, overwrite=False,
-                             multifile=self.multifile)
+            # written whole or not at all: a reader (or a kill) never sees half a config
+            if self.multifile:  # several files: jsonargparse writes them beside the config
+                self.parser.save(self.config, str(self.config_path), skip_none=False, overwrite=False, multifile=True)
+            else:
+                partial = self.config_path.with_name(f"{self.config_path.name}.partial-{os.getpid()}")
+                self.parser.save(self.config, str(partial), skip_none=False, overwrite=True)
+                os.replace(partial, self.config_path)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

@@ -134,6 +134,7 @@ def test_offline_wandb_run_gets_images_and_table_and_resume_continues_it(tmp_pat
     assert wandb_run_id_from_checkpoint("last") is None
 
     # -- resume with a new WandbLogger given no id: the callback continues the checkpoint's run ----
+    time.sleep(1.1)  # offline run folders are named to the second: a resume within it would share the folder
     resumed = WandbLogger(save_dir=tmp_path, offline=True, project="ld-test")
     with pytest.warns(UserWarning, match=f"continuing W&B run '{run_id}'"):
         fit(tiny_ddpm(), tmp_path, [EMA(decay=0.9), WandbSamples(num_samples=4, num_trajectories=2, num_frames=3)],
