@@ -150,7 +150,7 @@ def test_sample_options_are_checked():
 
 def _tiny_config(path: Path) -> Path:
     """configs/ebm_toy2d.yaml, tiny: 6 batches of 64 per epoch, a checkpoint every epoch, validation
-    and the Likelihood callback every epoch."""
+    and the Likelihood callback every epoch, with EMA and WandbSamples (PNGs only) added."""
     import yaml
 
     from lightning_diffusion.cli import packaged_configs_dir
@@ -165,6 +165,8 @@ def _tiny_config(path: Path) -> Path:
             args.update(every_n_epochs=1, num_batches=1)
         if callback["class_path"] == "SampleGrid":
             args["num_samples"] = 64
+    config["trainer"]["callbacks"] += [{"class_path": "EMA", "init_args": {"decay": 0.9}},
+                                       {"class_path": "WandbSamples", "init_args": {"every_n_epochs": 1, "num_samples": 16}}]
     config["model"]["init_args"].update(mcmc_steps=5, buffer_size=200, sample_steps=5, quadrature_points=101)
     config["model"]["init_args"]["net"]["init_args"]["hidden"] = 32
     config["data"]["init_args"].update(batch_size=64, batches_per_epoch=6)
@@ -194,3 +196,7 @@ def test_cli_fit_and_exact_resume_with_the_replay_buffer(tmp_path):
     assert torch.equal(buf_a["rng"], buf_b["rng"])  # the training generator continues where it stopped
     assert int(buf_a["age"].max()) > 0
     assert (tmp_path / "a" / "samples" / "final.png").is_file()
+    # EMA and WandbSamples work through the contract: the averages resume exactly, the pictures are there
+    ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA"))["shadow"] for c in (straight, resumed))
+    assert ema_a and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert len(list((tmp_path / "a" / "samples").glob("*.png"))) >= 3
