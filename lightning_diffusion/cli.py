@@ -83,15 +83,14 @@ class DiffusionCLI(LightningCLI):
         """Resuming ``fit`` from a checkpoint continues its W&B run: the run id stored in the
         checkpoint becomes the id of every WandbLogger that was given none. In a SLURM job a requeued
         job continues its run (see :func:`_continue_slurm_job`)."""
+        self._explicit_links = _explicit_link_values(self.config[self.subcommand], self._args)
         if self.subcommand != "fit":
-            self._explicit_links = _explicit_link_values(self.config[self.subcommand], self._args)
             return
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         from lightning_diffusion.callbacks.wandb import wandb_run_id_from_checkpoint
 
         config = self.config.fit
-        self._explicit_links = _explicit_link_values(config, self._args)
         if SLURMEnvironment.detect():
             _continue_slurm_job(config)
         run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
@@ -124,19 +123,23 @@ class DiffusionCLI(LightningCLI):
         from lightning_diffusion.run_directory import RunConfig
 
         self.trainer.callbacks.sort(key=lambda cb: not isinstance(cb, RunConfig))
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, RunConfig):
-                cb.hold(self.trainer)
+        run_config = self._run_config()
+        if run_config is not None:
+            run_config.hold(self.trainer)
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    def _run_config(self):
+        """The trainer's :class:`~lightning_diffusion.run_directory.RunConfig` (None under fast_dev_run)."""
         from lightning_diffusion.run_directory import RunConfig
 
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, RunConfig)), None)
+
+    def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         finally:
-            for cb in self.trainer.callbacks:
-                if isinstance(cb, RunConfig):
-                    cb.release()
+            run_config = self._run_config()
+            if run_config is not None:
+                run_config.release()
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -197,8 +200,9 @@ def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
     """``{model option: value}`` of the link targets (:data:`LINKS`) the user gave a value of: one
     named on the command line ``args``, or (from a config file) one that differs from the class's
     default."""
-    import importlib
     import inspect
+
+    from lightning_diffusion.resume import plain
 
     out: dict[str, Any] = {}
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
@@ -208,37 +212,28 @@ def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
             class_path, value = config[f"{owner}.class_path"], config[target]
         except (KeyError, TypeError):
             continue
-        if not isinstance(class_path, str):
-            continue
-        try:
-            module, _, cls_name = class_path.rpartition(".")
-            param = inspect.signature(getattr(importlib.import_module(module), cls_name)).parameters.get(name)
-        except (ImportError, AttributeError, ValueError, TypeError):
-            continue
+        param = (_init_parameters(class_path) or {}).get(name) if isinstance(class_path, str) else None
         if param is None:
             continue
         default = param.default if param.default is not inspect.Parameter.empty else None
-        if _plain(value) != _plain(default) or f"--{target}" in given:
+        if plain(value) != plain(default) or f"--{target}" in given:
             out[target] = value
     return out
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _check_links(explicit: dict[str, Any], datamodule) -> None:
     """Refuse an explicit value of a linked option that differs from the data's (the link would
     silently replace it)."""
     from lightning_diffusion.errors import LinkConflictError
+    from lightning_diffusion.resume import plain
 
     for source, target in LINKS:
         if target not in explicit or not hasattr(datamodule, source.split(".", 1)[1]):
             continue
         data_value = getattr(datamodule, source.split(".", 1)[1])
-        if data_value is not None and _plain(explicit[target]) != _plain(data_value):
+        if data_value is not None and plain(explicit[target]) != plain(data_value):
             raise LinkConflictError(
-                f"--{target}={_plain(explicit[target])!r}, but the data have {source}={_plain(data_value)!r}: "
+                f"--{target}={plain(explicit[target])!r}, but the data have {source}={plain(data_value)!r}: "
                 f"{target} is linked from the data; leave it out, or choose data that match it")
 
 
@@ -293,19 +288,28 @@ def _add_slurm_requeue(trainer: L.Trainer) -> None:
         trainer.callbacks.append(SlurmRequeue())
 
 
+def _init_parameters(class_path: str):
+    """The parameters of the class ``class_path`` (its ``__init__``), None if it cannot be imported."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+
+
 def _drop_unaccepted_init_args(config) -> None:
     """Remove ``init_args`` keys that the ``class_path`` class does not take, recursively (in place)."""
-    import importlib
     import inspect
 
     if not isinstance(config, dict):
         return
     init_args = config.get("init_args")
     if isinstance(config.get("class_path"), str) and isinstance(init_args, dict):
-        module, _, name = config["class_path"].rpartition(".")
-        try:
-            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-        except (ImportError, AttributeError, ValueError):
+        params = _init_parameters(config["class_path"])
+        if params is None:
             return
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             for key in [k for k in init_args if k not in params]:

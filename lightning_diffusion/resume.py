@@ -38,14 +38,16 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
             if key != "_instantiator":
                 out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: _normal(config)}
+    return {prefix[:-1]: plain(config)}
 
 
-def _normal(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` for comparing a config's with a checkpoint's: tuples (and nested ones) as lists,
+    jsonargparse Namespaces as dicts."""
     if hasattr(value, "as_dict"):
         value = value.as_dict()
     if isinstance(value, (tuple, list)):
-        return [_normal(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

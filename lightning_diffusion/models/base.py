@@ -161,17 +161,22 @@ class GenerativeModel(L.LightningModule):
     # -- Lightning hooks ----------------------------------------------------------------------
     def _checked(self, loss: Tensor, split: str, batch_idx: int) -> Tensor:
         if not torch.isfinite(loss):
-            checkpoint = self._written_checkpoint()
-            resumed = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-            held = (f"the last checkpoint written, {checkpoint}, holds parameters of an earlier step" if checkpoint
-                    else "no checkpoint has been written yet in this run"
-                    + (f"; it resumed from {resumed}" if resumed else ""))
+            held = self._checkpoint_note()
             raise FloatingPointError(
                 f"{split}/loss is {loss.item()} at global step {self.global_step}, batch {batch_idx}; "
                 f"the parameters before this step are intact ({held}). "
                 "Lower model.lr, check the data for NaN/Inf, or set trainer.detect_anomaly=true to find the op."
             )
         return loss
+
+    def _checkpoint_note(self) -> str:
+        """Where the parameters of an earlier step are, for the message of a run stopped by a guard:
+        the last checkpoint written, or that there is none yet (and the one the run resumed from)."""
+        checkpoint = self._written_checkpoint()
+        if checkpoint:
+            return f"the last checkpoint written, {checkpoint}, holds parameters of an earlier step"
+        resumed = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return "no checkpoint has been written yet in this run" + (f"; it resumed from {resumed}" if resumed else "")
 
     def _written_checkpoint(self) -> str | None:
         """The newest checkpoint file the trainer's checkpoint callback has written (last, else best),
