@@ -54,9 +54,7 @@ def run(name: str, seconds: float, every: int, batch: int, hidden: int, lr: floa
         cpu += time.process_time() - start
         step += 1
         if step % every == 0:
-            model._log_z_cache = None
             curve.append({"step": step, "cpu_s": round(cpu, 1), "bpd": float(model.bits_per_dim(test).mean())})
-    model._log_z_cache = None
     bpd = float(model.bits_per_dim(test).mean())
     samples = model.sample(4000, sampler="mala", steps=1000, generator=torch.Generator().manual_seed(3))
     weights = mode_weights(samples, mixture)

@@ -145,10 +145,9 @@ class EBM(GenerativeModel):
             self.normalizer = LogNormalizer()  #: c of log p = -E - c (nats)
         shape = self.require_data_shape()
         dim = math.prod(shape)
-        full = len(shape) == 1
         # the base Gaussian: fitted once, on the first training batch (base_fitted flips to 1)
         self.register_buffer("base_mean", torch.zeros(shape))
-        self.register_buffer("base_scale", torch.eye(dim) if full else torch.ones(shape))
+        self.register_buffer("base_scale", torch.eye(dim) if self._full_base else torch.ones(shape))
         self.register_buffer("base_fitted", torch.zeros((), dtype=torch.long))
         self._replay: dict[str, Tensor] | None = None  # {"x": [N, ...], "age": [N]}: per rank, in the checkpoint
         self._chain_rng: torch.Generator | None = None  # the training chains' noise: per rank, in the checkpoint
@@ -160,15 +159,21 @@ class EBM(GenerativeModel):
         """The :class:`~lightning_diffusion.mcmc.GaussianBase` fitted to the data."""
         from lightning_diffusion.mcmc import GaussianBase
 
-        if self.base_scale.dim() == 2 and len(self.require_data_shape()) == 1:
+        if self._full_base:
             return GaussianBase(self.base_mean, scale_tril=self.base_scale)
         return GaussianBase(self.base_mean, std=self.base_scale)
+
+    @property
+    def _full_base(self) -> bool:
+        """Points get a full covariance (``base_scale`` is its Cholesky factor [D, D]); images a
+        per-dimension std (``base_scale`` shaped like a sample)."""
+        return len(self.require_data_shape()) == 1
 
     def fit_base(self, x: Tensor) -> None:
         """Fit the base Gaussian to ``x`` [N, ...] (moments; full covariance for points)."""
         from lightning_diffusion.mcmc import gaussian_base
 
-        fitted = gaussian_base(x.detach().float(), full=self.base_scale.dim() == 2 and x.dim() == 2)
+        fitted = gaussian_base(x.detach().float(), full=self._full_base)
         self.base_mean.copy_(fitted.mean.reshape(self.base_mean.shape))
         self.base_scale.copy_((fitted.scale_tril if fitted.scale_tril is not None else fitted.std).reshape(self.base_scale.shape))
         self.base_fitted.fill_(1)
@@ -182,11 +187,10 @@ class EBM(GenerativeModel):
         """The divergence guard: stop before a step whose energies exploded."""
         worst = max(float(e.detach().abs().max()) if e.numel() else 0.0 for e in energies)
         if not math.isfinite(worst) or worst > self.max_energy:
-            where = self._written_checkpoint()
-            saved = f"the last checkpoint written is {where}" if where else "no checkpoint has been written yet in this run"
             raise FloatingPointError(
                 f"EBM: the energies diverged at global step {self.global_step} (max |E| = {worst:.4g} > "
-                f"max_energy={self.max_energy:g}); the parameters before this step are intact ({saved}). Lower "
+                f"max_energy={self.max_energy:g}); the parameters before this step are intact "
+                f"({self._checkpoint_note()}). Lower "
                 "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
                 "spectral_norm in the net")
 
@@ -372,7 +376,7 @@ class EBM(GenerativeModel):
     def log_partition(self, generator: torch.Generator | None = None) -> tuple[float, float, str]:
         """``(log Z, its standard error, method)`` in nats for the current weights (cached until they change).
 
-        2-D points: quadrature on a grid over the base's mean +- 8 standard deviations
+        2-D points: quadrature on a grid over the base's mean +- 8 standard deviations per axis
         (``quadrature_points`` per axis), ``method="quadrature"``, exact up to the grid's error (the
         stderr is 0). Otherwise forward AIS from the base (``ais_chains`` chains, ``ais_steps``
         distributions, MALA), ``method="ais"``: a stochastic *lower* bound of log Z, so the NLL it gives
@@ -380,13 +384,15 @@ class EBM(GenerativeModel):
         """
         from lightning_diffusion import mcmc
 
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters()) + (int(self.base_fitted),)
+        # the weights and the base as they are now: every in-place update (an optimizer step, an EMA
+        # swap, a refit of the base) bumps a tensor's version
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), self.base_mean, self.base_scale))
         if self._log_z_cache is not None and self._log_z_cache[0] == key:
             return self._log_z_cache[1]
         with evaluating(self):
             if self.data_shape == (2,):
-                spread = 8 * self.base_scale.diagonal().clamp_min(1e-3) if self.base_scale.dim() == 2 else \
-                    8 * self.base_scale
+                # 8 standard deviations of the base on each axis: the row norms of its Cholesky factor
+                spread = 8 * self.base_scale.pow(2).sum(1).sqrt().clamp_min(1e-3)
                 lo, hi = (self.base_mean - spread).tolist(), (self.base_mean + spread).tolist()
                 grid = mcmc.log_density_grid(self.energy, ((lo[0], hi[0]), (lo[1], hi[1])), num=self.quadrature_points,
                                              device=self.device, dtype=self.base_mean.dtype)
@@ -409,7 +415,7 @@ class EBM(GenerativeModel):
             return mcmc.log_density_grid(self.energy, bounds, num=num, device=self.device, dtype=self.base_mean.dtype)
 
     def bpd_estimator(self, **_: Any) -> str:
-        """``exact-quadrature`` for 2-D points, ``ais-lower-bound-logZ`` otherwise (see :meth:`log_partition`)."""
+        """``exact-quadrature`` for 2-D points, ``ais-logZ`` otherwise (see :meth:`log_partition`)."""
         return "exact-quadrature" if self.data_shape == (2,) else "ais-logZ"
 
     @full_precision
