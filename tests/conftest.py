@@ -76,6 +76,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bo
     return proc
 
 
+def fit_run(root: Path, config: str, *overrides: str) -> Path:
+    """``lightning-diffusion fit --config configs/CONFIG.yaml OVERRIDES`` (in this process) logging into
+    ``root/CONFIG/v``; returns that run directory (its checkpoint: ``checkpoints/last.ckpt``)."""
+    run_cli("fit", "--config", f"configs/{config}.yaml", *overrides, f"--trainer.logger.init_args.save_dir={root}",
+            "--trainer.logger.init_args.version=v")
+    return Path(root) / config / "v"
+
+
 def _run_cli_here(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     import contextlib
     import io

@@ -6,7 +6,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, fit_run, run_cli
 
 # a few steps of the README's config: a short diffusion keeps the final sample grid fast; T = 50 as the
 # config's callbacks sample with 25 DDIM steps and score a 50-step respaced bound, which must fit in T
@@ -59,10 +59,9 @@ def test_fit_writes_checkpoint_config_and_grid_then_resumes(tmp_path):
 
 
 def test_toy2d_fit_writes_a_scatter_plot(tmp_path):
-    run_cli("fit", "--config", "configs/ddpm_toy2d.yaml", "--trainer.max_steps=3", "--model.init_args.timesteps=10",
-            "--data.init_args.batches_per_epoch=3", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.version=v", "--model.init_args.net.init_args.hidden=32")
-    plot = tmp_path / "ddpm_toy2d" / "v" / "samples" / "final.png"
+    run = fit_run(tmp_path, "ddpm_toy2d", "--trainer.max_steps=3", "--model.init_args.timesteps=10",
+                  "--data.init_args.batches_per_epoch=3", "--model.init_args.net.init_args.hidden=32")
+    plot = run / "samples" / "final.png"
     assert Image.open(plot).size == (500, 500)
 
 
@@ -107,10 +106,9 @@ def test_cli_checkpoint_reloads_without_the_net(tmp_path):
     also for a net that lacks a linked argument (the MLP has no image_size)."""
     from lightning_diffusion import ScoreSDE
 
-    run_cli("fit", "--config", "configs/sde_vp_toy2d.yaml", "--trainer.max_steps=2", "--data.init_args.batches_per_epoch=2",
-            "--model.init_args.sample_steps=5", "--model.init_args.net.init_args.hidden=16",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=v")
-    model = ScoreSDE.load_from_checkpoint(tmp_path / "sde_vp_toy2d" / "v" / "checkpoints" / "last.ckpt")
+    run = fit_run(tmp_path, "sde_vp_toy2d", "--trainer.max_steps=2", "--data.init_args.batches_per_epoch=2",
+                  "--model.init_args.sample_steps=5", "--model.init_args.net.init_args.hidden=16")
+    model = ScoreSDE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert model.net.input.out_features == 16  # the net came back from the config in the checkpoint
     assert type(model.sde).__name__ == "VPSDE" and model.data_shape == (2,)
     assert model.sample(10, sampler="ddim", steps=5).shape == (10, 2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import fit_run, run_cli
 
 # T = 50: the config's callbacks sample with 25 DDIM steps and score a 50-step respaced bound, which
 # must fit in T (checked before training)
@@ -18,9 +18,7 @@ TINY = ["--trainer.max_steps=4", "--model.init_args.timesteps=50", "--data.init_
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmd")
-    run_cli("fit", "--config", "configs/ddpm_digits.yaml", *TINY, f"--trainer.logger.init_args.save_dir={root}",
-            "--trainer.logger.init_args.version=v")
-    return root / "ddpm_digits" / "v" / "checkpoints" / "last.ckpt"
+    return fit_run(root, "ddpm_digits", *TINY) / "checkpoints" / "last.ckpt"
 
 
 def test_sample_writes_pngs_grid_and_npz_with_ema_weights(ckpt, tmp_path):

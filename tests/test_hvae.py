@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import fit_run
 from lightning_diffusion import HierarchicalVAE, LadderVAENet, ShardDataModule
 from lightning_diffusion.models.vae import GradientSkip
 
@@ -193,11 +193,9 @@ def test_active_units_by_hand():
 
 
 def test_cli_fit_and_reload(tmp_path):
-    run_cli("fit", "--config", "configs/hvae_digits.yaml", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
-            "--data.init_args.num_workers=0", "--trainer.check_val_every_n_epoch=1",
-            "--model.init_args.net.init_args.width=16", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.version=v")
-    run = tmp_path / "hvae_digits" / "v"
+    run = fit_run(tmp_path, "hvae_digits", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+                  "--data.init_args.num_workers=0", "--trainer.check_val_every_n_epoch=1",
+                  "--model.init_args.net.init_args.width=16")
     ckpt = run / "checkpoints" / "last.ckpt"
     assert "grad_skip" in torch.load(ckpt, map_location="cpu", weights_only=False)
     model = HierarchicalVAE.load_from_checkpoint(ckpt)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import fit_run, run_cli
 from lightning_diffusion.checkpoints import load_checkpoint
 from lightning_diffusion.commands import load_model
 
@@ -20,9 +20,7 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("trusted")
     # the toy config: its checkpoint holds what every fit's does (EMA, LastCheckpoint, loops, data
     # position, RNG states, optimizer, scheduler), at a fraction of the digits config's time
-    run_cli("fit", "--config", "configs/ddpm_toy2d.yaml", *TINY, f"--trainer.logger.init_args.save_dir={root}",
-            "--trainer.logger.init_args.version=v")
-    return root / "ddpm_toy2d" / "v" / "checkpoints" / "last.ckpt"
+    return fit_run(root, "ddpm_toy2d", *TINY) / "checkpoints" / "last.ckpt"
 
 
 class Payload:

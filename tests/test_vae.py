@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import fit_run
 from lightning_diffusion import VAE, ConvVAENet, MLPVAENet, ShardDataModule
 
 LN2 = math.log(2)
@@ -220,10 +220,8 @@ def test_training_on_digits_lowers_val_bits_per_dim():
 
 
 def test_cli_fit_and_reload(tmp_path):
-    run_cli("fit", "--config", "configs/vae_digits.yaml", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
-            "--data.init_args.num_workers=0", "--trainer.check_val_every_n_epoch=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=v")
-    run = tmp_path / "vae_digits" / "v"
+    run = fit_run(tmp_path, "vae_digits", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+                  "--data.init_args.num_workers=0", "--trainer.check_val_every_n_epoch=1")
     model = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert isinstance(model.net, ConvVAENet) and model.data_shape == (1, 8, 8)
     assert model.sample(4).shape == (4, 1, 8, 8)
