@@ -33,6 +33,9 @@ LINKS = (
     ("data.num_channels", "model.init_args.net.init_args.in_channels"),
     ("data.image_size", "model.init_args.net.init_args.image_size"),
     ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+    # categorical data (None for float data); dropped for a model or net that has no such argument
+    ("data.num_categories", "model.init_args.num_categories"),
+    ("data.num_categories", "model.init_args.net.init_args.num_categories"),
 )
 
 
@@ -110,6 +113,7 @@ class DiffusionCLI(LightningCLI):
         for hparams in (self.model.hparams, getattr(self.model, "_hparams_initial", {})):
             for value in hparams.values():
                 _drop_unaccepted_init_args(value)
+        _drop_unaccepted_model_links(self.model, self.datamodule)
         _check_links(self._explicit_links, self.datamodule)
         ckpt_path = self.config[self.subcommand].get("ckpt_path")  # a requeued SLURM job's is set by now
         if ckpt_path and Path(ckpt_path).exists():
@@ -235,6 +239,47 @@ def _check_links(explicit: dict[str, Any], datamodule) -> None:
             raise LinkConflictError(
                 f"--{target}={plain(explicit[target])!r}, but the data have {source}={plain(data_value)!r}: "
                 f"{target} is linked from the data; leave it out, or choose data that match it")
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name``: its ``__init__``, or (through ``**kwargs``)
+    that of a base class it passes them on to."""
+    import inspect
+
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters
+        except (ValueError, TypeError):
+            return False
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def _drop_unaccepted_model_links(model, datamodule) -> None:
+    """A link into a model option the model does not have (``num_categories`` into a DDPM) is
+    skipped when the model is built, but Lightning still records it in the saved hyperparameters,
+    which ``load_from_checkpoint`` would reject: drop it there. Categorical data (a
+    ``num_categories``) for a model without that option is refused before any training: it would
+    get int64 categories where it takes floats."""
+    from lightning_diffusion.errors import LinkConflictError
+
+    for source, target in LINKS:
+        owner, _, name = target.rpartition(".init_args.")
+        if owner != "model" or _accepts(type(model), name):
+            continue
+        data_value = getattr(datamodule, source.split(".", 1)[1], None)
+        if name == "num_categories" and data_value is not None:
+            raise LinkConflictError(
+                f"the data are categorical (data.num_categories={data_value!r}: int64 categories), but "
+                f"{type(model).__name__} has no num_categories option and takes float data; choose a "
+                "categorical model, or read the data as floats (--data.init_args.categorical=false)")
+        for hparams in (model.hparams, getattr(model, "_hparams_initial", {})):
+            hparams.pop(name, None)
 
 
 def _logger_configs(config) -> Iterator[tuple[str, Any]]:

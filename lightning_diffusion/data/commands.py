@@ -6,7 +6,8 @@ from pathlib import Path
 
 from lightning_diffusion.data import sources
 from lightning_diffusion.data.shards import write_shards
-from lightning_diffusion.data.sources import ColourDigitsSize, ImageSize, Toy2DName, TorchvisionName
+from lightning_diffusion.data.sources import (BINARY_THRESHOLD, ColourDigitsSize, ImageSize, Toy2DName, TorchvisionName,
+                                              WordListName)
 
 Fractions = tuple[float, float, float]
 
@@ -29,6 +30,40 @@ def digits(*, out: str, image_size: ImageSize = 8, shard_size: int = 256,
         seed: seed of the deterministic split.
     """
     _write(sources.digits(image_size), out, shard_size, fractions, seed)
+
+
+def binary_digits(*, out: str, image_size: ImageSize = 8, threshold: int = BINARY_THRESHOLD, shard_size: int = 256,
+                  fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
+    """The digits binarized (K = 2): 1 where the 8-bit grey value is >= threshold; the same split as `digits`.
+
+    Args:
+        out: output directory for the shards and index.json (required).
+        image_size: 8 (native), or 16 / 32 pixels (bicubic upsampling before the threshold).
+        threshold: 8-bit grey value from which a pixel is 1 (default 128: sklearn level >= 8 of 16).
+        shard_size: samples per tar shard.
+        fractions: train/val/test fractions (sum to 1); the defaults and seed give the test digits of `digits`.
+        seed: seed of the deterministic split.
+    """
+    _write(sources.binary_digits(image_size, threshold), out, shard_size, fractions, seed)
+
+
+def words(*, out: str, lists: tuple[WordListName, ...] = ("nouns", "adjectives", "verbs"), seq_length: int = 16,
+          file: str | None = None, shard_size: int = 1024, fractions: Fractions = (0.8, 0.1, 0.1),
+          seed: int = 0) -> None:
+    """Character-level text: English words as sequences of categories (K = 27: pad/end, a-z).
+
+    The word lists come with the `text` extra (pip install 'lightning-diffusion[text]'), or --file.
+
+    Args:
+        out: output directory for the shards and index.json (required).
+        lists: the extra's word lists to use: nouns, adjectives, verbs.
+        seq_length: sequence length L; longer words are left out, shorter ones end in the pad symbol.
+        file: your own word list (UTF-8, one word a line) instead of the lists.
+        shard_size: samples per tar shard.
+        fractions: train/val/test fractions (sum to 1).
+        seed: seed of the deterministic split.
+    """
+    _write(sources.words(tuple(lists), seq_length, file), out, shard_size, fractions, seed)
 
 
 def colour_digits(*, out: str, image_size: ColourDigitsSize = 16, colours_per_image: int | None = None,
@@ -100,6 +135,6 @@ def shards_cli(argv: list[str]) -> None:
     """Parse ``SOURCE ...`` and write the shards."""
     from jsonargparse import CLI
 
-    CLI({"digits": digits, "colour_digits": colour_digits, "toy2d": toy2d, "imagefolder": imagefolder, "torchvision": torchvision},
+    CLI({"digits": digits, "binary_digits": binary_digits, "words": words, "colour_digits": colour_digits, "toy2d": toy2d, "imagefolder": imagefolder, "torchvision": torchvision},
         args=argv, prog="lightning-diffusion shards",
         description="Write train/val/test WebDataset tar shards and index.json (counts, shape, dtype, classes, source, SHA-256 per shard).")

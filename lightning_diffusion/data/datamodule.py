@@ -1,5 +1,8 @@
 """ShardDataModule: WebDataset shards -> batch dicts ``{"x": Tensor, "y": LongTensor}``.
 
+``x`` is float (images in [-1, 1], points) or, for categorical data (``categorical``), int64
+categories in ``[0, num_categories)``: images ``[B, C, H, W]``, sequences ``[B, L]``.
+
 Training reads a *resampled* stream: shards drawn at random with replacement, a shuffle buffer,
 and a fixed number of batches per epoch that is the same on every rank, so DDP never waits on a
 rank that ran out of data. The stream is a pure function of (seed, epoch, rank, worker), which is
@@ -22,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_diffusion.data.shards import EMBEDDED, SPLITS, ensure_embedded, load_index
-from lightning_diffusion.data.streams import EvalStream, ShardError, TrainStream, decode_sample, expand_pattern, iter_shard
+from lightning_diffusion.data.streams import (Categories, EvalStream, ShardError, TrainStream, decode_sample,
+                                              expand_pattern, iter_shard)
 
 __all__ = ["ShardDataModule", "ShardError"]
 
@@ -97,7 +101,11 @@ class ShardDataModule(L.LightningDataModule):
 
     Properties a model needs are read at construction from ``index.json`` (or the first sample),
     so the CLI links them into the model: ``data_shape``, ``num_channels``, ``image_size``,
-    ``num_classes``, ``kind``.
+    ``num_classes``, ``num_categories``, ``kind``.
+
+    With ``categorical`` the batches' ``x`` are int64 categories in ``[0, num_categories)``:
+    8-bit images as their 256 grey values (or, for binarized shards, the categories their
+    ``levels`` stand for), text as its symbols; ``num_categories`` is None for float data.
     """
 
     def __init__(
@@ -115,12 +123,15 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         multiprocessing_context: str | None = None,
         verify: bool = True,
+        categorical: bool | None = None,
     ):
         """
         Args:
             dataset: an embedded dataset name (``digits``, ``digits16``, ``digits32``,
                 ``colour_digits`` (16 px RGB), ``colour_digits32``, ``gaussians8``, ``moons``,
-                ``swissroll``, ``checkerboard``; built into ``$LD_DATA`` on first use), or the path of a shard directory / its ``index.json``. None when
+                ``swissroll``, ``checkerboard``, ``binary_digits`` (8 px, K = 2), ``words``
+                (character-level text, K = 27, needs the ``text`` extra); built into ``$LD_DATA``
+                on first use), or the path of a shard directory / its ``index.json``. None when
                 only shard patterns are given.
             train: brace pattern of training shards, e.g. ``/data/train-{000000..000099}.tar``;
                 overrides the index's list.
@@ -142,6 +153,14 @@ class ShardDataModule(L.LightningDataModule):
                 read of a listed shard must give the sample count the index records. A failed check
                 is a ShardError naming the shard. Shards given by pattern and not in the index go
                 unchecked.
+            categorical: read ``x`` as int64 categories (``num_categories`` set) instead of floats.
+                True: images become their 8-bit values (K = 256: category ``round((x + 1) *
+                127.5)`` of the float image) or, where the index records ``levels`` (binarized
+                digits), the category of each level (K = 2); sequences their categories. False:
+                floats, refused for sequences. None (default): categorical exactly for data that
+                have no float form (sequences: text), floats for images and points. A sample that
+                holds floats or a value outside the categories is a ShardError naming the shard
+                and key.
         """
         for option, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("shuffle_buffer", shuffle_buffer, 0), ("batches_per_epoch", batches_per_epoch, 1)):
@@ -191,6 +210,44 @@ class ShardDataModule(L.LightningDataModule):
             self.kind = "image" if x.ndim == 3 else "points"
         self.num_channels: int = self.data_shape[0]
         self.image_size: int | None = self.data_shape[-1] if self.kind == "image" else None
+        self._categories = self._resolve_categories(dataset, categorical)
+        #: whether ``x`` is int64 categories (the resolved ``categorical`` option)
+        self.categorical: bool = self._categories is not None
+        #: K of the batches' categories; None for float data (linked into a model's ``num_categories``)
+        self.num_categories: int | None = None if self._categories is None else self._categories.num_categories
+        #: text: the symbol of each category (``alphabet[0]`` the pad/end symbol), for
+        #: :func:`~lightning_diffusion.data.sources.decode_text`; None for other data
+        self.alphabet: str | None = (self.index or {}).get("alphabet") if self.categorical else None
+
+    def _resolve_categories(self, dataset: str | None, categorical: bool | None) -> Categories | None:
+        """How ``x`` is decoded: None (floats) or the :class:`Categories`, refusing a reading the
+        data cannot have (a ValueError naming the dataset and the option)."""
+        index = self.index or {}
+        where = f"ShardDataModule: dataset {dataset!r}" if dataset is not None else "ShardDataModule: the shards"
+        k = index.get("num_categories")
+        if categorical is None:
+            categorical = self.kind not in ("image", "points")
+        if not categorical:
+            if self.kind not in ("image", "points"):
+                raise ValueError(f"{where} holds {self.kind}s of {k} categories, which have no float form: "
+                                 "leave data.categorical unset (or true)")
+            return None
+        if self.kind == "points":
+            raise ValueError(f"{where} holds continuous points; data.categorical=true is for images and sequences")
+        if k is None:
+            if self.kind != "image":
+                raise ValueError(f"{where}: categorical {self.kind}s need an index.json that records num_categories")
+            if self.index is not None and self.index.get("dtype", "uint8") != "uint8":
+                raise ValueError(f"{where}: images of dtype {self.index['dtype']} cannot be read as 8-bit categories")
+            return Categories(256)  # 8-bit images: the grey value is the category
+        if not isinstance(k, int) or k < 2:
+            raise ValueError(f"{where}: index.json records num_categories={k!r}; it must be an integer >= 2")
+        levels = index.get("levels")
+        if self.kind == "image" and levels is not None:
+            if len(levels) != k:
+                raise ValueError(f"{where}: index.json records {len(levels)} levels for {k} categories")
+            return Categories(k, tuple(int(v) for v in levels))
+        return Categories(k)
 
     # -- facts -----------------------------------------------------------------------------
     def count(self, split: str) -> int | None:
@@ -233,7 +290,8 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = TrainStream(self.urls["train"], self.batch_size, self.train_batches_per_rank(), self.data_shape,
                              self._labelled(), self.shuffle_buffer, self.random_flip and self.kind == "image",
-                             self.seed, rank, world, self._shard_records(self.urls["train"]), self.verify)
+                             self.seed, rank, world, self._shard_records(self.urls["train"]), self.verify,
+                             self._categories)
         return _EpochLoader(stream, self._current_epoch, self._batches_done, **self._loader_kwargs())
 
     def _current_epoch(self) -> int:
@@ -269,7 +327,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"ShardDataModule: no {split} shards (index split {split!r} empty and no `{split}` pattern)")
         rank, world = self._rank_world()
         stream = EvalStream(self.urls[split], self.batch_size, self.data_shape, self._labelled(), rank, world,
-                            self._shard_records(self.urls[split]), self.verify)
+                            self._shard_records(self.urls[split]), self.verify, self._categories)
         return DataLoader(stream, batch_size=None, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

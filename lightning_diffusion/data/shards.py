@@ -5,10 +5,13 @@ On-disk format (one directory per dataset)::
     index.json
     train-000000.tar  train-000001.tar ...  val-000000.tar ...  test-000000.tar ...
 
-Each tar sample ``<key>.png`` (8-bit image) or ``<key>.npy`` (float32 point), plus ``<key>.cls``
-(ASCII integer label) where the data has labels. ``index.json`` records the source and its
-parameters, the sample shape (``[C, H, W]`` for images, ``[D]`` for points) and dtype, the classes,
-and per split the sample count and every shard's file name, count and SHA-256.
+Each tar sample ``<key>.png`` (8-bit image) or ``<key>.npy`` (float32 point, or an integer
+sequence of categories), plus ``<key>.cls`` (ASCII integer label) where the data has labels.
+``index.json`` records the source and its parameters, the sample shape (``[C, H, W]`` for images,
+``[D]`` for points, ``[L]`` for sequences) and dtype, the classes, and per split the sample count
+and every shard's file name, count and SHA-256. A categorical source also records
+``num_categories`` (K) and ``levels`` (images: the 8-bit value of each category) or ``alphabet``
+(text: the character of each category); other indexes have none of these keys.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_diffusion.data.sources import Source, colour_digits, digits, toy2d
+from lightning_diffusion.data.sources import Source, binary_digits, colour_digits, digits, toy2d, words
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
@@ -41,7 +44,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def encode_sample(x: np.ndarray, kind: str) -> tuple[str, bytes]:
-    """Encode one sample as (extension, bytes): 8-bit PNG for images, ``.npy`` for points."""
+    """Encode one sample as (extension, bytes): 8-bit PNG for images, ``.npy`` for points (float32)
+    and sequences (their integer dtype)."""
     if kind == "image":
         from PIL import Image
 
@@ -49,8 +53,41 @@ def encode_sample(x: np.ndarray, kind: str) -> tuple[str, bytes]:
         Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(buf, format="PNG")
         return "png", buf.getvalue()
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(x) if kind == "sequence" else np.ascontiguousarray(x, dtype=np.float32),
+            allow_pickle=False)
     return "npy", buf.getvalue()
+
+
+def _check_categorical(source: Source) -> None:
+    """A categorical source's facts agree with each other (before anything is written)."""
+    k = source.num_categories
+    if source.kind == "sequence" and k is None:
+        raise ValueError(f"{source.name}: a sequence source must set num_categories")
+    if k is None:
+        return
+    if k < 2:
+        raise ValueError(f"{source.name}: num_categories must be >= 2, got {k}")
+    if source.kind == "points":
+        raise ValueError(f"{source.name}: points are continuous; num_categories is for images and sequences")
+    if source.kind == "image" and (source.levels is None or len(source.levels) != k
+                                   or any(not 0 <= v <= 255 for v in source.levels)):
+        raise ValueError(f"{source.name}: categorical images need levels, the 8-bit value of each of the "
+                         f"{k} categories, got {source.levels}")
+    if source.alphabet is not None and len(source.alphabet) != k:
+        raise ValueError(f"{source.name}: the alphabet has {len(source.alphabet)} symbols, num_categories is {k}")
+
+
+def _check_sample(source: Source, x: np.ndarray, i: int) -> None:
+    """One sample of a categorical source holds only its categories (levels for images)."""
+    k = source.num_categories
+    if k is None:
+        return
+    if source.kind == "sequence":
+        if x.dtype.kind not in "iu" or x.size and (x.min() < 0 or x.max() >= k):
+            raise ValueError(f"{source.name}: sample {i} is not integer categories in [0, {k}) "
+                             f"(dtype {x.dtype}, range {x.min() if x.size else None}..{x.max() if x.size else None})")
+    elif not np.isin(x, source.levels).all():
+        raise ValueError(f"{source.name}: sample {i} has pixel values other than the levels {source.levels}")
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
@@ -89,6 +126,7 @@ def write_shards(
 
     if shard_size < 1:
         raise ValueError(f"--shard_size must be >= 1, got {shard_size}")
+    _check_categorical(source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if "all" in source.pools:
@@ -104,7 +142,7 @@ def write_shards(
             "test": (test_pool, np.arange(len(test_pool))),
         }
 
-    shape = None
+    shape, dtype = None, None
     splits: dict[str, Any] = {}
     for split in SPLITS:
         pool, indices = assignment[split]
@@ -123,6 +161,8 @@ def write_shards(
                             f"{source.name}: sample {int(i)} has shape {sample_shape}, others {shape}; "
                             "pass an image size so all samples are resized to one shape"
                         )
+                    _check_sample(source, x, int(i))
+                    dtype = str(x.dtype)
                     ext, data = encode_sample(x, source.kind)
                     record = {"__key__": f"{split}{written:08d}", ext: data}
                     if y is not None:
@@ -138,13 +178,19 @@ def write_shards(
         "params": source.params,
         "kind": source.kind,
         "shape": shape,
-        "dtype": "uint8" if source.kind == "image" else "float32",
+        "dtype": "uint8" if source.kind == "image" else dtype if source.kind == "sequence" else "float32",
         "num_classes": None if source.classes is None else len(source.classes),
         "classes": source.classes,
         "split": {"fractions": list(fractions), "seed": seed, "shard_size": shard_size},
         "extra": source.extra,
         "splits": splits,
     }
+    if source.num_categories is not None:  # only categorical indexes have these keys
+        index["num_categories"] = source.num_categories
+        if source.levels is not None:
+            index["levels"] = list(source.levels)
+        if source.alphabet is not None:
+            index["alphabet"] = source.alphabet
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / "index.json")
@@ -186,12 +232,14 @@ EMBEDDED: dict[str, tuple[Any, dict[str, Any], int]] = {
     "digits": (digits, {"image_size": 8}, 256),
     "digits16": (digits, {"image_size": 16}, 256),
     "digits32": (digits, {"image_size": 32}, 256),
+    "binary_digits": (binary_digits, {"image_size": 8}, 256),
     "colour_digits": (colour_digits, {"image_size": 16}, 512),
     "colour_digits32": (colour_digits, {"image_size": 32}, 512),
     "gaussians8": (toy2d, {"name": "gaussians8"}, 4000),
     "moons": (toy2d, {"name": "moons"}, 4000),
     "swissroll": (toy2d, {"name": "swissroll"}, 4000),
     "checkerboard": (toy2d, {"name": "checkerboard"}, 4000),
+    "words": (words, {"seq_length": 16}, 1024),  # needs the `text` extra
 }
 
 

@@ -3,7 +3,13 @@
 A source is a small description of a dataset plus its samples:
 
 - images are ``uint8`` arrays ``[H, W, C]`` (C = 1 or 3) stored as 8-bit PNG;
-- points (toy 2-D sets) are ``float32`` arrays ``[D]`` stored as ``.npy``.
+- points (toy 2-D sets) are ``float32`` arrays ``[D]`` stored as ``.npy``;
+- sequences (character-level text) are integer arrays ``[L]`` of categories in ``[0, K)``, stored
+  as ``.npy``.
+
+A categorical source (``num_categories`` set: binarized digits, text) records K in the index, and
+for images the 8-bit value each category is stored as (``levels``), for text the character of
+each category (``alphabet``, the pad/end symbol first).
 
 Sources with no predefined split put everything in the ``"all"`` pool and the writer splits it
 deterministically; torchvision sets keep their official test split (pools ``"train"`` and
@@ -33,18 +39,26 @@ class Source:
     Attributes:
         name: source name as typed on the command line (``digits``, ``toy2d`` ...).
         params: the source's parameters, recorded in ``index.json`` so shards are reproducible.
-        kind: ``"image"`` (uint8 ``[H, W, C]``) or ``"points"`` (float32 ``[D]``).
+        kind: ``"image"`` (uint8 ``[H, W, C]``), ``"points"`` (float32 ``[D]``) or ``"sequence"``
+            (integer ``[L]``, categories in ``[0, num_categories)``).
         pools: ``"all"`` to be split into train/val/test, or predefined ``"train"``/``"test"``.
         classes: class names, index = label; None for unlabelled data.
         extra: further facts for the index (e.g. the mixture's radius and std).
+        num_categories: K of categorical data (required for sequences; for images, data stored as
+            ``levels``); None for 8-bit images and points.
+        levels: images with ``num_categories``: the 8-bit value category k is stored as.
+        alphabet: sequences: the character of each category, ``alphabet[k]`` (pad/end symbol first).
     """
 
     name: str
     params: dict[str, Any]
-    kind: Literal["image", "points"]
+    kind: Literal["image", "points", "sequence"]
     pools: dict[str, Sequence[tuple[np.ndarray, int | None]]]
     classes: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    num_categories: int | None = None
+    levels: list[int] | None = None
+    alphabet: str | None = None
 
 
 class _ArrayPool(Sequence):
@@ -90,6 +104,42 @@ def digits(image_size: ImageSize = 8) -> Source:
         kind="image",
         pools={"all": _ArrayPool(x, d.target.astype(np.int64))},
         classes=[str(c) for c in range(10)],
+    )
+
+
+#: ``binary_digits``: a pixel is 1 where its 8-bit grey value is at least this (the sklearn level
+#: 0..16 is >= 8; the float digits' x = v / 127.5 - 1 > 0)
+BINARY_THRESHOLD = 128
+
+
+def binary_digits(image_size: ImageSize = 8, threshold: int = BINARY_THRESHOLD) -> Source:
+    """The digits of :func:`digits` binarized: category 1 where the 8-bit grey value is
+    ``>= threshold`` (default 128: sklearn's level >= 8 of 16), else 0; stored as 8-bit PNG of 0 and
+    255 (``levels [0, 255]``, ``num_categories`` 2), with the digit labels.
+
+    The same 1797 images in the same order as :func:`digits`, so the writer's deterministic split
+    (same fractions and seed) puts the same digits in each split: test image i here is test image i
+    of ``digits`` thresholded. Read as continuous data (the default) the pixels are -1 and 1; with
+    ``ShardDataModule(categorical=True)`` they are the int64 categories 0 and 1.
+
+    Args:
+        image_size: 8 (native) or 16 / 32 (bicubic upsampling of the grey digit, then the threshold).
+        threshold: 8-bit grey value from which a pixel is 1, in 1 .. 255.
+    """
+    if not 1 <= threshold <= 255:
+        raise ValueError(f"binary_digits: threshold must be in 1 .. 255 (an 8-bit grey value), got {threshold}")
+    grey = digits(image_size)
+    pool = grey.pools["all"]
+    x = np.where(pool.x >= threshold, 255, 0).astype(np.uint8)
+    return Source(
+        name="binary_digits",
+        params={"image_size": image_size, "threshold": threshold},
+        kind="image",
+        pools={"all": _ArrayPool(x, pool.y)},
+        classes=grey.classes,
+        extra={"binarized": f"1 where the 8-bit grey digit is >= {threshold}"},
+        num_categories=2,
+        levels=[0, 255],
     )
 
 
@@ -308,4 +358,115 @@ def torchvision_dataset(name: TorchvisionName, root: str, download: bool = False
         kind="image",
         pools=pools,
         classes=list(ds.classes),
+    )
+
+
+# -- character-level text ----------------------------------------------------------------------
+
+#: the pad/end symbol of :func:`words`: category 0, after the last character of a word
+PAD = "."
+#: the alphabet of :func:`words`: ``ALPHABET[k]`` is category k (27 categories)
+ALPHABET = PAD + "abcdefghijklmnopqrstuvwxyz"
+#: the word lists of the ``text`` extra (wonderwords' packaged lists: plain text, one word a line)
+WORD_LISTS = {"nouns": "nounlist.txt", "adjectives": "adjectivelist.txt", "verbs": "verblist.txt"}
+WordListName = Literal["nouns", "adjectives", "verbs"]
+TEXT_EXTRA = "wonderwords"
+
+
+def packaged_words(lists: Sequence[WordListName] = ("nouns", "adjectives", "verbs")) -> tuple[list[str], str]:
+    """The words of the ``text`` extra's lists (``pip install 'lightning-diffusion[text]'``: the
+    wonderwords package ships them as plain text in its wheel; read as files, nothing downloaded)
+    and the package's name and version, e.g. ``"wonderwords 3.0.1"``."""
+    from importlib import metadata, resources
+
+    from lightning_diffusion.errors import UserError
+
+    unknown = [name for name in lists if name not in WORD_LISTS]
+    if unknown or not lists:
+        raise ValueError(f"words: lists must be some of {list(WORD_LISTS)}, got {list(lists)}")
+    try:
+        assets = resources.files(TEXT_EXTRA) / "assets"
+        version = metadata.version(TEXT_EXTRA)
+    except (ImportError, metadata.PackageNotFoundError) as e:
+        raise UserError(f"the text source needs the word lists of the `text` extra: pip install "
+                        f"'lightning-diffusion[text]' (the {TEXT_EXTRA} package); or pass your own word "
+                        "list with --file") from e
+    out: list[str] = []
+    for name in lists:
+        out += assets.joinpath(WORD_LISTS[name]).read_text(encoding="utf-8").splitlines()
+    return out, f"{TEXT_EXTRA} {version}"
+
+
+def encode_text(words: Sequence[str], seq_length: int, alphabet: str = ALPHABET) -> np.ndarray:
+    """Words as uint8 categories ``[N, seq_length]``: ``alphabet.index(c)`` per character, the rest
+    filled with category 0 (the pad/end symbol). A character outside ``alphabet[1:]`` or a word
+    longer than ``seq_length`` is a ValueError naming it."""
+    if len(alphabet) > 256:
+        raise ValueError(f"encode_text: at most 256 symbols fit in uint8, the alphabet has {len(alphabet)}")
+    code = {c: k for k, c in enumerate(alphabet) if k > 0}
+    out = np.zeros((len(words), seq_length), dtype=np.uint8)
+    for i, word in enumerate(words):
+        if len(word) > seq_length:
+            raise ValueError(f"encode_text: {word!r} has {len(word)} characters, more than seq_length {seq_length}")
+        try:
+            out[i, :len(word)] = [code[c] for c in word]
+        except KeyError as e:
+            raise ValueError(f"encode_text: {word!r} has the character {e.args[0]!r}, not in the alphabet "
+                             f"{alphabet[1:]!r}") from None
+    return out
+
+
+def decode_text(x: Any, alphabet: str = ALPHABET, stop: bool = True) -> list[str]:
+    """Sequences of categories (an int array or tensor ``[L]`` or ``[N, L]``) as text, one string
+    per sequence: ``alphabet[k]`` per position; ``stop``: up to the first pad/end symbol (category 0),
+    else every position (the pad shown as ``alphabet[0]``)."""
+    arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+    arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
+    out = []
+    for row in arr.tolist():
+        if stop and 0 in row:
+            row = row[:row.index(0)]
+        out.append("".join(alphabet[int(k)] for k in row))
+    return out
+
+
+def words(lists: Sequence[WordListName] = ("nouns", "adjectives", "verbs"), seq_length: int = 16,
+          file: str | None = None) -> Source:
+    """A character-level text set: English words as sequences ``[seq_length]`` of categories over
+    :data:`ALPHABET` (K = 27: the pad/end symbol ``.`` then ``a`` .. ``z``).
+
+    Each word is lower-cased; words with a character other than ``a`` .. ``z`` (hyphens, spaces,
+    apostrophes) or longer than ``seq_length`` are left out, and duplicates are kept once. The
+    words are sorted before the writer's deterministic split. Unlabelled.
+
+    Args:
+        lists: which of the ``text`` extra's word lists (wonderwords 3.0.1: 6782 nouns, 912
+            adjectives, 1042 verbs; :func:`packaged_words`).
+        seq_length: L, the sequence length: the longest word kept; the rest of a shorter word is
+            the pad/end symbol.
+        file: a word list of your own instead (UTF-8 text, one word a line): ``lists`` is ignored.
+    """
+    if seq_length < 1:
+        raise ValueError(f"words: seq_length must be >= 1, got {seq_length}")
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"words: --file {file} is not a file (a word list: one word a line)")
+        raw, origin = path.read_text(encoding="utf-8").splitlines(), str(path.resolve())
+    else:
+        raw, origin = packaged_words(lists)
+    letters = set(ALPHABET[1:])
+    cleaned = [w.strip().lower() for w in raw if w.strip()]
+    kept = sorted({w for w in cleaned if len(w) <= seq_length and set(w) <= letters})
+    if not kept:
+        raise ValueError(f"words: no word of {origin} has only the letters a .. z and at most {seq_length} characters")
+    return Source(
+        name="words",
+        params={"lists": None if file is not None else list(lists), "seq_length": seq_length, "file": file},
+        kind="sequence",
+        pools={"all": _ArrayPool(encode_text(kept, seq_length), None)},
+        extra={"origin": origin, "words_read": len(cleaned), "words_kept": len(kept),
+               "left_out": "words with characters other than a-z or longer than seq_length; duplicates"},
+        num_categories=len(ALPHABET),
+        alphabet=ALPHABET,
     )

@@ -16,6 +16,7 @@ import io
 import os
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -30,6 +31,49 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 
 class ShardError(RuntimeError):
     """A shard that cannot be read or holds a bad sample; the message names the shard and key."""
+
+
+@dataclass(frozen=True)
+class Categories:
+    """How a categorical stream decodes ``x``: to int64 categories in ``[0, num_categories)``.
+
+    Attributes:
+        num_categories: K, the number of categories.
+        levels: for images, the 8-bit value each category is stored as (``levels[k]`` is category
+            k, e.g. ``(0, 255)`` for binarized images); None: the stored value is the category.
+    """
+
+    num_categories: int
+    levels: tuple[int, ...] | None = None
+
+    def decode(self, arr: np.ndarray, where: str, ext: str) -> torch.Tensor:
+        """``arr`` (an integer array as stored) as int64 categories; :class:`ShardError` naming
+        ``where`` (the shard and key) for a float array or a value that is no category."""
+        k = self.num_categories
+        if arr.dtype.kind not in "biu":
+            raise ShardError(f"{where}: .{ext} holds {arr.dtype} values, but the dataset is categorical "
+                             f"(integers in [0, {k})); rewrite the shards with integer data, or read the "
+                             "dataset as continuous (data.categorical=false)")
+        values = arr.astype(np.int64)
+        if self.levels is not None:
+            lut = np.full(max(256, int(values.max(initial=0)) + 1), -1, dtype=np.int64)
+            lut[list(self.levels)] = np.arange(len(self.levels))
+            cats = lut[np.clip(values, 0, len(lut) - 1)]
+            bad = np.flatnonzero((cats < 0) | (values < 0))
+            if bad.size:
+                i = int(bad[0])
+                raise ShardError(f"{where}: .{ext} holds the value {int(values.flat[i])} at flat position {i}, "
+                                 f"which is none of the dataset's {k} category levels {list(self.levels)} "
+                                 "(index.json `levels`); rewrite the shards")
+            values = cats
+        else:
+            bad = np.flatnonzero((values < 0) | (values >= k))
+            if bad.size:
+                i = int(bad[0])
+                raise ShardError(f"{where}: .{ext} holds category {int(values.flat[i])} at flat position {i}, "
+                                 f"outside [0, {k}) (num_categories {k}); rewrite the shards, or fix "
+                                 "num_categories in index.json")
+        return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -115,10 +159,14 @@ def iter_shard(url: str, record: Mapping[str, Any] | None = None, verify: bool =
         raise ShardError(f"shard {url} is not a readable tar file: {type(e).__name__}: {e}") from e
 
 
-def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: bool) -> tuple[torch.Tensor, int | None]:
-    """Decode one raw sample to (x, y): images to float CHW in [-1, 1], points to float32 [D].
+def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: bool,
+                  categories: Categories | None = None) -> tuple[torch.Tensor, int | None]:
+    """Decode one raw sample to (x, y): images to float CHW in [-1, 1], points to float32 [D]; with
+    ``categories``, images to int64 CHW categories and ``.npy`` sequences to int64 [L] (see
+    :class:`Categories`).
 
-    Raises :class:`ShardError` naming the shard and key on a missing key or a wrong shape.
+    Raises :class:`ShardError` naming the shard and key on a missing key, a wrong shape, and (with
+    ``categories``) a float array or a value that is no category.
     """
     where = f"shard {raw.get('__url__')}, sample {raw.get('__key__')!r}"
     ext = next((e for e in (*IMAGE_EXTENSIONS, "npy") if e in raw), None)
@@ -126,7 +174,17 @@ def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: 
         present = sorted(k for k in raw if not k.startswith("__"))
         raise ShardError(f"{where}: no image or npy entry (keys present: {present}); expected one of {[*IMAGE_EXTENSIONS, 'npy']}")
     try:
-        if ext == "npy":
+        if categories is not None:
+            if ext == "npy":
+                arr = np.load(io.BytesIO(raw[ext]), allow_pickle=False)
+            else:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(raw[ext])) as im:
+                    im.load()
+                    arr = np.asarray(im)
+                arr = arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
+        elif ext == "npy":
             x = torch.from_numpy(np.load(io.BytesIO(raw[ext]), allow_pickle=False).astype(np.float32))
         else:
             from PIL import Image
@@ -138,6 +196,8 @@ def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: 
             x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
     except Exception as e:
         raise ShardError(f"{where}: cannot decode .{ext}: {type(e).__name__}: {e}") from e
+    if categories is not None:
+        x = categories.decode(arr, where, ext)
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ShardError(f"{where}: .{ext} has shape {list(x.shape)}, expected {list(shape)} (from the index / first sample)")
     y = None
@@ -177,6 +237,8 @@ class TrainStream(IterableDataset):
     checked against it (see :func:`iter_shard`; ``verify=False``: the count only). The checks draw
     nothing from the streams' random generators, so the batches are the same with and without.
 
+    ``categories`` (see :class:`Categories`): the samples are decoded to int64 categories.
+
     ``start_batch = k`` resumes an epoch after its first k batches (exact mid-epoch resume, with
     the same number of workers W): worker w takes the stream of worker ``(k + w) % W`` and skips
     that stream's first ``(k + w) // W`` batches by reading their raw bytes (no decoding), so
@@ -185,10 +247,11 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
                  labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int,
-                 records: Mapping[str, Mapping[str, Any]] | None = None, verify: bool = True):
+                 records: Mapping[str, Mapping[str, Any]] | None = None, verify: bool = True,
+                 categories: Categories | None = None):
         super().__init__()
         self.urls, self.batch_size, self.batches_per_rank = urls, batch_size, batches_per_rank
-        self.records, self.verify = dict(records or {}), verify
+        self.records, self.verify, self.categories = dict(records or {}), verify, categories
         self.shape, self.labelled = shape, labelled
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -229,7 +292,7 @@ class TrainStream(IterableDataset):
             flips = [flip_rng.random() < 0.5 for _ in range(self.batch_size)] if self.random_flip else None
             if i < skip:
                 continue
-            batch = collate([decode_sample(r, self.shape, self.labelled) for r in samples])
+            batch = collate([decode_sample(r, self.shape, self.labelled, self.categories) for r in samples])
             if flips is not None:
                 flip = torch.tensor(flips)
                 batch["x"] = torch.where(flip[:, None, None, None], batch["x"].flip(-1), batch["x"])
@@ -241,15 +304,16 @@ class EvalStream(IterableDataset):
 
     With at least as many shards as readers (ranks x workers), reader g takes shards g, g+G, ...;
     otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence. Every
-    shard read is checked against its entry in ``records`` as in :class:`TrainStream`.
+    shard read is checked against its entry in ``records`` as in :class:`TrainStream`, and decoded
+    with ``categories`` as there.
     """
 
     def __init__(self, urls: list[str], batch_size: int, shape: tuple[int, ...], labelled: bool,
                  rank: int, world_size: int, records: Mapping[str, Mapping[str, Any]] | None = None,
-                 verify: bool = True):
+                 verify: bool = True, categories: Categories | None = None):
         super().__init__()
         self.urls, self.batch_size, self.shape, self.labelled = urls, batch_size, shape, labelled
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.categories = rank, world_size, categories
         self.records, self.verify = dict(records or {}), verify
 
     def _shard(self, url: str) -> Iterator[dict[str, Any]]:
@@ -272,7 +336,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch = []
         for raw in self._raw():
-            batch.append(decode_sample(raw, self.shape, self.labelled))
+            batch.append(decode_sample(raw, self.shape, self.labelled, self.categories))
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
