@@ -87,11 +87,14 @@ class EBM(GenerativeModel):
         ais_step_size: float | None = None,
         quadrature_points: int = 401,
         max_energy: float = 1e4,
+        whiten_chains: bool = False,
+        base_tilt: bool = False,
         **kwargs: Any,
     ):
         """
         Args:
-            net: the energy net, ``net(x [B, ...]) -> E [B]`` in nats.
+            net: the energy net, ``net(x [B, ...]) -> E [B]`` in nats (with ``base_tilt``, the
+                energy's correction to the base's).
             objective: ``cd`` (persistent contrastive divergence), ``nce`` or ``dsm``.
             sampler: MCMC of the CD negatives and of :meth:`sample`: ``langevin`` (ULA,
                 ``x <- x - (eps^2/2) grad E + eps xi``), ``mala`` (the same, Metropolis-adjusted: exact
@@ -105,7 +108,8 @@ class EBM(GenerativeModel):
             buffer_size: states in each rank's replay buffer (``cd``).
             reinit_prob: probability that a drawn buffer state restarts from the base (IGEBM: 0.05).
             short_run: ``cd`` with chains from the base every update and no buffer.
-            energy_l2: weight of the L2 penalty on the energies of data and negatives (``cd``).
+            energy_l2: weight of the L2 penalty on the net's energies of data and negatives (``cd``; with
+                ``base_tilt`` on the net's part only, the base's energy is no parameter's).
             noise_ratio: noise samples per data sample (``nce``), nu.
             dsm_sigmas: noise levels of ``dsm`` (data units); each sample draws one uniformly.
             sample_steps: MCMC steps of :meth:`sample` from fresh chains.
@@ -114,6 +118,15 @@ class EBM(GenerativeModel):
             ais_step_size: MALA step of the AIS transitions; None: ``step_size``.
             quadrature_points: grid points per axis of the quadrature ``log Z`` (2-D points).
             max_energy: the divergence guard's bound on ``|E|`` (nats).
+            whiten_chains: run every chain (CD negatives, :meth:`sample`, AIS) in the base's whitened
+                coordinates ``z = L^-1 (x - mean)``: Langevin/MALA preconditioned by the base's
+                covariance, which leaves exp(-E) invariant (a constant preconditioner) and lets one
+                step size serve pixels whose spread differs by 100x (the digits' always-black
+                corners against their strokes). ``step_size`` is then in units of the base's std.
+            base_tilt: ``E(x) = net(x) - log q(x)`` with ``q`` the base Gaussian fitted to the data:
+                the model is q tilted by ``exp(-net)``, so its tails are the base's Gaussian tails
+                wherever the net stays bounded, instead of whatever the net does where no chain (and
+                no data) ever goes, which an exact NLL over the whole space counts.
             **kwargs: :class:`~lightning_diffusion.models.base.GenerativeModel`'s (``lr``, ``warmup_steps``, ...).
         """
         super().__init__(**kwargs)
@@ -140,7 +153,7 @@ class EBM(GenerativeModel):
         self.energy_l2, self.noise_ratio, self.dsm_sigmas = energy_l2, noise_ratio, tuple(dsm_sigmas)
         self.sample_steps, self.max_energy = sample_steps, max_energy
         self.ais_chains, self.ais_steps, self.ais_step_size = ais_chains, ais_steps, ais_step_size
-        self.quadrature_points = quadrature_points
+        self.quadrature_points, self.whiten_chains, self.base_tilt = quadrature_points, whiten_chains, base_tilt
         if objective == "nce":
             self.normalizer = LogNormalizer()  #: c of log p = -E - c (nats)
         shape = self.require_data_shape()
@@ -181,7 +194,11 @@ class EBM(GenerativeModel):
     # -- energies --------------------------------------------------------------------------------
     def energy(self, x: Tensor) -> Tensor:
         """``E(x)`` [B] (nats) of data ``x`` [B, ...]."""
-        return self.net(x)
+        return self._tilt(self.net(x), x)
+
+    def _tilt(self, f: Tensor, x: Tensor) -> Tensor:
+        """The energy from the net's output ``f`` at ``x``: ``f``, or ``f - log q(x)`` with ``base_tilt``."""
+        return f + self.base().energy(x).to(f.dtype) if self.base_tilt else f
 
     def _guard(self, *energies: Tensor) -> None:
         """The divergence guard: stop before a step whose energies exploded."""
@@ -212,21 +229,46 @@ class EBM(GenerativeModel):
 
         sampler = override.get("sampler", self.sampler)
         step_size = override.get("step_size", self.step_size)
+        energy, to_x = self.energy, None
+        if self.whiten_chains:
+            base, energy, to_x = self._whitened()
+            x = base._whiten(x).reshape(x.shape)
         if sampler == "decoupled":
-            return mcmc.decoupled_langevin(self.energy, x, step_size=self.decoupled_step_size,
-                                           noise_std=self.decoupled_noise_std, steps=steps,
-                                           grad_clip=self.chain_grad_clip, generator=generator)
-        return mcmc.langevin(self.energy, x, step_size=step_size, steps=steps, metropolis=sampler == "mala",
-                             grad_clip=self.chain_grad_clip, generator=generator)
+            out = mcmc.decoupled_langevin(energy, x, step_size=self.decoupled_step_size,
+                                          noise_std=self.decoupled_noise_std, steps=steps,
+                                          grad_clip=self.chain_grad_clip, generator=generator)
+        else:
+            out = mcmc.langevin(energy, x, step_size=step_size, steps=steps, metropolis=sampler == "mala",
+                                grad_clip=self.chain_grad_clip, generator=generator)
+        return out if to_x is None else out._replace(x=to_x(out.x))
+
+    def _whitened(self):
+        """``(base, E(x(z)), x(z))`` for chains in the base's whitened coordinates, ``x = mean + L z``
+        (a linear map: its constant Jacobian changes neither the samples nor the AIS path's shape,
+        and adds ``log det L`` to log Z)."""
+        base = self.base()
+
+        def to_x(z: Tensor) -> Tensor:
+            flat = z.flatten(1)
+            flat = flat * base.std if base.std is not None else flat @ base.scale_tril.T
+            return base.mean + flat.reshape(z.shape)
+
+        return base, (lambda z: self.energy(to_x(z))), to_x
 
     # -- training --------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """The objective's loss of a batch (scalar); ``generator`` fixes its noise (validation)."""
         x = batch["x"]
-        if not int(self.base_fitted):
-            self.fit_base(self.all_gather(x).reshape(-1, *x.shape[1:]) if self._trainer is not None else x)
         if generator is None:
             generator = self.training_generator()
+        if self.is_image:
+            # 8-bit images: the density is fitted to uniformly dequantized pixels, the data whose NLL
+            # bits_per_dim scores (a density on the 256 exact values alone would have no finite NLL)
+            from lightning_diffusion.diffusion import likelihood
+
+            x = likelihood.dequantize(x, generator)
+        if not int(self.base_fitted):
+            self.fit_base(self.all_gather(x).reshape(-1, *x.shape[1:]) if self._trainer is not None else x)
         if self.objective == "cd":
             return self._cd_loss(x, generator)
         if self.objective == "nce":
@@ -255,7 +297,8 @@ class EBM(GenerativeModel):
         if index is not None:
             self._replay["x"][index] = negatives
             self._replay["age"][index] += self.mcmc_steps
-        e_pos, e_neg = self.energy(x), self.energy(negatives)
+        f_pos, f_neg = self.net(x), self.net(negatives)  # the net's part: the base's adds no gradient
+        e_pos, e_neg = self._tilt(f_pos, x), self._tilt(f_neg, negatives)
         self._guard(e_pos, e_neg)
         if self.training:
             stats = {"energy_gap": e_pos.mean() - e_neg.mean(), "chain_grad_norm": chains.grad_norm,
@@ -263,7 +306,7 @@ class EBM(GenerativeModel):
             if index is not None:
                 stats["buffer_age"] = self._replay["age"].float().mean()
             self._log_stats(stats, x.shape[0])
-        return e_pos.mean() - e_neg.mean() + self.energy_l2 * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        return f_pos.mean() - f_neg.mean() + self.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
 
     def _nce_loss(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         base = self.base()
@@ -398,9 +441,13 @@ class EBM(GenerativeModel):
                                              device=self.device, dtype=self.base_mean.dtype)
                 result = (grid.log_z, 0.0, "quadrature")
             else:
-                out = mcmc.ais(self.energy, self.base(), self.ais_chains, step_size=self.ais_step_size or self.step_size,
+                energy, base, log_det = self.energy, self.base(), 0.0
+                if self.whiten_chains:  # AIS for z = L^-1 (x - mean) from N(0, I); log Z_x = log Z_z + log det L
+                    white, energy, _ = self._whitened()
+                    base, log_det = mcmc.GaussianBase(torch.zeros_like(self.base_mean), std=1.0), float(white._log_det_half)
+                out = mcmc.ais(energy, base, self.ais_chains, step_size=self.ais_step_size or self.step_size,
                                betas=self.ais_steps, generator=generator)
-                result = (out.log_z, out.stderr, "ais")
+                result = (out.log_z + log_det, out.stderr, "ais")
         self._log_z_cache = (key, result)
         return result
 
