@@ -58,7 +58,7 @@ def _in(module: str, *prefixes: str) -> bool:
 def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
     """(of ours only these may be imported (None: any but the forbidden), forbidden, Lightning allowed)."""
     ld = "lightning_diffusion"
-    if _in(module, f"{ld}.diffusion", f"{ld}.mcmc"):
+    if _in(module, f"{ld}.diffusion", f"{ld}.mcmc", f"{ld}.discrete"):
         own = f"{ld}.{module.split('.')[1]}"
         return (own, f"{ld}.errors"), (), False  # pure math: its own folder and the error classes
     if module == f"{ld}.data.streams":
@@ -68,9 +68,10 @@ def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
     if _in(module, f"{ld}.data"):
         return (f"{ld}.data", f"{ld}.errors"), (), True  # knows no model
     if _in(module, f"{ld}.callbacks"):  # the model contract and metrics/, never a family's internals
-        return None, (f"{ld}.diffusion", f"{ld}.mcmc", f"{ld}.models", f"{ld}.cli", f"{ld}.commands"), True
+        return None, (f"{ld}.diffusion", f"{ld}.discrete", f"{ld}.mcmc", f"{ld}.models", f"{ld}.cli", f"{ld}.commands"), True
     if module == f"{ld}.models.base":  # the thin base: no family's math, so an EBM can sit on it
-        return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands", f"{ld}.diffusion", f"{ld}.mcmc"), True
+        return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands", f"{ld}.diffusion", f"{ld}.discrete",
+                      f"{ld}.mcmc"), True
     if _in(module, f"{ld}.models"):  # a model trains without any callback
         return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands"), True
     if module in (f"{ld}.errors", f"{ld}.modes"):

@@ -1,0 +1,96 @@
+"""Samplers of discrete diffusion: ancestral (Gumbel-max on a respaced grid) and SUNDAE's parallel refinement.
+
+Both take ``denoiser(x_t, t) -> logits [B, *dims, K]`` (``t`` the time fraction [B] in [0, 1]) and a
+:class:`~.processes.CategoricalProcess`, and return :class:`SamplerOutput` ``(x, nfe)``: int64 data
+[B, *dims] in [0, K) and the number of denoiser calls. :func:`unroll` is SUNDAE's unrolled denoising
+for training.
+"""
+
+# No `from __future__ import annotations`: pdoc must resolve the fields of the NamedTuple SamplerOutput.
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_diffusion.discrete.processes import CategoricalProcess, sample_categorical
+from lightning_diffusion.errors import OptionError
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+class SamplerOutput(NamedTuple):
+    """What every discrete sampler returns."""
+
+    x: Tensor  # int64 samples of the requested shape, values in [0, K)
+    nfe: int  # number of denoiser calls (network function evaluations)
+
+
+def time_grid(process: CategoricalProcess, steps: int) -> list:
+    """``steps + 1`` times from the prior down to 0: integers rounded from ``linspace(T, 0, steps + 1)``
+    (distinct for steps <= T: timestep respacing), or floats ``linspace(1, 0, steps + 1)`` in continuous time."""
+    if not isinstance(steps, int) or steps < 1 or (not process.continuous and steps > process.timesteps):
+        limit = "" if process.continuous else f" and at most timesteps={process.timesteps}"
+        raise OptionError("steps", steps, f"must be a positive integer{limit}")
+    if process.continuous:
+        return torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    return torch.linspace(process.timesteps, 0, steps + 1, dtype=torch.float64).round().long().tolist()
+
+
+def _time(process: CategoricalProcess, t: float, batch: int, device: torch.device | str | None) -> Tensor:
+    """The time fraction of ``t`` as the denoiser's [B] float tensor."""
+    return process.fraction(torch.full((batch,), t, dtype=torch.float64)).to(device, torch.get_default_dtype())
+
+
+def ancestral(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int, ...], *, steps: int | None = None,
+              generator: torch.Generator | None = None, device: torch.device | str | None = None,
+              temperature: float = 1.0) -> SamplerOutput:
+    """Ancestral sampling ``x_s ~ p(x_s | x_t)`` (D3PM eq. 4, :meth:`~.processes.CategoricalProcess.log_posterior`)
+    from the prior down :func:`time_grid` (``steps`` defaults to T, or 1000 in continuous time), by Gumbel-max.
+
+    The x0 logits are divided by ``temperature`` (1: the model's distribution). The last step (s = 0) draws
+    x0 itself. NFE = steps.
+    """
+    if temperature <= 0:
+        raise OptionError("temperature", temperature, "must be positive")
+    grid = time_grid(process, steps if steps is not None else process.timesteps or 1000)
+    x = process.sample_prior(shape, generator, device)
+    for t, s in zip(grid[:-1], grid[1:]):
+        logits = denoiser(x, _time(process, t, shape[0], x.device)) / temperature
+        x = sample_categorical(process.log_posterior(x, t, s, logits), generator)
+    return SamplerOutput(x, len(grid) - 1)
+
+
+def sundae(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int, ...], *, steps: int = 10,
+           temperature: float = 0.8, update_fraction: float = 0.5, generator: torch.Generator | None = None,
+           device: torch.device | str | None = None) -> SamplerOutput:
+    """SUNDAE's few-step parallel refinement (Savinov et al. 2022, sec. 3.2): from the prior, each step draws
+    every position from ``softmax(logits / temperature)`` and accepts a random ``update_fraction`` of them;
+    at the last step every position still in the mask state is accepted too, so the output is data.
+
+    The denoiser sees the time fraction going down ``1, (steps-1)/steps, ..., 1/steps``. NFE = steps.
+    """
+    if temperature <= 0 or not 0 < update_fraction <= 1 or not isinstance(steps, int) or steps < 1:
+        raise OptionError("sundae", dict(steps=steps, temperature=temperature, update_fraction=update_fraction),
+                          "needs steps >= 1, temperature > 0 and update_fraction in (0, 1]")
+    x = process.sample_prior(shape, generator, device)
+    for k in range(steps):
+        logits = denoiser(x, _time(process, (steps - k) / steps, shape[0], x.device))
+        proposal = sample_categorical(torch.log_softmax(logits.float() / temperature, dim=-1), generator)
+        accept = torch.rand(x.shape, generator=generator, device=x.device) < update_fraction
+        if k == steps - 1:
+            accept |= x >= process.num_categories
+        x = torch.where(accept, proposal, x)
+    return SamplerOutput(x, steps)
+
+
+def unroll(denoiser: Denoiser, x_t: Tensor, t: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
+    """SUNDAE's unrolled denoising (Savinov et al. 2022, sec. 3.1) for training: ``steps - 1`` times replace
+    x_t by a draw from the model's own x0 logits (no gradient), then return the logits [B, *dims, K] of the
+    last call, the one the loss (cross-entropy to x0) trains. ``t`` is the time fraction [B]; steps = 1 is
+    the plain denoiser call."""
+    if not isinstance(steps, int) or steps < 1:
+        raise OptionError("unroll steps", steps, "must be a positive integer")
+    with torch.no_grad():
+        for _ in range(steps - 1):
+            x_t = sample_categorical(torch.log_softmax(denoiser(x_t, t).float(), dim=-1), generator)
+    return denoiser(x_t, t)
