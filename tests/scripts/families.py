@@ -22,9 +22,9 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_diffusion import (DDPM, EBM, EMA, MLP, VAE, ConvVAENet, EnergyMLP, HierarchicalVAE, LadderVAENet,
-                                 LastCheckpoint, Likelihood, SampleQuality, ScoreSDE, ShardDataModule, UNet,
-                                 evaluation_weights)
+from lightning_diffusion import (DDPM, EBM, EMA, MLP, VAE, CategoricalUNet, ConvVAENet, DiscreteDiffusion, EnergyMLP,
+                                 HierarchicalVAE, LadderVAENet, LastCheckpoint, Likelihood, SampleQuality, ScoreSDE,
+                                 ShardDataModule, UNet, evaluation_weights)
 
 
 def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
@@ -64,6 +64,21 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
         model.fit_base(torch.from_numpy(toy2d_points("gaussians8", 256, np.random.default_rng(1))[0]))
         return model, points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
                                "sample_options": {"steps": 3}}, {}
+    if family == "discrete":  # absorbing D3PM in discrete time on the digits' 8-bit categories (K = 256)
+        # T = 20 with the hybrid loss, not continuous time: it runs the discrete-time code (the
+        # importance-sampling buffers, the exact bound over every t in chunks of bpd_chunk = 8 steps per
+        # net call, so 8 + 8 + 4, and the respaced ancestral grid); the configs' DDP test covers the
+        # continuous-time masked ELBO (discrete_absorbing_digits, discrete_words)
+        categories = ShardDataModule("digits", categorical=True, batch_size=16, num_workers=0, batches_per_epoch=2,
+                                     shuffle_buffer=64)
+        net = CategoricalUNet(num_categories=256, in_channels=1, image_size=8, num_classes=10, embed_dim=8,
+                              model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                              dropout=0.1, head_channels=16)
+        model = DiscreteDiffusion(net=net, num_categories=256, data_shape=(1, 8, 8), num_classes=10,
+                                  class_conditional=True, label_dropout=0.2, corruption="absorbing", timesteps=20,
+                                  loss="hybrid", importance_sampling=True, bpd_chunk=8, sample_steps=4,
+                                  warmup_steps=2, lr=1e-3)
+        return model, categories, {**image_quality, "sample_options": {"steps": 4}}, {}
     raise ValueError(family)
 
 
@@ -88,9 +103,9 @@ def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
 
 STEP_SEED = 1234
 # the families whose FSDP2 resume is checked (restoring is family-independent; the suite's time budget
-# takes three: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, and the EBM with
-# its per-rank replay buffers)
-RESUMED = ("ddpm", "hvae", "ebm")
+# takes four: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, the EBM with
+# its per-rank replay buffers, and the discrete diffusion with its importance-sampling buffers)
+RESUMED = ("ddpm", "hvae", "ebm", "discrete")
 
 
 class FixedBatch(L.LightningDataModule):
@@ -129,10 +144,17 @@ def fixed_halves(family: str) -> list[dict]:
         batch = {"x": torch.from_numpy(x), "y": torch.from_numpy(y).long()}
     else:
         pool = digits(8).pools["all"]
-        images = np.stack([pool[i][0] for i in range(16)])  # uint8 [16, 8, 8, 1]
-        batch = {"x": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                 "y": torch.tensor([pool[i][1] for i in range(16)])}
+        images = torch.from_numpy(np.stack([pool[i][0] for i in range(16)])).permute(0, 3, 1, 2)  # uint8 [16,1,8,8]
+        # categorical data (discrete diffusion): the 8-bit values themselves, int64 in [0, 256)
+        x = images.long() if family == "discrete" else images.float() / 127.5 - 1
+        batch = {"x": x, "y": torch.tensor([pool[i][1] for i in range(16)])}
     return [{k: v[h * 8:(h + 1) * 8] for k, v in batch.items()} for h in (0, 1)]
+
+
+def sampler_history(model) -> dict | None:
+    """This rank's importance-sampling history of a discrete diffusion (buffers: count, loss_squared)."""
+    sampler = getattr(model, "timestep_sampler", None)
+    return None if sampler is None else {k: v.detach().clone() for k, v in sampler.state_dict().items()}
 
 
 def ddp_step(family: str, out: str) -> None:
@@ -151,7 +173,8 @@ def ddp_step(family: str, out: str) -> None:
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=[grads, ema])
     trainer.fit(model, datamodule=FixedBatch(halves))
-    result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum, "ema": {n: full(s) for n, s in ema.shadow.items()}}
+    result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum,
+              "ema": {n: full(s) for n, s in ema.shadow.items()}, "history": sampler_history(model)}
     if trainer.global_rank == 0:  # the single-process reference, on a fresh copy of the initial model
         torch.manual_seed(0)
         reference, _, _, _ = build(family)
@@ -163,6 +186,9 @@ def ddp_step(family: str, out: str) -> None:
             if family == "ebm":  # each rank starts its own replay buffer, with its own generator
                 reference._replay = None
                 reference._chain_rng = torch.Generator().manual_seed(reference.chain_seed(rank))
+            if family == "discrete":  # each rank draws t from the history it started with (gathered after)
+                reference.timestep_sampler.load_state_dict({k[len("timestep_sampler."):]: v for k, v in init.items()
+                                                            if k.startswith("timestep_sampler.")})
             losses.append(reference.training_step(half, 0))
         (sum(losses) / len(losses)).backward()
         result["reference_losses"] = [float(l) for l in losses]
@@ -175,6 +201,7 @@ def ddp_step(family: str, out: str) -> None:
 def fsdp2_runs(family: str, out: str) -> None:
     model, ema, trainer, quality, likelihood = fit(family, f"{out}/{family}-straight", 4)
     straight_replay = getattr(model, "_replay", None)
+    straight_history = sampler_history(model)
     name, largest = max(model.named_parameters(), key=lambda item: item[1].numel())
     result = {"param_type": type(largest).__name__, "shadow_type": type(ema.shadow[name]).__name__,
               "local_shape": tuple(largest.to_local().shape if hasattr(largest, "to_local") else largest.shape),
@@ -187,7 +214,8 @@ def fsdp2_runs(family: str, out: str) -> None:
         result["evaluated"] = (used, {n: full(p) for n, p in model.named_parameters()})
     result["after_evaluation"] = {n: full(p) for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(1)
-    options = {"ddpm": {"sampler": "ddim", "steps": 3}, "score_sde": {"sampler": "euler_maruyama", "steps": 4}}
+    options = {"ddpm": {"sampler": "ddim", "steps": 3}, "score_sde": {"sampler": "euler_maruyama", "steps": 4},
+               "discrete": {"steps": 4}}
     y = torch.arange(6) % 10 if getattr(model, "class_conditional", False) else None
     result["samples"] = model.sample(6, y=y, generator=g, **options.get(family, {})).detach()
     if family == "score_sde":  # adaptive solvers are refused on a sharded model (they would hang)
@@ -207,6 +235,8 @@ def fsdp2_runs(family: str, out: str) -> None:
         if family == "ebm":
             result["replay"] = {k: v.clone() for k, v in straight_replay.items()}
             result["resumed_replay"] = {k: v.clone() for k, v in model._replay.items()}
+        if family == "discrete":
+            result["history"], result["resumed_history"] = straight_history, sampler_history(model)
     torch.save(result, f"{out}/{family}-rank{trainer.global_rank}.pt")
 
 
