@@ -1,11 +1,13 @@
-"""lightning_diffusion: VAEs, hierarchical VAEs, DDPMs and score SDEs for PyTorch Lightning.
+"""lightning_diffusion: VAEs, hierarchical VAEs, DDPMs, score SDEs, energy-based models and discrete
+diffusion for PyTorch Lightning.
 
 The public API is exactly the names in ``__all__``, importable from the top level::
 
     from lightning_diffusion import DDPM, ScoreSDE, VPSDE, EMA, SampleQuality, ShardDataModule
 
 - Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE`, the energy-based
-  `EBM` and their base `GenerativeModel`.
+  `EBM`, `DiscreteDiffusion` (categorical data: uniform or absorbing corruption) and their base
+  `GenerativeModel`.
 - Processes and schedules (pure math, no Lightning): the SDEs `VPSDE`, `SubVPSDE`, `VESDE`, their
   base `GaussianProcess`, `DiscreteVP` (a DDPM schedule as a process), `NoiseSchedule` and
   `make_betas`; `GaussianMixture` (exact scores and densities at every noise level, for tests).
@@ -29,7 +31,9 @@ The public API is exactly the names in ``__all__``, importable from the top leve
   leaves the process group together; the ``lightning-diffusion`` command calls it).
 - Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
   `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`; energy nets
-  (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`.
+  (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`; categorical
+  nets (``net(x_t, t, y=None) -> logits [B, *x_t.shape[1:], K]``) `CategoricalUNet` and
+  `SequenceTransformer`.
 
 Everything else, including every name that is reachable only through a submodule
 (``lightning_diffusion.models.ddpm...``), is private by convention: it may change in any release
@@ -46,6 +50,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # models
     "DDPM": "lightning_diffusion.models",
+    "DiscreteDiffusion": "lightning_diffusion.models",
     "EBM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
     "HierarchicalVAE": "lightning_diffusion.models",
@@ -96,6 +101,7 @@ _PUBLIC = {
     "NamesEstimator": "lightning_diffusion.callbacks.protocol",
     "Reconstructs": "lightning_diffusion.callbacks.protocol",
     # networks
+    "CategoricalUNet": "lightning_diffusion.nets",
     "ConvVAENet": "lightning_diffusion.nets",
     "EnergyConvNet": "lightning_diffusion.nets",
     "EnergyMLP": "lightning_diffusion.nets",
@@ -103,6 +109,7 @@ _PUBLIC = {
     "MLP": "lightning_diffusion.nets",
     "MLPVAENet": "lightning_diffusion.nets",
     "ScalarEnergy": "lightning_diffusion.nets",
+    "SequenceTransformer": "lightning_diffusion.nets",
     "UNet": "lightning_diffusion.nets",
 }
 

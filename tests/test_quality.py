@@ -66,6 +66,18 @@ def test_digits_extractor_is_a_good_classifier_and_deterministic(digits_data):
     torch.testing.assert_close(ext(up)[0], f1, rtol=1e-5, atol=1e-5)
 
 
+def test_training_the_digits_classifier_leaves_the_global_rng_alone(tmp_path):
+    """A fit on a fresh $LD_DATA trains the classifier at setup; one on a warm cache loads it. Both must
+    draw the same training noise afterwards, so the training restores the caller's RNG state."""
+    from lightning_diffusion.metrics.features import train_digits_classifier
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_digits_classifier(tmp_path / "cnn.pt", epochs=1)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
 def test_fid_real_vs_real_is_zero_and_noise_is_large(digits_data):
     train = digits_split("train")
     cb = SampleQuality(num_samples=train.shape[0], extractor="digits", batch_size=500, cache_stats=False)

@@ -25,6 +25,7 @@ from lightning_diffusion.callbacks.common import (batch_data, check_model_option
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import estimator_name
 from lightning_diffusion.data.datamodule import rank_world
+from lightning_diffusion.data.streams import images_from_categories
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
 
@@ -223,8 +224,11 @@ class SampleQuality(_Periodic):
         stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         logits_bank = quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         seen = 0
+        categories = getattr(find_datamodule(trainer, datamodule), "num_categories", None)
         for batch in eval_batches(trainer, self.real_split, datamodule, option="real_split"):
             x = batch_data(batch)
+            if categories and not x.is_floating_point() and x.dim() == 4:
+                x = images_from_categories(x, categories)  # categorical images: scored as the samples are
             if limit is not None:
                 x = x[: max(0, limit - seen)]
             if x.shape[0] == 0:
@@ -360,7 +364,8 @@ class Likelihood(_Periodic):
                 if batches:
                     x = batch_data(batches[i] if real else batches[-1]).to(pl_module.device)
                 elif getattr(pl_module, "data_shape", None) is not None:  # no batch here: a stand-in call, so that
-                    x = torch.zeros(1, *pl_module.data_shape, device=pl_module.device)  # a sharded net runs on all ranks
+                    dtype = torch.long if getattr(pl_module, "num_categories", None) else None  # categorical data
+                    x = torch.zeros(1, *pl_module.data_shape, device=pl_module.device, dtype=dtype)  # all ranks run
                 else:
                     continue
                 options = dict(self.bpd_options)

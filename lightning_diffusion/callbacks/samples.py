@@ -20,7 +20,9 @@ from lightning_diffusion.callbacks.protocol import HasDensity
 class SampleGrid(L.Callback):
     """Draws samples with ``pl_module.sample`` and saves them in ``<run dir>/samples/``.
 
-    Images become a PNG grid; 2-D points a scatter plot over validation data. Every rank samples
+    Images become a PNG grid; 2-D points a scatter plot over validation data; sequences of
+    categories (int64 ``[N, L]``, text) a ``.txt`` file, one sample a line, decoded with the data's
+    alphabet, and the first few printed. Every rank samples
     (a sharded model needs all ranks in its forward) from the same seed; rank zero writes the file
     and logs it to loggers that have ``log_image`` (W&B). Uses only the model contract.
 
@@ -86,6 +88,8 @@ class SampleGrid(L.Callback):
             if x.ndim == 2 and x.shape[-1] == 2 and isinstance(pl_module, HasDensity):  # every rank: a sharded net
                 bounds = _bounds(x)
                 density = pl_module.density_grid(bounds).log_density
+        if not x.dtype.is_floating_point and x.ndim == 2:  # sequences of categories: text
+            return self._save_text(trainer, x, name)
         path = run_dir(trainer) / "samples" / f"{name}.png"
         if trainer.is_global_zero:
             if x.ndim == 4:
@@ -95,6 +99,21 @@ class SampleGrid(L.Callback):
             for logger in trainer.loggers:
                 if hasattr(logger, "log_image"):
                     logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+        self.last_path = path
+        return path
+
+    def _save_text(self, trainer: L.Trainer, x: Tensor, name: str) -> Path:
+        """Sequences [N, L] of categories as text, one a line, in ``samples/<name>.txt``, decoded with
+        the data's alphabet (``datamodule.alphabet``; the categories' numbers without one)."""
+        from lightning_diffusion.data.sources import decode_text
+
+        alphabet = getattr(trainer.datamodule, "alphabet", None) if trainer.datamodule is not None else None
+        lines = decode_text(x, alphabet) if alphabet else [" ".join(map(str, row)) for row in x.tolist()]
+        path = run_dir(trainer) / "samples" / f"{name}.txt"
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+            rank_zero_info(f"Samples ({name}): " + ", ".join(lines[:12]))
         self.last_path = path
         return path
 

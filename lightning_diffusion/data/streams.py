@@ -33,6 +33,14 @@ class ShardError(RuntimeError):
     """A shard that cannot be read or holds a bad sample; the message names the shard and key."""
 
 
+def images_from_categories(x: torch.Tensor, num_categories: int) -> torch.Tensor:
+    """Image categories (int64, any shape) as the batch contract's floats in [-1, 1]:
+    ``k * 2 / (K - 1) - 1``, the 8-bit ``k / 127.5 - 1`` at K = 256 and -1 / 1 for binarized images,
+    which is what the same shards give read as floats. One definition for the discrete family's
+    samples and the callbacks' real data."""
+    return x.float() * (2.0 / (num_categories - 1)) - 1.0
+
+
 @dataclass(frozen=True)
 class Categories:
     """How a categorical stream decodes ``x``: to int64 categories in ``[0, num_categories)``.

@@ -207,6 +207,7 @@ def train_digits_classifier(out: str | Path | None = None, epochs: int = 25, see
 
     Deterministic: fixed seed, one thread, the split read in shard order, a fixed permutation per
     epoch (Adam, lr 1e-3, batch 64, ``epochs`` epochs; ~10 s on a CPU; validation accuracy ~0.97).
+    The caller's global RNG state is restored afterwards.
     """
     from lightning_diffusion.data.datamodule import ShardDataModule
 
@@ -221,8 +222,10 @@ def train_digits_classifier(out: str | Path | None = None, epochs: int = 25, see
     (x, y), (xv, yv) = load("train"), load("val")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # the run's global RNG is left as it was: a fit that trains the classifier (a fresh $LD_DATA) and one
+    # that loads it must draw the same numbers after setup, or a first run would differ from its repeat
     try:  # may run inside a validation loop: training needs autograd back
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
             net = DigitsCNN()

@@ -2,11 +2,13 @@
 
 ``GenerativeModel`` (base) <- ``GaussianDiffusionModel`` (gaussian_diffusion) <- ``DDPM``, ``ScoreSDE``;
 ``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``;
-``GenerativeModel`` <- ``EBM`` (ebm).
+``GenerativeModel`` <- ``EBM`` (ebm);
+``GenerativeModel`` <- ``DiscreteDiffusion`` (discrete_diffusion).
 """
 
 from lightning_diffusion.models.base import GenerativeModel
 from lightning_diffusion.models.ddpm import DDPM
+from lightning_diffusion.models.discrete_diffusion import DiscreteDiffusion
 from lightning_diffusion.models.ebm import EBM
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
 from lightning_diffusion.models.hvae import HierarchicalVAE
@@ -14,5 +16,5 @@ from lightning_diffusion.models.latent_variable import LatentVariableModel
 from lightning_diffusion.models.score_sde import ScoreSDE
 from lightning_diffusion.models.vae import VAE
 
-__all__ = ["DDPM", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
+__all__ = ["DDPM", "DiscreteDiffusion", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
            "VAE"]
