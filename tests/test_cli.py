@@ -94,7 +94,8 @@ def test_every_config_parses(capsys):
         config = yaml.safe_load(capsys.readouterr().out)
         model = config["model"]["class_path"]
         assert model in ("lightning_diffusion.DDPM", "lightning_diffusion.ScoreSDE", "lightning_diffusion.VAE",
-                         "lightning_diffusion.HierarchicalVAE", "lightning_diffusion.EBM"), path.name
+                         "lightning_diffusion.HierarchicalVAE", "lightning_diffusion.EBM",
+                         "lightning_diffusion.DiscreteDiffusion"), path.name
         if "cifar10" in path.name and model != "lightning_diffusion.HierarchicalVAE":  # Ho et al.'s UNet: our defaults
             assert config["model"]["init_args"]["net"]["init_args"]["model_channels"] == 128
         if path.name == "hvae_cifar10.yaml":  # VDVAE's depth
