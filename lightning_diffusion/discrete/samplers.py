@@ -68,15 +68,27 @@ def sundae(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int, ..
     at the last step every position still in the mask state is accepted too, so the output is data.
 
     The denoiser sees the time fraction going down ``1, (steps-1)/steps, ..., 1/steps``. NFE = steps.
+    For an absorbing process only masked positions are filled (random-order parallel decoding) and
+    the denoiser sees the share of each sample still masked as its time (the time at which the linear
+    schedule, the absorbing default, masks that share; an approximation for others): an absorbing model is trained
+    on masked positions only, so its logits at an unmasked one carry no signal (redrawing them made
+    the digits' FID worse with every step: 37, 56, 78 at 4, 8, 16 steps).
     """
     if temperature <= 0 or not 0 < update_fraction <= 1 or not isinstance(steps, int) or steps < 1:
         raise OptionError("sundae", dict(steps=steps, temperature=temperature, update_fraction=update_fraction),
                           "needs steps >= 1, temperature > 0 and update_fraction in (0, 1]")
     x = process.sample_prior(shape, generator, device)
+    mask = process.mask_index
     for k in range(steps):
-        logits = denoiser(x, _time(process, (steps - k) / steps, shape[0], x.device))
+        if mask is None:
+            t = _time(process, (steps - k) / steps, shape[0], x.device)
+        else:  # the share still masked: the time at which q(x_t | x0) masks that much
+            t = (x == mask).flatten(1).float().mean(1).clamp_min(1 / x[0].numel()).to(torch.get_default_dtype())
+        logits = denoiser(x, t)
         proposal = sample_categorical(torch.log_softmax(logits.float() / temperature, dim=-1), generator)
         accept = torch.rand(x.shape, generator=generator, device=x.device) < update_fraction
+        if mask is not None:
+            accept &= x == mask
         if k == steps - 1:
             accept |= x >= process.num_categories
         x = torch.where(accept, proposal, x)
