@@ -137,6 +137,21 @@ def test_images_sample_as_floats_in_the_contract_and_score_as_categories():
     assert cats.dtype == torch.int64 and model.last_sample_nfe == 5
 
 
+def test_sundae_unrolled_training_adds_the_cross_entropy_of_the_model_s_own_samples():
+    """unroll_steps = 2 (SUNDAE): the loss is the same bound estimate plus the x0 cross-entropy after one
+    feed-back of the model's own sample; at the zero-initialised net that term is log2(K) bits per
+    dimension exactly (uniform logits), so the two losses differ by unroll_weight x log2(K)."""
+    torch.manual_seed(0)
+    net = SequenceTransformer(num_categories=5, max_length=6, dim=16, depth=1, heads=2, dropout=0.0)
+    x = torch.randint(0, 5, (32, 6))
+    losses = {}
+    for unroll in (1, 2):
+        model = DiscreteDiffusion(net, num_categories=5, data_shape=(6,), timesteps=10, loss="vlb",
+                                  unroll_steps=unroll, unroll_weight=0.5)
+        losses[unroll] = float(model.loss({"x": x}, generator=torch.Generator().manual_seed(1)))
+    assert abs(losses[2] - losses[1] - 0.5 * math.log2(5)) < 1e-4, losses
+
+
 def test_bad_input_and_options_are_refused_naming_them():
     net = SequenceTransformer(num_categories=5, max_length=6, dim=16, depth=1, heads=2)
     model = DiscreteDiffusion(net, num_categories=5, data_shape=(6,), timesteps=10)
