@@ -41,6 +41,12 @@ def images_from_categories(x: torch.Tensor, num_categories: int) -> torch.Tensor
     return x.float() * (2.0 / (num_categories - 1)) - 1.0
 
 
+def categories_from_images(x: torch.Tensor, num_categories: int) -> torch.Tensor:
+    """The inverse of :func:`images_from_categories`: floats in [-1, 1] as int64 categories,
+    rounded to the nearest of the K levels."""
+    return torch.round((x + 1) * ((num_categories - 1) / 2.0)).long()
+
+
 @dataclass(frozen=True)
 class Categories:
     """How a categorical stream decodes ``x``: to int64 categories in ``[0, num_categories)``.

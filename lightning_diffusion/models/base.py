@@ -142,6 +142,31 @@ class GenerativeModel(L.LightningModule):
         """Negative log-likelihood (or its bound) of each sample of ``x``, in bits per dimension."""
         raise NotImplementedError
 
+    def set_conditioning(self, class_conditional: bool, label_dropout: float) -> None:
+        """Check and set ``class_conditional`` (feed the batch's labels to the net: needs
+        ``num_classes``) and ``label_dropout`` (a probability), the attributes that
+        :meth:`training_labels` and :meth:`check_guidance` read; every class-conditional family's
+        ``__init__`` calls it."""
+        name = type(self).__name__
+        if class_conditional and self.num_classes is None:
+            raise ValueError(f"{name}: class_conditional=True needs num_classes (labelled data)")
+        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
+                or not 0 <= label_dropout <= 1:
+            raise ValueError(f"{name}: label_dropout={label_dropout!r} must be a probability in [0, 1] "
+                             "(Ho & Salimans use 0.1 or 0.2)")
+        self.class_conditional, self.label_dropout = class_conditional, label_dropout
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless ``guidance_scale`` is a number,
+        and 1 (no guidance) for a model that is not ``class_conditional``."""
+        from lightning_diffusion.errors import OptionError
+
+        check_number("guidance_scale", guidance_scale)
+        if guidance_scale != 1.0 and not getattr(self, "class_conditional", False):
+            raise OptionError("guidance_scale", guidance_scale,
+                              f"classifier-free guidance needs a class_conditional {type(self).__name__}",
+                              "use guidance_scale 1.0, or train with class_conditional: true")
+
     def training_labels(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor | None:
         """The labels a class-conditional family feeds its net: None unless ``class_conditional``;
         in training each label becomes the null label -1 with probability ``label_dropout``

@@ -127,10 +127,6 @@ class DiscreteDiffusion(GenerativeModel):
                              "continuous-time loss (timesteps: 0), vlb and hybrid the discrete-time ones")
         if importance_sampling and continuous:
             raise ValueError("DiscreteDiffusion: importance_sampling is over discrete steps (timesteps > 0)")
-        if class_conditional and self.num_classes is None:
-            raise ValueError("DiscreteDiffusion: class_conditional=True needs num_classes (labelled data)")
-        if not 0 <= label_dropout <= 1:
-            raise ValueError(f"DiscreteDiffusion: label_dropout={label_dropout} must be a probability in [0, 1]")
         schedule = schedule or ("cosine" if corruption == "uniform" else "linear")
         kind = UniformDiffusion if corruption == "uniform" else AbsorbingDiffusion
         self.process: CategoricalProcess = kind(num_categories, timesteps or None, schedule)
@@ -138,7 +134,7 @@ class DiscreteDiffusion(GenerativeModel):
         self.num_categories, self.corruption, self.timesteps, self.schedule = num_categories, corruption, timesteps, schedule
         self.loss_name, self.hybrid_lambda = loss, hybrid_lambda
         self.unroll_steps, self.unroll_weight = unroll_steps, unroll_weight
-        self.class_conditional, self.label_dropout = class_conditional, label_dropout
+        self.set_conditioning(class_conditional, label_dropout)
         self.sampler, self.sample_steps, self.temperature = sampler, sample_steps, temperature
         self.sundae_update_fraction, self.elbo_samples, self.bpd_chunk = sundae_update_fraction, elbo_samples, bpd_chunk
         #: importance sampling of t (its history is in the state dict, so in checkpoints)
@@ -175,15 +171,17 @@ class DiscreteDiffusion(GenerativeModel):
         if x.dtype.is_floating_point or x.dtype == torch.bool:
             raise TypeError(f"DiscreteDiffusion: {where} has dtype {x.dtype}; the model needs int64 categories "
                             "(data.init_args.categorical: true)")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_categories):
-            raise ValueError(f"DiscreteDiffusion: {where} holds categories in [{int(x.min())}, {int(x.max())}], "
-                             f"outside [0, {self.num_categories})")
+        if x.numel():
+            lo, hi = (int(v) for v in torch.aminmax(x))  # one pass, one sync per batch
+            if lo < 0 or hi >= self.num_categories:
+                raise ValueError(f"DiscreteDiffusion: {where} holds categories in [{lo}, {hi}], "
+                                 f"outside [0, {self.num_categories})")
         return x.long()
 
     def logits(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The net's x0 logits [B, *data_shape, K] (float32) at x_t and time fraction ``t`` [B]."""
-        out = self.net(x_t, t.to(torch.get_default_dtype()), y) if y is not None else self.net(x_t, t.to(torch.get_default_dtype()))
-        return out.float()
+        t = t.to(torch.get_default_dtype())
+        return (self.net(x_t, t) if y is None else self.net(x_t, t, y)).float()
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
@@ -192,13 +190,14 @@ class DiscreteDiffusion(GenerativeModel):
         y = self.training_labels(batch, generator)
         denoiser = lambda x_t, t: self.logits(x_t, t, y)  # noqa: E731
         b, scale = x0.shape[0], 1 / (self.dims * math.log(2))
+        importance = self.timestep_sampler is not None and self.training
         if self.loss_name == "masked_elbo":
             t = 1 - torch.rand(b, generator=generator, device=x0.device, dtype=torch.float64)  # in (0, 1]
             frac = t
             terms = bound.masked_elbo(self.process, denoiser, x0, t=t, generator=generator)
             self._log_terms({"elbo": terms.mean() * scale}, b)
         else:
-            if self.timestep_sampler is not None and self.training:
+            if importance:
                 t, p = self.timestep_sampler.sample(b, generator)
                 t, weight = t.to(x0.device), (1 / p).to(x0.device, torch.float32)
             else:
@@ -208,7 +207,7 @@ class DiscreteDiffusion(GenerativeModel):
             x_t = self.process.sample_xt(x0, t, generator)
             logits = denoiser(x_t, frac)
             l_t = bound.kl_term(self.process, x0, x_t, t, logits)
-            if self.timestep_sampler is not None and self.training:
+            if importance:
                 # every rank records every rank's terms: the histories (and the t they draw) stay equal
                 seen = (t, l_t.detach()) if self._trainer is None else (self.all_gather(t).flatten(),
                                                                         self.all_gather(l_t.detach()).flatten())
@@ -248,10 +247,7 @@ class DiscreteDiffusion(GenerativeModel):
         if steps is not None and limit is not None and steps > limit:
             raise OptionError("steps", steps, f"must be at most timesteps={limit} for ancestral sampling")
         check_number("temperature", temperature, least=0, above=True, optional=True)
-        check_number("guidance_scale", guidance_scale)
-        if guidance_scale != 1.0 and not self.class_conditional:
-            raise OptionError("guidance_scale", guidance_scale, "classifier-free guidance needs a class_conditional "
-                              "DiscreteDiffusion", "use guidance_scale 1.0, or train with class_conditional: true")
+        self.check_guidance(guidance_scale)
         if update_fraction is not None and not 0 < update_fraction <= 1:
             raise OptionError("update_fraction", update_fraction, "must be in (0, 1]")
 
@@ -317,9 +313,10 @@ class DiscreteDiffusion(GenerativeModel):
     def data_categories(self, x: Tensor) -> Tensor:
         """Data given to :meth:`bits_per_dim`: int64 categories, or images as floats in [-1, 1]
         (the inverse of :meth:`to_data`, e.g. samples), as categories."""
+        from lightning_diffusion.data.streams import categories_from_images
+
         if x.dtype.is_floating_point and len(self.require_data_shape()) == 3:
-            x = torch.round((x + 1) * (self.num_categories - 1) / 2)
-            return self.categories(x.long(), "x")
+            x = categories_from_images(x, self.num_categories)
         return self.categories(x, "x")
 
     @full_precision

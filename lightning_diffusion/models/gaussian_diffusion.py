@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_diffusion.diffusion import samplers
-from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import GenerativeModel, check_number
+from lightning_diffusion.models.base import GenerativeModel
 from lightning_diffusion.modes import evaluating
 
 #: the net a diffusion family uses for each kind of data: (name, class_path)
@@ -45,14 +44,7 @@ class GaussianDiffusionModel(GenerativeModel):
             **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
         """
         super().__init__(**kwargs)
-        name = type(self).__name__
-        if class_conditional and self.num_classes is None:
-            raise ValueError(f"{name}: class_conditional=True needs num_classes (labelled data)")
-        if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) \
-                or not 0 <= label_dropout <= 1:
-            raise ValueError(f"{name}: label_dropout={label_dropout!r} must be a probability in [0, 1] "
-                             "(Ho & Salimans use 0.1 or 0.2)")
-        self.class_conditional, self.label_dropout = class_conditional, label_dropout
+        self.set_conditioning(class_conditional, label_dropout)
         self.last_sample_nfe: int | None = None
         self._trajectory_frames: list[Tensor] | None = None
 
@@ -90,11 +82,7 @@ class GaussianDiffusionModel(GenerativeModel):
         """The families' :meth:`check_sample_options`: guidance needs a class-conditional model; the
         sampler, its options and ``steps`` are checked against ``process``
         (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
-        check_number("guidance_scale", guidance_scale)
-        if guidance_scale != 1.0 and not self.class_conditional:
-            raise OptionError("guidance_scale", guidance_scale,
-                              f"classifier-free guidance needs a class_conditional {type(self).__name__}",
-                              "use guidance_scale 1.0, or train with class_conditional: true")
+        self.check_guidance(guidance_scale)
         own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator")}
         samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip"), **own)
 
