@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import lightning as L
@@ -47,7 +45,8 @@ def write_config(path: Path, **trainer) -> Path:
 
 def fit(config: Path, run: Path, *extra: str) -> subprocess.Popen:
     """A CLI fit in a subprocess (for the run that is SIGKILLed)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests" / "scripts"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # kill_switch
     return subprocess.Popen([sys.executable, "-m", "lightning_diffusion", *fit_args(config, run, *extra)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -76,20 +75,6 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, last: Path, min_step: int, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` as soon as ``last`` holds a checkpoint of at least ``min_step`` steps."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if last.exists() and torch.load(last, weights_only=False)["global_step"] >= min_step:
-                break
-        except Exception:  # noqa: BLE001 - os.replace makes the file appear whole; a race on a stale handle is retried
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-
-
 def final_state(run: Path) -> dict:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
@@ -110,14 +95,14 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_resume_and_sigkill_resume_are_bitwise_exact(tmp_path, caplog):
-    # killed: a subprocess, SIGKILLed (by a watcher thread) as soon as a checkpoint past step 9 exists
-    # (mid-epoch: epoch 2 after 1 of its 4 batches, an odd offset over 2 workers, or later);
-    # it runs while the in-process runs below do
+    # killed: a subprocess that SIGKILLs itself right after the checkpoint of step 9 (mid-epoch: epoch 2
+    # after 1 of its 4 batches, an odd offset over 2 workers; tests/scripts/kill_switch.py); it runs
+    # while the in-process runs below do
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    proc = fit(write_config(tmp_path / "c14k.yaml", max_steps=200), killed)
-    watcher = threading.Thread(target=kill_after_checkpoint, args=(proc, last, 9))
-    watcher.start()
+    kill = {"class_path": "kill_switch.SigkillAt", "init_args": {"step": 9}}
+    proc = fit(write_config(tmp_path / "c14k.yaml", max_steps=200,
+                            callbacks=[kill, *CONFIG["trainer"]["callbacks"]]), killed)  # dirpath: the last's
 
     # straight: 14 steps (epochs of 4 batches, 2 DataLoader workers, dropout, random flips)
     straight = tmp_path / "straight"
@@ -132,10 +117,10 @@ def test_resume_and_sigkill_resume_are_bitwise_exact(tmp_path, caplog):
         fit_here(write_config(tmp_path / "c14b.yaml"), split, f"--ckpt_path={split}/checkpoints/last.ckpt")
     assert "Restored all states" in caplog.text
 
-    watcher.join()
-    assert proc.returncode == -signal.SIGKILL, "the run to kill ended by itself"
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, f"the run to kill ended by itself:\n{out[-3000:]}"
     step = torch.load(last, weights_only=False)["global_step"]
-    assert 9 <= step < 200 and step % 3 == 0
+    assert step == 9  # the checkpoint of the step the kill switch was set at
     fit_here(write_config(tmp_path / "c14c.yaml"), killed, f"--ckpt_path={last}")
 
     reference = final_state(straight)

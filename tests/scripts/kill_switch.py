@@ -1,0 +1,25 @@
+"""A callback that SIGKILLs its own process at a chosen step: the "killed" run of tests/test_resume.py.
+
+Killing from inside is deterministic: the process dies at the start of the batch after step
+``step``, i.e. right after the checkpoint that LastCheckpoint wrote at the end of that step (a
+watcher polling the checkpoint from outside raced the run and sometimes killed it past the steps the
+test resumes to).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class SigkillAt(L.Callback):
+    """SIGKILL this process at the start of the first batch with ``global_step >= step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
