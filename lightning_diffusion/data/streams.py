@@ -6,7 +6,8 @@ re-import the module of the dataset they unpickle, start quickly.
 Shard content is untrusted: only PNG/JPEG, ``.npy`` (with ``allow_pickle=False``) and ASCII
 ``.cls`` labels are decoded; nothing is unpickled. Shards listed in an ``index.json`` are checked
 against it as they are read (:func:`iter_shard`): the sample count on every complete read, the
-SHA-256 once per shard and process.
+SHA-256 once per shard and process. With ``cache``, a stream keeps each shard's samples in memory
+after its first complete, checked read (:class:`ShardCache`) and decodes each sample at most once.
 """
 
 from __future__ import annotations
@@ -225,6 +226,83 @@ def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: 
     return x, y
 
 
+class _Cached:
+    """One sample of a cached shard: its raw bytes until it is first decoded, then only the
+    decoded ``(x, y)``. The streams hand out these in place of raw samples; :func:`_decode` turns
+    either into ``(x, y)``."""
+
+    __slots__ = ("raw", "decoded")
+
+    def __init__(self, raw: dict[str, Any]):
+        self.raw: dict[str, Any] | None = raw
+        self.decoded: tuple[torch.Tensor, int | None] | None = None
+
+
+def _decode(item: dict[str, Any] | _Cached, shape: tuple[int, ...] | None, labelled: bool,
+            categories: Categories | None) -> tuple[torch.Tensor, int | None]:
+    """:func:`decode_sample` of a raw sample, or of a cached one once (later calls return the same
+    ``(x, y)``: :func:`collate` stacks copies, so no batch shares memory with the cache)."""
+    if not isinstance(item, _Cached):
+        return decode_sample(item, shape, labelled, categories)
+    if item.decoded is None:
+        item.decoded = decode_sample(item.raw, shape, labelled, categories)  # a bad sample raises on every use
+        item.raw = None
+    return item.decoded
+
+
+class ShardCache:
+    """Shards' samples kept in memory by one stream (in its process, or in each worker's copy).
+
+    :meth:`samples` reads a shard through :func:`iter_shard` (with its count and SHA-256 checks) the
+    first time, and keeps the samples only once that read went to its end and passed the checks (a
+    read abandoned part way, or one that raised, keeps nothing). Later reads of the shard are served
+    from memory: no file is opened, no tar parsed, and each sample is decoded once, on first use.
+    An entry is keyed by the file's (path, size, mtime_ns), looked up with one ``os.stat`` per read:
+    a shard replaced on disk is read and checked again, and replaces its old entry. Memory: about
+    the decoded samples (elements x 4 bytes for floats, 8 for int64 categories, plus ~0.5 KB of
+    tensor per sample); raw bytes of a sample not yet decoded until it is. A pickled cache (a
+    spawned worker's copy of the stream) arrives empty.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[str, tuple[tuple[int, int], list[_Cached]]] = {}
+
+    def __reduce__(self):
+        return ShardCache, ()
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def __contains__(self, url: str) -> bool:
+        return url in self._shards
+
+    def samples(self, url: str, record: Mapping[str, Any] | None = None, verify: bool = True) -> Iterator[_Cached]:
+        """The samples of shard ``url`` (as :func:`iter_shard` would yield them, wrapped), from
+        memory when the unchanged file was read to its end before."""
+        try:
+            stat = os.stat(url)
+            key = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            key = None  # iter_shard names the missing shard
+        hit = self._shards.get(url)
+        if hit is not None and hit[0] == key:
+            yield from hit[1]
+            return
+        self._shards.pop(url, None)  # changed on disk: the old samples are not the file's any more
+        read: list[_Cached] = []
+        for raw in iter_shard(url, record, verify):
+            read.append(_Cached(raw))
+            yield read[-1]
+        if key is not None:  # iter_shard's checks passed: it raises after its last sample otherwise
+            self._shards[url] = (key, read)
+
+
+def _read_shard(cache: ShardCache | None, url: str, record: Mapping[str, Any] | None,
+                verify: bool) -> Iterator[dict[str, Any] | _Cached]:
+    """A stream's read of one shard: :func:`iter_shard`, through ``cache`` when it has one."""
+    return iter_shard(url, record, verify) if cache is None else cache.samples(url, record, verify)
+
+
 def collate(samples: list[tuple[torch.Tensor, int | None]]) -> dict[str, torch.Tensor]:
     """Stack decoded samples into the batch dict of DESIGN.md."""
     batch = {"x": torch.stack([x for x, _ in samples])}
@@ -257,13 +335,19 @@ class TrainStream(IterableDataset):
     the same number of workers W): worker w takes the stream of worker ``(k + w) % W`` and skips
     that stream's first ``(k + w) // W`` batches by reading their raw bytes (no decoding), so
     the DataLoader's round robin continues with batch k, k + 1, ...
+
+    ``cache``: keep each shard's samples in memory after its first complete, checked read and
+    decode each sample once (:class:`ShardCache`, per process: each worker fills its own copy).
+    The samples, their order and the random draws are those of the uncached stream, so the
+    batches are bit-identical with and without.
     """
 
     def __init__(self, urls: list[str], batch_size: int, batches_per_rank: int, shape: tuple[int, ...],
                  labelled: bool, shuffle_buffer: int, random_flip: bool, seed: int, rank: int, world_size: int,
                  records: Mapping[str, Mapping[str, Any]] | None = None, verify: bool = True,
-                 categories: Categories | None = None):
+                 categories: Categories | None = None, cache: bool = False):
         super().__init__()
+        self.cache = ShardCache() if cache else None
         self.urls, self.batch_size, self.batches_per_rank = urls, batch_size, batches_per_rank
         self.records, self.verify, self.categories = dict(records or {}), verify, categories
         self.shape, self.labelled = shape, labelled
@@ -275,13 +359,13 @@ class TrainStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any] | _Cached]:
         # the buffer holds raw bytes and a sample is decoded only when it leaves: filling the
         # buffer at an epoch start (or skipping batches on resume) costs tar reading alone
-        buffer: list[dict[str, Any]] = []
+        buffer: list[dict[str, Any] | _Cached] = []
         while True:
             url = rng.choice(self.urls)
-            for raw in iter_shard(url, self.records.get(url), self.verify):
+            for raw in _read_shard(self.cache, url, self.records.get(url), self.verify):
                 if self.shuffle_buffer == 0:  # no shuffling
                     yield raw
                     continue
@@ -306,7 +390,7 @@ class TrainStream(IterableDataset):
             flips = [flip_rng.random() < 0.5 for _ in range(self.batch_size)] if self.random_flip else None
             if i < skip:
                 continue
-            batch = collate([decode_sample(r, self.shape, self.labelled, self.categories) for r in samples])
+            batch = collate([_decode(r, self.shape, self.labelled, self.categories) for r in samples])
             if flips is not None:
                 flip = torch.tensor(flips)
                 batch["x"] = torch.where(flip[:, None, None, None], batch["x"].flip(-1), batch["x"])
@@ -318,22 +402,23 @@ class EvalStream(IterableDataset):
 
     With at least as many shards as readers (ranks x workers), reader g takes shards g, g+G, ...;
     otherwise every reader walks all shards and keeps samples g, g+G, ... of the sequence. Every
-    shard read is checked against its entry in ``records`` as in :class:`TrainStream`, and decoded
-    with ``categories`` as there.
+    shard read is checked against its entry in ``records`` as in :class:`TrainStream`, decoded
+    with ``categories`` and, with ``cache``, kept in memory (after a complete read) as there.
     """
 
     def __init__(self, urls: list[str], batch_size: int, shape: tuple[int, ...], labelled: bool,
                  rank: int, world_size: int, records: Mapping[str, Mapping[str, Any]] | None = None,
-                 verify: bool = True, categories: Categories | None = None):
+                 verify: bool = True, categories: Categories | None = None, cache: bool = False):
         super().__init__()
         self.urls, self.batch_size, self.shape, self.labelled = urls, batch_size, shape, labelled
         self.rank, self.world_size, self.categories = rank, world_size, categories
         self.records, self.verify = dict(records or {}), verify
+        self.cache = ShardCache() if cache else None
 
-    def _shard(self, url: str) -> Iterator[dict[str, Any]]:
-        return iter_shard(url, self.records.get(url), self.verify)
+    def _shard(self, url: str) -> Iterator[dict[str, Any] | _Cached]:
+        return _read_shard(self.cache, url, self.records.get(url), self.verify)
 
-    def _raw(self) -> Iterator[dict[str, Any]]:
+    def _raw(self) -> Iterator[dict[str, Any] | _Cached]:
         wid, nworkers = _worker()
         readers, me = self.world_size * nworkers, self.rank * nworkers + wid
         if len(self.urls) >= readers:
@@ -350,7 +435,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch = []
         for raw in self._raw():
-            batch.append(decode_sample(raw, self.shape, self.labelled, self.categories))
+            batch.append(_decode(raw, self.shape, self.labelled, self.categories))
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
