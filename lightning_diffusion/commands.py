@@ -1,6 +1,11 @@
 """``lightning-diffusion sample``, ``evaluate``, ``consolidate`` and ``features``: work on a trained
 checkpoint without a Trainer loop. ``sample`` and ``evaluate`` load the EMA weights by default
-(``--weights raw`` for the others) from a checkpoint file or a sharded checkpoint folder."""
+(``--weights raw`` for the others) from a checkpoint file or a sharded checkpoint folder.
+
+Unlike the training callbacks, which preview with a fast sampler, ``sample`` and ``evaluate`` draw
+with the model's own default sampler unless told otherwise (``--sampler``/``--steps``,
+``--sample_options``): the paper's, e.g. a DDPM's ancestral sampling over all T steps, so that the
+numbers of a finished model are the model's; ``--sampler dpm_solver --steps 20`` is the fast one."""
 
 from __future__ import annotations
 
@@ -124,7 +129,8 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
         num: number of samples.
         out: output directory.
         sampler: diffusion families: ancestral, ddim, euler_maruyama, pc, ode, heun, dpm_solver
-            (None: the model's default).
+            (None: the model's own default, the paper's: DDPM ancestral over all T steps, ScoreSDE
+            its ``sampler``; ``dpm_solver`` at 20 steps matched 1000 ancestral steps in the README's sampler benchmark).
         steps: sampler steps (None: the sampler's default).
         guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
         class_label: condition every sample on this class (default: cycle through the classes in
@@ -222,7 +228,9 @@ def evaluate(*, ckpt_path: str, metrics: str = "fid,bpd", split: str = "test", n
         weights: ``ema`` (default; raw if the run had no EMA) or ``raw``.
         device: ``cpu`` or ``cuda``.
         out: JSON path (default: ``eval-<split>-step<N>.json`` next to the checkpoint).
-        sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 100}``).
+        sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 100}``; None:
+            the model's own default sampler, the paper's, not the callbacks' fast preview one).
+            The JSON records them as ``sample_options``.
         bpd_options: options for ``model.bits_per_dim`` (e.g. ``{num_importance_samples: 1000}``).
     """
     from lightning_diffusion.callbacks.quality import Likelihood, SampleQuality
@@ -241,8 +249,11 @@ def evaluate(*, ckpt_path: str, metrics: str = "fid,bpd", split: str = "test", n
     start = time.perf_counter()
     if "fid" in wanted:
         quality = SampleQuality(num_samples=num_samples, extractor=extractor, weights_path=weights_path,
-                                real_split=split, batch_size=batch_size, seed=seed, sample_options=sample_options)
+                                real_split=split, batch_size=batch_size, seed=seed, sample_options=sample_options,
+                                preview_sampler=False)
         results.update(quality.evaluate(None, model, datamodule=data))
+        results["sample_options"] = quality.last_sample_options
+        results["sample_nfe"] = getattr(model, "last_sample_nfe", None)
         results["extractor"] = extractor if model.data_shape is None or len(model.data_shape) == 3 else "points"
         results["fid_seconds"] = time.perf_counter() - start
     if "bpd" in wanted:

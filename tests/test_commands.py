@@ -45,6 +45,16 @@ def test_sample_writes_pngs_grid_and_npz_with_ema_weights(ckpt, tmp_path):
     assert any(not torch.equal(shadow[n], state["state_dict"][n]) for n in shadow)
 
 
+def test_evaluate_samples_with_the_models_own_default_not_the_callbacks_preview(ckpt, tmp_path):
+    """Without --sample_options, evaluate scores the model's own sampler (the paper's: ancestral over
+    all T = 50 steps), not the fast one the training callbacks preview with (DPM-Solver++, 19 NFE here)."""
+    out = tmp_path / "eval.json"
+    run_cli("evaluate", f"--ckpt_path={ckpt}", "--metrics=fid", "--split=test", "--num_samples=10",
+            "--batch_size=10", f"--out={out}")
+    result = json.loads(out.read_text())
+    assert result["sample_options"] == {} and result["sample_nfe"] == 50
+
+
 def test_evaluate_prints_a_table_and_writes_json(ckpt, tmp_path):
     out = tmp_path / "eval.json"
     proc = run_cli("evaluate", f"--ckpt_path={ckpt}", "--metrics=fid,bpd", "--split=test", "--num_samples=40",
@@ -54,6 +64,7 @@ def test_evaluate_prints_a_table_and_writes_json(ckpt, tmp_path):
     result = json.loads(out.read_text())
     assert result["weights"] == "ema" and result["extractor"] == "digits" and result["global_step"] == 4
     assert result["fid_num_samples"] == 40 and result["fid"] > 0
+    assert result["sample_options"] == {"sampler": "ddim", "steps": 5} and result["sample_nfe"] == 5
     assert result["bpd_num_samples"] == 64 and 0 < result["bpd"] < 30
     bad = run_cli("evaluate", f"--ckpt_path={ckpt}", "--metrics=fid,nll", check=False)
     assert bad.returncode != 0 and "unknown ['nll']" in bad.stderr

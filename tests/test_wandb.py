@@ -121,7 +121,8 @@ def test_offline_wandb_run_gets_images_and_table_and_resume_continues_it(tmp_pat
     assert len(list((media / "images").glob("trajectory_*.png"))) == 2
     assert len(list((media / "table").glob("metrics_*.table.json"))) == 2
     images = [(r["trainer/global_step"], r["samples/captions"]) for r in history if "samples/filenames" in r]
-    assert images == [(2, ["samples, step 2, ema weights"]), (4, ["samples, step 4, ema weights"])]
+    assert images == [(2, ["samples, step 2, ema weights, the model's default sampler"]),  # T = 5: no preview sampler
+                      (4, ["samples, step 4, ema weights, the model's default sampler"])]
     (table,) = [r for r in history if r.get("metrics/_type") == "table-file" and r["trainer/global_step"] == 4]
     logged = json.loads((run_dir / "files" / table["metrics/path"]).read_text())
     assert logged["columns"][:3] == ["step", "epoch", "weights"] and [row[:3] for row in logged["data"]] == [

@@ -1,5 +1,6 @@
-"""What the callbacks share: the run directory, labels for class-conditional models, checking a
-callback's options against the model, reading evaluation batches, and saving pictures.
+"""What the callbacks share: the run directory, labels for class-conditional models, the options a
+callback samples with (the model's fast preview sampler by default) and checking them against the
+model, reading evaluation batches, and saving pictures.
 
 Imports no other callback module but :mod:`~lightning_diffusion.callbacks.protocol`, so the
 callbacks import each other in one direction only: ``protocol`` <- ``common`` <- ``samples``,
@@ -41,6 +42,44 @@ def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | 
     if not getattr(module, "class_conditional", False):
         return None
     return (torch.arange(offset, offset + num, device=device) % int(module.num_classes)).long()
+
+
+def sampling_options(pl_module: Any, options: dict[str, Any], preview: bool = True) -> dict[str, Any]:
+    """The options a sampling callback passes to ``pl_module.sample``: the user's ``options`` merged
+    over the model's fast ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
+    DiscreteDiffusion: ancestral at 100; VAE, HVAE, EBM: none), the user's keys winning.
+
+    The rule: the preview applies only where the user chose no sampler, that is ``options`` name
+    neither ``sampler`` nor ``steps`` (``{sampler: ancestral}`` is the paper's sampler over all its
+    steps, not 20 of them; ``{steps: 50}`` is 50 steps of the model's own sampler), and only where
+    the model takes the merged options (an option of one sampler, such as ancestral's ``variance``,
+    means the model's own sampler: ``options`` alone are used). ``preview=False``, or a model
+    without ``preview_sample_options`` (a user's own LightningModule), uses ``options`` as given.
+
+    Args:
+        pl_module: the model.
+        options: the callback's ``sample_options`` (with ``guidance_scale`` if it takes it apart).
+        preview: use the model's preview options where the rule allows.
+    """
+    options = dict(options)
+    method = getattr(pl_module, "preview_sample_options", None)
+    if not preview or method is None or "sampler" in options or "steps" in options:
+        return options
+    merged = {**method(), **options}
+    check = getattr(pl_module, "check_sample_options", None)
+    if merged != options and check is not None:
+        try:
+            check(**merged)
+        except OptionError:
+            return options  # the user's options belong to the model's own sampler (or are wrong: refused with it)
+    return merged
+
+
+def describe_options(options: dict[str, Any], nfe: int | None = None) -> str:
+    """``options`` for a log line: ``sampler dpm_solver, steps 20`` (``the model's default sampler``
+    for none), with ``nfe`` network evaluations if known."""
+    text = ", ".join(f"{k} {v}" for k, v in options.items()) or "the model's default sampler"
+    return text + (f", {nfe} NFE" if nfe is not None else "")
 
 
 def check_model_options(pl_module: Any, where: str, options: dict[str, Any], check: str = "check_sample_options",

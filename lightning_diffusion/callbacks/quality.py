@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_diffusion.callbacks.common import (batch_data, check_model_options, check_split, class_labels,
-                                                  eval_batches, find_datamodule, run_dir)
+                                                  describe_options, eval_batches, find_datamodule, run_dir,
+                                                  sampling_options)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import estimator_name
 from lightning_diffusion.data.datamodule import rank_world
@@ -91,13 +92,20 @@ class SampleQuality(_Periodic):
     go into constant-size FID statistics and bounded feature banks, reduced over ranks. The
     real side is ``real_split`` of the DataModule (every sample once over ranks), its statistics
     cached in ``$LD_DATA/stats/`` keyed by dataset fingerprint, split and extractor.
+
+    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
+    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
+    :func:`~lightning_diffusion.callbacks.common.sampling_options` has the rule); each record's
+    ``sample_options`` are the ones used. ``lightning-diffusion evaluate`` passes
+    ``preview_sampler=False``: the model's own default, the paper's sampler.
     """
 
     def __init__(self, num_samples: int = 1000, every_n_epochs: int = 1, every_n_steps: int = 0,
                  extractor: str = "inception-v3-compat", weights_path: str | None = None,
                  metrics: list[str] | None = None, real_split: str = "train", num_real: int | None = None,
                  batch_size: int = 250, seed: int = 0, max_features: int = 10000,
-                 sample_options: dict[str, Any] | None = None, cache_stats: bool = True):
+                 sample_options: dict[str, Any] | None = None, cache_stats: bool = True,
+                 preview_sampler: bool = True):
         """
         Args:
             num_samples: generated samples per evaluation, over all ranks (papers: 50000 for FID).
@@ -115,6 +123,8 @@ class SampleQuality(_Periodic):
             max_features: feature vectors kept for KID, IS and precision/recall (FID uses all).
             sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 50}``).
             cache_stats: cache the real statistics on disk.
+            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
+                with the model's fast ``preview_sample_options()``; False: the model's own default.
         """
         super().__init__(every_n_epochs, every_n_steps)
         metrics = list(IMAGE_METRICS) if metrics is None else list(metrics)
@@ -131,7 +141,8 @@ class SampleQuality(_Periodic):
         self.metrics, self.real_split, self.num_real = metrics, real_split, num_real
         self.batch_size, self.seed, self.max_features = batch_size, seed, max_features
         self.sample_options = dict(sample_options or {})
-        self.cache_stats = cache_stats
+        self.cache_stats, self.preview_sampler = cache_stats, preview_sampler
+        self.last_sample_options: dict[str, Any] | None = None  # what the last evaluation sampled with
         self._extractor: FeatureExtractor | None = None
         self._real: tuple | None = None
 
@@ -144,7 +155,7 @@ class SampleQuality(_Periodic):
         if stage != "fit" or not self.scheduled:
             return
         self._check_world(trainer)
-        check_model_options(pl_module, "SampleQuality.sample_options", self.sample_options)
+        check_model_options(pl_module, "SampleQuality.sample_options", self.options(pl_module))
         shape = _data_shape(trainer, pl_module)
         if shape is not None and len(shape) == 3:  # images; points need no extractor
             self.check_extractor()
@@ -168,6 +179,10 @@ class SampleQuality(_Periodic):
             raise ValueError(f"SampleQuality ({given}): {error}") from None
 
     # -- pieces -------------------------------------------------------------------------------
+    def options(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The options the samples are drawn with (:func:`~lightning_diffusion.callbacks.common.sampling_options`)."""
+        return sampling_options(pl_module, self.sample_options, self.preview_sampler)
+
     def extractor(self, device: torch.device) -> FeatureExtractor:
         if self._extractor is None:
             self._extractor = get_extractor(self.extractor_name, self.weights_path)
@@ -181,11 +196,12 @@ class SampleQuality(_Periodic):
         per_rank = math.ceil(self.num_samples / world)
         offset = sum(quality.split_count(self.num_samples, r, world) for r in range(rank))
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
+        options = self.last_sample_options = self.options(pl_module)
         done = 0
         while done < per_rank:
             n = min(self.batch_size, per_rank - done)
             x = pl_module.sample(n, generator=generator, y=class_labels(pl_module, n, offset + done, pl_module.device),
-                                 **self.sample_options)
+                                 **options)
             keep = max(0, min(n, share - done))
             done += n
             if keep:
@@ -306,11 +322,11 @@ class SampleQuality(_Periodic):
                 "num_samples": fake_stats.n,
                 "num_real": real_stats.n, "real_split": self.real_split,
                 "extractor": "points" if points else self.extractor_name, "weights": weights,
-                "sample_options": self.sample_options, "world_size": world, "seconds": seconds})
+                "sample_options": self.last_sample_options, "world_size": world, "seconds": seconds})
         described = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in results.items())
         rank_zero_info(f"SampleQuality (step {step}, {fake_stats.n} samples vs {real_stats.n} real "
                        f"{self.real_split}, extractor {'points' if points else self.extractor_name}, {weights} "
-                       f"weights, {seconds:.0f} s): {described}")
+                       f"weights, {describe_options(self.last_sample_options)}, {seconds:.0f} s): {described}")
         return results
 
 

@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 # class_labels, check_model_options, save_image_grid and save_scatter are importable from here as before
-from lightning_diffusion.callbacks.common import (batch_data, check_model_options, class_labels, eval_batches,  # noqa: F401
-                                                  run_dir, save_image_grid, save_scatter)
+from lightning_diffusion.callbacks.common import (batch_data, check_model_options, class_labels,  # noqa: F401
+                                                  describe_options, eval_batches, run_dir, sampling_options,
+                                                  save_image_grid, save_scatter)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import HasDensity
 
@@ -30,11 +31,17 @@ class SampleGrid(L.Callback):
     labels of :func:`class_labels`, in class order: ``nrow`` images per row. On ``colour_digits``
     (label ``digit * 8 + colour``) 80 samples with ``nrow: 8`` put digits in rows and colours in
     columns.
+
+    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
+    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32), so a fit ends
+    seconds after its last step; :func:`~lightning_diffusion.callbacks.common.sampling_options`
+    has the rule. ``sample_options: {sampler: ancestral}`` (or ``preview_sampler: false``) draws
+    with the paper's sampler. ``last_sample_options`` holds the options of the last grid.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, seed: int = 0,
                  num_reference: int = 2000, nrow: int | None = None, guidance_scale: float = 1.0,
-                 sample_options: dict[str, Any] | None = None):
+                 sample_options: dict[str, Any] | None = None, preview_sampler: bool = True):
         """
         Args:
             num_samples: samples per grid (images) or per scatter plot (points).
@@ -44,6 +51,8 @@ class SampleGrid(L.Callback):
             nrow: images per row of the grid; None: about the square root of ``num_samples``.
             guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
             sample_options: further options of ``pl_module.sample``, e.g. ``{sampler: ddim, steps: 50}``.
+            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
+                with the model's fast ``preview_sample_options()``; False: the model's own default.
         """
         super().__init__()
         if num_samples < 1:
@@ -56,12 +65,18 @@ class SampleGrid(L.Callback):
         self._written_options = set(self.sample_options)
         if guidance_scale != 1.0:
             self.sample_options["guidance_scale"] = guidance_scale
+        self.preview_sampler = preview_sampler
         self.last_path: Path | None = None
+        self.last_sample_options: dict[str, Any] | None = None  # what the last grid was sampled with
+
+    def options(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The options the grid samples with (:func:`~lightning_diffusion.callbacks.common.sampling_options`)."""
+        return sampling_options(pl_module, self.sample_options, self.preview_sampler)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before training: the model must take ``sample_options`` (:func:`check_model_options`)."""
         if stage == "fit":
-            check_model_options(pl_module, "SampleGrid.sample_options", self.sample_options,
+            check_model_options(pl_module, "SampleGrid.sample_options", self.options(pl_module),
                                 written_as={"guidance_scale": "SampleGrid.guidance_scale"}
                                 if "guidance_scale" not in self._written_options else None)
 
@@ -82,8 +97,9 @@ class SampleGrid(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with torch.no_grad(), evaluation_weights(trainer, pl_module):
             labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
-            options = self.sample_options if labels is None else {**self.sample_options, "y": labels}
-            x = pl_module.sample(self.num_samples, generator=generator, **options)
+            self.last_sample_options = self.options(pl_module)
+            extra = {} if labels is None else {"y": labels}
+            x = pl_module.sample(self.num_samples, generator=generator, **self.last_sample_options, **extra)
             density = bounds = None
             if x.ndim == 2 and x.shape[-1] == 2 and isinstance(pl_module, HasDensity):  # every rank: a sharded net
                 bounds = _bounds(x)
@@ -123,7 +139,8 @@ class SampleGrid(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.save(trainer, pl_module, "final")
-        rank_zero_info(f"Samples: {path}")
+        nfe = getattr(pl_module, "last_sample_nfe", None)
+        rank_zero_info(f"Samples: {path} ({describe_options(self.last_sample_options, nfe)})")
 
 
 def _bounds(points: Tensor, pad: float = 0.25) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -28,7 +28,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_diffusion.callbacks.common import check_model_options, run_dir, save_image_grid, save_scatter
+from lightning_diffusion.callbacks.common import (check_model_options, describe_options, run_dir, sampling_options,
+                                                  save_image_grid, save_scatter)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs, batch_x
 
@@ -121,6 +122,11 @@ class WandbSamples(L.Callback):
     holds that validation's metrics; and at ``on_train_end`` (before teardown, the model still on its
     devices) unless this step was just logged.
 
+    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
+    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
+    :func:`~lightning_diffusion.callbacks.common.sampling_options` has the rule), for the samples
+    and the trajectory alike; the images' captions name the options used.
+
     Distributed: every rank samples from the same seed (a sharded FSDP model needs all ranks in its
     forward); only global rank zero writes files and calls the loggers, with no collective inside.
     The W&B run id is kept in the checkpoint: see the module docstring and
@@ -129,7 +135,7 @@ class WandbSamples(L.Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_samples: int = 64, num_trajectories: int = 8,
                  num_frames: int = 8, num_reconstructions: int = 16, seed: int = 0,
-                 sample_options: dict[str, Any] | None = None):
+                 sample_options: dict[str, Any] | None = None, preview_sampler: bool = True):
         """
         Args:
             every_n_epochs: log every this many training epochs; 0: only when training ends.
@@ -142,6 +148,8 @@ class WandbSamples(L.Callback):
                 pictures of different steps compare.
             sample_options: keyword options of ``sample`` / ``sample_trajectory``, e.g.
                 ``{"sampler": "ddim", "steps": 50}`` for diffusion models.
+            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
+                with the model's fast ``preview_sample_options()``; False: the model's own default.
         """
         super().__init__()
         if every_n_epochs < 0:
@@ -154,6 +162,8 @@ class WandbSamples(L.Callback):
         self.num_trajectories, self.num_frames = num_trajectories, num_frames
         self.num_reconstructions, self.seed = num_reconstructions, seed
         self.sample_options = dict(sample_options or {})
+        self.preview_sampler = preview_sampler
+        self.last_sample_options: dict[str, Any] | None = None  # what the last logging sampled with
         self.run_id: str | None = None  # W&B run id restored from a checkpoint
         self.rows: list[dict[str, Any]] = []  # the metrics table
         self.last_paths: dict[str, Path] = {}  # the PNGs of the last logging (rank zero)
@@ -164,7 +174,11 @@ class WandbSamples(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before the sanity check and the first step of ``fit``: the model must take ``sample_options``."""
         if stage == "fit":
-            check_model_options(pl_module, "WandbSamples.sample_options", self.sample_options)
+            check_model_options(pl_module, "WandbSamples.sample_options", self.options(pl_module))
+
+    def options(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The options the samples are drawn with (:func:`~lightning_diffusion.callbacks.common.sampling_options`)."""
+        return sampling_options(pl_module, self.sample_options, self.preview_sampler)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -193,12 +207,13 @@ class WandbSamples(L.Callback):
             return torch.Generator(device=pl_module.device).manual_seed(self.seed)
 
         out: dict[str, Tensor] = {}
+        options = self.last_sample_options = self.options(pl_module)
         with torch.no_grad(), evaluation_weights(trainer, pl_module) as which:
-            out["samples"] = pl_module.sample(self.num_samples, generator=generator(), **self.sample_options)
+            out["samples"] = pl_module.sample(self.num_samples, generator=generator(), **options)
             if self.num_trajectories > 0 and isinstance(pl_module, HasTrajectory) and out["samples"].ndim == 4:
                 try:
                     out["trajectory"] = pl_module.sample_trajectory(
-                        self.num_trajectories, num_frames=self.num_frames, generator=generator(), **self.sample_options)
+                        self.num_trajectories, num_frames=self.num_frames, generator=generator(), **options)
                 except NotImplementedError:  # a family whose sampler is not iterative
                     pass
             if self.num_reconstructions > 0 and isinstance(pl_module, Reconstructs) and self._val_x is not None:
@@ -252,7 +267,8 @@ class WandbSamples(L.Callback):
                 continue
             wandb = isinstance(logger, WandbLogger)
             for name, path in self.last_paths.items():
-                caption = {"caption": [f"{name}, step {step}, {which} weights"]} if wandb else {}
+                sampled = "" if name == "reconstructions" else f", {describe_options(self.last_sample_options or {})}"
+                caption = {"caption": [f"{name}, step {step}, {which} weights{sampled}"]} if wandb else {}
                 logger.log_image(key=name, images=[str(path)], step=step, **caption)
             if wandb:
                 logger.log_table(key="metrics", columns=columns, data=[[row.get(c) for c in columns] for row in self.rows],

@@ -128,6 +128,14 @@ class GenerativeModel(L.LightningModule):
         ``bits_per_dim(x, **options)`` accepts ``options`` (its first check; Likelihood's before
         training)."""
 
+    def preview_sample_options(self) -> dict[str, Any]:
+        """Options of ``sample`` for a quick look during training: the fast sampler that SampleGrid,
+        SampleQuality and WandbSamples use where their ``sample_options`` name neither ``sampler``
+        nor ``steps`` (:func:`~lightning_diffusion.callbacks.common.sampling_options`). ``sample``'s
+        own default stays the paper's sampler. Here ``{}``: the model's own default (a family whose
+        default is slow overrides it; VAEs, HVAEs and the EBM keep ``{}``)."""
+        return {}
+
     # -- the contract -----------------------------------------------------------------------
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Scalar training loss of a batch dict; ``generator`` fixes the noise (validation)."""

@@ -251,6 +251,21 @@ class DiscreteDiffusion(GenerativeModel):
         if update_fraction is not None and not 0 < update_fraction <= 1:
             raise OptionError("update_fraction", update_fraction, "must be in (0, 1]")
 
+    #: steps of the callbacks' respaced ancestral default (:meth:`preview_sample_options`): the absorbing
+    #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE": 8.1 at
+    #: 10, 4.20 at 50, 4.22 at 100); 100 leaves a 2x margin for processes that converge more slowly
+    preview_steps: int = 100
+
+    def preview_sample_options(self) -> dict[str, Any]:
+        """The callbacks' fast default: ancestral sampling on a respaced grid of :attr:`preview_steps`
+        steps where the model's own default takes more (T steps, 1000 in continuous time, or
+        ``sample_steps``); ``{}`` (the model's own default) where it takes no more, and for a model
+        whose default sampler is SUNDAE (few steps by design)."""
+        if self.sampler != "ancestral":
+            return {}
+        own = self.sample_steps or self.timesteps or 1000
+        return {"sampler": "ancestral", "steps": self.preview_steps} if own > self.preview_steps else {}
+
     def guided_logits(self, y: Tensor | None, guidance_scale: float = 1.0):
         """``denoiser(x_t, t) -> logits`` with classifier-free guidance in log space:
         ``log p(x0 | null) + w (log p(x0 | y) - log p(x0 | null))`` (w = 1: the conditional model)."""

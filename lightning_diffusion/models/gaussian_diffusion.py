@@ -21,6 +21,14 @@ from lightning_diffusion.modes import evaluating
 #: the net a diffusion family uses for each kind of data: (name, class_path)
 DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
 
+#: the callbacks' fast sampler (:meth:`GaussianDiffusionModel.preview_sample_options`): DPM-Solver++(2M)
+#: at 20 steps, which matches 1000-step ancestral sampling in the sampler benchmark (README, "Samplers:
+#: quality versus NFE": 0.68 vs 0.73 with the exact denoiser, 1.02 vs 1.16 for the trained sde_vp_toy2d)
+PREVIEW_SAMPLER, PREVIEW_STEPS = "dpm_solver", 20
+#: the log-SNR step of that benchmarked grid (VP SDE from t = 1 to 1e-5: 11.9 / 20); a process whose
+#: log-SNR spans more gets more steps, up to PREVIEW_MAX_STEPS (sub-VP at t_eps 1e-5: 18.8, 32 steps)
+PREVIEW_LOGSNR_STEP, PREVIEW_MAX_STEPS = 0.6, 50
+
 
 class GaussianDiffusionModel(GenerativeModel):
     """Base of :class:`~lightning_diffusion.models.ddpm.DDPM` and
@@ -75,6 +83,26 @@ class GaussianDiffusionModel(GenerativeModel):
             return unconditional + guidance_scale * (conditional - unconditional)
 
         return guided
+
+    def preview_sample_options(self) -> dict[str, Any]:
+        """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
+        VP SDE, a VE SDE or a DDPM's linear schedule. S keeps the log-SNR step of the benchmarked
+        20-step grid (:data:`PREVIEW_LOGSNR_STEP`), so a process whose log-SNR spans more gets more,
+        at most 50: sub-VP at ``t_eps`` 1e-5 32 (at 20 steps its energy distance with the exact
+        denoiser was 3x the converged one, at 32 within 15%), a cosine DDPM 25. A DDPM of at most
+        20 timesteps gets ``{}``: its own default, ancestral over all T steps, takes no more
+        network calls and is the model's exact reverse process."""
+        import math
+
+        process = getattr(self, "process", None) or getattr(self, "sde", None)  # DDPM's DiscreteVP, ScoreSDE's SDE
+        if process is None:
+            return {"sampler": PREVIEW_SAMPLER, "steps": PREVIEW_STEPS}
+        if process.discrete and int(process.t_max) + 1 <= PREVIEW_STEPS:
+            return {}
+        ratio = process.ratio(torch.tensor([float(process.t_max), float(process.t_min)], dtype=torch.float64))
+        span = float(ratio[0].log() - ratio[1].log())  # the log-SNR range the sampler crosses
+        steps = min(PREVIEW_MAX_STEPS, max(PREVIEW_STEPS, math.ceil(span / PREVIEW_LOGSNR_STEP - 1e-9)))
+        return {"sampler": PREVIEW_SAMPLER, "steps": steps}
 
     # -- checking the options of sample() -------------------------------------------------------
     def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
