@@ -100,7 +100,7 @@ def test_points_need_no_extractor_weights(tmp_path):
      "most 10 grid points); give steps <= 10"),
     ({"class_path": "SampleGrid", "init_args": {"sample_options": {"sampler": "ddim", "stpes": 5}}},
      "SampleGrid.sample_options.stpes=5: the ddim sampler has no option 'stpes' (did you mean steps?); its options "
-     "are steps, sampler, guidance_scale, clip, eta"),
+     "are steps, sampler, guidance_scale, clip, precision, eta"),
     ({"class_path": "SampleGrid", "init_args": {"sample_options": {"sampler": "dpm++"}}},
      "SampleGrid.sample_options.sampler='dpm++': unknown sampler 'dpm++'; choose one of ['ancestral', 'ddim', "),
     ({"class_path": "SampleGrid", "init_args": {"guidance_scale": 3.0}},
