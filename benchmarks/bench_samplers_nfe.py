@@ -1,14 +1,15 @@
 """Sample quality versus NFE of every sampler on the 2-D toy set ``gaussians8``.
 
 ``gaussians8`` is ``GaussianMixture.circle()``: 8 equal isotropic modes of std 0.1 on a circle of
-radius 2. For each sampler (ancestral, ddim, euler_maruyama, pc, ode, heun, dpm_solver) and each
+radius 2. For each sampler (ancestral, ddim, euler_maruyama, pc, ode, heun, dpm_solver, and the
+few-step rows dpm_solver_3m = dpm_solver with order 3 ending at sigma/alpha = 0.01, and unipc) and each
 NFE budget (10, 20, 50, 100, 1000 by default) the sampler's ``steps`` is set so that its actual
 NFE (``SamplerOutput.nfe``, or ``model.last_sample_nfe``) is at most the budget and as close to it
 as the sampler allows:
 
 - ancestral, ddim, euler_maruyama: NFE = steps;
 - pc (one Langevin corrector step): NFE = (steps - 1) (corrector_steps + 1) + 1;
-- heun: NFE = 2 N - 1, dpm_solver: NFE = M; on a DDPM their grids are rounded to integer steps
+- heun: NFE = 2 N - 1, dpm_solver, dpm_solver_3m, unipc: NFE = M; on a DDPM their grids are rounded to integer steps
   and merged levels cost no evaluation, so steps is searched upward until the budget is reached;
 - ode is adaptive (dopri5): it takes no steps; it runs at ``rtol = atol`` in ``--ode_tols`` and
   each tolerance gets its own row, its cell in the column of the smallest budget >= its NFE.
@@ -39,6 +40,11 @@ ancestral sampling, or within one noise-floor standard deviation of it (divided 
 a cell is the mean over ``--repeats`` sampling seeds). The defaults, 10000 samples and 3 repeats,
 put that standard deviation near 0.15e-3, a quarter of the floor (~0.65e-3).
 
+Few-step target (issue 14): unipc or dpm_solver_3m at <= 10 NFE within 20% of 1000-step ancestral.
+A reduced run for it (a few minutes):
+
+    python benchmarks/bench_samplers_nfe.py --process vp --samplers ancestral dpm_solver dpm_solver_3m unipc --budgets 10 20 50 1000 --reference_above 50
+
     python benchmarks/bench_samplers_nfe.py [--process vp|subvp|ve|ddpm] [--num 10000] [--repeats 3] [--json out.json]
     python benchmarks/bench_samplers_nfe.py --ckpt runs/ddpm_toy2d/version_0/checkpoints/last.ckpt
 """
@@ -48,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -56,12 +63,15 @@ import torch
 
 from lightning_diffusion.diffusion import NoiseSchedule, sample
 from lightning_diffusion.diffusion.mixture import GaussianMixture
-from lightning_diffusion.diffusion.samplers import karras_grid, logsnr_grid
+from lightning_diffusion.diffusion.samplers import karras_grid, sampler_grid
 from lightning_diffusion.diffusion.sde import VESDE, VPSDE, DiscreteVP, GaussianProcess, SubVPSDE
 from lightning_diffusion.metrics import energy_distance
 
-STEP_SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver")
+STEP_SAMPLERS = ("ancestral", "ddim", "euler_maruyama", "pc", "heun", "dpm_solver", "dpm_solver_3m", "unipc")
 SAMPLERS = (*STEP_SAMPLERS[:4], "ode", *STEP_SAMPLERS[4:])
+# a row of the table -> the sampler it runs (rows not listed run the sampler of their name)
+ROW_SAMPLER = {"dpm_solver_3m": "dpm_solver"}
+SOLVERS = ("dpm_solver", "unipc")  # NFE = M solver steps, on a DDPM after merging rounded grid times
 PROCESSES: dict[str, Callable[[], GaussianProcess]] = {
     "vp": lambda: VPSDE(),
     "subvp": lambda: SubVPSDE(),
@@ -71,7 +81,13 @@ PROCESSES: dict[str, Callable[[], GaussianProcess]] = {
 PC_CORRECTOR_STEPS = 1  # pc's default
 # options of a sampler in this table: heun on EDM's own grid top (Karras et al. 2022, Table 1:
 # sigma_max = 80 for every process; a VP SDE would otherwise start at sigma/alpha = 152)
-SAMPLER_OPTIONS: dict[str, dict] = {"heun": {"sigma_max": 80.0}}
+# dpm_solver_3m: DPM-Solver++(3M) on the grid unipc ends on by default (sigma/alpha = 0.01, the
+# reference code's t_end = 1/N), the few-step settings of Lu et al. 2022
+SAMPLER_OPTIONS: dict[str, dict] = {"heun": {"sigma_max": 80.0}, "dpm_solver_3m": {"order": 3, "sigma_min": 0.01}}
+
+
+def row_sampler(row: str) -> str:
+    return ROW_SAMPLER.get(row, row)
 
 
 # -- budget -> steps ------------------------------------------------------------------------------
@@ -84,15 +100,17 @@ def predicted_nfe(name: str, process: GaussianProcess, steps: int) -> int:
         return (steps - 1) * (PC_CORRECTOR_STEPS + 1) + 1
     if name == "heun":
         return 2 * len(karras_grid(process, steps, **SAMPLER_OPTIONS["heun"])) - 1
-    if name == "dpm_solver":
-        return len(logsnr_grid(process, steps + 1)) - 1
+    if row_sampler(name) in SOLVERS:
+        grid_options = {k: v for k, v in SAMPLER_OPTIONS.get(name, {}).items() if k in ("grid", "sigma_min")}
+        return len(sampler_grid(row_sampler(name), process, steps, **grid_options)) - 1
     raise ValueError(name)
 
 
 def steps_for_budget(name: str, process: GaussianProcess, budget: int) -> int | None:
     """The smallest ``steps`` whose NFE is the largest NFE <= budget (None if none fits)."""
-    least = 1 if name == "dpm_solver" else 2
-    most = int(process.t_max) + 1 if process.discrete and name not in ("heun", "dpm_solver") else 20 * budget
+    least = 1 if row_sampler(name) in SOLVERS else 2
+    most = int(process.t_max) + 1 if process.discrete and name != "heun" and row_sampler(name) not in SOLVERS \
+        else 20 * budget
     nfe = lambda s: predicted_nfe(name, process, s)  # noqa: E731  (non-decreasing in s)
     if nfe(least) > budget:
         return None
@@ -176,6 +194,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="device of a --ckpt model")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: small tensors)")
     p.add_argument("--json", help="write all numbers to this JSON file")
+    p.add_argument("--reference_above", type=int, default=None,
+                   help="budgets above this run only ancestral, the reference (a reduced run; default: all rows)")
     args = p.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
@@ -209,7 +229,7 @@ def main() -> None:
         """``--repeats`` runs with seeds seed, seed+1, ...: the mean energy distance and the NFE."""
         start, eds, nfes = time.perf_counter(), [], []
         for i in range(args.repeats):
-            x, nfe = source(name, args.num, steps, torch.Generator().manual_seed(args.seed + i), **options)
+            x, nfe = source(row_sampler(name), args.num, steps, torch.Generator().manual_seed(args.seed + i), **options)
             eds.append(energy_distance(x.float(), ref) if bool(torch.isfinite(x).all()) else float("nan"))
             nfes.append(nfe)
         ed = sum(eds) / len(eds)
@@ -222,6 +242,8 @@ def main() -> None:
         if name not in args.samplers:
             continue
         for budget in budgets:
+            if args.reference_above is not None and budget > args.reference_above and name != "ancestral":
+                continue
             steps = steps_for_budget(name, process, budget)
             if steps is None:
                 continue
@@ -288,6 +310,23 @@ def main() -> None:
         print(f"\n{line}: {'MET by ' + ', '.join(met_by) if met_by else 'NOT MET'}")
         print(f"  ancestral {1e3 * ed_slow:.2f} ({slow['nfe']} NFE); noise floor sd {1e3 * mean_sd:.2f}"
               + (f" (/ sqrt({args.repeats}))" if args.repeats > 1 else "") + ";\n  " + ";\n  ".join(parts))
+    # -- few-step target (issue 14): <= 10 NFE within 20% of 1000-step ancestral ----------------------
+    few: dict = {"reference": "ancestral at 1000 NFE", "candidates": {}, "met": None}
+    few_line = "few-step target: unipc or dpm_solver_3m at <= 10 NFE within 20% of 1000-step ancestral"
+    if slow is None or not slow["finite"] or 10 not in budgets:
+        print(f"\n{few_line}: not evaluated (needs budgets 10 and 1000)")
+    else:
+        for name in ("unipc", "dpm_solver_3m"):
+            r = results[name].get("10")
+            if r is not None and r["finite"]:
+                few["candidates"][name] = {"nfe": r["nfe"], "ed": r["ed"], "ratio": r["ed"] / slow["ed"],
+                                           "within_20pct": r["ed"] <= 1.2 * slow["ed"]}
+        met = [name for name, c in few["candidates"].items() if c["within_20pct"]]
+        few["met"] = bool(met)
+        print(f"\n{few_line}: {'MET by ' + ', '.join(met) if met else 'NOT MET'}")
+        print("  " + "; ".join(f"{name} {1e3 * c['ed']:.2f} ({c['nfe']} NFE, {c['ratio']:.2f}x)"
+                               for name, c in few["candidates"].items())
+              + f"; ancestral {1e3 * slow['ed']:.2f} ({slow['nfe']} NFE)")
     print(f"({elapsed:.0f} s)")
 
     if args.json:
@@ -295,7 +334,8 @@ def main() -> None:
                "process": type(process).__name__ if args.ckpt else args.process, "num": args.num, "seed": args.seed,
                "budgets": budgets, "repeats": args.repeats,
                "noise_floor": {"mean": floor, "sd": floor_sd, "sd_of_mean": mean_sd, "draws": null.tolist()},
-               "results": results, "target": verdict, "seconds": elapsed}
+               "results": results, "target": verdict, "few_step_target": few, "seconds": elapsed,
+               "command": "python " + " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
 
