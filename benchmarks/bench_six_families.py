@@ -179,7 +179,7 @@ def bpd_rows(family: str, model, x_float: torch.Tensor, x_cat: torch.Tensor, arg
         mean, se = summarize(bits)
         estimator = model.bpd_estimator(**options)
         if family == "score_sde" and options.get("steps"):
-            estimator += f"-rk4-{options['steps']}"  # bpd_estimator says "ode" for both solvers
+            estimator += f"-rk4-{options['steps']}"  # bpd_estimator names the divergence, not the solver
         rows.append({"estimator": estimator, "bits_per_dim": mean, "stderr": se, "n": len(bits), "seconds": seconds,
                      "options": options, "nfe": getattr(model, "last_likelihood_nfe", None)})
     return rows, extra

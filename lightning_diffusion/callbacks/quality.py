@@ -333,7 +333,7 @@ class SampleQuality(_Periodic):
 class Likelihood(_Periodic):
     """``bits_per_dim`` over ``num_batches`` batches of ``split`` on every rank, averaged over all
     evaluated samples (sums and counts reduced over ranks), logged as ``val/bpd`` and
-    ``val/bpd_<estimator>`` (elbo, iwae-K, vlb, ode)."""
+    ``val/bpd_<estimator>`` (elbo, iwae-K, vlb, ode-exact, ode-hutchinson-rademacher)."""
 
     def __init__(self, every_n_epochs: int = 1, every_n_steps: int = 0, num_batches: int = 4, split: str = "val",
                  bpd_options: dict[str, Any] | None = None, seed: int = 0):

@@ -66,7 +66,7 @@ class ScoreSDE(GaussianDiffusionModel):
         sigma_data: float = 0.5,
         sampler: str = "pc",
         sample_steps: int = 1000,
-        likelihood_divergence: likelihood.Divergence = "rademacher",
+        likelihood_divergence: likelihood.Divergence = "auto",
         class_conditional: bool = False,
         label_dropout: float = 0.1,
         **kwargs: Any,
@@ -88,8 +88,14 @@ class ScoreSDE(GaussianDiffusionModel):
             sampler: default sampler name for ``sample()`` (``pc`` is score_sde's default).
             sample_steps: number of steps of the default ``sampler`` (other samplers use their own
                 defaults unless ``steps`` is given; the adaptive ``ode`` takes none).
-            likelihood_divergence: ``rademacher``, ``gaussian`` (Hutchinson) or ``exact`` for the
-                ODE likelihood.
+            likelihood_divergence: the divergence of the ODE likelihood: ``auto`` (exact for data of
+                D <= 16 dimensions, ``likelihood.EXACT_DIVERGENCE_MAX_DIMS``, Rademacher above),
+                ``exact``, or Hutchinson's estimate with a ``rademacher`` or ``gaussian`` probe.
+                Exact costs D vector-Jacobian products per ODE evaluation against Hutchinson's one
+                (the toy MLP: 1.4x the time at D = 2, 5.5x at 16, 11x at 32, 18x at 64) and has none
+                of the noise of Hutchinson's one probe a sample (exact score of Gaussian mixtures:
+                a standard error of 0.033 bits/dim on a mean of 512 points at D = 2, 0.0066 at 16,
+                0.0034 at 32; exact <= 0.0003), so exact where that noise matters and costs little.
             class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
             label_dropout: probability of replacing a label by the null label -1 in training.
             **kwargs: data facts and optimizer settings of
@@ -101,7 +107,7 @@ class ScoreSDE(GaussianDiffusionModel):
         self.save_hyperparameters_except("net", "sde")
         for name, value, choices in (("parameterization", parameterization, ("eps", "score", "edm")),
                                      ("weighting", weighting, ("sigma2", "likelihood")),
-                                     ("likelihood_divergence", likelihood_divergence, ("rademacher", "gaussian", "exact"))):
+                                     ("likelihood_divergence", likelihood_divergence, ("auto", "rademacher", "gaussian", "exact"))):
             if value not in choices:
                 raise ValueError(f"ScoreSDE: unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
         self.sde = self._own_sde(sde, t_eps)
@@ -121,6 +127,7 @@ class ScoreSDE(GaussianDiffusionModel):
         self.likelihood_divergence = likelihood_divergence
         self._check_default_sampler()
         self._is_grid: tuple[Tensor, Tensor] | None = None
+        self._last_likelihood_dims: int | None = None  # names the estimator of a model without data_shape
 
     @staticmethod
     def _own_sde(sde: GaussianProcess | None, t_eps: float) -> GaussianProcess:
@@ -261,15 +268,24 @@ class ScoreSDE(GaussianDiffusionModel):
         check_option_names("ScoreSDE.bits_per_dim", options,
                            ("num_dequantizations", "divergence", "rtol", "atol", "steps"))
         check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
-        if divergence not in (None, "rademacher", "gaussian", "exact"):
-            raise OptionError("divergence", divergence, "must be one of ['rademacher', 'gaussian', 'exact'] or None")
+        if divergence not in (None, "auto", "rademacher", "gaussian", "exact"):
+            raise OptionError("divergence", divergence,
+                              "must be one of ['auto', 'rademacher', 'gaussian', 'exact'] or None")
         check_number("rtol", rtol, least=0, above=True)
         check_number("atol", atol, least=0, above=True)
         check_number("steps", steps, least=1, integer=True, optional=True)
 
-    def bpd_estimator(self, **_: Any) -> str:
-        """Name of what :meth:`bits_per_dim` returns: ``ode`` (probability-flow ODE likelihood)."""
-        return "ode"
+    def bpd_estimator(self, *, divergence: str | None = None, **_: Any) -> str:
+        """Name of what :meth:`bits_per_dim` returns with these options: the probability-flow ODE
+        likelihood with the divergence it uses, ``ode-exact``, ``ode-hutchinson-rademacher`` or
+        ``ode-hutchinson-gaussian``; ``auto`` is resolved on D = prod(``data_shape``) (or, without
+        a data_shape, the D of the last ``bits_per_dim`` call; ``ode`` when neither is known)."""
+        divergence = divergence or self.likelihood_divergence
+        num_dims = math.prod(self.data_shape) if self.data_shape is not None else self._last_likelihood_dims
+        if divergence == "auto" and num_dims is None:
+            return "ode"
+        divergence = likelihood.resolve_divergence(divergence, num_dims or 0)
+        return "ode-exact" if divergence == "exact" else f"ode-hutchinson-{divergence}"
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
@@ -280,7 +296,10 @@ class ScoreSDE(GaussianDiffusionModel):
         8-bit images are uniformly dequantized (``num_dequantizations`` draws, averaged) and scored
         as discrete data (+7 bits/dim offset, score_sde's convention); points get their continuous
         NLL. ``steps`` switches to a fixed rk4 grid: the same number of net evaluations on every
-        rank, as a sharded model needs. The NFE of the last call is in ``self.last_likelihood_nfe``.
+        rank, as a sharded model needs. ``divergence`` (default: the model's
+        ``likelihood_divergence``, ``auto``) is exact for D = ``x[0].numel()`` <= 16 and Hutchinson
+        (Rademacher) above; :meth:`bpd_estimator` names the one used. The NFE of the last call is in
+        ``self.last_likelihood_nfe``, the divergence used in ``self.last_likelihood_divergence``.
         """
         self.check_bpd_options(num_dequantizations=num_dequantizations, divergence=divergence, rtol=rtol, atol=atol,
                                steps=steps)
@@ -288,7 +307,7 @@ class ScoreSDE(GaussianDiffusionModel):
             self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
                                      "bpd_options: {steps: N})")
         num_dims = x[0].numel()
-        divergence = divergence or self.likelihood_divergence
+        divergence = likelihood.resolve_divergence(divergence or self.likelihood_divergence, num_dims)
         with evaluating(self):
             results = []
             for _ in range(num_dequantizations if self.is_image else 1):
@@ -298,6 +317,7 @@ class ScoreSDE(GaussianDiffusionModel):
                 bpd = (likelihood.bits_per_dim_discrete(nll, num_dims) if self.is_image
                        else vlb.nats_to_bits_per_dim(nll, num_dims))
                 results.append(bpd)
-        self.last_likelihood_nfe = nfe
+        self.last_likelihood_nfe, self.last_likelihood_divergence = nfe, divergence
+        self._last_likelihood_dims = num_dims
         return torch.stack(results).mean(0)
 
