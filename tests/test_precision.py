@@ -98,8 +98,11 @@ def test_sampling_in_bf16_runs_the_net_in_bf16_and_keeps_the_solver_in_fp32(fami
     fp32 = model.sample(16, generator=torch.Generator().manual_seed(3), **options)
     assert set(seen) == {torch.float32}
     seen.clear()
+    net = model.net
     bf16 = model.sample(16, generator=torch.Generator().manual_seed(3), precision="bf16", **options)
     hook.remove()
+    # the call ran a bf16 copy: the model keeps its own net and its float32 weights
+    assert model.net is net and all(p.dtype == torch.float32 for p in model.parameters())
     assert model.last_sample_nfe == 10
     assert set(seen) == {torch.bfloat16} and len(seen) == 10
     assert bf16.dtype == torch.float32
