@@ -80,19 +80,19 @@ class StepClock(L.Callback):
         self.first_step = self.last_step = 0
         self.excluded = 0.0
         self.loop: list[float] = []
-        self._loop_model = self._batches = None
+        self._loop_model = self._batches = self._precision = None
 
     def _loop_round(self, pl_module: L.LightningModule) -> None:
-        config = yaml.safe_load(Path(self.config).read_text())
-        precision = str(config.get("trainer", {}).get("precision", "32-true"))
         with torch.random.fork_rng():
-            if self._loop_model is None:
+            if self._loop_model is None:  # built once, at the first round
+                config = yaml.safe_load(Path(self.config).read_text())
+                self._precision = str(config.get("trainer", {}).get("precision", "32-true"))
                 self._loop_model = build_model(config)
                 self._batches = make_batches(8, int(config["data"]["init_args"].get("batch_size", 128)), 0,
                                              torch.device("cpu"))
             self._loop_model.load_state_dict(pl_module.state_dict())
             self.loop.append(plain_round(self._loop_model, self._batches, self.loop_steps, torch.device("cpu"),
-                                         precision))
+                                         self._precision))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         now = time.time()
@@ -162,8 +162,8 @@ def sampling_rates(config: dict, num: int, device: torch.device, baseline: dict 
             torch.nn.init.normal_(p, std=0.02)
         return model
 
-    models = {"32": build(config), "bf16": None}
-    models["bf16"] = models["32"]
+    model = build(config)
+    models = {"32": model, "bf16": model}
     rows = [("32", "32"), ("bf16", "bf16")]
     if baseline is not None:
         models["baseline-32"] = build(baseline)

@@ -9,6 +9,7 @@ it (DEVELOPERS.md, "The diffusion math in one form").
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -60,6 +61,10 @@ class GaussianDiffusionModel(GenerativeModel):
         self.last_sample_nfe: int | None = None
         self._trajectory_frames: list[Tensor] | None = None
 
+    #: the family's :class:`~lightning_diffusion.diffusion.sde.GaussianProcess` (DDPM: its
+    #: ``DiscreteVP``; ScoreSDE: its ``sde``)
+    process: Any
+
     # -- the family's denoiser --------------------------------------------------------------
     def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""
@@ -96,11 +101,7 @@ class GaussianDiffusionModel(GenerativeModel):
         denoiser was 3x the converged one, at 32 within 15%), a cosine DDPM 25. A DDPM of at most
         20 timesteps gets ``{}``: its own default, ancestral over all T steps, takes no more
         network calls and is the model's exact reverse process."""
-        import math
-
-        process = getattr(self, "process", None) or getattr(self, "sde", None)  # DDPM's DiscreteVP, ScoreSDE's SDE
-        if process is None:
-            return {"sampler": PREVIEW_SAMPLER, "steps": PREVIEW_STEPS}
+        process = self.process
         if process.discrete and int(process.t_max) + 1 <= PREVIEW_STEPS:
             return {}
         ratio = process.ratio(torch.tensor([float(process.t_max), float(process.t_min)], dtype=torch.float64))
@@ -115,9 +116,8 @@ class GaussianDiffusionModel(GenerativeModel):
         sampler, its options and ``steps`` are checked against ``process``
         (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
         self.check_guidance(guidance_scale)
-        if "precision" in options and options["precision"] not in SAMPLE_PRECISIONS:
-            raise OptionError("precision", options["precision"], f"must be one of {list(SAMPLE_PRECISIONS)}",
-                              "32: the net in float32 (exact); bf16: the net under bfloat16 autocast")
+        if "precision" in options:
+            check_precision(options["precision"])
         own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator", "precision")}
         samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip", "precision"), **own)
 
@@ -132,8 +132,8 @@ class GaussianDiffusionModel(GenerativeModel):
         ``"bf16"`` each evaluation by a bfloat16 copy of the net made for the call (its float inputs
         cast to bf16; under ``torch.autocast(bfloat16)`` where no copy can be made, as on a sharded
         model), its output cast back to float32: 1.4-1.8x the samples/s of a CPU with avx512_bf16 on
-        the digits UNet (``benchmarks/bench_speed_limit.py``). The solver's own arithmetic (the update of ``x_t``, the grid) stays
-        float32 either way, so only the denoiser's rounding changes.
+        the digits UNet (``benchmarks/bench_speed_limit.py``). The solver's own arithmetic (the
+        update of ``x_t``, the grid) stays float32 either way, so only the denoiser's rounding changes.
 
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
         counts once, though it runs a 2B batch).
@@ -153,9 +153,8 @@ class GaussianDiffusionModel(GenerativeModel):
                 with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16_net is None):
                     x0 = exact(x_t, t)
                 return x0.float()
-        elif precision != "32":
-            raise ValueError(f"{type(self).__name__}.sample: precision must be one of {list(SAMPLE_PRECISIONS)}, "
-                             f"got {precision!r}")
+        else:
+            check_precision(precision)
         frames = self._trajectory_frames
         if frames is not None:  # sample_trajectory is recording
             guided = denoise_fn
@@ -215,6 +214,14 @@ class GaussianDiffusionModel(GenerativeModel):
         if self.is_image:
             frames = [f.clamp(-1, 1) for f in frames]
         return torch.stack(frames)
+
+
+def check_precision(precision: str) -> None:
+    """Raise :class:`~lightning_diffusion.errors.OptionError` unless ``precision`` is one of
+    :data:`SAMPLE_PRECISIONS`."""
+    if precision not in SAMPLE_PRECISIONS:
+        raise OptionError("precision", precision, f"must be one of {list(SAMPLE_PRECISIONS)}",
+                          "32: the net in float32 (exact); bf16: the net in bfloat16")
 
 
 def uniform_steps(batch: int, timesteps: int, generator: torch.Generator | None, device) -> Tensor:

@@ -129,6 +129,11 @@ class ScoreSDE(GaussianDiffusionModel):
         self._is_grid: tuple[Tensor, Tensor] | None = None
         self._last_likelihood_dims: int | None = None  # names the estimator of a model without data_shape
 
+    @property
+    def process(self) -> GaussianProcess:
+        """The Gaussian process the samplers run over (the layer's name for it): :attr:`sde`."""
+        return self.sde
+
     @staticmethod
     def _own_sde(sde: GaussianProcess | None, t_eps: float) -> GaussianProcess:
         """The model's own process: a copy of ``sde`` (default ``VPSDE()``) integrated down to
