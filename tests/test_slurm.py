@@ -1,9 +1,12 @@
 """SLURM: ``slurm/train.sbatch`` on the one-machine cluster of ``slurm/local_cluster.sh`` (a 2-task DDP
-job; SIGUSR1 -> hpc checkpoint -> requeue -> resume with the same W&B run), and the two-node
-environment path through SLURM's variables (2 processes on this machine as 2 nodes x 1 task).
+job; SIGUSR1 -> hpc checkpoint -> requeue -> resume with the same W&B run); on its two-node cluster
+(``--nodes 2``: each slurmd a host of its own in a network namespace, a 2-node x 1-task DDP job whose
+all-reduce crosses between them, requeued and resumed on both); and the two-node environment path
+through SLURM's variables (2 processes on this machine as 2 nodes x 1 task, no SLURM).
 
-The cluster tests need Debian's ``slurm-wlm`` and ``munge`` and root (slurmd); without them they are
-skipped with the reason (CI installs them: ``.ci/run``). The two-node test needs neither.
+The cluster tests need Debian's ``slurm-wlm`` and ``munge`` and root (slurmd); the two-node cluster
+also network namespaces, veth and a bridge (``ip``, ``nsenter``). Without them they are skipped with
+the reason (CI installs them: ``.ci/run``). The test through SLURM's variables needs none of it.
 """
 
 import json
@@ -15,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,37 +59,96 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local cluster of its own (own state directory and ports), stopped after the module.
-    Yields the environment for client commands and jobs."""
-    state = tmp_path_factory.mktemp("slurm")
+@dataclass
+class Cluster:
+    """A running local cluster: its state directory and the environment of client commands and jobs."""
+
+    state: Path
+    env: dict[str, str]
+
+    def client(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        """A client command (sbatch, scontrol, ...) where it reaches slurmctld: through
+        ``local_cluster.sh exec`` (the head node's namespace on the multi-node cluster)."""
+        return subprocess.run([str(SCRIPT), "exec", str(self.state), "--", *args], env=self.env,
+                              capture_output=True, text=True, **kwargs)
+
+
+def _start_cluster(state: Path, *options: str, **env_vars: str):
+    """Start a local cluster of its own in ``state``; yield it; stop it (and remove whatever it made)
+    afterwards, also when starting failed."""
     # not WANDB_SERVICE either: set where this pytest process itself ran W&B (the in-process CLI tests),
     # it would make the jobs' ranks share that service, which then refuses the requeued job's run id
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "WANDB_SERVICE"}
-    env.update(LD_SLURM_PORT=str(_free_port_pair()), SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", WANDB_MODE="offline", LD_COMMAND=f"{sys.executable} -m lightning_diffusion")
-    proc = subprocess.run([str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "LD_SLURM_")) and k not in ("WANDB_SERVICE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline",
+               LD_COMMAND=f"{sys.executable} -m lightning_diffusion",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "scripts"), env.get("PYTHONPATH")])),
+               **env_vars)
     try:
-        assert proc.returncode == 0, f"local_cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}"
-        yield env
+        proc = subprocess.run([str(SCRIPT), *options, "start", str(state)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, f"local_cluster.sh {' '.join(options)} start failed:\n{proc.stdout}\n{proc.stderr}"
+        yield Cluster(state, env)
     finally:
-        subprocess.run([str(SCRIPT), "stop", str(state)], env=env, capture_output=True, timeout=60)
+        subprocess.run([str(SCRIPT), "stop", str(state)], env=env, capture_output=True, timeout=120)
 
 
-def _sbatch(env, run_dir: Path, *overrides: str) -> str:
-    """Submit the template as a 1-node, 2-task CPU job (``--gres=none`` drops its GPU request)."""
-    proc = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
-         "--time=00:10:00", f"--output={run_dir / 'slurm.out'}", str(TEMPLATE), str(CONFIG), str(run_dir),
-         *TINY, *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node local cluster of its own (own state directory and ports), stopped after the module."""
+    yield from _start_cluster(tmp_path_factory.mktemp("slurm"), LD_SLURM_PORT=str(_free_port_pair()))
+
+
+def _netns_missing() -> str | None:
+    """Why this machine cannot make the two-node cluster's network (None when it can): ``ip`` and
+    ``nsenter``, and a network namespace with a bridge and a veth pair in it, tried out."""
+    missing = [b for b in ("ip", "nsenter") if shutil.which(b) is None]
+    if missing:
+        return f"{', '.join(missing)} missing (apt-get install -y iproute2 util-linux): the two-node cluster needs them"
+    probe = f"ldprobe{os.getpid()}"
+    steps = [["ip", "netns", "add", probe], ["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
+             ["ip", "-n", probe, "link", "add", "va", "type", "veth", "peer", "name", "vb"]]
+    try:
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=30)
+            if proc.returncode != 0:
+                return (f"no network namespaces for the two-node cluster: `{' '.join(step)}` failed: "
+                        f"{proc.stderr.strip()}")
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    return None
+
+
+# the two-node cluster's namespaces (own prefix per test process) and its nodes' addresses
+NETNS = f"ldt{os.getpid()}"
+SUBNET = "10.15.0"
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """A two-node local cluster of its own: node1 and node2, each a slurmd in a network namespace of
+    its own (NETNS-n1, NETNS-n2, joined by a bridge in NETNS-br), slurmctld on node1; stopped, and
+    its namespaces removed, after the module."""
+    reason = _netns_missing()
+    if reason:
+        pytest.skip(reason)
+    yield from _start_cluster(tmp_path_factory.mktemp("slurm2"), "--nodes", "2", LD_SLURM_NETNS=NETNS,
+                              LD_SLURM_SUBNET=SUBNET)
+
+
+def _sbatch(cluster: Cluster, run_dir: Path, *overrides: str, nodes: int = 1, tasks_per_node: int = 2) -> str:
+    """Submit the template as a CPU job of ``nodes`` x ``tasks_per_node`` tasks (``--gres=none``
+    drops its GPU request)."""
+    proc = cluster.client(
+        "sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+        "--gres=none", "--time=00:10:00", f"--output={run_dir / 'slurm.out'}", str(TEMPLATE), str(CONFIG),
+        str(run_dir), *TINY, *overrides, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]
 
 
-def _job(env, job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+def _job(cluster: Cluster, job_id: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", cluster.client("scontrol", "-o", "show", "job", job_id).stdout))
 
 
 def _log(run_dir: Path) -> str:
@@ -93,30 +156,59 @@ def _log(run_dir: Path) -> str:
     return path.read_text(errors="replace").replace("\r", "\n") if path.is_file() else ""
 
 
-def _fail(env, job_id: str, run_dir: Path, why: str):
-    subprocess.run(["scancel", job_id], env=env, capture_output=True)
-    pytest.fail(f"job {job_id}: {why}\n{_job(env, job_id)}\n--- log tail ---\n{_log(run_dir)[-6000:]}")
+def _fail(cluster: Cluster, job_id: str, run_dir: Path, why: str):
+    cluster.client("scancel", job_id)
+    pytest.fail(f"job {job_id}: {why}\n{_job(cluster, job_id)}\n--- log tail ---\n{_log(run_dir)[-6000:]}")
 
 
-def _wait_until_done(env, job_id: str, run_dir: Path, timeout: float) -> dict[str, str]:
+def _wait_until_done(cluster: Cluster, job_id: str, run_dir: Path, timeout: float) -> dict[str, str]:
     """Poll until the job has ended. A requeued batch job waits for its begin time (cred_expire + 1
     s after the requeue; 11 s on the local cluster, 121 s by SLURM's default): move it to now."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = _job(env, job_id)
+        job = _job(cluster, job_id)
         state = job.get("JobState", "")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             return job
         if state == "PENDING" and job.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
+            cluster.client("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         elif state == "PENDING" and job.get("Reason") not in ("None", "Priority", "Resources"):
-            _fail(env, job_id, run_dir, f"pending for reason {job.get('Reason')}")
+            _fail(cluster, job_id, run_dir, f"pending for reason {job.get('Reason')}")
         time.sleep(0.5)
-    _fail(env, job_id, run_dir, f"not done after {timeout} s")
+    _fail(cluster, job_id, run_dir, f"not done after {timeout} s")
+
+
+def _signal_after_first_epoch(cluster: Cluster, job_id: str, run_dir: Path) -> None:
+    """SIGUSR1 to the job's tasks once its first epoch (10 steps) is done, well before the last: to the
+    tasks of the job's steps (srun's python processes), not the batch shell, as --signal=SIGUSR1@90."""
+    deadline = time.monotonic() + 180
+    while "Epoch 1:" not in _log(run_dir):
+        if time.monotonic() > deadline or _job(cluster, job_id).get("JobState") not in ("PENDING", "RUNNING"):
+            _fail(cluster, job_id, run_dir, "training did not reach its second epoch")
+        time.sleep(0.25)
+    proc = cluster.client("scancel", "--signal=USR1", job_id, timeout=30)
+    assert proc.returncode == 0, f"scancel --signal=USR1 {job_id} failed: {proc.stderr}"
 
 
 def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_requeued_and_resumed(job: dict[str, str], log: str, run_dir: Path, max_steps: int) -> Path:
+    """The 2-task job signalled by ``_signal_after_first_epoch`` completed after one requeue and resume;
+    the hpc checkpoint it resumed from."""
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-6000:]
+    # srun started both tasks, in both runs; Lightning took its ranks from SLURM, auto-requeue armed
+    assert log.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 2 and log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
+    assert log.count("SLURM auto-requeueing enabled") == 4
+    # the hpc checkpoint was written mid-run, the job requeued (same id, run twice) and resumed from it
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file() and 10 <= _load(hpc)["global_step"] < max_steps
+    assert "SlurmRequeue: requeue signal received" in log and "Handling auto-requeue signal" in log
+    assert "DUE TO JOB REQUEUE" in log
+    assert job["Restarts"] == "1" and "restart 0" in log and "restart 1" in log
+    assert f"Restored all states from the checkpoint at {hpc}" in log
+    return hpc
 
 
 @needs_cluster
@@ -129,28 +221,10 @@ def test_sbatch_ddp_job_trains_is_signalled_requeued_and_finishes_in_the_same_wa
                      "--trainer.logger=WandbLogger", "--trainer.logger.init_args.offline=true",
                      f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks+=WandbSamples",
                      "--trainer.callbacks.every_n_epochs=100", "--trainer.callbacks.num_samples=16")
-    # signal once the first epoch (10 steps) is done, well before the last
-    deadline = time.monotonic() + 180
-    while "Epoch 1:" not in _log(tmp_path):
-        if time.monotonic() > deadline or _job(cluster, job_id).get("JobState") not in ("PENDING", "RUNNING"):
-            _fail(cluster, job_id, tmp_path, "training did not reach its second epoch")
-        time.sleep(0.25)
-    # to the tasks of the job's steps (srun's python processes), not the batch shell: as --signal=SIGUSR1@90
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=cluster, check=True, timeout=30)
+    _signal_after_first_epoch(cluster, job_id, tmp_path)
     job = _wait_until_done(cluster, job_id, tmp_path, timeout=300)
     log = _log(tmp_path)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-6000:]
-    # srun started both tasks, in both runs; Lightning took its ranks from SLURM, auto-requeue armed
-    assert log.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 2 and log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
-    assert log.count("SLURM auto-requeueing enabled") == 4
-
-    # the hpc checkpoint was written mid-run, the job requeued (same id, run twice) and resumed from it
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file() and 10 <= _load(hpc)["global_step"] < max_steps
-    assert "SlurmRequeue: requeue signal received" in log and "Handling auto-requeue signal" in log
-    assert "DUE TO JOB REQUEUE" in log
-    assert job["Restarts"] == "1" and "restart 0" in log and "restart 1" in log
-    assert f"Restored all states from the checkpoint at {hpc}" in log
+    hpc = _assert_requeued_and_resumed(job, log, tmp_path, max_steps)
 
     # the W&B run continued: its id is in both checkpoints, names the checkpoint folder (the resumed
     # logger had it before wandb.init) and both offline run folders
@@ -160,6 +234,58 @@ def test_sbatch_ddp_job_trains_is_signalled_requeued_and_finishes_in_the_same_wa
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
     assert f"Resuming W&B run {run_id}" in log
+
+
+def _sent_bytes(namespace: str) -> int:
+    """Bytes sent so far over interface ld0 of a node's namespace (its only way to the other node)."""
+    proc = subprocess.run(["ip", "-n", namespace, "-s", "-j", "link", "show", "ld0"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, f"ip -n {namespace} -s link show ld0 failed: {proc.stderr}"
+    return json.loads(proc.stdout)[0]["stats64"]["tx"]["bytes"]
+
+
+@needs_cluster
+def test_two_host_ddp_job_all_reduces_across_hosts_is_requeued_and_resumes_on_both(two_hosts, tmp_path):
+    """A 2-node x 1-task job on the two-node cluster: rank 0 on node1, rank 1 on node2, each in its own
+    network namespace, so DDP (gloo) can only talk over the nodes' network; MASTER_ADDR is node1's
+    address from the cluster's configuration. SIGUSR1 mid-run: hpc checkpoint, requeue, and both ranks
+    resume from it (on both nodes again) to max_steps with identical parameters."""
+    max_steps = 40
+    sent_before = _sent_bytes(f"{NETNS}-n2")
+    job_id = _sbatch(two_hosts, tmp_path, f"--trainer.max_steps={max_steps}", "--data.init_args.batches_per_epoch=10",
+                     "--trainer.callbacks+=slurm_ranks.RankReport", f"--trainer.callbacks.out={tmp_path / 'ranks'}",
+                     nodes=2, tasks_per_node=1)
+    _signal_after_first_epoch(two_hosts, job_id, tmp_path)
+    job = _wait_until_done(two_hosts, job_id, tmp_path, timeout=300)
+    log = _log(tmp_path)
+    _assert_requeued_and_resumed(job, log, tmp_path, max_steps)
+    assert job["NodeList"] == "node[1-2]" and job["NumNodes"] == "2", job
+    assert_ended_cleanly(0, log, f"job {job_id}")
+    # in both runs the main address was node1's NodeAddr (train.sbatch prints it)
+    assert log.count(f"main address {SUBNET}.1") == 2, log[-6000:]
+
+    # the resumed run's ranks (restart 1): one per node, each in its node's namespace (not this
+    # process's), the world of both; both at max_steps with the same parameters
+    reports = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    own_netns = os.readlink("/proc/self/ns/net")
+    for rank, report in enumerate(reports):
+        assert report["environment"] == "SLURMEnvironment" and report["restart_count"] == 1, report
+        assert (report["world_size"], report["dist_world_size"], report["num_nodes"]) == (2, 2, 2), report
+        assert (report["global_rank"], report["dist_rank"], report["node_rank"], report["local_rank"]) == \
+            (rank, rank, rank, 0), report
+        assert report["slurm_node"] == f"node{rank + 1}" and report["main_address"] == f"{SUBNET}.1", report
+        assert report["global_step"] == max_steps, report
+    netns = {r["netns"] for r in reports}
+    assert len(netns) == 2 and own_netns not in netns, f"ranks' network namespaces {netns}, this process's {own_netns}"
+    assert reports[0]["params"] == reports[1]["params"], "the ranks ended with different parameters"
+
+    # the gradient all-reduce crossed between the hosts: node2 sent at least one gradient's worth of
+    # bytes per step over its interface (a 2-rank all-reduce sends about the whole gradient)
+    last = _load(tmp_path / "ddpm_toy2d" / f"slurm-{job_id}" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == max_steps
+    grad_bytes = sum(v.numel() * v.element_size() for k, v in last["state_dict"].items() if k.startswith("net."))
+    sent = _sent_bytes(f"{NETNS}-n2") - sent_before
+    assert sent >= max_steps * grad_bytes, f"node2 sent {sent} bytes, less than {max_steps} x {grad_bytes} (gradient)"
 
 
 def two_node_ranks(tmp_path: Path, port: int, timeout: float = 240) -> list[tuple[int, str]]:

@@ -1,5 +1,6 @@
-"""A callback for tests/test_slurm.py: each rank writes what it saw of the cluster, and a digest of its
-trained parameters, to ``OUT/rank<global rank>.json`` when training ends. Used by class path
+"""A callback for tests/test_slurm.py: each rank writes what it saw of the cluster (with the SLURM node it
+ran on and its network namespace), and a digest of its trained parameters, to ``OUT/rank<global
+rank>.json`` when training ends. Used by class path
 (``--trainer.callbacks+=slurm_ranks.RankReport``) with this folder on PYTHONPATH."""
 
 import hashlib
@@ -36,6 +37,9 @@ class RankReport(L.Callback):
             "log_dir": trainer.logger.log_dir if trainer.logger is not None else None,  # no collective
             "params": digest.hexdigest(),
             "pid": os.getpid(),
+            "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            "netns": os.readlink("/proc/self/ns/net") if os.path.exists("/proc/self/ns/net") else None,
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
