@@ -14,6 +14,9 @@ node splitter cannot see them and silently duplicates data.
 
 Small splits (``cache``) are kept in memory, decoded, after each shard's first complete and
 checked read: later epochs parse no tar and decode no image, so no worker processes are needed.
+
+Shards and the index may be local or anywhere webdataset reads (``file:``, ``pipe:COMMAND``,
+``http(s)://``): the streams open them with webdataset's ``gopen`` and check them alike.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_diffusion.data.shards import EMBEDDED, SPLITS, ensure_embedded, load_index
+from lightning_diffusion.data.shards import (EMBEDDED, INDEX_NAME, SPLITS, ensure_embedded, load_index, remote_index,
+                                             remote_shard_url)
 from lightning_diffusion.data.streams import (Categories, EvalStream, ShardError, TrainStream, decode_sample,
-                                              expand_pattern, iter_shard)
+                                              expand_pattern, iter_shard, local_path)
 
 __all__ = ["ShardDataModule", "ShardError"]
 
@@ -38,6 +42,13 @@ __all__ = ["ShardDataModule", "ShardError"]
 CACHE_AUTO_BYTES = 64 * 2**20
 #: what one decoded sample costs in memory besides its elements: the tensor object and its storage
 CACHE_SAMPLE_OVERHEAD = 512
+
+
+def _record_key(url: str) -> str:
+    """What a shard's index record is found by: a local shard's real path (however it is spelled),
+    a remote one's URL."""
+    path = local_path(url)
+    return url if path is None else os.path.realpath(path)
 
 
 def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
@@ -141,10 +152,16 @@ class ShardDataModule(L.LightningDataModule):
                 ``colour_digits`` (16 px RGB), ``colour_digits32``, ``gaussians8``, ``moons``,
                 ``swissroll``, ``checkerboard``, ``binary_digits`` (8 px, K = 2), ``words``
                 (character-level text, K = 27, needs the ``text`` extra); built into ``$LD_DATA``
-                on first use), or the path of a shard directory / its ``index.json``. None when
-                only shard patterns are given.
-            train: brace pattern of training shards, e.g. ``/data/train-{000000..000099}.tar``;
-                overrides the index's list.
+                on first use), or the path of a shard directory / its ``index.json`` (also as a
+                ``file:`` URL); or a dataset anywhere webdataset reads, its index read from the same
+                place as its shards: an ``http(s)://`` (``curl``) directory URL or the URL of its
+                ``index.json``, or a ``pipe:`` command that prints the index
+                (``pipe:aws s3 cp s3://bucket/digits/index.json -``), whose shards are read by the
+                same command with ``index.json`` replaced by each shard's name. None when only
+                shard patterns are given.
+            train: brace pattern of training shards, e.g. ``/data/train-{000000..000099}.tar``,
+                ``https://host/digits/train-{000000..000005}.tar`` or ``pipe:gsutil cat
+                gs://bucket/digits/train-{000000..000005}.tar``; overrides the index's list.
             val: brace pattern of validation shards; overrides the index's list.
             test: brace pattern of test shards; overrides the index's list.
             batch_size: samples per batch on each device (per rank).
@@ -158,11 +175,12 @@ class ShardDataModule(L.LightningDataModule):
             multiprocessing_context: start method of the workers (``fork``, ``spawn``,
                 ``forkserver``); None: the platform's default. Coverage is exact with any of them.
             verify: check the SHA-256 of every shard listed in ``index.json`` against the index, once
-                per shard and process (worker), hashed while the shard is read. False skips the
-                hashing, for very large datasets on slow or remote storage. Either way, every complete
-                read of a listed shard must give the sample count the index records. A failed check
-                is a ShardError naming the shard. Shards given by pattern and not in the index go
-                unchecked.
+                per local shard and process (worker), on every read of a remote one (each read is a
+                new transfer), hashed while the shard is read. False skips the hashing, for very
+                large datasets on slow storage. Either way, every complete read of a listed shard
+                must give the sample count (and the size in bytes) the index records. A failed
+                check is a ShardError naming the shard. Shards given by pattern and not in the index
+                go unchecked.
             categorical: read ``x`` as int64 categories (``num_categories`` set) instead of floats.
                 True: images become their 8-bit values (K = 256: category ``round((x + 1) *
                 127.5)`` of the float image) or, where the index records ``levels`` (binarized
@@ -177,11 +195,13 @@ class ShardDataModule(L.LightningDataModule):
                 each sample decoded once, so training needs no ``num_workers``. The batches are
                 bit-identical with and without (same samples, order, flips, resume). Per process
                 and per split's loader: each worker (and rank) holds its own copy. A shard changed on
-                disk (other size or mtime_ns) is read and checked again. None (default, auto):
+                disk (other size or mtime_ns) is read and checked again; a remote shard is read once
+                per loader (no mtime to see a change by). None (default, auto):
                 cache a split when its shards total at most 64 MiB (``CACHE_AUTO_BYTES``) on disk
                 and their decoded samples, as :meth:`decoded_bytes` estimates them from the index's
                 counts (elements x 4 bytes for floats, 8 for int64 categories, + 512 bytes a
-                sample), at most 64 MiB too; splits without recorded counts are not cached. E.g.
+                sample), at most 64 MiB too; splits without recorded counts (or, remote, sizes) are
+                not cached. E.g.
                 digits' training split: 1437 samples, 1.1 MiB decoded, 2.9 MiB on disk (cached);
                 colour_digits: 39 MiB decoded; colour_digits32: 140 MiB and CIFAR-10's training
                 split: 610 MiB (not cached). True: always (memory is the user's call). False: never.
@@ -203,20 +223,15 @@ class ShardDataModule(L.LightningDataModule):
         self.cache = cache
         self.index: dict[str, Any] | None = None
         self.urls: dict[str, list[str]] = {s: [] for s in SPLITS}
-        self._records: dict[str, dict[str, Any]] = {}  # real path of a shard -> what index.json records of it
+        self._records: dict[str, dict[str, Any]] = {}  # _record_key of a shard -> what index.json records of it
         if dataset is not None:
-            path = ensure_embedded(dataset) if dataset in EMBEDDED else Path(dataset)
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"ShardDataModule: dataset {dataset!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) "
-                    "nor an existing shard directory or index.json; write shards with `lightning-diffusion shards`")
-            self.index, root = load_index(path)
+            self.index, index_at, shard_at = self._read_index(dataset)
             for split in SPLITS:
                 shards = self.index["splits"].get(split, {}).get("shards", [])
-                self.urls[split] = [str(root / s["name"]) for s in shards]
-                for s in shards:
-                    self._records[os.path.realpath(root / s["name"])] = {
-                        "count": s.get("count"), "sha256": s.get("sha256"), "index": str(root / "index.json")}
+                self.urls[split] = [shard_at(s["name"]) for s in shards]
+                for s, url in zip(shards, self.urls[split]):
+                    self._records[_record_key(url)] = {"count": s.get("count"), "sha256": s.get("sha256"),
+                                                       "size": s.get("size"), "index": index_at}
         for split, pattern in (("train", train), ("val", val), ("test", test)):
             if pattern is not None:
                 self.urls[split] = expand_pattern(pattern)
@@ -245,6 +260,25 @@ class ShardDataModule(L.LightningDataModule):
         #: text: the symbol of each category (``alphabet[0]`` the pad/end symbol), for
         #: :func:`~lightning_diffusion.data.sources.decode_text`; None for other data
         self.alphabet: str | None = (self.index or {}).get("alphabet") if self.categorical else None
+
+    @staticmethod
+    def _read_index(dataset: str) -> tuple[dict[str, Any], str, Callable[[str], str]]:
+        """(index, where it was read, the function from a shard's name to its path or URL) of an
+        embedded name, a local directory / index.json (path or ``file:``), or a remote URL."""
+        if dataset in EMBEDDED:
+            root = ensure_embedded(dataset)
+        elif (path := local_path(dataset)) is not None:
+            root = Path(path)
+        else:
+            index, index_url = remote_index(dataset)
+            return index, index_url, lambda name: remote_shard_url(index_url, name)
+        if not root.exists():
+            raise FileNotFoundError(
+                f"ShardDataModule: dataset {dataset!r} is neither an embedded dataset ({', '.join(EMBEDDED)}) "
+                "nor an existing shard directory or index.json, nor a URL webdataset reads (https://, pipe:); "
+                "write shards with `lightning-diffusion shards`")
+        index, root = load_index(root)
+        return index, str(root / INDEX_NAME), lambda name: str(root / name)
 
     def _resolve_categories(self, dataset: str | None, categorical: bool | None) -> Categories | None:
         """How ``x`` is decoded: None (floats) or the :class:`Categories`, refusing a reading the
@@ -291,13 +325,13 @@ class ShardDataModule(L.LightningDataModule):
 
     def _shard_records(self, urls: list[str]) -> dict[str, dict[str, Any]]:
         """What the index records of each of ``urls`` (those it lists), for the streams' checks."""
-        return {u: self._records[r] for u in urls if (r := os.path.realpath(u)) in self._records}
+        return {u: self._records[r] for u in urls if (r := _record_key(u)) in self._records}
 
     def decoded_bytes(self, split: str) -> int | None:
         """Estimated memory of ``split``'s decoded samples, what ``cache`` holds of it per process:
         samples x (elements x 4 bytes for floats, 8 for int64 categories, + 512 bytes of tensor a
         sample), from the counts index.json records; None when a shard of the split has none."""
-        counts = [self._records.get(os.path.realpath(u), {}).get("count") for u in self.urls.get(split, [])]
+        counts = [self._records.get(_record_key(u), {}).get("count") for u in self.urls.get(split, [])]
         if not counts or any(c is None for c in counts):
             return None
         per_sample = math.prod(self.data_shape) * (8 if self.categorical else 4) + CACHE_SAMPLE_OVERHEAD
@@ -310,10 +344,19 @@ class ShardDataModule(L.LightningDataModule):
         decoded = self.decoded_bytes(split)
         if decoded is None or decoded > CACHE_AUTO_BYTES:
             return False
-        try:
-            on_disk = sum(os.path.getsize(u) for u in self.urls[split])
-        except OSError:
-            return False  # a missing shard: the stream names it
+        on_disk = 0
+        for url in self.urls[split]:
+            path = local_path(url)
+            if path is None:  # remote: the size its index records
+                size = self._records.get(url, {}).get("size")
+                if size is None:
+                    return False
+                on_disk += size
+                continue
+            try:
+                on_disk += os.path.getsize(path)
+            except OSError:
+                return False  # a missing shard: the stream names it
         return on_disk <= CACHE_AUTO_BYTES
 
     def _loader_kwargs(self) -> dict[str, Any]:

@@ -9,9 +9,12 @@ Each tar sample ``<key>.png`` (8-bit image) or ``<key>.npy`` (float32 point, or 
 sequence of categories), plus ``<key>.cls`` (ASCII integer label) where the data has labels.
 ``index.json`` records the source and its parameters, the sample shape (``[C, H, W]`` for images,
 ``[D]`` for points, ``[L]`` for sequences) and dtype, the classes, and per split the sample count
-and every shard's file name, count and SHA-256. A categorical source also records
+and every shard's file name, count, SHA-256 and size in bytes. A categorical source also records
 ``num_categories`` (K) and ``levels`` (images: the 8-bit value of each category) or ``alphabet``
 (text: the character of each category); other indexes have none of these keys.
+
+A dataset may live anywhere webdataset reads (:func:`remote_index`): its ``index.json`` is read from
+the same place as its shards, an ``http(s)://`` directory or a ``pipe:`` command that prints it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from lightning_diffusion.data.sources import Source, binary_digits, colour_digits, digits, toy2d, words
+from lightning_diffusion.data.streams import read_url
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
@@ -169,7 +174,8 @@ def write_shards(
                         record["cls"] = str(int(y)).encode()
                     sink.write(record)
                     written += 1
-            shards.append({"name": name, "count": min(shard_size, len(indices) - first), "sha256": sha256_file(out / name)})
+            shards.append({"name": name, "count": min(shard_size, len(indices) - first),
+                           "sha256": sha256_file(out / name), "size": (out / name).stat().st_size})
         splits[split] = {"count": written, "shards": shards}
 
     index = {
@@ -204,14 +210,66 @@ def load_index(path: str | Path) -> tuple[dict[str, Any], Path]:
         path = path / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"no shard index at {path}; write one with `lightning-diffusion shards`")
+    return _parse_index(path.read_bytes(), path), path.parent
+
+
+def _parse_index(data: bytes, where: str | Path) -> dict[str, Any]:
+    """The index in ``data`` (the bytes of ``where``, named in errors), checked for its keys."""
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        index = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
     for key in ("kind", "shape", "splits"):
-        if key not in index:
-            raise ValueError(f"{path}: missing key {key!r}; is it an index written by `lightning-diffusion shards`?")
-    return index, path.parent
+        if not isinstance(index, dict) or key not in index:
+            raise ValueError(f"{where}: missing key {key!r}; is it an index written by `lightning-diffusion shards`?")
+    return index
+
+
+INDEX_NAME = "index.json"
+# a shard name the index may give a remote dataset: a relative path of plain characters, so that it
+# goes into a URL or a pipe: command as it is (the index is data, and a pipe: command runs in the shell)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
+
+
+def remote_index(url: str) -> tuple[dict[str, Any], str]:
+    """Read the ``index.json`` of a dataset at ``url`` (anything webdataset reads but a local path,
+    see :class:`~lightning_diffusion.data.streams.UrlStream`); return (index, the index's URL).
+
+    ``url`` names the index itself (it ends in ``.json``: ``https://host/digits/index.json``), a
+    directory that holds it (``https://host/digits`` or ``.../digits/``: ``/index.json`` is
+    appended), or, for ``pipe:``, a command that prints it (``pipe:aws s3 cp
+    s3://bucket/digits/index.json -``). The shards are read from the same place:
+    :func:`remote_shard_url`. A failed read is an OSError naming the URL.
+    """
+    index_url = url
+    if url.startswith("pipe:"):
+        if INDEX_NAME not in url:
+            raise ValueError(
+                f"dataset {url!r} is a command that does not read {INDEX_NAME}: give the command that prints the "
+                f"index, e.g. pipe:aws s3 cp s3://bucket/digits/{INDEX_NAME} - (each shard is read by the same "
+                f"command with {INDEX_NAME} replaced by the shard's name), or give the shards as train/val/test "
+                "patterns with dataset null")
+    elif not url.split("?")[0].endswith(".json"):
+        index_url = url.rstrip("/") + "/" + INDEX_NAME
+    try:
+        data = read_url(index_url)
+    except OSError as e:
+        raise OSError(f"no shard index: {e}; give the URL of the dataset's directory or of its {INDEX_NAME}") from e
+    return _parse_index(data, index_url), index_url
+
+
+def remote_shard_url(index_url: str, name: str) -> str:
+    """The URL (or ``pipe:`` command) that reads shard ``name`` of the index at ``index_url``: the
+    index's URL with its last ``index.json`` (or, for a URL, its last path component) replaced by
+    the name. A name that is not a plain relative path is refused (a ValueError naming it)."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name.split("/"):
+        raise ValueError(f"{index_url} lists a shard named {name!r}; a remote index may name its shards only with "
+                         "letters, digits and _.+-/ (no '..'): rewrite the index")
+    if INDEX_NAME in index_url:
+        head, _, tail = index_url.rpartition(INDEX_NAME)
+        return head + name + tail
+    path, query = (index_url.split("?", 1) + [""])[:2]
+    return path.rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
 
 
 def verify_shards(path: str | Path) -> None:

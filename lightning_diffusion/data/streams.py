@@ -6,8 +6,14 @@ re-import the module of the dataset they unpickle, start quickly.
 Shard content is untrusted: only PNG/JPEG, ``.npy`` (with ``allow_pickle=False``) and ASCII
 ``.cls`` labels are decoded; nothing is unpickled. Shards listed in an ``index.json`` are checked
 against it as they are read (:func:`iter_shard`): the sample count on every complete read, the
-SHA-256 once per shard and process. With ``cache``, a stream keeps each shard's samples in memory
-after its first complete, checked read (:class:`ShardCache`) and decodes each sample at most once.
+SHA-256 once per local shard and process, on every read of a remote one. With ``cache``, a stream
+keeps each shard's samples in memory after its first complete, checked read (:class:`ShardCache`)
+and decodes each sample at most once.
+
+A shard is named by anything webdataset reads: a local path or ``file:`` URL (opened as a file), a
+``pipe:COMMAND`` (the command's stdout is the tar stream) or an ``http://`` / ``https://`` (or other
+``webdataset.gopen``) URL, opened by webdataset's own ``gopen`` (:class:`UrlStream`). A command
+that exits non-zero is a :class:`ShardError` naming the URL, with the command's stderr.
 """
 
 from __future__ import annotations
@@ -16,9 +22,15 @@ import hashlib
 import io
 import os
 import random
+import shlex
+import signal
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -92,16 +104,190 @@ class Categories:
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """Expand a brace pattern (``train-{000000..000009}.tar``, several joined by ``::``) to paths."""
+    """Expand a brace pattern (``train-{000000..000009}.tar``, several joined by ``::``) to paths or URLs
+    (``pipe:cat /data/train-{000000..000009}.tar``, ``https://host/train-{000000..000009}.tar``)."""
     from webdataset.shardlists import expand_urls
 
     return list(expand_urls(pattern))
 
 
+def local_path(url: str) -> str | None:
+    """The local file that ``url`` names: a path as it is, a ``file:`` URL's path (as webdataset's
+    ``gopen`` opens it); None for a URL that webdataset reads through a command or the network
+    (``pipe:``, ``http:``, ``https:``, ``gs:``, ...). A string whose "scheme" is none of
+    webdataset's (``C:``, ``data:2024/x``) is a path."""
+    from webdataset.gopen import gopen_schemes
+
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return url2pathname(urlparse(url).path)
+    return None if scheme in gopen_schemes else url
+
+
+#: curl's exit statuses (``man curl``) that a failed http(s) read is most likely to end with
+CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the server",
+             18: "partial transfer: the connection ended before the size the server announced",
+             22: "the server answered with an HTTP error (4xx/5xx, e.g. 404: no such file there)",
+             28: "the transfer timed out", 35: "the TLS handshake failed",
+             56: "the connection failed while receiving data", 60: "the server's TLS certificate could not be verified"}
+#: how long :meth:`UrlStream.close` waits for a command after closing its stdout before it terminates it
+CLOSE_PATIENCE_S = 10.0
+#: how much of a command's stderr an error message quotes (its end)
+STDERR_TAIL = 2000
+
+
+class UrlStream:
+    """The bytes of a URL, read through webdataset's opener (``webdataset.gopen.gopen``): a
+    ``pipe:COMMAND`` runs the command in the shell and reads its stdout, an ``http(s)://`` URL is
+    read by ``curl``, a ``file:`` URL or path opened as a file.
+
+    A ``pipe:`` command's stderr is captured (in a temporary file): :meth:`failure` quotes it when
+    the command fails, and a command that succeeds has it written to this process's stderr. Call
+    :meth:`finish` after reading to the end of the data (it checks the command's exit status) or
+    :meth:`close` to stop reading early: a command still running then is ended (SIGPIPE), and how
+    it ended is no failure of its own. ``bytes_read`` counts the bytes read.
+    """
+
+    def __init__(self, url: str):
+        from webdataset.gopen import gopen, rewrite_url
+
+        self.url, self.bytes_read, self.ended = url, 0, False
+        self.status: int | None = None  # the command's exit status, once it ended
+        self._stderr_path: str | None = None
+        self._stderr = ""
+        self._stopped = False  # we closed its stdout while it ran: its exit status is ours, not its failure
+        target = rewrite_url(url)  # GOPEN_REWRITE sees the URL as the user wrote it
+        self.command = target[len("pipe:"):] if target.startswith("pipe:") else None
+        if self.command is not None:
+            fd, self._stderr_path = tempfile.mkstemp(prefix="lightning-diffusion-", suffix=".stderr")
+            os.close(fd)
+            # the shell sends the command's stderr to the file: webdataset's pipe opener takes no stderr argument
+            target = f"pipe:exec 2>{shlex.quote(self._stderr_path)}\n{self.command}"
+        try:
+            self.stream = gopen(target, "rb")
+        except FileNotFoundError as e:
+            self._remove_stderr()
+            if urlparse(target).scheme in ("", "file"):
+                raise
+            raise OSError(f"webdataset reads {url} with `{e.filename}`, which is not installed: install it "
+                          "(e.g. apt-get install curl), or read the data through a pipe: command") from e
+        except BaseException:
+            self._remove_stderr()
+            raise
+        self.proc = getattr(self.stream, "proc", None)  # webdataset's Pipe runs a process (pipe:, curl)
+        # the statuses of a command that did not fail: 0, and those of one ended by our closing its stdout
+        # (SIGPIPE: 141 from the shell, -13 as a signal; webdataset adds curl's 23, a write error)
+        self._ok = {0, 128 + signal.SIGPIPE, -signal.SIGPIPE, *getattr(self.stream, "ignore_status", ())}
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes_read += len(data)
+        self.ended = self.ended or (not data and size != 0)
+        return data
+
+    def __enter__(self) -> "UrlStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading: close the stream and wait for the command behind it, which a write to the
+        closed pipe ends (SIGPIPE); it is terminated if it has not ended after ``CLOSE_PATIENCE_S``.
+        Idempotent."""
+        if self.proc is None:  # a plain file (GOPEN_REWRITE made the URL a path)
+            self.stream.close()
+            return
+        if self.status is None:
+            self._stopped = not self.ended and self.proc.poll() is None
+        self.stream.stream.close()  # our end of its stdout; webdataset's Pipe.close would raise on the status
+        if self.status is None:
+            try:
+                self.status = self.proc.wait(CLOSE_PATIENCE_S)
+            except Exception:  # subprocess.TimeoutExpired: it neither writes nor ends
+                self.proc.terminate()
+                self._stopped = True
+                self.status = self.proc.wait()
+        self._read_stderr()
+
+    def finish(self) -> None:
+        """After the end of the data: read what is left (a tar's padding), wait for the command, and
+        raise :class:`ShardError` naming the URL if it failed."""
+        while self.read(1 << 20):
+            pass
+        if self.proc is not None and self.status is None:
+            self.status = self.proc.wait()  # it ended its output: no patience limit, as webdataset's own close
+        self.close()
+        failure = self.failure()
+        if failure is not None:
+            raise ShardError(f"{self.url}: {failure}")
+
+    def failure(self) -> str | None:
+        """Why the command behind the stream failed (its exit status, and its stderr or curl's
+        meaning of the status), or None when it did not; closes the stream first."""
+        self.close()
+        if self.status is None or self.status in self._ok or self._stopped:
+            return None
+        if self.command is not None:
+            what = f"the command `{self.command}`"
+        else:
+            args = self.proc.args
+            what = f"`{args[0] if isinstance(args, (list, tuple)) else str(args).split()[0]}`"
+        ended = f"was killed by signal {-self.status}" if self.status < 0 else f"exited with status {self.status}"
+        if self._stderr:
+            detail = f"; its stderr: {self._stderr}"
+        elif what == "`curl`" and self.status in CURL_EXIT:
+            detail = f" ({CURL_EXIT[self.status]})"
+        else:
+            detail = "" if self.command is None else " and wrote nothing to stderr"
+        return f"{what} {ended}{detail}"
+
+    def _read_stderr(self) -> None:
+        if self._stderr_path is None:
+            return
+        try:
+            with open(self._stderr_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - STDERR_TAIL))
+                text = f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            text = ""
+        self._remove_stderr()
+        if text and self.status in self._ok:
+            print(text, file=sys.stderr)  # a command that succeeded: what it said, as without the capture
+        self._stderr = text
+
+    def _remove_stderr(self) -> None:
+        if self._stderr_path is not None:
+            try:
+                os.unlink(self._stderr_path)
+            except OSError:
+                pass
+            self._stderr_path = None
+
+
+def read_url(url: str) -> bytes:
+    """All bytes of ``url`` (a path or anything webdataset reads, see :class:`UrlStream`). A failed
+    command or transfer is an :class:`OSError` naming the URL (and the command's stderr)."""
+    path = local_path(url)
+    if path is not None:
+        with open(path, "rb") as f:
+            return f.read()
+    stream = UrlStream(url)
+    chunks = []
+    try:
+        with stream:
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+            stream.finish()
+    except (OSError, ShardError) as e:  # webdataset's Pipe raises OSError as soon as it sees a failed status
+        raise OSError(f"cannot read {url}: {stream.failure() or e}") from e
+    return b"".join(chunks)
+
+
 class _HashingReader:
-    """A binary file read through SHA-256: the tar iterator reads the shard once, and the digest
+    """A binary stream read through SHA-256: the tar iterator reads the shard once, and the digest
     of what it read comes for free. ``hexdigest`` reads what the iterator left (tar padding after
-    the end-of-archive blocks) and returns the digest of the whole file."""
+    the end-of-archive blocks) and returns the digest of the whole stream."""
 
     def __init__(self, file):
         self.file, self.sha256 = file, hashlib.sha256()
@@ -117,61 +303,104 @@ class _HashingReader:
         return self.sha256.hexdigest()
 
 
-# (path, recorded SHA-256, size, mtime) of the shards whose SHA-256 this process has checked: later
+# (path, recorded SHA-256, size, mtime) of the local shards whose SHA-256 this process has checked: later
 # reads skip the hashing. A forked DataLoader worker inherits the parent's set, a spawned one starts empty.
+# A remote shard is hashed on every read: each is a new transfer, and there is no mtime to see a change by.
 _VERIFIED: set[tuple[str, str, int, int]] = set()
 
 
 def iter_shard(url: str, record: Mapping[str, Any] | None = None, verify: bool = True) -> Iterator[dict[str, Any]]:
     """Yield the raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard.
 
-    Any failure to open or parse the tar is raised as :class:`ShardError` naming the shard.
+    ``url`` is a local path or anything webdataset reads (``file:``, ``pipe:COMMAND``, ``http(s)://``,
+    see :class:`UrlStream`). Any failure to open, transfer or parse the tar is raised as
+    :class:`ShardError` naming the shard; a ``pipe:`` command or ``curl`` that exits non-zero is
+    named with its exit status (and the command's stderr), also when the tar it gave looked whole.
 
-    ``record`` is the shard's entry in ``index.json`` (``count``, ``sha256``; ``index``: the index's
-    path, for messages). With it, a read to the end raises :class:`ShardError` if the shard held
-    another number of samples than ``count`` (a read abandoned part way, as the training stream's at
-    an epoch's end, is checked only for holding more), and, with ``verify``, if the SHA-256 of its
-    bytes, hashed as they are read, is not ``sha256``: on the first complete read of the shard in
-    this process; later reads of the unchanged file are not hashed again.
+    ``record`` is the shard's entry in ``index.json`` (``count``, ``sha256``, ``size`` in bytes;
+    ``index``: the index's path or URL, for messages). With it, a read to the end raises
+    :class:`ShardError` if the shard held another number of samples than ``count`` (a read
+    abandoned part way, as the training stream's at an epoch's end, is checked only for holding
+    more), with ``verify`` if the SHA-256 of its bytes, hashed as they are read, is not ``sha256``
+    (a local file on its first complete read in this process, later reads of the unchanged file
+    are not hashed again; a remote shard on every read), and if it is not ``size`` bytes long. A
+    tar that breaks off short of ``size`` is named as truncated. The last sample is yielded only
+    after these checks (and a command's exit status) passed: a stream cut inside a sample ends in a
+    partial one, which is never handed out.
     """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     record = record or {}
-    count = record.get("count")
+    count, size = record.get("count"), record.get("size")
     digest = record.get("sha256") if verify else None
     index = record.get("index", "index.json")
+    path = local_path(url)
+    stream = None
     try:
-        with open(url, "rb") as stream:
-            stat = os.fstat(stream.fileno())
-            key = (url, digest, stat.st_size, stat.st_mtime_ns)
-            reader = _HashingReader(stream) if digest and key not in _VERIFIED else stream
+        stream = open(path, "rb") if path is not None else UrlStream(url)
+        with stream:
+            if path is not None:
+                stat = os.fstat(stream.fileno())
+                key = (path, digest, stat.st_size, stat.st_mtime_ns)
+            reader = _HashingReader(stream) if digest and (path is None or key not in _VERIFIED) else stream
             files = ({**f, "__url__": url} for f in tar_file_iterator(reader))
-            read = 0
+            read, last = 0, None
             samples = group_by_keys(files)
             for raw in samples:
                 read += 1
                 if count is not None and read > count:
                     read += sum(1 for _ in samples)
                     break
-                yield raw
+                if last is not None:
+                    yield last
+                last = raw  # held until the checks below: a stream cut inside a sample ends in a partial one
+            actual = reader.hexdigest() if reader is not stream else None
+            if path is None:
+                stream.finish()  # the rest of the stream, and the exit status of the command behind it
+            length = stat.st_size if path is not None else stream.bytes_read
+            sizes = f" (to {length} of the {size} bytes it records)" if size is not None and length != size else ""
             if count is not None and read != count:
-                raise ShardError(f"shard {url} holds {read} samples, but {index} records {count}: it was cut short, "
-                                 "or replaced after the index was written; rewrite the shards with "
+                raise ShardError(f"shard {url} holds {read} samples, but {index} records {count}: it was cut short"
+                                 f"{sizes}, or replaced after the index was written; rewrite the shards with "
                                  "`lightning-diffusion shards` (or restore the file)")
-            if reader is not stream:
-                actual = reader.hexdigest()
-                if actual != digest:
-                    raise ShardError(
-                        f"shard {url}: SHA-256 is {actual}, but {index} records {digest}: the file is corrupt or "
-                        "was replaced after the index was written; rewrite the shards with `lightning-diffusion "
-                        "shards`, or read them unchecked with verify=False (--data.init_args.verify=false)")
+            if actual is not None and actual != digest:
+                raise ShardError(
+                    f"shard {url}: SHA-256 is {actual}, but {index} records {digest}: the file is corrupt or "
+                    "was replaced after the index was written; rewrite the shards with `lightning-diffusion "
+                    "shards`, or read them unchecked with verify=False (--data.init_args.verify=false)")
+            if sizes:
+                raise ShardError(f"shard {url} is {length} bytes, but {index} records {size}: "
+                                 f"{'it is truncated' if length < size else 'it was replaced'}; rewrite the shards "
+                                 "with `lightning-diffusion shards` (or restore the file)")
+            if actual is not None and path is not None:
                 _VERIFIED.add(key)
-    except ShardError:
-        raise
-    except FileNotFoundError as e:
-        raise ShardError(f"shard {url} does not exist") from e
-    except Exception as e:  # tarfile.ReadError, truncated data, duplicate names ...
+            if last is not None:
+                yield last
+    except Exception as e:  # tarfile.ReadError, truncated data, duplicate names, a failed command ...
+        failure = stream.failure() if isinstance(stream, UrlStream) else None
+        if failure is not None:  # the command's failure explains whatever the tar looked like
+            raise ShardError(f"shard {url} could not be read: {failure}") from e
+        if isinstance(e, ShardError):
+            raise
+        if isinstance(e, FileNotFoundError) and path is not None:
+            raise ShardError(f"shard {url} does not exist") from e
+        if stream is None:  # the opener failed: a program that is not installed, a refused URL
+            raise ShardError(f"shard {url} could not be opened: {e}") from e
+        length = _length_read(stream, path)
+        if size is not None and length is not None and length < size:
+            raise ShardError(f"shard {url} is truncated: it ended after {length} bytes, but {index} records {size} "
+                             f"({type(e).__name__}: {e}); rewrite or re-upload the shard, or check the transfer") from e
         raise ShardError(f"shard {url} is not a readable tar file: {type(e).__name__}: {e}") from e
+
+
+def _length_read(stream: Any, path: str | None) -> int | None:
+    """How long the shard behind a failed read is: a local file's size; for a remote stream the
+    bytes read, if it had ended there (None if it had not, or never opened)."""
+    if stream is None:
+        return None
+    if path is not None:
+        return os.path.getsize(path) if os.path.exists(path) else None
+    return stream.bytes_read if stream.ended else None
 
 
 def decode_sample(raw: dict[str, Any], shape: tuple[int, ...] | None, labelled: bool,
@@ -258,14 +487,16 @@ class ShardCache:
     read abandoned part way, or one that raised, keeps nothing). Later reads of the shard are served
     from memory: no file is opened, no tar parsed, and each sample is decoded once, on first use.
     An entry is keyed by the file's (path, size, mtime_ns), looked up with one ``os.stat`` per read:
-    a shard replaced on disk is read and checked again, and replaces its old entry. Memory: about
+    a shard replaced on disk is read and checked again, and replaces its old entry. A remote shard
+    (``pipe:``, ``http(s)://``) is keyed by its URL and the SHA-256 and size its index records (no
+    mtime to see a change by): it is read once, checked, and kept for the stream's life. Memory: about
     the decoded samples (elements x 4 bytes for floats, 8 for int64 categories, plus ~0.5 KB of
     tensor per sample); raw bytes of a sample not yet decoded until it is. A pickled cache (a
     spawned worker's copy of the stream) arrives empty.
     """
 
     def __init__(self) -> None:
-        self._shards: dict[str, tuple[tuple[int, int], list[_Cached]]] = {}
+        self._shards: dict[str, tuple[tuple[Any, Any], list[_Cached]]] = {}
 
     def __reduce__(self):
         return ShardCache, ()
@@ -279,11 +510,15 @@ class ShardCache:
     def samples(self, url: str, record: Mapping[str, Any] | None = None, verify: bool = True) -> Iterator[_Cached]:
         """The samples of shard ``url`` (as :func:`iter_shard` would yield them, wrapped), from
         memory when the unchanged file was read to its end before."""
-        try:
-            stat = os.stat(url)
-            key = (stat.st_size, stat.st_mtime_ns)
-        except OSError:
-            key = None  # iter_shard names the missing shard
+        path = local_path(url)
+        if path is None:
+            key = ((record or {}).get("sha256"), (record or {}).get("size"))
+        else:
+            try:
+                stat = os.stat(path)
+                key = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                key = None  # iter_shard names the missing shard
         hit = self._shards.get(url)
         if hit is not None and hit[0] == key:
             yield from hit[1]

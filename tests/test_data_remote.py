@@ -1,0 +1,213 @@
+"""Shards from anywhere webdataset reads: the digits shards served over HTTP by a server on
+127.0.0.1 that the tests start, through ``pipe:cat`` and as ``file:`` URLs give the local batches
+(training, evaluation, 2 workers, 2 ranks, mid-epoch resume, the cache); the index is read from the
+same place; a truncated or cut-off remote shard, a failing pipe command and a missing index are
+errors that name the URL (and the command's stderr)."""
+
+import functools
+import shlex
+import shutil
+import threading
+from collections import Counter
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from test_data_cache import assert_same, run
+from test_datamodule import attach, rows
+from test_shard_verify import cut_to_first_half
+
+from lightning_diffusion.data import ShardDataModule, ShardError, ensure_embedded
+from lightning_diffusion.data.shards import remote_shard_url
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None,
+                                reason="webdataset reads http(s) URLs with curl, which is not installed")
+TRAIN = "train-{000000..000005}.tar"  # the digits' 6 training shards
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves the server's directory, counts the requests per path and, under ``/lying/``, sends
+    half of a shard of ``digits/`` after announcing all of it (a transfer cut off mid-way)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.requests[self.path] += 1
+        if self.path.startswith("/lying/") and self.path.endswith(".tar"):
+            data = (self.server.root / "digits" / self.path.rsplit("/", 1)[1]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return
+        if self.path.startswith("/lying/"):
+            self.path = "/digits/" + self.path[len("/lying/"):]
+        super().do_GET()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(the directory served, its URL): ``digits/`` holds a copy of the embedded digits shards
+    (written by write_shards), ``lying/`` serves them cut off mid-transfer."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(ensure_embedded("digits"), root / "digits")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    server.root, server.requests = root, Counter()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """curl must reach the test's server directly, whatever proxy the environment sets."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+def _forms(root, base):
+    """(dataset, train pattern, val pattern) of each URL form, all of the same digits shards."""
+    local = root / "digits"
+    cat = f"pipe:cat {shlex.quote(str(local))}/"
+    return {
+        "http-directory": (f"{base}/digits", None, None),
+        "http-index": (f"{base}/digits/index.json", None, None),
+        "http-patterns": (f"{base}/digits/", f"{base}/digits/{TRAIN}", f"{base}/digits/val-000000.tar"),
+        "pipe-index": (f"{cat}index.json", None, None),
+        "pipe-patterns": (None, cat + TRAIN, f"{cat}val-000000.tar"),
+        "file": (f"file:{local}", None, None),
+        "file-patterns": (None, f"file:{local}/{TRAIN}", f"file://{local}/val-000000.tar"),
+    }
+
+
+@pytest.mark.parametrize("form", ["http-directory", "http-index", "http-patterns", "pipe-index", "pipe-patterns",
+                                  "file", "file-patterns"])
+def test_every_url_form_gives_the_local_batches(served, form):
+    root, base, _ = served
+    if form.startswith("http") and shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) URLs with curl, which is not installed")
+    dataset, train, val = _forms(root, base)[form]
+    options = dict(batch_size=128, cache=False, random_flip=True, num_classes=10)
+    if dataset is None:  # patterns alone: no index, so no count
+        options["batches_per_epoch"] = 12
+    dm = attach(ShardDataModule(dataset, train=train, val=val, **options), 0, 1)
+    local = attach(ShardDataModule(str(root / "digits"), **options), 0, 1)
+    assert (dm.data_shape, dm.num_classes, len(dm.urls["train"])) == ((1, 8, 8), 10, 6)
+    if not form.startswith("file"):  # a file: dataset reads its shards as local paths
+        assert dm.urls["train"][0].startswith(form.split("-")[0])
+    assert_same(run(dm, 2)[0], run(local, 2)[0])
+    assert_same([list(dm.val_dataloader())], [list(local.val_dataloader())])
+
+
+@needs_curl
+def test_two_ranks_two_workers_read_every_remote_sample_once(served):
+    root, base, _ = served
+    seen = []
+    for rank in range(2):
+        dm = attach(ShardDataModule(f"{base}/digits", batch_size=32, num_workers=2, multiprocessing_context="fork",
+                                    cache=False), rank, 2)
+        seen += [("train", r) for r in rows(dm.eval_dataloader("train"))]  # 6 shards: shard-level split
+        seen += [("val", r) for r in rows(dm.val_dataloader())]  # 1 shard: sample-level split
+    local = ShardDataModule(str(root / "digits"), batch_size=2000)
+    expected = [(s, r) for s in ("train", "val") for r in rows(local.eval_dataloader(s))]
+    assert len(seen) == len(expected) == 1437 + 180
+    assert sorted(seen) == sorted(expected)
+
+
+@needs_curl
+def test_mid_epoch_resume_from_the_http_stream_is_exact(served):
+    root, base, _ = served
+    options = dict(batch_size=64, num_workers=2, multiprocessing_context="fork", shuffle_buffer=100,
+                   random_flip=True, seed=5, cache=False)
+    straight, _ = run(attach(ShardDataModule(str(root / "digits"), **options), 1, 2), 3)
+    resumed, _ = run(attach(ShardDataModule(f"{base}/digits", **options), 1, 2), 1, resume=(1, 5))
+    assert len(straight[1]) == 12 and len(resumed[-1]) == 7
+    assert_same([straight[0]], [resumed[0]])
+    assert_same([straight[1][5:]], [resumed[-1]])  # epoch 1 from its 6th batch on, as if never stopped
+
+
+@needs_curl
+def test_remote_shards_are_cached_by_url_and_read_once(served):
+    root, base, server = served
+    dm = attach(ShardDataModule(f"{base}/digits", batch_size=128), 0, 1)
+    assert dm.caches("train") and dm.caches("val")  # auto: the sizes the index records are small
+    server.requests.clear()
+    cached, loader = run(dm, 8)
+    reads = {p: n for p, n in server.requests.items() if p.startswith("/digits/train-")}
+    assert reads and max(reads.values()) == 1 and len(loader.dataset.cache) == len(reads)
+    assert_same(cached, run(attach(ShardDataModule(str(root / "digits"), batch_size=128, cache=False), 0, 1), 8)[0])
+
+
+@needs_curl
+def test_a_truncated_remote_shard_is_named_with_its_url(served):
+    root, base, _ = served
+    shutil.copytree(root / "digits", root / "cut", dirs_exist_ok=True)
+    shard = root / "cut" / "val-000000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:data.find(b"\x89PNG", len(data) // 2) + 40])  # inside a PNG's bytes
+    with pytest.raises(ShardError, match=rf"shard {base}/cut/val-000000\.tar is truncated: it ended after "
+                                         rf"\d+ bytes, but {base}/cut/index\.json records {len(data)}"):
+        list(ShardDataModule(f"{base}/cut", batch_size=64).val_dataloader())
+    cut_to_first_half(root / "cut" / "test-000000.tar")  # a valid tar of fewer samples
+    with pytest.raises(ShardError, match=rf"shard {base}/cut/test-000000\.tar holds 90 samples, but "
+                                         rf"{base}/cut/index\.json records 180: it was cut short \(to \d+ of the"):
+        list(ShardDataModule(f"{base}/cut", batch_size=64, verify=False).test_dataloader())
+    # the server announces the whole shard and sends half: curl's partial transfer
+    with pytest.raises(ShardError, match=rf"shard {base}/lying/val-000000\.tar could not be read: `curl` exited "
+                                         r"with status 18 \(partial transfer"):
+        list(ShardDataModule(f"{base}/lying", batch_size=64).val_dataloader())
+
+
+def test_a_failing_pipe_is_named_with_its_stderr(served):
+    root, _, _ = served
+    fail = "pipe:sh -c 'echo boom >&2; exit 3'"
+    with pytest.raises(ShardError, match=rf"shard {fail} could not be read: the command `sh -c 'echo boom >&2; "
+                                         r"exit 3'` exited with status 3; its stderr: boom"):
+        ShardDataModule(None, train=fail)  # the first sample is read at construction
+    with pytest.raises(ShardError, match=r"shard pipe:false could not be read: .*`false` exited with status 1"):
+        ShardDataModule(None, train="pipe:false")
+    # a whole, valid tar on stdout, then a failure: the exit status still counts
+    late = f"pipe:cat {root / 'digits' / 'val-000000.tar'}; echo late >&2; exit 4"
+    with pytest.raises(ShardError, match=r"val-000000\.tar; echo late >&2; exit 4 could not be read: .*status 4; "
+                                         r"its stderr: late"):
+        list(ShardDataModule(None, val=late, batch_size=64, num_classes=10).val_dataloader())
+
+
+def test_a_missing_remote_index_is_named_before_training(served):
+    root, base, _ = served
+    with pytest.raises(OSError, match=r"no shard index: cannot read pipe:cat /nonexistent/index\.json: .*status 1; "
+                                      r"its stderr: cat: /nonexistent/index\.json: No such file"):
+        ShardDataModule("pipe:cat /nonexistent/index.json")
+    with pytest.raises(ValueError, match=r"dataset 'pipe:cat /data/x\.tar' is a command that does not read "
+                                         r"index\.json"):
+        ShardDataModule("pipe:cat /data/x.tar")
+    if shutil.which("curl") is not None:
+        with pytest.raises(OSError, match=rf"no shard index: cannot read {base}/nope/index\.json: `curl` exited "
+                                          r"with status 22 \(the server answered with an HTTP error"):
+            ShardDataModule(f"{base}/nope/")
+
+
+def test_without_curl_http_is_named_with_what_to_install(served, monkeypatch):
+    root, base, _ = served
+    monkeypatch.setenv("PATH", str(root))  # no curl there
+    with pytest.raises(OSError, match=rf"no shard index: webdataset reads {base}/digits/index\.json with `curl`, "
+                                      r"which is not installed: install it"):
+        ShardDataModule(f"{base}/digits")
+    with pytest.raises(ShardError, match=rf"shard {base}/digits/val-000000\.tar could not be opened: .*`curl`, which "
+                                         r"is not installed"):
+        ShardDataModule(None, val=f"{base}/digits/val-000000.tar")
+
+
+def test_remote_shard_names_go_into_the_url_or_command_as_they_are():
+    assert remote_shard_url("pipe:aws s3 cp s3://b/digits/index.json -", "train-000000.tar") == \
+        "pipe:aws s3 cp s3://b/digits/train-000000.tar -"
+    assert remote_shard_url("https://h/d/index.json?sig=1", "val-000000.tar") == "https://h/d/val-000000.tar?sig=1"
+    assert remote_shard_url("https://h/d/meta.json", "a/val-0.tar") == "https://h/d/a/val-0.tar"
+    for bad in ("x; rm -rf ~", "../secret.tar", "/etc/passwd", "$(id).tar"):
+        with pytest.raises(ValueError, match="a remote index may name its shards only with"):
+            remote_shard_url("pipe:cat /d/index.json", bad)
