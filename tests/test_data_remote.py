@@ -211,3 +211,23 @@ def test_remote_shard_names_go_into_the_url_or_command_as_they_are():
     for bad in ("x; rm -rf ~", "../secret.tar", "/etc/passwd", "$(id).tar"):
         with pytest.raises(ValueError, match="a remote index may name its shards only with"):
             remote_shard_url("pipe:cat /d/index.json", bad)
+
+
+@needs_curl
+def test_a_fit_resumed_mid_epoch_from_the_http_stream_equals_the_local_fit(served, tmp_path):
+    # the fit of tests/test_resume.py (14 steps, epochs of 4 batches, 2 workers, dropout, flips): on the
+    # local shards straight, and over HTTP stopped at step 9 (epoch 2 after 1 batch, mid-epoch) and
+    # resumed from that checkpoint: parameters, EMA and optimizer state agree bitwise
+    from test_resume import assert_same as assert_same_fit
+    from test_resume import final_state, fit_here, write_config
+
+    root, base, server = served
+    remote = f"--data.init_args.dataset={base}/digits"
+    before = sum(n for path, n in server.requests.items() if path.endswith(".tar"))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    fit_here(write_config(tmp_path / "c14.yaml"), straight, f"--data.init_args.dataset={root / 'digits'}")
+    fit_here(write_config(tmp_path / "c9.yaml", max_steps=9), split, remote)
+    assert final_state(split)["step"] == 9
+    fit_here(write_config(tmp_path / "c14b.yaml"), split, remote, f"--ckpt_path={split}/checkpoints/last.ckpt")
+    assert_same_fit(final_state(straight), final_state(split))
+    assert sum(n for path, n in server.requests.items() if path.endswith(".tar")) > before  # it streamed
