@@ -91,20 +91,18 @@ def floor_fid(num_samples_note: int = 500) -> dict[str, float]:
     import torch
 
     from lightning_diffusion import SampleQuality, ShardDataModule
-    from lightning_diffusion.metrics import quality
 
     data = ShardDataModule("digits", batch_size=256, num_workers=0)
     probe = SampleQuality(num_samples=num_samples_note, every_n_epochs=0, extractor="digits", metrics=["fid"])
     module = argparse.Namespace(device=torch.device("cpu"))  # real_statistics needs a module only for its device
-    real, _, _ = probe.real_statistics(None, module, points=False, datamodule=data)
+    fid = probe.real_statistics(None, module, points=False, datamodule=data)["fid"]  # the training split's side
     extractor = probe.extractor(torch.device("cpu"))
-    held = quality.GaussianStats(extractor.num_features)
     for split in ("val", "test"):
         for batch in data.eval_dataloader(split):
             with torch.no_grad():
                 features, _ = extractor(batch["x"])
-            held.update(features)
-    return {"floor_fid": quality.frechet_distance(real, held), "floor_images": int(held.n), "train_images": int(real.n)}
+            fid.update(features, real=False)
+    return {"floor_fid": fid.compute().item(), "floor_images": int(fid.fake_count), "train_images": int(fid.real_count)}
 
 
 def run_config(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -22,6 +22,10 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 - Callbacks: `EMA`, `SampleQuality`, `Likelihood`, `WandbSamples`, `SampleGrid`, `LastCheckpoint`,
   `SlurmRequeue`, and `evaluation_weights` / `load_ema_weights` for the EMA weights outside a
   callback.
+- Metrics as ``torchmetrics.Metric``s, on features an extractor computed (their states reduce over
+  ranks in ``compute()``; a LightningModule can ``self.log`` them): `FID` (constant-size float64
+  statistics), `KID`, `PrecisionRecall`, `InceptionScoreFromLogits`, and `BitsPerDim`, the mean
+  bits/dim over every sample. SampleQuality and Likelihood use them.
 - The callbacks' contract as `typing.Protocol`s: `GenerativeModule` (``sample`` and
   ``bits_per_dim``, required), `Reconstructs`, `HasTrajectory`, `HasDensity`, `NamesEstimator`
   (optional).
@@ -92,6 +96,12 @@ _PUBLIC = {
     "WandbSamples": "lightning_diffusion.callbacks",
     "evaluation_weights": "lightning_diffusion.callbacks",
     "load_ema_weights": "lightning_diffusion.callbacks",
+    # metrics (torchmetrics)
+    "BitsPerDim": "lightning_diffusion.metrics",
+    "FID": "lightning_diffusion.metrics",
+    "InceptionScoreFromLogits": "lightning_diffusion.metrics",
+    "KID": "lightning_diffusion.metrics",
+    "PrecisionRecall": "lightning_diffusion.metrics",
     # multi-process runs
     "end_process_group": "lightning_diffusion.distributed",
     # the callbacks' contract

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_diffusion.callbacks import Likelihood, SampleQuality
 from lightning_diffusion.data import ShardDataModule
-from lightning_diffusion.metrics import GaussianStats, energy_distance, frechet_distance, get_extractor, mmd
+from lightning_diffusion.metrics import FID, energy_distance, get_extractor, mmd
 
 
 class PoolModel(L.LightningModule):
@@ -98,17 +98,17 @@ def test_fid_real_vs_real_is_zero_and_noise_is_large(digits_data):
 
 
 def test_fid_state_has_constant_size():
-    stats = GaussianStats(64)
+    stats = FID(64)
     sizes = []
     for _ in range(3):
-        stats.update(torch.randn(500, 64))
-        sizes.append(sum(t.numel() for t in (stats.sum, stats.outer)))
+        stats.update(torch.randn(500, 64), real=False)
+        sizes.append(sum(t.numel() for t in (stats.fake_sum, stats.fake_outer)))
     assert sizes[0] == sizes[-1] == 64 + 64 * 64
     # and the moments equal numpy's
     f = torch.randn(300, 5, dtype=torch.float64)
-    s = GaussianStats(5)
-    s.update(f[:100]), s.update(f[100:])
-    mean, cov = s.mean_cov()
+    s = FID(5)
+    s.update(f[:100], real=True), s.update(f[100:], real=True)
+    mean, cov = s.mean_cov(real=True)
     np.testing.assert_allclose(mean.numpy(), f.numpy().mean(0), atol=1e-12)
     np.testing.assert_allclose(cov.numpy(), np.cov(f.numpy(), rowvar=False), atol=1e-12)
 
@@ -119,11 +119,11 @@ def test_fid_of_two_gaussians_matches_closed_form():
     d, n = 4, 200_000
     m1, m2 = torch.zeros(d), torch.tensor([1.0, 0.0, -0.5, 0.0])
     v1, v2 = torch.ones(d), torch.tensor([4.0, 1.0, 0.25, 1.0])
-    a, b = GaussianStats(d), GaussianStats(d)
-    a.update(m1 + v1.sqrt() * torch.randn(n, d, generator=g))
-    b.update(m2 + v2.sqrt() * torch.randn(n, d, generator=g))
+    fid = FID(d)
+    fid.update(m1 + v1.sqrt() * torch.randn(n, d, generator=g), real=True)
+    fid.update(m2 + v2.sqrt() * torch.randn(n, d, generator=g), real=False)
     exact = ((m1 - m2) ** 2).sum() + ((v1.sqrt() - v2.sqrt()) ** 2).sum()  # 1.25 + 1 + 0.25 = 2.5
-    assert frechet_distance(a, b) == pytest.approx(exact.item(), abs=0.03)
+    assert fid.compute().item() == pytest.approx(exact.item(), abs=0.03)
 
 
 def test_point_metrics_are_zero_for_identical_sets_and_grow_with_shift():
@@ -151,9 +151,13 @@ def _fid_rank(rank: int, world: int, port: int, pool: torch.Tensor, data_dir: st
         cb = SampleQuality(num_samples=pool.shape[0], extractor="digits", batch_size=100, cache_stats=False)
         results = cb.evaluate(None, PoolModel(pool, per_rank=(pool.shape[0] + world - 1) // world), datamodule=dm)
         lk = Likelihood(num_batches=2, split="test").evaluate(None, PoolModel(pool), datamodule=dm)
+        # the real statistics cached by two ranks (the file absent: computed, gathered, written), then
+        # read by two ranks (rank 0 holds the sums, each rank its share of the rows)
+        cached = [SampleQuality(num_samples=pool.shape[0], extractor="digits", batch_size=100).evaluate(
+            None, PoolModel(pool, per_rank=(pool.shape[0] + world - 1) // world), datamodule=dm) for _ in range(2)]
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({**results, **lk}, f)
+                json.dump({**results, **lk, "cached": cached}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -161,6 +165,8 @@ def _fid_rank(rank: int, world: int, port: int, pool: torch.Tensor, data_dir: st
 def test_two_rank_fid_and_bpd_equal_single_process(digits_data, tmp_path):
     pool = torch.cat([digits_split("val"), digits_split("test")])[:301]  # odd: uneven shares
     get_extractor("digits")  # train the classifier once, before the ranks race for it
+    for stale in Path(os.environ["LD_DATA"]).glob("stats/digits-train-*-digits-all-*.pt"):
+        stale.unlink()  # the ranks write the cache
     single_cb = SampleQuality(num_samples=301, extractor="digits", batch_size=100, cache_stats=False)
     single = single_cb.evaluate(None, PoolModel(pool, per_rank=301), datamodule=digits_data)
     mp.spawn(_fid_rank, args=(2, _free_port(), pool, os.environ["LD_DATA"], str(tmp_path / "r.json")), nprocs=2)
@@ -168,6 +174,12 @@ def test_two_rank_fid_and_bpd_equal_single_process(digits_data, tmp_path):
     assert two["val/fid_num_samples"] == 301
     assert two["val/fid"] == pytest.approx(single["val/fid"], rel=1e-6, abs=1e-8)
     assert two["val/precision"] == pytest.approx(single["val/precision"], abs=1e-9)
+    for cached in two["cached"]:  # written by the ranks, then read by them: the same numbers
+        assert cached["val/fid"] == pytest.approx(single["val/fid"], rel=1e-6, abs=1e-8)
+        assert cached["val/precision"] == pytest.approx(single["val/precision"], abs=1e-9)
+        assert cached["val/recall"] == pytest.approx(single["val/recall"], abs=1e-9)
+        assert cached["val/is"] == pytest.approx(single["val/is"], rel=1e-6)
+    assert two["cached"][0]["val/kid"] == pytest.approx(two["cached"][1]["val/kid"], rel=1e-9)
     # Likelihood: per-sample mean over all samples the ranks scored (the first 2 batches of 128
     # of the test split per rank: the test split has 180 -> 90 each, all of them)
     test = digits_split("test")

@@ -116,21 +116,23 @@ def test_wandb_run_id_reads_with_weights_only(tmp_path):
 
 
 def test_cached_statistics_load_with_weights_only(tmp_path):
-    from lightning_diffusion.metrics.quality import GaussianStats, load_stats, save_stats
+    from lightning_diffusion.metrics.quality import FID, load_stats, save_stats
 
     features = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
-    stats = GaussianStats(4)
-    stats.update(features)
+    stats = FID(4)
+    stats.update(features, real=True)
     path = tmp_path / "stats" / "digits-train.pt"
-    save_stats(path, stats, features[:10], None, {"split": "train", "extractor": "points", "count": 50})
-    loaded, bank, logits, meta = load_stats(path)
-    mean, cov = loaded.mean_cov()
-    assert loaded.n == 50 and torch.allclose(mean, features.double().mean(0))
+    save_stats(path, stats.real_statistics(), features[:10], {"split": "train", "extractor": "points", "count": 50})
+    loaded, bank, meta = load_stats(path)
+    restored = FID(4)
+    restored.set_real_statistics(loaded)
+    mean, cov = restored.mean_cov(real=True)
+    assert loaded["n"] == 50 and torch.allclose(mean, features.double().mean(0))
     assert torch.allclose(cov, torch.cov(features.double().T))
-    assert torch.equal(bank, features[:10]) and logits is None and meta["count"] == 50
+    assert torch.equal(bank, features[:10]) and meta["count"] == 50
 
     marker = tmp_path / "pwned"
-    torch.save({"stats": stats.state_dict(), "bank": features, "meta": Payload(marker)}, path)
+    torch.save({"stats": stats.real_statistics(), "bank": features, "meta": Payload(marker)}, path)
     with pytest.raises(ValueError, match=rf"cached real-data statistics {path} cannot be read safely .*delete the file"):
         load_stats(path)
     assert not marker.exists()

@@ -2,7 +2,8 @@
 
 Both run on the evaluation weights (:func:`~lightning_diffusion.callbacks.ema.evaluation_weights`),
 every rank does its share and the same number of network calls (a sharded FSDP model needs all
-ranks in each forward), results are reduced with collectives outside any rank-zero code, and rank
+ranks in each forward), results are reduced over ranks by the torchmetrics metrics of
+:mod:`lightning_diffusion.metrics.quality` (their ``compute()``, outside any rank-zero code), and rank
 zero appends a JSON line with every detail (number of samples, extractor, estimator, weights) to
 ``<run dir>/metrics/<name>.jsonl`` next to the logged numbers.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.aggregation import MaxMetric, MinMetric
 
 from lightning_diffusion.callbacks.common import (batch_data, check_model_options, check_split, class_labels,
                                                   describe_options, eval_batches, find_datamodule, run_dir,
@@ -89,7 +93,9 @@ class SampleQuality(_Periodic):
     MMD for points), logged as ``val/fid`` etc. with ``val/fid_num_samples``.
 
     Generation is split across ranks (rank r draws its share with seed ``seed + r``); features
-    go into constant-size FID statistics and bounded feature banks, reduced over ranks. The
+    go into the torchmetrics metrics :class:`~lightning_diffusion.metrics.quality.FID` (constant-size
+    statistics), ``KID``, ``PrecisionRecall`` and ``InceptionScoreFromLogits`` (at most
+    ``max_features`` rows), which reduce over ranks in ``compute()``. The
     real side is ``real_split`` of the DataModule (every sample once over ranks), its statistics
     cached in ``$LD_DATA/stats/`` keyed by dataset fingerprint, split and extractor.
 
@@ -144,7 +150,9 @@ class SampleQuality(_Periodic):
         self.cache_stats, self.preview_sampler = cache_stats, preview_sampler
         self.last_sample_options: dict[str, Any] | None = None  # what the last evaluation sampled with
         self._extractor: FeatureExtractor | None = None
-        self._real: tuple | None = None
+        self._metrics: dict[str, Metric] | None = None  # quality_metrics(): made on first use
+        self._metrics_kind: tuple[bool, int] | None = None  # (points, feature dimension) they were made for
+        self._real_ready = False  # whether their real side is filled
 
     # -- before training ----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -194,7 +202,7 @@ class SampleQuality(_Periodic):
         rank, world = rank_world(trainer)
         share = quality.split_count(self.num_samples, rank, world)
         per_rank = math.ceil(self.num_samples / world)
-        offset = sum(quality.split_count(self.num_samples, r, world) for r in range(rank))
+        offset = quality.split_offset(self.num_samples, rank, world)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
         options = self.last_sample_options = self.options(pl_module)
         done = 0
@@ -207,7 +215,7 @@ class SampleQuality(_Periodic):
             if keep:
                 yield x[:keep]
 
-    def _real_path(self, trainer: L.Trainer | None, kind: str, datamodule: Any = None) -> Path | None:
+    def _real_path(self, trainer: L.Trainer | None, kind: str, rows: bool, datamodule: Any = None) -> Path | None:
         datamodule = find_datamodule(trainer, datamodule)
         if not self.cache_stats or datamodule is None or not hasattr(datamodule, "fingerprint"):
             return None
@@ -215,30 +223,64 @@ class SampleQuality(_Periodic):
 
         dataset = Path(str(getattr(datamodule, "hparams", {}).get("dataset") or "data")).name
         key = f"{dataset}-{self.real_split}-{datamodule.fingerprint(self.real_split)}-{kind}-" \
-              f"{self.num_real or 'all'}-{self.max_features}"
+              f"{self.num_real or 'all'}-{self.max_features if rows else 0}"  # 0: no feature rows in the file
         return data_cache_dir() / "stats" / f"{key}.pt"
 
+    def quality_metrics(self, trainer: L.Trainer | None, pl_module: L.LightningModule, points: bool,
+                        dim: int) -> dict[str, Metric]:
+        """The torchmetrics metrics of this callback on ``pl_module``'s device, made on first use
+        (again if the kind of data changes): ``fid`` always (its counts go into every record),
+        ``kid``, ``pr`` and ``is`` as chosen, ``energy_distance`` and ``mmd`` for points. Their real
+        side is kept across evaluations (``reset_real_features=False``); rows kept per rank are this
+        rank's share of ``max_features``."""
+        if self._metrics is None or self._metrics_kind != (points, dim):
+            rank, world = rank_world(trainer)
+            cap = quality.split_count(self.max_features, rank, world)
+            made: dict[str, Metric] = {"fid": quality.FID(dim, reset_real_features=False)}
+            if points:  # every generated point is kept (each rank's share of num_samples)
+                made["energy_distance"] = quality.EnergyDistance(max_real_features=cap, reset_real_features=False)
+                made["mmd"] = quality.MMD(max_real_features=cap, reset_real_features=False)
+            else:
+                if "kid" in self.metrics:
+                    made["kid"] = quality.KID(max_features=cap, reset_real_features=False)
+                if "pr" in self.metrics:
+                    made["pr"] = quality.PrecisionRecall(max_features=cap, reset_real_features=False)
+                if "is" in self.metrics:
+                    made["is"] = quality.InceptionScoreFromLogits(max_logits=cap)
+            self._metrics, self._metrics_kind, self._real_ready = made, (points, dim), False
+        for metric in self._metrics.values():  # held by a callback, not the module: Lightning does not move it
+            metric.to(pl_module.device)
+        return self._metrics
+
+    def _dim(self, pl_module: L.LightningModule, x: Tensor, points: bool) -> int:
+        return x.shape[1] if points else self.extractor(pl_module.device).num_features
+
     def real_statistics(self, trainer: L.Trainer | None, pl_module: L.LightningModule, points: bool,
-                        datamodule: Any = None):
-        """(stats, feature bank, logits bank) of the real split, reduced over ranks; cached."""
-        if self._real is not None:
-            return self._real
+                        datamodule: Any = None, dim: int | None = None) -> dict[str, Metric]:
+        """:meth:`quality_metrics` with their real side filled from the ``real_split`` (every rank
+        its share), once per callback; cached on disk. ``dim``: of points (default 2)."""
+        dim = dim or (2 if points else self.extractor(pl_module.device).num_features)
+        metrics = self.quality_metrics(trainer, pl_module, points, dim)
+        if self._real_ready:
+            return metrics
+        rows = [m for m in metrics.values() if isinstance(m, quality.FeatureRows)]
         kind = "points" if points else self.extractor_name
-        path = self._real_path(trainer, kind, datamodule)
+        path = self._real_path(trainer, kind, bool(rows), datamodule)
         rank, world = rank_world(trainer)
         # every rank reads the cache, or none does: a rank that computes enters collectives that a rank
         # reading the file would skip (with $LD_DATA per node, one node may have the file and another not)
-        cached = torch.tensor([int(path is not None and path.is_file())])
-        if world > 1:
-            cached = _all_reduce(cached, "sum")
-        if int(cached) == world:
-            stats, bank, logits, _ = quality.load_stats(path)
-            self._real = (stats, bank, logits)
-            return self._real
+        everywhere = MinMetric().to(pl_module.device)
+        everywhere.update(torch.tensor(float(path is not None and path.is_file())))
+        if everywhere.compute() == 1:
+            stats, bank, _ = quality.load_stats(path)
+            if rank == 0:  # the sides are summed over ranks: one rank holds the totals
+                metrics["fid"].set_real_statistics(stats)
+            start, share = quality.split_offset(len(bank), rank, world), quality.split_count(len(bank), rank, world)
+            for metric in rows:  # concatenated in rank order: the cached order
+                metric.set_real_features(bank[start:start + share])
+            self._real_ready = True
+            return metrics
         limit = None if self.num_real is None else quality.split_count(self.num_real, rank, world)
-        dim = 2 if points else self.extractor(pl_module.device).num_features
-        stats, bank = quality.GaussianStats(dim), quality.FeatureBank(quality.split_count(self.max_features, rank, world))
-        logits_bank = quality.FeatureBank(quality.split_count(self.max_features, rank, world))
         seen = 0
         categories = getattr(find_datamodule(trainer, datamodule), "num_categories", None)
         for batch in eval_batches(trainer, self.real_split, datamodule, option="real_split"):
@@ -250,18 +292,24 @@ class SampleQuality(_Periodic):
             if x.shape[0] == 0:
                 break
             seen += x.shape[0]
-            features, logits = self._features(x.to(pl_module.device), points)
-            stats.update(features)
-            bank.update(features)
-            if logits is not None:
-                logits_bank.update(logits)
-        stats.all_reduce()
-        bank_all, logits_all = bank.all_gather(), (None if points else logits_bank.all_gather())
-        if path is not None and rank == 0:
-            quality.save_stats(path, stats, bank_all, logits_all, {"split": self.real_split, "extractor": kind,
-                                                                    "count": stats.n})
-        self._real = (stats, bank_all, logits_all)
-        return self._real
+            features, _ = self._features(x.to(pl_module.device), points)
+            for name, metric in metrics.items():
+                if name != "is":
+                    metric.update(features, real=True)
+        if seen == 0:  # rows of shape [0, D]: a rank without real data still syncs 2-D rows
+            for metric in rows:
+                metric.update(torch.zeros(0, dim, device=pl_module.device), real=True)
+        if path is not None:
+            with ExitStack() as synced:  # the totals and rows of every rank
+                for metric in (metrics["fid"], *rows[:1]):
+                    synced.enter_context(metric.sync_context())
+                stats = metrics["fid"].real_statistics()
+                bank = rows[0].features(real=True).cpu() if rows else torch.zeros(0, dim)
+            if rank == 0:
+                quality.save_stats(path, stats, bank, {"split": self.real_split, "extractor": kind,
+                                                       "count": stats["n"]})
+        self._real_ready = True
+        return metrics
 
     @torch.no_grad()
     def _features(self, x: Tensor, points: bool) -> tuple[Tensor, Tensor | None]:
@@ -276,55 +324,55 @@ class SampleQuality(_Periodic):
         """Generate, extract, reduce over ranks and compute; returns ``{val/fid: ..., ...}`` (the
         same on every rank)."""
         start = time.perf_counter()
-        rank, world = rank_world(trainer)
+        world = rank_world(trainer)[1]
         self._check_world(trainer)
+        metrics, points = None, None
         with evaluation_weights(trainer, pl_module) as weights:
-            fake_stats = fake_bank = logits_bank = None
-            points = None
             for x in self.generate(trainer, pl_module):
-                if points is None:
+                if metrics is None:
                     points = x.ndim == 2
-                    dim = 2 if points else self.extractor(pl_module.device).num_features
-                    cap = quality.split_count(self.max_features if not points else self.num_samples, rank, world)
-                    fake_stats, fake_bank, logits_bank = quality.GaussianStats(dim), quality.FeatureBank(cap), \
-                        quality.FeatureBank(cap)
+                    metrics = self.quality_metrics(trainer, pl_module, points, self._dim(pl_module, x, points))
+                    for metric in metrics.values():
+                        metric.reset()  # the generated side of the last evaluation
                 features, logits = self._features(x, points)
-                fake_stats.update(features)
-                fake_bank.update(features)
-                if logits is not None:
-                    logits_bank.update(logits)
-        if points is None:
+                for name, metric in metrics.items():
+                    if name == "is":
+                        metric.update(logits)
+                    else:
+                        metric.update(features, real=False)
+        if metrics is None:
             raise RuntimeError("SampleQuality: this rank generated nothing; num_samples < world size?")
-        real_stats, real_bank, _ = self.real_statistics(trainer, pl_module, points, datamodule)
-        fake_stats.all_reduce()
-        fake_all = fake_bank.all_gather()
+        self.real_statistics(trainer, pl_module, points, datamodule, dim=self._metrics_kind[1])
+        # every rank computes every metric in the same order: torchmetrics reduces the states in compute()
+        fid = metrics["fid"]
+        with fid.sync_context():
+            num_samples, num_real = int(fid.fake_count), int(fid.real_count)
         results: dict[str, float] = {}
         if points:
-            results["val/energy_distance"] = quality.energy_distance(fake_all, real_bank)
-            results["val/mmd"] = quality.mmd(fake_all, real_bank)
+            results["val/energy_distance"] = metrics["energy_distance"].compute().item()
+            results["val/mmd"] = metrics["mmd"].compute().item()
         else:
-            logits_all = logits_bank.all_gather()
             if "fid" in self.metrics:
-                results["val/fid"] = quality.frechet_distance(real_stats, fake_stats)
-                results["val/fid_num_samples"] = float(fake_stats.n)
+                results["val/fid"] = fid.compute().item()
+                results["val/fid_num_samples"] = float(num_samples)
             if "kid" in self.metrics:
-                results["val/kid"], results["val/kid_std"] = quality.kernel_distance(real_bank, fake_all)
+                results["val/kid"], results["val/kid_std"] = (v.item() for v in metrics["kid"].compute())
             if "is" in self.metrics:
-                results["val/is"], results["val/is_std"] = quality.inception_score(logits_all)
+                results["val/is"], results["val/is_std"] = (v.item() for v in metrics["is"].compute())
             if "pr" in self.metrics:
-                results["val/precision"], results["val/recall"] = quality.precision_recall(real_bank, fake_all)
+                results["val/precision"], results["val/recall"] = (v.item() for v in metrics["pr"].compute())
         seconds = time.perf_counter() - start
         self.last_results = results
         step = trainer.global_step if trainer is not None else None
         if trainer is not None:
             _append_jsonl(trainer, "sample_quality", {
                 "step": step, "epoch": trainer.current_epoch, **{k.split("/", 1)[1]: v for k, v in results.items()},
-                "num_samples": fake_stats.n,
-                "num_real": real_stats.n, "real_split": self.real_split,
+                "num_samples": num_samples,
+                "num_real": num_real, "real_split": self.real_split,
                 "extractor": "points" if points else self.extractor_name, "weights": weights,
                 "sample_options": self.last_sample_options, "world_size": world, "seconds": seconds})
         described = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in results.items())
-        rank_zero_info(f"SampleQuality (step {step}, {fake_stats.n} samples vs {real_stats.n} real "
+        rank_zero_info(f"SampleQuality (step {step}, {num_samples} samples vs {num_real} real "
                        f"{self.real_split}, extractor {'points' if points else self.extractor_name}, {weights} "
                        f"weights, {describe_options(self.last_sample_options)}, {seconds:.0f} s): {described}")
         return results
@@ -368,11 +416,10 @@ class Likelihood(_Periodic):
             if self.num_batches and len(batches) >= self.num_batches:
                 break
         # every rank makes the same number of bits_per_dim calls (a sharded model needs all ranks)
-        counts = torch.tensor([len(batches)], dtype=torch.long)
-        if world > 1:
-            counts = _all_reduce(counts, "max")
-        calls = int(counts.item())
-        total, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        most = MaxMetric().to(pl_module.device)
+        most.update(torch.tensor(float(len(batches))))
+        calls = int(most.compute())
+        mean_bpd = quality.BitsPerDim().to(pl_module.device)
         with evaluation_weights(trainer, pl_module) as weights:
             supports_generator = "generator" in _parameters(pl_module.bits_per_dim)
             for i in range(calls):
@@ -388,14 +435,13 @@ class Likelihood(_Periodic):
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
                         self.seed * 1_000_003 + rank * 7919 + i)
-                bpd = pl_module.bits_per_dim(x, **options).double().cpu()
+                bpd = pl_module.bits_per_dim(x, **options)
                 if real:
-                    total += bpd.sum()
-                    n += bpd.numel()
-        if world > 1:
-            total, n = _all_reduce(torch.stack([total, n]), "sum").unbind()
+                    mean_bpd.update(bpd)
+        mean = mean_bpd.compute().item()  # over every sample of every rank (torchmetrics sums the states)
+        with mean_bpd.sync_context():
+            n = mean_bpd.count.item()
         estimator = estimator_name(pl_module, **self.bpd_options)
-        mean = (total / n).item() if n > 0 else float("nan")
         results = {"val/bpd": mean, f"val/bpd_{estimator}": mean, "val/bpd_num_samples": float(n)}
         self.last_results = results
         seconds = time.perf_counter() - start
@@ -413,12 +459,3 @@ def _parameters(fn) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
-
-
-def _all_reduce(t: Tensor, op: str) -> Tensor:
-    from lightning_diffusion.metrics.quality import _collective_device
-
-    device = _collective_device()
-    out = t.to(device)
-    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return out.to(t.device)

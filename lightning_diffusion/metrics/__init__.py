@@ -1,10 +1,11 @@
-"""Feature extractors and sample-quality metrics (FID, KID, IS, precision/recall; energy
-distance and MMD for points). Callbacks use these; nothing here knows a model."""
+"""Feature extractors and sample-quality metrics as ``torchmetrics.Metric``s (FID, KID, IS,
+precision/recall; energy distance and MMD for points) and the bits/dim mean. Callbacks use these;
+nothing here knows a model."""
 
 from lightning_diffusion.metrics.features import EXTRACTORS, DigitsFeatures, FeatureExtractor, InceptionV3Features, get_extractor
-from lightning_diffusion.metrics.quality import (FeatureBank, GaussianStats, energy_distance, frechet_distance,
-                                                 inception_score, kernel_distance, mmd, precision_recall)
+from lightning_diffusion.metrics.quality import (FID, KID, MMD, BitsPerDim, EnergyDistance, InceptionScoreFromLogits,
+                                                 PrecisionRecall, energy_distance, mmd)
 
-__all__ = ["EXTRACTORS", "DigitsFeatures", "FeatureBank", "FeatureExtractor", "GaussianStats", "InceptionV3Features",
-           "energy_distance", "frechet_distance", "get_extractor", "inception_score", "kernel_distance", "mmd",
-           "precision_recall"]
+__all__ = ["EXTRACTORS", "FID", "KID", "MMD", "BitsPerDim", "DigitsFeatures", "EnergyDistance", "FeatureExtractor",
+           "InceptionScoreFromLogits", "InceptionV3Features", "PrecisionRecall", "energy_distance", "get_extractor",
+           "mmd"]
