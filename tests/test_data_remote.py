@@ -16,7 +16,7 @@ from test_data_cache import assert_same, run
 from test_datamodule import attach, rows
 from test_shard_verify import cut_to_first_half
 
-from lightning_diffusion.data import ShardDataModule, ShardError, ensure_embedded
+from lightning_diffusion.data import ShardDataModule, ShardError, ensure_embedded, verify_shards
 from lightning_diffusion.data.shards import remote_shard_url
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,6 +161,20 @@ def test_a_truncated_remote_shard_is_named_with_its_url(served):
     with pytest.raises(ShardError, match=rf"shard {base}/lying/val-000000\.tar could not be read: `curl` exited "
                                          r"with status 18 \(partial transfer"):
         list(ShardDataModule(f"{base}/lying", batch_size=64).val_dataloader())
+
+
+@needs_curl
+def test_verify_shards_reads_a_remote_dataset_and_names_a_bad_shard(served):
+    root, base, _ = served
+    verify_shards(f"{base}/digits")
+    verify_shards(f"pipe:cat {root / 'digits' / 'index.json'}")
+    shutil.copytree(root / "digits", root / "tampered", dirs_exist_ok=True)
+    shard = root / "tampered" / "train-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a sample
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{base}/tampered/train-000003\.tar"):
+        verify_shards(f"{base}/tampered")
 
 
 def test_a_failing_pipe_is_named_with_its_stderr(served):

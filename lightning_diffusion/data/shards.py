@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from lightning_diffusion.data.sources import Source, binary_digits, colour_digits, digits, toy2d, words
-from lightning_diffusion.data.streams import read_url
+from lightning_diffusion.data.streams import iter_shard, local_path, read_url
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
@@ -273,7 +273,18 @@ def remote_shard_url(index_url: str, name: str) -> str:
 
 
 def verify_shards(path: str | Path) -> None:
-    """Check every shard listed in an index against its recorded SHA-256; raise naming the first bad one."""
+    """Check every shard listed in an index against its recorded SHA-256; raise naming the first bad one.
+
+    ``path`` is the index or its directory, local or anywhere webdataset reads (a URL or ``pipe:``
+    command, as :func:`remote_index` takes it): a remote shard is read whole through the same
+    checks as training reads it (count, size and SHA-256; a :class:`ShardError` naming its URL)."""
+    if local_path(str(path)) is None:
+        index, index_url = remote_index(str(path))
+        for split in index["splits"].values():
+            for shard in split["shards"]:
+                for _ in iter_shard(remote_shard_url(index_url, shard["name"]), {**shard, "index": index_url}):
+                    pass
+        return
     index, root = load_index(path)
     for split in index["splits"].values():
         for shard in split["shards"]:
