@@ -214,6 +214,12 @@ def test_callbacks_in_a_fit_log_with_counts_and_cache_real_stats(tmp_path, digit
     assert len(cached) == 1, "real statistics were not cached"
     stats = torch.load(cached[0], weights_only=False)
     assert stats["meta"]["count"] == 1437 and stats["stats"]["outer"].shape == (64, 64)
+    # KID and precision/recall keep the same feature rows: one copy in memory (views of the same storage)
+    kid, pr = quality._metrics["kid"], quality._metrics["pr"]
+    for side in ("real_features", "fake_features"):
+        rows_kid, rows_pr = getattr(kid, side), getattr(pr, side)
+        assert len(rows_kid) == len(rows_pr) > 0 and sum(r.shape[0] for r in rows_kid) == (1437 if side[0] == "r" else 64)
+        assert all(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for a, b in zip(rows_kid, rows_pr))
 
 
 def test_inception_weights_are_checked_before_loading(tmp_path, monkeypatch):
