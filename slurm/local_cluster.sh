@@ -158,6 +158,10 @@ EOF
     mv "$conf.tmp" "$conf"
 }
 
+ns_exists() {  # ns_exists NAME: whether network namespace NAME exists (`ip netns list` may add "(id: N)")
+    ip netns list | grep -qx "$1\( (id: [0-9]*)\)\?"
+}
+
 make_network() {
     # The nodes' network: a namespace per node and one for the bridge; veth ld0 (node side) to n<i>
     # (bridge side). Namespaces of this cluster are listed in STATE_DIR/netns; another's are refused.
@@ -171,7 +175,7 @@ make_network() {
     fi
     remove_network  # what an earlier start of this cluster left half made
     for ns in "${all[@]}"; do
-        if ip netns list | grep -qx "$ns\( (id: [0-9]*)\)\?"; then
+        if ns_exists "$ns"; then
             die "network namespace $ns exists but is not this cluster's (not in $state/netns):" \
                 "another cluster's? stop that one, or set LD_SLURM_NETNS to another prefix"
         fi
@@ -198,7 +202,7 @@ remove_network() {  # ends what still runs in the cluster's namespaces (job left
     [[ -s "$state/netns" ]] || return 0
     local ns pids
     while read -r ns; do
-        ip netns list | grep -qx "$ns\( (id: [0-9]*)\)\?" || continue
+        ns_exists "$ns" || continue
         pids="$(ip netns pids "$ns" 2>/dev/null || true)"
         if [[ -n $pids ]]; then
             # shellcheck disable=SC2086

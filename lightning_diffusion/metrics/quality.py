@@ -37,6 +37,20 @@ def _rows(features: Tensor, name: str, what: str = "features") -> Tensor:
     return features.detach().flatten(1)
 
 
+def _check_cap(owner: str, option: str, cap: int | None) -> None:
+    """A row cap is a non-negative int or None; anything else is a ValueError naming the option."""
+    if cap is not None and (not isinstance(cap, int) or cap < 0):
+        raise ValueError(f"{owner}: {option} must be a non-negative int or None, got {cap!r}")
+
+
+def _keep(state: list[Tensor], rows: Tensor, cap: int | None) -> None:
+    """Append ``rows`` to the list state, cut to the ``cap`` rows it may hold (None: all). An empty
+    ``[0, D]`` slice is appended too: every rank then syncs 2-D rows."""
+    if cap is not None:
+        rows = rows[: max(0, cap - sum(r.shape[0] for r in state))]
+    state.append(rows)
+
+
 def _cat(state: list[Tensor] | Tensor) -> Tensor:
     """A list state as one ``[N, D]`` tensor (``[0, 0]`` when it holds nothing)."""
     if isinstance(state, list) and not state:
@@ -153,8 +167,7 @@ class FeatureRows(Metric):
         """
         super().__init__(**kwargs)
         for cap in (max_real, max_fake):
-            if cap is not None and (not isinstance(cap, int) or cap < 0):
-                raise ValueError(f"{type(self).__name__}: max_features must be a non-negative int or None, got {cap!r}")
+            _check_cap(type(self).__name__, "max_features", cap)
         self.max_rows = {True: max_real, False: max_fake}
         self.reset_real_features = reset_real_features
         self.add_state("real_features", [], dist_reduce_fx="cat")
@@ -162,12 +175,8 @@ class FeatureRows(Metric):
 
     def update(self, features: Tensor, real: bool) -> None:
         """Keep feature rows ``[N, D]`` of the real (``real=True``) or generated side, up to the cap."""
-        rows = _rows(features, type(self).__name__).float()
-        state = self.real_features if real else self.fake_features
-        cap = self.max_rows[real]
-        if cap is not None:  # an empty [0, D] slice is kept too: every rank then syncs 2-D rows
-            rows = rows[: max(0, cap - sum(r.shape[0] for r in state))]
-        state.append(rows)
+        _keep(self.real_features if real else self.fake_features, _rows(features, type(self).__name__).float(),
+              self.max_rows[real])
 
     def features(self, real: bool) -> Tensor:
         """One side's rows ``[N, D]`` (this process's; every rank's, rank 0's first, inside
@@ -320,18 +329,13 @@ class InceptionScoreFromLogits(Metric):
             **kwargs: torchmetrics ``Metric`` options.
         """
         super().__init__(**kwargs)
-        if max_logits is not None and (not isinstance(max_logits, int) or max_logits < 0):
-            raise ValueError(f"InceptionScoreFromLogits: max_logits must be a non-negative int or None, got "
-                             f"{max_logits!r}")
+        _check_cap("InceptionScoreFromLogits", "max_logits", max_logits)
         self.splits, self.seed, self.max_logits = splits, seed, max_logits
         self.add_state("logits", [], dist_reduce_fx="cat")
 
     def update(self, logits: Tensor) -> None:
         """Keep classifier logits ``[N, K]`` of generated samples, up to the cap."""
-        rows = _rows(logits, "InceptionScoreFromLogits", "logits").float()
-        if self.max_logits is not None:
-            rows = rows[: max(0, self.max_logits - sum(r.shape[0] for r in self.logits))]
-        self.logits.append(rows)
+        _keep(self.logits, _rows(logits, "InceptionScoreFromLogits", "logits").float(), self.max_logits)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         """``(IS mean, IS std)`` over the splits (float64 scalars)."""
