@@ -340,7 +340,9 @@ def test_two_node_environment_from_slurm_variables(tmp_path):
 
 def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):
     """SIGUSR1 in the middle of a training step only marks it; at the step's end the hpc checkpoint
-    is written (at that step) and `scontrol requeue JOBID` called, once; training goes on."""
+    is written (at that step) and `scontrol requeue JOBID` called, once; training goes on. A second
+    SIGUSR1 after that (the same event reaching a task late, as on another node) writes no second
+    checkpoint and requeues nothing more."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     from torch import nn
@@ -371,6 +373,8 @@ def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGUSR1)  # arrives inside the step: only noted
                 time.sleep(0.05)
                 self.handled_in_step.append((tmp_path / "hpc_ckpt_1.ckpt").exists())
+            if self.global_step == 5:
+                os.kill(os.getpid(), signal.SIGUSR1)  # after the requeue was done: ignored
             return self.layer(batch[0]).pow(2).mean()
 
         def configure_optimizers(self):

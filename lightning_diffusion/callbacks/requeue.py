@@ -11,7 +11,10 @@ This callback takes SIGUSR1 (the environment's ``requeue_signal``) before Lightn
 handler (Lightning then registers none), only notes its arrival, and at the end of every
 ``every_n_steps``-th training batch all ranks agree (one all-reduce of a flag) whether any received
 it. If so, every rank runs Lightning's own requeue routine there, together: the hpc checkpoint in
-``trainer.default_root_dir`` and ``scontrol requeue`` from rank zero; the requeued job restores it
+``trainer.default_root_dir`` and ``scontrol requeue`` from rank zero, once per run: the signal
+reaches the tasks of different nodes at different steps, and a copy arriving after the ranks acted
+on the first (or while SLURM ends the requeued job) is the same event, not a second one to save
+and requeue for. The requeued job restores the checkpoint
 (``Trainer.fit`` with ``ckpt_path=None`` under SLURM). The ``lightning-diffusion`` CLI adds this
 callback itself in a SLURM job; add it to your own Trainer's callbacks when you use the library there.
 """
@@ -44,6 +47,7 @@ class SlurmRequeue(L.Callback):
         self._signum: signal.Signals | None = None
         self._previous: Any = None
         self.received = False
+        self.requeued = False  # this run's requeue was done: later arrivals of the signal are ignored
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -64,16 +68,16 @@ class SlurmRequeue(L.Callback):
             return
         # before Trainer registers its signal handlers (after on_fit_start): it then leaves this one
         self._signum = env.requeue_signal
-        self.received = False
+        self.received = self.requeued = False
         self._previous = signal.signal(self._signum, self._note)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._signum is None or (batch_idx + 1) % self.every_n_steps:
-            return
+        if self._signum is None or self.requeued or (batch_idx + 1) % self.every_n_steps:
+            return  # (every rank sets `requeued` at the same step: none is left in the all-reduce alone)
         if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
-        self.received = False
+        self.requeued = True
         rank_zero_info(f"SlurmRequeue: requeue signal received; hpc checkpoint and requeue at step {trainer.global_step}")
         # Lightning's handler, now at a point where every rank runs it: finalizes the loggers, saves
         # hpc_ckpt_N.ckpt (collective) and, on rank zero, calls `scontrol requeue`.
