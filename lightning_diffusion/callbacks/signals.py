@@ -158,6 +158,8 @@ class StopOnSignal(L.Callback):
             self._arm()  # a step, validation or a hook: it ends by itself
             return
         if time.monotonic() - self._received_at > REPEAT_SECONDS:
+            if _waiting_for_data(frame):
+                _end_data_workers()
             raise self._stop_now("before the end of its step", who=f"a second {_signal_name(signum)}")
 
     def _pass_on(self, signum: int, frame: Any) -> None:
@@ -288,9 +290,11 @@ class StopOnSignal(L.Callback):
             first = str(exception).splitlines()[0] if str(exception) else ""
             self._stop_now(f"(the fit then ended with {type(exception).__name__}: {first})")
         self._end()
+        self._trainer = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._end()
+        self._trainer = None
 
 
 def _dataloader_files() -> tuple[str, ...]:
