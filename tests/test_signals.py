@@ -218,12 +218,19 @@ def test_a_fit_blocked_in_a_data_read_ends_within_seconds_of_sigterm(tmp_path, t
     assert took["second"] < 8, took
 
 
-def test_ddp_ranks_signalled_at_different_steps_stop_together(tmp_path):
-    # rank 1 gets SIGTERM at the start of the batch after step 3, rank 0 after step 5: both stop at
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ranks_signalled_at_different_steps_stop_together(tmp_path, strategy):
+    # 2 CPU processes (gloo), DDP or FSDP2 (ModelParallelStrategy: last.ckpt is a sharded folder).
+    # Rank 1 gets SIGTERM at the start of the batch after step 3, rank 0 after step 5: both stop at
     # step 4, the step where the all-reduce first sees a signal; one checkpoint, exit 143, no hang
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", signals=[{"step": 3, "rank": 1}, {"step": 5, "rank": 0}],
-                          max_steps=100, strategy="ddp", devices=2, data={"num_workers": 0})
+                          max_steps=100, strategy=FSDP2 if strategy == "fsdp2" else "ddp", devices=2,
+                          data={"num_workers": 0})
     log = tmp_path / "ddp.log"
     proc = start(fit_args(config, run), log)
     try:
@@ -236,7 +243,8 @@ def test_ddp_ranks_signalled_at_different_steps_stop_together(tmp_path):
     assert stop_lines(out) == [f"lightning-diffusion fit: stopped by SIGTERM at step 4; saved {ckpt}; "
                                f"resume with --ckpt_path {ckpt}"], out[-3000:]  # rank zero's line only
     assert not [m for m in ABORT_MARKERS if m in out], out[-3000:]
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    meta = ckpt / "meta.pt" if strategy == "fsdp2" else ckpt  # a sharded checkpoint's step is in meta.pt
+    assert torch.load(meta, weights_only=True)["global_step"] == 4
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
@@ -308,3 +316,50 @@ def test_disk_full_injected_during_the_save(tmp_path, monkeypatch):
                    f"--trainer.default_root_dir={tmp_path}", check=False)
     assert_disk_full(proc, dirpath)
     assert len(calls) == 2 and ".partial-" in str(calls[1])
+
+
+def test_in_a_slurm_job_the_stop_checkpoint_is_the_one_a_requeued_job_resumes(tmp_path, monkeypatch):
+    """Library use (a Trainer of one's own, FitStopped raised from fit) in a SLURM job with
+    auto-requeue: SIGUSR1 (``--signal=B:USR1@90``) at step 3 writes hpc_ckpt_1.ckpt at step 4 and
+    requeues; the SIGTERM with which SLURM then ends the job (step 5) writes last.ckpt at step 6 and
+    links it as hpc_ckpt_2.ckpt, the newest, which the requeued job restores (not the older hpc one)."""
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from lightning_diffusion.callbacks import EMA, FitStopped, LastCheckpoint, SlurmRequeue, StopOnSignal
+    from test_ema import Regression, loader
+
+    calls = tmp_path / "scontrol.calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in dict(SLURM_JOB_ID="77", SLURM_JOB_NAME="t", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+                           SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                           SLURM_NODELIST="localhost").items():
+        monkeypatch.setenv(key, value)
+
+    class Signals(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in (3, 5):
+                os.kill(os.getpid(), signal.SIGUSR1 if trainer.global_step == 3 else signal.SIGTERM)
+
+    trainer = L.Trainer(max_steps=50, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[SLURMEnvironment()],
+                        callbacks=[Signals(), EMA(decay=0.9), SlurmRequeue(), StopOnSignal(),
+                                   LastCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100)])
+    with pytest.raises(FitStopped) as stopped:
+        trainer.fit(Regression(), loader())
+    last, hpc = tmp_path / "ck" / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
+    assert stopped.value.code == 143 and stopped.value.step == 6 and stopped.value.checkpoint == str(last)
+    assert str(stopped.value) == (f"stopped by SIGTERM at step 6; saved {last} (and as {hpc}, which a requeued job "
+                                  f"resumes); resume with --ckpt_path {last}")
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(hpc, weights_only=True)["global_step"] == 6 and hpc.read_bytes() == last.read_bytes()
+    assert calls.read_text().split("\n")[:-1] == ["requeue 77"]
+    from lightning_diffusion.cli import slurm_hpc_checkpoint
+
+    assert slurm_hpc_checkpoint(tmp_path) == str(hpc)  # what the CLI's requeued job resumes

@@ -202,11 +202,19 @@ def _assert_requeued_and_resumed(job: dict[str, str], log: str, run_dir: Path, m
     assert log.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 2 and log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
     assert log.count("SLURM auto-requeueing enabled") == 4
     # the hpc checkpoint was written mid-run, the job requeued (same id, run twice) and resumed from it
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file() and 10 <= _load(hpc)["global_step"] < max_steps
+    first = run_dir / "hpc_ckpt_1.ckpt"
+    assert first.is_file() and 10 <= _load(first)["global_step"] < max_steps
     assert "SlurmRequeue: requeue signal received" in log and "Handling auto-requeue signal" in log
     assert "DUE TO JOB REQUEUE" in log
     assert job["Restarts"] == "1" and "restart 0" in log and "restart 1" in log
+    # SLURM ends the requeued job's first run with SIGTERM (KillWait=3 s before SIGKILL): StopOnSignal
+    # writes last.ckpt at the step it reached and links it as hpc_ckpt_2.ckpt, which the job resumes
+    hpc = run_dir / "hpc_ckpt_2.ckpt"
+    if "stopped by SIGTERM" in log:
+        assert hpc.is_file() and _load(first)["global_step"] <= _load(hpc)["global_step"] < max_steps, log[-6000:]
+        assert not (run_dir / "hpc_ckpt_3.ckpt").exists()
+    else:  # the run ended before the signal came (it cannot be forced here)
+        hpc = first
     assert f"Restored all states from the checkpoint at {hpc}" in log
     return hpc
 

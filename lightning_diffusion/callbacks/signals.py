@@ -274,9 +274,12 @@ class StopOnSignal(L.Callback):
                 saved = path is not None
             except OSError as error:  # a full disk: the save failed on every rank alike
                 note = f"the checkpoint at the stop was not written ({error})"
+        hpc = _as_hpc_checkpoint(trainer, path) if saved else None
         self._end()
         if saved:
-            message = f"stopped by {name} at step {step}; saved {path}; resume with --ckpt_path {path}"
+            message = f"stopped by {name} at step {step}; saved {path}"
+            message += f" (and as {hpc}, which a requeued job resumes)" if hpc else ""
+            message += f"; resume with --ckpt_path {path}"
         else:
             path, existing = self._existing_checkpoint()
             message = f"stopped by {name} at step {step}; {note + '; ' if note else ''}{existing}"
@@ -327,3 +330,37 @@ def _end_data_workers() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:
         child.kill()
+
+
+def _as_hpc_checkpoint(trainer: L.Trainer, path: str) -> str | None:
+    """In a SLURM job with auto-requeue, also make the checkpoint ``path`` the newest
+    ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir``: the one a requeued job (or the next job of the
+    same run directory) restores. A hard link (a copy across file systems, a sharded folder copied)
+    under a temporary name, renamed into place: it is whole or absent. Every rank calls it; returns its
+    path, None outside such a job."""
+    from lightning_diffusion.callbacks.requeue import SlurmRequeue
+
+    if SlurmRequeue.requeue_environment(trainer) is None:
+        return None
+    import shutil
+
+    # Lightning's own choice of name: the largest N in default_root_dir, plus one
+    hpc = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+    done = True
+    if trainer.is_global_zero:
+        partial = f"{hpc}.partial-{os.getpid()}"
+        try:
+            if os.path.isdir(path):
+                shutil.copytree(path, partial)
+            else:
+                try:
+                    os.link(path, partial)
+                except OSError:  # another file system, or no hard links there
+                    shutil.copy2(path, partial)
+            os.replace(partial, hpc)
+        except OSError:  # a full disk: last.ckpt is saved all the same, and named
+            shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else None
+            if os.path.isfile(partial):
+                os.remove(partial)
+            done = False
+    return hpc if trainer.strategy.reduce_boolean_decision(done, all=True) else None
