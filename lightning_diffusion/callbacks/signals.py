@@ -154,12 +154,14 @@ class StopOnSignal(L.Callback):
             self._woken = False
             if _waiting_for_data(frame):
                 _end_data_workers()  # blocked in a read: the DataLoader's shutdown would wait 5 s for each
+                self._forward()
                 raise self._stop_now(f"while waiting for data (no batch within {self.grace_seconds:g} s of the signal)")
             self._arm()  # a step, validation or a hook: it ends by itself
             return
         if time.monotonic() - self._received_at > REPEAT_SECONDS:
             if _waiting_for_data(frame):
                 _end_data_workers()
+            self._forward()
             raise self._stop_now("before the end of its step", who=f"a second {_signal_name(signum)}")
 
     def _pass_on(self, signum: int, frame: Any) -> None:
@@ -169,6 +171,14 @@ class StopOnSignal(L.Callback):
         elif previous in (signal.SIG_DFL, None):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+    def _forward(self) -> None:
+        """Before this rank stops alone: send the signal on to the ranks that Lightning's launcher
+        started from this process (``launcher.kill``, as Lightning's own SIGTERM handler does), which
+        would otherwise wait for this one in their next collective."""
+        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        if launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(self.signum)
 
     def _arm(self) -> None:
         # a thread that sends the signal to the main thread again: a real signal interrupts a blocked
