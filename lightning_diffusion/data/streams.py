@@ -146,8 +146,6 @@ HTTP_TRANSIENT = {408, 429, 500, 502, 503, 504}
 #: seconds before the first retry of a read; doubled for each further one, up to ``RETRY_BACKOFF_MAX_S``
 RETRY_BACKOFF_S = 1.0
 RETRY_BACKOFF_MAX_S = 30.0
-#: how long :meth:`UrlStream.close` waits for a command after closing its stdout before it kills it
-CLOSE_PATIENCE_S = 10.0
 #: how much of a command's stderr an error message quotes (its end)
 STDERR_TAIL = 2000
 
@@ -362,9 +360,9 @@ class UrlStream:
         self.close()
 
     def close(self) -> None:
-        """Stop reading: close the stream and wait for the command behind it, which a write to the
-        closed pipe ends (SIGPIPE); it is killed if it has not ended after ``CLOSE_PATIENCE_S``.
-        Idempotent."""
+        """Stop reading: close the stream and end the command behind it if it still runs (killed
+        with its children at once: a stalled one would never see the closed pipe; its exit status
+        is then no failure of its own). Idempotent."""
         if self.proc is None:  # a plain file (GOPEN_REWRITE made the URL a path)
             self.stream.close()
             return
@@ -372,12 +370,9 @@ class UrlStream:
             self._stopped = not self.ended and self.proc.poll() is None
         self.stream.stream.close()  # our end of its stdout; webdataset's Pipe.close would raise on the status
         if self.status is None:
-            try:
-                self.status = self.proc.wait(CLOSE_PATIENCE_S)
-            except subprocess.TimeoutExpired:  # it neither writes nor ends
+            if self._stopped:
                 self._kill()
-                self._stopped = True
-                self.status = self.proc.wait()
+            self.status = self.proc.wait()
         if "stderr" in self._files:
             self._stderr = self._peek_stderr()
             if self._stderr and self.status in self._ok and not self._stopped:
