@@ -343,3 +343,21 @@ def test_transient_failures_are_retried_logged_and_give_the_same_batches(served,
         "data.init_args.retries=2)" in messages[0], messages
     assert messages[1].startswith(f"{base}/flaky/val-000000.tar: `curl` exited with status 18 (partial transfer") \
         and messages[1].endswith("trying again in 1 s (attempt 2 of 3; data.init_args.retries=2)"), messages
+
+
+def test_curl_gets_the_connect_timeout_and_its_timeout_is_named(tmp_path, monkeypatch):
+    # a curl on PATH that records its arguments and ends as curl does when no connection came in time
+    fake = tmp_path / "curl"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho "curl: (28) Failed to connect" >&2\nexit 28\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(ShardError, match=r"shard http://10\.255\.255\.1/t\.tar could not be read: `curl` exited with "
+                                         r"status 28 \(no connection within the connect timeout\); its stderr: curl: "
+                                         r"\(28\) Failed to connect \(after 2 attempts\)"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", connect_timeout=2.5, retries=1)
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--connect-timeout") + 1] == "2.5" and args[-1] == "http://10.255.255.1/t.tar"
+    with pytest.raises(ValueError, match=r"ShardDataModule: data\.stall_timeout must be > 0 seconds, got 0"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", stall_timeout=0)
+    with pytest.raises(ValueError, match=r"ShardDataModule: data\.retries must be >= 0, got -1"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", retries=-1)
