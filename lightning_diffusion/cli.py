@@ -321,7 +321,7 @@ def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
             names = _init_option_names(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             return None
-        close = difflib.get_close_matches(option, names, n=3)
+        close = difflib.get_close_matches(option, names, n=1)
         where = key_path(accepted.start())
         return (f"{where}.init_args.{option}: {name} has no option {option!r}"
                 + (f" (did you mean {' or '.join(close)}?)" if close else "")
@@ -341,13 +341,13 @@ def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
             option = arg.split("=", 1)[0]
             if not option.startswith("--"):
                 return None
-            close = difflib.get_close_matches(option, options, n=3)
+            close = difflib.get_close_matches(option, options, n=1)
             parts.append(f"{option}: no such option" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
         return "; ".join(parts) + f"; {help_line}"
     group = re.fullmatch(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message.strip())
     if group:
         option = f"{group.group(1)}.{group.group(2)}"
-        close = [c[2:] for c in difflib.get_close_matches(f"--{option}", options, n=3)]
+        close = [c[2:] for c in difflib.get_close_matches(f"--{option}", options, n=1)]
         return (f"{option} (in a config file): no such option" + (f" (did you mean {' or '.join(close)}?)" if close else "")
                 + f"; {help_line}")
     return None
