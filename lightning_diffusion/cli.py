@@ -82,16 +82,19 @@ class DiffusionCLI(LightningCLI):
 
         subparsers = getattr(parser._subcommands_action, "_name_parser_map", {}) if parser._subcommands_action else {}
         parsers = [parser, *subparsers.values()]
+        exits = [each.exit_on_error for each in parsers]
         for each in parsers:
             each.exit_on_error = False
         try:
             self.config = parser.parse_args(args)
             return
         except ArgumentError as error:
+            if not exits[0]:  # a caller that asked for the exception gets it
+                raise
             failed = error
         finally:
-            for each in parsers:
-                each.exit_on_error = True
+            for each, exit_on_error in zip(parsers, exits):
+                each.exit_on_error = exit_on_error
         subcommand = next((a for a in args if isinstance(a, str) and a in subparsers), None)
         line = _parser_error_line(str(failed), subparsers.get(subcommand, parser), subcommand or "")
         if line is not None:
