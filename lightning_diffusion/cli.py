@@ -69,8 +69,40 @@ class DiffusionCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args`` (:func:`main` always passes the command line itself, so Lightning's warning
-        about ``args`` and ``sys.argv`` both being given would appear on every fit)."""
-        self.config = parser.parse_args(args)
+        about ``args`` and ``sys.argv`` both being given would appear on every fit).
+
+        An unknown option (a typo such as ``--model.init_args.timestep``, in a config file or on the
+        command line) or a class that cannot be imported becomes one line naming the key and the
+        closest valid names (:func:`_parser_error_line`), raised as a
+        :class:`~lightning_diffusion.errors.UserError`; jsonargparse's own message for those is
+        the whole config over some 60 lines. Every other parser error is reported by the parser as
+        before (usage, message, exit status 2). The parsers are switched to ``exit_on_error=False``
+        for the parse, jsonargparse's way of handing the error to the caller."""
+        from argparse import ArgumentError
+
+        subparsers = getattr(parser._subcommands_action, "_name_parser_map", {}) if parser._subcommands_action else {}
+        parsers = [parser, *subparsers.values()]
+        exits = [each.exit_on_error for each in parsers]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            self.config = parser.parse_args(args)
+            return
+        except ArgumentError as error:
+            if not exits[0]:  # a caller that asked for the exception gets it
+                raise
+            failed = error
+        finally:
+            for each, exit_on_error in zip(parsers, exits):
+                each.exit_on_error = exit_on_error
+        subcommand = next((a for a in args if isinstance(a, str) and a in subparsers), None)
+        line = _parser_error_line(str(failed), subparsers.get(subcommand, parser), subcommand or "")
+        if line is not None:
+            from lightning_diffusion.errors import UserError
+
+            raise UserError(line) from None
+        refusing, cause = _raising_parser(failed, parsers)
+        refusing.error(str(failed), cause)  # prints usage and the message and exits, as before
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in LINKS:
@@ -241,23 +273,103 @@ def _check_links(explicit: dict[str, Any], datamodule) -> None:
                 f"{target} is linked from the data; leave it out, or choose data that match it")
 
 
-def _accepts(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` takes the keyword ``name``: its ``__init__``, or (through ``**kwargs``)
-    that of a base class it passes them on to."""
+def _init_option_names(cls: type) -> list[str]:
+    """The keywords ``cls(...)`` takes: those of its ``__init__`` and (through ``**kwargs``) of the
+    base classes it passes them on to."""
     import inspect
 
+    names: list[str] = []
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         try:
             params = inspect.signature(klass.__init__).parameters
         except (ValueError, TypeError):
-            return False
-        if name in params:
-            return True
+            break
+        names += [n for n, p in params.items() if n != "self" and n not in names
+                  and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
+            break
+    return names
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name`` (:func:`_init_option_names`)."""
+    return name in _init_option_names(cls)
+
+
+def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
+    """One line for a parser error that has a clear cause, None for any other.
+
+    - an option that a class (model, net, data, callback) does not take, found in jsonargparse's
+      "Problem with given class_path 'C': Option 'K' is not accepted": the key as the config writes
+      it, the class and the closest of its ``__init__`` options (difflib);
+    - a class_path whose module cannot be imported ("No module named ..."): the key, the class path,
+      and to make the module importable;
+    - "unrecognized arguments: --trainer.max_stesp=5" (command line) and "Group 'trainer' does not
+      accept option 'max_stesp'" (a config file): the closest options of ``parser`` (the subcommand's).
+    """
+    import difflib
+    import importlib
+
+    def key_path(end: int) -> str:
+        keys = re.findall(r'Parser key "([\w.]+)"', message[:end])
+        return ".init_args.".join(keys) if keys else "?"
+
+    accepted = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message)
+    if accepted:
+        class_path, option = accepted.groups()
+        module, _, name = class_path.rpartition(".")
+        try:
+            names = _init_option_names(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            return None
+        close = difflib.get_close_matches(option, names, n=1)
+        where = key_path(accepted.start())
+        return (f"{where}.init_args.{option}: {name} has no option {option!r}"
+                + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; its options are {', '.join(names)}")
+    missing = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(No module named '[\w.]+')", message)
+    if missing:
+        class_path, reason = missing.groups()
+        return (f"{key_path(missing.start())}.class_path={class_path!r}: the class cannot be imported ({reason}); "
+                "install or import the module that defines it (add its folder to PYTHONPATH, or pip install its "
+                "package), or give a class_path that is installed here")
+    options = [o for action in getattr(parser, "_actions", []) for o in action.option_strings if o.startswith("--")]
+    help_line = f"`lightning-diffusion {subcommand} --help` lists the options".replace("  ", " ")
+    unknown = re.fullmatch(r"unrecognized arguments: (.+)", message.strip())
+    if unknown:
+        parts = []
+        for arg in unknown.group(1).split():
+            option = arg.split("=", 1)[0]
+            if not option.startswith("--"):
+                return None
+            close = difflib.get_close_matches(option, options, n=1)
+            parts.append(f"{option}: no such option" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        return "; ".join(parts) + f"; {help_line}"
+    group = re.fullmatch(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message.strip())
+    if group:
+        option = f"{group.group(1)}.{group.group(2)}"
+        close = [c[2:] for c in difflib.get_close_matches(f"--{option}", options, n=1)]
+        return (f"{option} (in a config file): no such option" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; {help_line}")
+    return None
+
+
+def _raising_parser(error: BaseException, parsers: list):
+    """Which of ``parsers`` (the command's and its subcommands') first refused the arguments
+    (``error`` or an exception it was raised from), with the exception it refused them for: a
+    subcommand's parser prints its own usage."""
+    found, seen, inner = (parsers[0], error.__cause__), set(), error
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        tb = inner.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "error" and any(tb.tb_frame.f_locals.get("self") is p for p in parsers):
+                found = (tb.tb_frame.f_locals["self"], inner.__cause__)
+            tb = tb.tb_next
+        inner = inner.__cause__ or inner.__context__
+    return found
 
 
 def _drop_unaccepted_model_links(model, datamodule) -> None:
