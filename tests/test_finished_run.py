@@ -1,0 +1,120 @@
+"""A finished run is never restarted over: a fresh fit into it is refused and changes nothing;
+``--ckpt_path last`` resumes it; a resumed run (also a copied one, resumed twice) keeps
+``last.ckpt`` as its newest checkpoint; a resume from an older checkpoint moves the rows it logs
+again into ``metrics-superseded-<n>.csv``, so ``metrics.csv`` never holds a step twice."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the toy config, 10 timesteps, a metrics row per step, in runs/ddpm_toy2d/<version> of the cwd
+TOY = ["--config", "ddpm_toy2d", "--model.init_args.timesteps=10", "--trainer.enable_progress_bar=false",
+       "--trainer.log_every_n_steps=1", "--trainer.logger.init_args.save_dir=runs"]
+RUN = Path("runs") / "ddpm_toy2d"
+
+
+def fit(cwd: Path, version: str, max_steps: int, *extra: str, check: bool = True):
+    return run_cli("fit", *TOY, f"--trainer.logger.init_args.version={version}", f"--trainer.max_steps={max_steps}",
+                   *extra, cwd=cwd, check=check)
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def train_steps(path: Path) -> list[int]:
+    with open(path, newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 3-step run, runs/ddpm_toy2d/run1 in the returned folder; tests copy it."""
+    cwd = tmp_path_factory.mktemp("finished")
+    fit(cwd, "run1", 3)
+    return cwd
+
+
+def own_copy(finished: Path, tmp_path: Path) -> Path:
+    shutil.copytree(finished / "runs", tmp_path / "runs")
+    return tmp_path
+
+
+def test_fresh_fit_into_a_finished_run_is_refused_and_changes_nothing(finished, tmp_path):
+    cwd = own_copy(finished, tmp_path)
+    run = cwd / RUN / "run1"
+    before = snapshot(run)
+    assert {"checkpoints/last.ckpt", "metrics.csv", "config.yaml"} <= set(before)
+
+    proc = fit(cwd, "run1", 2, check=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [
+        "lightning-diffusion fit: error: run directory runs/ddpm_toy2d/run1 already holds a run "
+        "(checkpoints/last.ckpt, metrics.csv); a fit without --ckpt_path would start from step 0 over it. Resume it "
+        "with --ckpt_path runs/ddpm_toy2d/run1/checkpoints/last.ckpt (or --ckpt_path last), or give this fit a new "
+        "directory (--trainer.logger.init_args.version=NAME, or another name/save_dir)"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run) == before  # byte for byte, the lock file too; nothing added
+    assert train_steps(run / "metrics.csv") == [0, 1, 2] and step_of(run / "checkpoints" / "last.ckpt") == 3
+
+    # --ckpt_path last: the run's last.ckpt, named; the resumed run reaches max_steps after its history
+    proc = fit(cwd, "run1", 5, "--ckpt_path=last")
+    assert "--ckpt_path last: resuming from runs/ddpm_toy2d/run1/checkpoints/last.ckpt (step 3)" in proc.stderr
+    assert step_of(run / "checkpoints" / "last.ckpt") == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert train_steps(run / "metrics.csv") == [0, 1, 2, 3, 4]
+    assert "ckpt_path: runs/ddpm_toy2d/run1/checkpoints/last.ckpt" in (run / "config-2.yaml").read_text()
+
+    # a run with nothing to resume: the directory is named
+    proc = fit(cwd, "nosuch", 2, "--ckpt_path=last", check=False)
+    assert proc.returncode == 1
+    assert "error: --ckpt_path last: no checkpoint in runs/ddpm_toy2d/nosuch/checkpoints, the checkpoints of run " \
+           "directory runs/ddpm_toy2d/nosuch" in proc.stderr
+
+
+def test_copied_run_resumed_twice_keeps_last_ckpt_the_newest(finished, tmp_path):
+    cwd = own_copy(finished, tmp_path)
+    shutil.copytree(cwd / RUN / "run1", cwd / RUN / "copy")
+    copy = cwd / RUN / "copy"
+    last = copy / "checkpoints" / "last.ckpt"
+    fit(cwd, "copy", 5, f"--ckpt_path={last.relative_to(cwd)}")  # the README's resume, twice
+    assert step_of(last) == 5
+    proc = fit(cwd, "copy", 7, f"--ckpt_path={last.relative_to(cwd)}")
+    assert "Restored all states from the checkpoint at runs/ddpm_toy2d/copy/checkpoints/last.ckpt" in proc.stderr
+    assert step_of(last) == 7  # the second resume went on from the first one's end, not from step 3
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no last-v1.ckpt, last-v2.ckpt
+    assert train_steps(copy / "metrics.csv") == list(range(7))  # strictly increasing, no step twice
+    assert not list(copy.glob("metrics-superseded-*"))
+    assert step_of(cwd / RUN / "run1" / "checkpoints" / "last.ckpt") == 3  # the original untouched
+
+
+def test_resume_from_an_older_checkpoint_moves_the_superseded_rows_aside(finished, tmp_path):
+    cwd = own_copy(finished, tmp_path)
+    run = cwd / RUN / "run1"
+    older = run / "checkpoints" / "step3.ckpt"
+    shutil.copyfile(run / "checkpoints" / "last.ckpt", older)  # a checkpoint the user keeps, at step 3
+    kept = older.read_bytes()
+    fit(cwd, "run1", 6, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert train_steps(run / "metrics.csv") == [0, 1, 2, 3, 4, 5]
+
+    proc = fit(cwd, "run1", 5, f"--ckpt_path={older}")  # back to step 3, on to 5
+    side = run / "metrics-superseded-1.csv"
+    assert "runs/ddpm_toy2d/run1/metrics.csv: 3 rows of steps 3-5, logged after the checkpoint this fit resumes " \
+           "(step 3), moved to runs/ddpm_toy2d/run1/metrics-superseded-1.csv" in proc.stderr
+    assert train_steps(run / "metrics.csv") == [0, 1, 2, 3, 4]  # each step once: this fit's 3 and 4
+    assert train_steps(side) == [3, 4, 5]  # the rows of the abandoned steps, kept
+    assert step_of(run / "checkpoints" / "last.ckpt") == 5
+    assert older.read_bytes() == kept  # a named checkpoint is never replaced
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step3.ckpt"]
