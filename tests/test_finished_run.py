@@ -118,3 +118,42 @@ def test_resume_from_an_older_checkpoint_moves_the_superseded_rows_aside(finishe
     assert step_of(run / "checkpoints" / "last.ckpt") == 5
     assert older.read_bytes() == kept  # a named checkpoint is never replaced
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step3.ckpt"]
+
+
+def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_and_needs_a_known_directory(tmp_path):
+    """``last`` of a run: of last.ckpt, last-v<n>.ckpt (older versions) and the newest hpc_ckpt_<n>.ckpt,
+    the one at the highest step; other checkpoints (an abandoned branch's periodic ones) only where
+    there is none of those. A W&B run without an id has no directory yet: an error that says so."""
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_diffusion import LastCheckpoint
+    from lightning_diffusion.errors import CheckpointError
+    from lightning_diffusion.run_directory import resolve_last_checkpoint
+
+    def save(path: Path, step: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {}, "global_step": step}, path)
+
+    def trainer(**kwargs) -> L.Trainer:
+        return L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[LastCheckpoint()],
+                         enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+    with pytest.raises(CheckpointError, match=f"--ckpt_path last: no checkpoint in {tmp_path}/checkpoints"):
+        resolve_last_checkpoint(trainer())
+    save(tmp_path / "checkpoints" / "epoch=0-step=9.ckpt", 9)
+    assert resolve_last_checkpoint(trainer()).name == "epoch=0-step=9.ckpt"  # nothing else
+    save(tmp_path / "checkpoints" / "last.ckpt", 5)
+    assert resolve_last_checkpoint(trainer()).name == "last.ckpt"  # not the periodic one at step 9
+    save(tmp_path / "checkpoints" / "last-v1.ckpt", 7)
+    save(tmp_path / "hpc_ckpt_2.ckpt", 6)
+    save(tmp_path / "hpc_ckpt_10.ckpt", 8)
+    assert resolve_last_checkpoint(trainer()).name == "hpc_ckpt_10.ckpt"
+    save(tmp_path / "checkpoints" / "last.ckpt", 11)
+    assert resolve_last_checkpoint(trainer()).name == "last.ckpt"
+
+    wandb = L.Trainer(default_root_dir=tmp_path, logger=WandbLogger(save_dir=str(tmp_path), offline=True),
+                      callbacks=[LastCheckpoint()], enable_progress_bar=False)
+    unknown = r"not known before its W&B run starts .*\(--trainer.logger.init_args.id=ID\)"
+    with pytest.raises(CheckpointError, match=unknown):
+        resolve_last_checkpoint(wandb)
