@@ -373,7 +373,8 @@ class RunConfig(SaveConfigCallback):
     :meth:`hold` (the CLI calls it once the Trainer is built, before ``fit`` starts the loggers,
     whose start deletes an existing ``metrics.csv``) takes the :class:`RunDirectoryLock` on rank zero,
     refuses a fresh fit into an earlier run (:func:`refuse_earlier_run`) and keeps the CSV history
-    (:func:`keep_csv_history`). At ``setup`` every rank learns whether rank zero holds the
+    (:func:`keep_csv_history`); a W&B run whose id is drawn when it starts is held at ``setup``,
+    once its directory is known. At ``setup`` every rank learns whether rank zero holds the
     directory and fails together if not (processes that SLURM or torchrun
     started are already waiting for rank zero: they must not hang); then rank zero writes this
     launch's config to :func:`launch_config_path`. The lock is released at ``teardown``, by
@@ -386,6 +387,7 @@ class RunConfig(SaveConfigCallback):
         self.lock: RunDirectoryLock | None = None
         self.config_path: Path | None = None
         self._refusal: Exception | None = None
+        self._held_at_setup: bool | None = None  # hold's fresh_fit, for a directory known only at setup
 
     def hold(self, trainer: L.Trainer, ckpt_path: str | os.PathLike | None = None, fresh_fit: bool = False) -> None:
         """Take the run directory on rank zero, before anything is written into it.
@@ -398,8 +400,11 @@ class RunConfig(SaveConfigCallback):
                 run (:func:`refuse_earlier_run`; a fit already running there is named instead).
         """
         directory = run_directory(trainer)
-        if not trainer.is_global_zero or directory is None:
-            return  # (a W&B run whose id is drawn at its start: a directory of its own)
+        if not trainer.is_global_zero:
+            return
+        if directory is None:  # a W&B run whose id is drawn when it starts: held at setup, once it is known
+            self._held_at_setup = fresh_fit
+            return
         lock = RunDirectoryLock(directory)
         try:
             lock.acquire(check=(lambda: refuse_earlier_run(trainer)) if fresh_fit else None)
@@ -416,6 +421,8 @@ class RunConfig(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
             return
+        if self._held_at_setup is not None and trainer.is_global_zero:
+            self._hold_started_run(trainer, self._held_at_setup)
         refusal = trainer.strategy.broadcast(self._refusal)  # every rank fails with rank zero's error
         if refusal is not None:
             raise type(refusal)(str(refusal))
@@ -432,6 +439,22 @@ class RunConfig(SaveConfigCallback):
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def _hold_started_run(self, trainer: L.Trainer, fresh_fit: bool) -> None:
+        """:meth:`hold` for a run whose directory became known when its logger started (a W&B run:
+        ``save_dir/<project>/<run id>``, an id W&B drew or resumed), before any checkpoint is written
+        there; a refusal goes to every rank with :meth:`setup`'s broadcast."""
+        self._held_at_setup = None
+        directory = run_directory(trainer)
+        if directory is None:
+            return
+        lock = RunDirectoryLock(directory)
+        try:
+            lock.acquire(check=(lambda: refuse_earlier_run(trainer)) if fresh_fit else None)
+        except (RunDirectoryBusyError, RunExistsError) as e:
+            self._refusal = e
+            return
+        self.lock = lock
 
     def release(self) -> None:
         if self.lock is not None:

@@ -157,3 +157,34 @@ def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_and_needs_a_known_direc
     unknown = r"not known before its W&B run starts .*\(--trainer.logger.init_args.id=ID\)"
     with pytest.raises(CheckpointError, match=unknown):
         resolve_last_checkpoint(wandb)
+
+
+def test_wandb_run_with_an_id_is_refused_and_resumed_with_last_one_without_is_new(tmp_path, offline_wandb):
+    """A W&B run's directory is ``save_dir/<project>/<run id>``: with the id given it is known before the
+    run starts, so a fresh fit into it is refused and ``--ckpt_path last`` resumes it; without an id
+    every fit gets a new run (a directory of its own): nothing to refuse."""
+    wandb = ["--config", "ddpm_toy2d", "--model.init_args.timesteps=10", "--trainer.enable_progress_bar=false",
+             "--trainer.logger=WandbLogger", "--trainer.logger.init_args.offline=true",
+             "--trainer.logger.init_args.save_dir=runs", "--trainer.callbacks.num_samples=16"]
+    run_cli("fit", *wandb, "--trainer.logger.init_args.id=wb1", "--trainer.max_steps=2", cwd=tmp_path)
+    run = Path("runs") / "lightning_logs" / "wb1"
+    assert step_of(tmp_path / run / "checkpoints" / "last.ckpt") == 2
+    proc = run_cli("fit", *wandb, "--trainer.logger.init_args.id=wb1", "--trainer.max_steps=2", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1
+    assert f"error: run directory {run} already holds a run (checkpoints/last.ckpt)" in proc.stderr
+    proc = run_cli("fit", *wandb, "--trainer.logger.init_args.id=wb1", "--trainer.max_steps=4", "--ckpt_path=last",
+                   cwd=tmp_path)
+    assert f"--ckpt_path last: resuming from {run}/checkpoints/last.ckpt (step 2)" in proc.stderr
+    assert step_of(tmp_path / run / "checkpoints" / "last.ckpt") == 4
+    import wandb as wandb_module
+
+    wandb_module.finish()  # (in this process the run stays open, and a WandbLogger would take it again)
+    run_cli("fit", *wandb, "--trainer.max_steps=1", cwd=tmp_path)  # a new run id: not refused
+    assert len(list((tmp_path / "runs" / "lightning_logs").iterdir())) == 2
+    # an id known only once the run starts (here the open run of the fit just before, which a logger
+    # given no id takes again in this process): its directory is checked then, before any checkpoint
+    proc = run_cli("fit", *wandb, "--trainer.max_steps=1", cwd=tmp_path, check=False)
+    wandb_module.finish()
+    assert proc.returncode == 1 and "already holds a run (checkpoints/last.ckpt)" in proc.stderr
+    assert "Traceback" not in proc.stderr
