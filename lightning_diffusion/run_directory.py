@@ -395,7 +395,7 @@ class RunConfig(SaveConfigCallback):
         Args:
             trainer: the Trainer about to run.
             ckpt_path: the checkpoint this launch resumes (a file or sharded folder), if any: the
-                metrics rows after its step are superseded (:func:`keep_csv_history`).
+                metrics rows at or after its step are superseded (:func:`keep_csv_history`).
             fresh_fit: a ``fit`` without ``--ckpt_path``: refused if the directory holds an earlier
                 run (:func:`refuse_earlier_run`; a fit already running there is named instead).
         """
@@ -405,17 +405,14 @@ class RunConfig(SaveConfigCallback):
         if directory is None:  # a W&B run whose id is drawn when it starts: held at setup, once it is known
             self._held_at_setup = fresh_fit
             return
-        lock = RunDirectoryLock(directory)
-        try:
-            lock.acquire(check=(lambda: refuse_earlier_run(trainer)) if fresh_fit else None)
-        except (RunDirectoryBusyError, RunExistsError) as e:
+        refusal = self._take(trainer, directory, fresh_fit)
+        if refusal is not None:
             environment = getattr(trainer.strategy, "cluster_environment", None)
             if environment is None or not environment.creates_processes_externally:
-                raise  # no other rank has started yet
-            self._refusal = e
+                raise refusal  # no other rank has started yet
+            self._refusal = refusal
             trainer.loggers = []  # they would start (and delete metrics.csv) before setup
             return
-        self.lock = lock
         keep_csv_history(trainer, checkpoint_step(ckpt_path) if ckpt_path else None)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -446,15 +443,19 @@ class RunConfig(SaveConfigCallback):
         there; a refusal goes to every rank with :meth:`setup`'s broadcast."""
         self._held_at_setup = None
         directory = run_directory(trainer)
-        if directory is None:
-            return
+        if directory is not None:
+            self._refusal = self._take(trainer, directory, fresh_fit)
+
+    def _take(self, trainer: L.Trainer, directory: Path, fresh_fit: bool) -> Exception | None:
+        """Lock ``directory`` (checking it for an earlier run first if ``fresh_fit``); the error that
+        refuses it, or None once it is held."""
         lock = RunDirectoryLock(directory)
         try:
             lock.acquire(check=(lambda: refuse_earlier_run(trainer)) if fresh_fit else None)
         except (RunDirectoryBusyError, RunExistsError) as e:
-            self._refusal = e
-            return
+            return e
         self.lock = lock
+        return None
 
     def release(self) -> None:
         if self.lock is not None:
