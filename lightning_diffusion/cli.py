@@ -63,6 +63,7 @@ class DiffusionCLI(LightningCLI):
         # the run directory held while the fit runs, each launch's config in its own file
         kwargs.setdefault("save_config_callback", RunConfig)
         self._explicit_links: dict[str, Any] = {}
+        self._resume_newest = False  # a requeued SLURM job without an hpc checkpoint: see _continue_slurm_job
         given = kwargs.get("args")
         self._args = [a for a in (given if isinstance(given, list) else sys.argv[1:]) if isinstance(a, str)]
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
@@ -127,7 +128,7 @@ class DiffusionCLI(LightningCLI):
 
         config = self.config.fit
         if SLURMEnvironment.detect():
-            _continue_slurm_job(config)
+            self._resume_newest = _continue_slurm_job(config)
         run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
         if not run_id:
             return
@@ -148,6 +149,8 @@ class DiffusionCLI(LightningCLI):
         _drop_unaccepted_model_links(self.model, self.datamodule)
         _check_links(self._explicit_links, self.datamodule)
         ckpt_path = self.config[self.subcommand].get("ckpt_path")  # a requeued SLURM job's is set by now
+        if self.subcommand == "fit" and (ckpt_path == "last" or (ckpt_path is None and self._resume_newest)):
+            ckpt_path = self._resume_last(required=ckpt_path == "last")
         if ckpt_path and Path(ckpt_path).exists():
             from lightning_diffusion.resume import check_resume
 
@@ -161,7 +164,34 @@ class DiffusionCLI(LightningCLI):
         self.trainer.callbacks.sort(key=lambda cb: not isinstance(cb, RunConfig))
         run_config = self._run_config()
         if run_config is not None:
-            run_config.hold(self.trainer)
+            run_config.hold(self.trainer, ckpt_path, fresh_fit=self.subcommand == "fit" and not ckpt_path)
+
+    def _resume_last(self, required: bool = True) -> str | None:
+        """``--ckpt_path last``: the newest checkpoint of this fit's run directory
+        (:func:`~lightning_diffusion.run_directory.resolve_last_checkpoint`), named from here on in
+        place of ``last`` (in the saved config too); a WandbLogger given no id continues the W&B run
+        stored in it, as with an explicit ``--ckpt_path``. ``required=False`` (a requeued SLURM job):
+        None where there is none to resume."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        from lightning_diffusion.callbacks.wandb import continue_wandb_run, wandb_run_id_from_checkpoint
+        from lightning_diffusion.errors import CheckpointError
+        from lightning_diffusion.run_directory import resolve_last_checkpoint
+
+        try:
+            ckpt_path = str(resolve_last_checkpoint(self.trainer))
+        except CheckpointError:
+            if required:
+                raise
+            return None
+        for config in (self.config, self.config_init):
+            config[self.subcommand]["ckpt_path"] = ckpt_path
+        run_id = wandb_run_id_from_checkpoint(ckpt_path)
+        for logger in self.trainer.loggers:
+            if run_id and isinstance(logger, WandbLogger) and logger.version is None:
+                continue_wandb_run(logger, run_id)
+                rank_zero_info(f"Resuming W&B run {run_id} (stored in {ckpt_path})")
+        return ckpt_path
 
     def _run_config(self):
         """The trainer's :class:`~lightning_diffusion.run_directory.RunConfig` (None under fast_dev_run)."""
@@ -411,7 +441,7 @@ def slurm_hpc_checkpoint(root_dir: str | os.PathLike) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def _continue_slurm_job(config) -> None:
+def _continue_slurm_job(config) -> bool:
     """In a SLURM job (under ``srun``), make a requeued job continue its run where it stopped.
 
     - Loggers that take a ``version`` and were given none (CSVLogger, TensorBoardLogger) get
@@ -421,6 +451,10 @@ def _continue_slurm_job(config) -> None:
       was given (the checkpoint Lightning would restore anyway; naming it here lets the W&B run id
       be read from it) and, when the job was requeued (``SLURM_RESTART_COUNT`` > 0), also in place of
       a given ``--ckpt_path``: that one is where the job started, the hpc checkpoint where it stopped.
+
+    Returns True for a job requeued without an hpc checkpoint (a node failure) and given no
+    ``--ckpt_path``: it resumes the newest checkpoint of its ``slurm-<job id>`` directory, if there
+    is one (a fresh fit would be refused there).
     """
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
@@ -429,10 +463,12 @@ def _continue_slurm_job(config) -> None:
             init_args["version"] = f"slurm-{job_id}"
     hpc = slurm_hpc_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
     given = config.get("ckpt_path")
-    if hpc and (given is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0):
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if hpc and (given is None or requeued):
         if given not in (None, hpc):
             rank_zero_info(f"Requeued SLURM job: resuming from {hpc} instead of --ckpt_path {given}")
         config["ckpt_path"] = hpc
+    return requeued and not hpc and given is None  # requeued without an hpc checkpoint (a node failure)
 
 
 def _add_slurm_requeue(trainer: L.Trainer) -> None:
