@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,14 +33,11 @@ from lightning_diffusion.metrics.features import DigitsFeatures, colour_digit_ac
 
 def save_grid(x: torch.Tensor, path: Path, scale: int) -> None:
     """One image per class in class order, 8 per row (digits in rows, colours in columns), the whole
-    grid enlarged ``scale`` times with nearest-neighbour pixels."""
-    from PIL import Image
-
-    save_image_grid(x, path, nrow=len(COLOUR_NAMES))
-    if scale > 1:
-        with Image.open(path) as im:
-            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-        im.save(path, optimize=True)
+    grid enlarged ``scale`` times with nearest-neighbour pixels (``save_image_grid``'s ``min_size``
+    set to ``scale`` times the native grid's longer side, which its integer factor then equals)."""
+    nrow, rows = len(COLOUR_NAMES), math.ceil(len(x) / len(COLOUR_NAMES))
+    native = max(min(nrow, len(x)) * (x.shape[-1] + 1), rows * (x.shape[-2] + 1)) + 1  # 1 px padding
+    save_image_grid(x, path, nrow=nrow, min_size=scale * native)
 
 
 def main() -> None:

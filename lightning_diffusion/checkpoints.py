@@ -51,3 +51,41 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         raise CheckpointError(f"{path} is not a PyTorch/Lightning checkpoint (no 'state_dict': it holds {what}); give "
                          "the .ckpt file that `lightning-diffusion fit` wrote, e.g. <run>/checkpoints/last.ckpt")
     return ckpt
+
+
+def check_class_paths(hyper_parameters: Any, path: str | Path, where: str = "model") -> None:
+    """Raise :class:`~lightning_diffusion.errors.CheckpointError` naming the first class of a
+    checkpoint's ``hyper_parameters`` (the model's ``_class_path``, every nested ``class_path``: the
+    net, its parts) that cannot be imported here, with where it sits (``model``,
+    ``model.init_args.net``) and what to do: a run trained with a user's own module needs that
+    module importable to be rebuilt. Checked before Lightning rebuilds the model, whose error is a
+    long traceback through jsonargparse.
+
+    Args:
+        hyper_parameters: the checkpoint's ``hyper_parameters`` (or a part of it).
+        path: the checkpoint, for the message.
+        where: the config key of ``hyper_parameters`` itself.
+    """
+    import importlib
+
+    from lightning_diffusion.errors import CheckpointError
+
+    if not isinstance(hyper_parameters, dict):
+        return
+    class_path = hyper_parameters.get("_class_path", hyper_parameters.get("class_path"))
+    if isinstance(class_path, str) and "." in class_path:
+        module, _, name = class_path.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+            problem = None if found is not None else f"module {module} has no {name}"
+        except ImportError as e:
+            problem = str(e)
+        if problem:
+            raise CheckpointError(
+                f"{path}: the checkpoint's {where} class {class_path!r} cannot be imported here ({problem}); install "
+                f"or import the module that defines it (add its folder to PYTHONPATH, or pip install its package), "
+                f"as when the run was trained")
+    inner = hyper_parameters.get("init_args") if "class_path" in hyper_parameters else hyper_parameters
+    for key, value in (inner or {}).items() if isinstance(inner, dict) else ():
+        if isinstance(value, dict):
+            check_class_paths(value, path, f"{where}.init_args.{key}")

@@ -63,14 +63,47 @@ class DiffusionCLI(LightningCLI):
         # the run directory held while the fit runs, each launch's config in its own file
         kwargs.setdefault("save_config_callback", RunConfig)
         self._explicit_links: dict[str, Any] = {}
+        self._resume_newest = False  # a requeued SLURM job without an hpc checkpoint: see _continue_slurm_job
         given = kwargs.get("args")
         self._args = [a for a in (given if isinstance(given, list) else sys.argv[1:]) if isinstance(a, str)]
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args`` (:func:`main` always passes the command line itself, so Lightning's warning
-        about ``args`` and ``sys.argv`` both being given would appear on every fit)."""
-        self.config = parser.parse_args(args)
+        about ``args`` and ``sys.argv`` both being given would appear on every fit).
+
+        An unknown option (a typo such as ``--model.init_args.timestep``, in a config file or on the
+        command line) or a class that cannot be imported becomes one line naming the key and the
+        closest valid names (:func:`_parser_error_line`), raised as a
+        :class:`~lightning_diffusion.errors.UserError`; jsonargparse's own message for those is
+        the whole config over some 60 lines. Every other parser error is reported by the parser as
+        before (usage, message, exit status 2). The parsers are switched to ``exit_on_error=False``
+        for the parse, jsonargparse's way of handing the error to the caller."""
+        from argparse import ArgumentError
+
+        subparsers = getattr(parser._subcommands_action, "_name_parser_map", {}) if parser._subcommands_action else {}
+        parsers = [parser, *subparsers.values()]
+        exits = [each.exit_on_error for each in parsers]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            self.config = parser.parse_args(args)
+            return
+        except ArgumentError as error:
+            if not exits[0]:  # a caller that asked for the exception gets it
+                raise
+            failed = error
+        finally:
+            for each, exit_on_error in zip(parsers, exits):
+                each.exit_on_error = exit_on_error
+        subcommand = next((a for a in args if isinstance(a, str) and a in subparsers), None)
+        line = _parser_error_line(str(failed), subparsers.get(subcommand, parser), subcommand or "")
+        if line is not None:
+            from lightning_diffusion.errors import UserError
+
+            raise UserError(line) from None
+        refusing, cause = _raising_parser(failed, parsers)
+        refusing.error(str(failed), cause)  # prints usage and the message and exits, as before
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in LINKS:
@@ -95,7 +128,7 @@ class DiffusionCLI(LightningCLI):
 
         config = self.config.fit
         if SLURMEnvironment.detect():
-            _continue_slurm_job(config)
+            self._resume_newest = _continue_slurm_job(config)
         run_id = wandb_run_id_from_checkpoint(config.get("ckpt_path"))
         if not run_id:
             return
@@ -118,6 +151,8 @@ class DiffusionCLI(LightningCLI):
         _drop_unaccepted_model_links(self.model, self.datamodule)
         _check_links(self._explicit_links, self.datamodule)
         ckpt_path = self.config[self.subcommand].get("ckpt_path")  # a requeued SLURM job's is set by now
+        if self.subcommand == "fit" and (ckpt_path == "last" or (ckpt_path is None and self._resume_newest)):
+            ckpt_path = self._resume_last(required=ckpt_path == "last")
         if ckpt_path and Path(ckpt_path).exists():
             from lightning_diffusion.resume import check_resume
 
@@ -131,7 +166,34 @@ class DiffusionCLI(LightningCLI):
         self.trainer.callbacks.sort(key=lambda cb: not isinstance(cb, RunConfig))
         run_config = self._run_config()
         if run_config is not None:
-            run_config.hold(self.trainer)
+            run_config.hold(self.trainer, ckpt_path, fresh_fit=self.subcommand == "fit" and not ckpt_path)
+
+    def _resume_last(self, required: bool = True) -> str | None:
+        """``--ckpt_path last``: the newest checkpoint of this fit's run directory
+        (:func:`~lightning_diffusion.run_directory.resolve_last_checkpoint`), named from here on in
+        place of ``last`` (in the saved config too); a WandbLogger given no id continues the W&B run
+        stored in it, as with an explicit ``--ckpt_path``. ``required=False`` (a requeued SLURM job):
+        None where there is none to resume."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        from lightning_diffusion.callbacks.wandb import continue_wandb_run, wandb_run_id_from_checkpoint
+        from lightning_diffusion.errors import CheckpointError
+        from lightning_diffusion.run_directory import resolve_last_checkpoint
+
+        try:
+            ckpt_path = str(resolve_last_checkpoint(self.trainer))
+        except CheckpointError:
+            if required:
+                raise
+            return None
+        for config in (self.config, self.config_init):
+            config[self.subcommand]["ckpt_path"] = ckpt_path
+        run_id = wandb_run_id_from_checkpoint(ckpt_path)
+        for logger in self.trainer.loggers:
+            if run_id and isinstance(logger, WandbLogger) and logger.version is None:
+                continue_wandb_run(logger, run_id)
+                rank_zero_info(f"Resuming W&B run {run_id} (stored in {ckpt_path})")
+        return ckpt_path
 
     def _run_config(self):
         """The trainer's :class:`~lightning_diffusion.run_directory.RunConfig` (None under fast_dev_run)."""
@@ -243,23 +305,103 @@ def _check_links(explicit: dict[str, Any], datamodule) -> None:
                 f"{target} is linked from the data; leave it out, or choose data that match it")
 
 
-def _accepts(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` takes the keyword ``name``: its ``__init__``, or (through ``**kwargs``)
-    that of a base class it passes them on to."""
+def _init_option_names(cls: type) -> list[str]:
+    """The keywords ``cls(...)`` takes: those of its ``__init__`` and (through ``**kwargs``) of the
+    base classes it passes them on to."""
     import inspect
 
+    names: list[str] = []
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         try:
             params = inspect.signature(klass.__init__).parameters
         except (ValueError, TypeError):
-            return False
-        if name in params:
-            return True
+            break
+        names += [n for n, p in params.items() if n != "self" and n not in names
+                  and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
+            break
+    return names
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name`` (:func:`_init_option_names`)."""
+    return name in _init_option_names(cls)
+
+
+def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
+    """One line for a parser error that has a clear cause, None for any other.
+
+    - an option that a class (model, net, data, callback) does not take, found in jsonargparse's
+      "Problem with given class_path 'C': Option 'K' is not accepted": the key as the config writes
+      it, the class and the closest of its ``__init__`` options (difflib);
+    - a class_path whose module cannot be imported ("No module named ..."): the key, the class path,
+      and to make the module importable;
+    - "unrecognized arguments: --trainer.max_stesp=5" (command line) and "Group 'trainer' does not
+      accept option 'max_stesp'" (a config file): the closest options of ``parser`` (the subcommand's).
+    """
+    import difflib
+    import importlib
+
+    def key_path(end: int) -> str:
+        keys = re.findall(r'Parser key "([\w.]+)"', message[:end])
+        return ".init_args.".join(keys) if keys else "?"
+
+    accepted = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message)
+    if accepted:
+        class_path, option = accepted.groups()
+        module, _, name = class_path.rpartition(".")
+        try:
+            names = _init_option_names(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            return None
+        close = difflib.get_close_matches(option, names, n=1)
+        where = key_path(accepted.start())
+        return (f"{where}.init_args.{option}: {name} has no option {option!r}"
+                + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; its options are {', '.join(names)}")
+    missing = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(No module named '[\w.]+')", message)
+    if missing:
+        class_path, reason = missing.groups()
+        return (f"{key_path(missing.start())}.class_path={class_path!r}: the class cannot be imported ({reason}); "
+                "install or import the module that defines it (add its folder to PYTHONPATH, or pip install its "
+                "package), or give a class_path that is installed here")
+    options = [o for action in getattr(parser, "_actions", []) for o in action.option_strings if o.startswith("--")]
+    help_line = f"`lightning-diffusion {subcommand} --help` lists the options".replace("  ", " ")
+    unknown = re.fullmatch(r"unrecognized arguments: (.+)", message.strip())
+    if unknown:
+        parts = []
+        for arg in unknown.group(1).split():
+            option = arg.split("=", 1)[0]
+            if not option.startswith("--"):
+                return None
+            close = difflib.get_close_matches(option, options, n=1)
+            parts.append(f"{option}: no such option" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        return "; ".join(parts) + f"; {help_line}"
+    group = re.fullmatch(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message.strip())
+    if group:
+        option = f"{group.group(1)}.{group.group(2)}"
+        close = [c[2:] for c in difflib.get_close_matches(f"--{option}", options, n=1)]
+        return (f"{option} (in a config file): no such option" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; {help_line}")
+    return None
+
+
+def _raising_parser(error: BaseException, parsers: list):
+    """Which of ``parsers`` (the command's and its subcommands') first refused the arguments
+    (``error`` or an exception it was raised from), with the exception it refused them for: a
+    subcommand's parser prints its own usage."""
+    found, seen, inner = (parsers[0], error.__cause__), set(), error
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        tb = inner.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "error" and any(tb.tb_frame.f_locals.get("self") is p for p in parsers):
+                found = (tb.tb_frame.f_locals["self"], inner.__cause__)
+            tb = tb.tb_next
+        inner = inner.__cause__ or inner.__context__
+    return found
 
 
 def _drop_unaccepted_model_links(model, datamodule) -> None:
@@ -301,7 +443,7 @@ def slurm_hpc_checkpoint(root_dir: str | os.PathLike) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def _continue_slurm_job(config) -> None:
+def _continue_slurm_job(config) -> bool:
     """In a SLURM job (under ``srun``), make a requeued job continue its run where it stopped.
 
     - Loggers that take a ``version`` and were given none (CSVLogger, TensorBoardLogger) get
@@ -311,6 +453,10 @@ def _continue_slurm_job(config) -> None:
       was given (the checkpoint Lightning would restore anyway; naming it here lets the W&B run id
       be read from it) and, when the job was requeued (``SLURM_RESTART_COUNT`` > 0), also in place of
       a given ``--ckpt_path``: that one is where the job started, the hpc checkpoint where it stopped.
+
+    Returns True for a job requeued without an hpc checkpoint (a node failure) and given no
+    ``--ckpt_path``: it resumes the newest checkpoint of its ``slurm-<job id>`` directory, if there
+    is one (a fresh fit would be refused there).
     """
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job_id = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array_job else os.environ.get("SLURM_JOB_ID")
@@ -319,10 +465,12 @@ def _continue_slurm_job(config) -> None:
             init_args["version"] = f"slurm-{job_id}"
     hpc = slurm_hpc_checkpoint(config.trainer.get("default_root_dir") or os.getcwd())
     given = config.get("ckpt_path")
-    if hpc and (given is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0):
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if hpc and (given is None or requeued):
         if given not in (None, hpc):
             rank_zero_info(f"Requeued SLURM job: resuming from {hpc} instead of --ckpt_path {given}")
         config["ckpt_path"] = hpc
+    return requeued and not hpc and given is None  # requeued without an hpc checkpoint (a node failure)
 
 
 def _add_slurm_requeue(trainer: L.Trainer) -> None:

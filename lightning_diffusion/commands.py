@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_diffusion.callbacks.common import GRID_MIN_SIZE
 from lightning_diffusion.checkpoints import load_checkpoint  # noqa: F401 - re-exported: the subcommands read with it
 
 Weights = Literal["ema", "raw"]
@@ -33,6 +34,7 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
     """
     from lightning_diffusion.callbacks.ema import load_ema_weights
 
+    check_device(device)
     path = Path(ckpt_path)
     if path.is_dir():  # a sharded checkpoint (FSDP / ModelParallelStrategy): consolidated in memory and
         # handed to load_from_checkpoint (which takes a file or a buffer) as one serialized checkpoint
@@ -44,22 +46,62 @@ def load_model(ckpt_path: str | Path, weights: Weights = "ema", device: str = "c
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
     else:
         ckpt, source = load_checkpoint(path, map_location=device), path
-    class_path = str(ckpt.get("hyper_parameters", {}).get("_class_path", ""))
+    hparams = ckpt.get("hyper_parameters") or {}
+    class_path = str(hparams.get("_class_path", ""))
     if not class_path:
         raise ValueError(f"{path}: no hyper_parameters._class_path; was it written by `lightning-diffusion fit`? "
                          "Models built in Python reload with Model.load_from_checkpoint(path, net=...)")
     import importlib
 
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
     import lightning as L
 
+    from lightning_diffusion.checkpoints import check_class_paths
+
+    check_class_paths(hparams, path)  # the model's class and the net's, before Lightning rebuilds them
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise ValueError(f"{path}: hyper_parameters._class_path {class_path!r} is not a LightningModule class; "
                          "was it written by `lightning-diffusion fit`?")
     model = cls.load_from_checkpoint(source, map_location=device, weights_only=True).eval()
     used = "ema" if weights == "ema" and load_ema_weights(model, ckpt) else "raw"
+    model.held_weights = used  # what evaluation_weights names without a trainer (evaluate's lines)
     return model, ckpt, used
+
+
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)``, refused with an :class:`~lightning_diffusion.errors.OptionError`
+    naming ``--device`` and the devices this machine has where it names none of them (``cuda``
+    without a GPU: torch's own error would come out of the checkpoint's loading)."""
+    from lightning_diffusion.errors import OptionError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count)), *(["mps"] if mps else [])])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise OptionError("--device", device, f"not a device ({e})", f"devices here: {here}") from None
+    if dev.type == "cuda" and count == 0:
+        raise OptionError("--device", device, "this machine has no CUDA device (torch.cuda.is_available() is False)",
+                          f"use --device cpu (devices here: {here})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise OptionError("--device", device, f"this machine has {count} CUDA device(s)", f"devices here: {here}")
+    if dev.type == "mps" and not mps:
+        raise OptionError("--device", device, "MPS is not available here", f"devices here: {here}")
+    return dev
+
+
+def check_count(option: str, value: Any, least: int = 1, meaning: str = "") -> None:
+    """Refuse a numeric command-line option that is not an integer >= ``least`` with an
+    :class:`~lightning_diffusion.errors.OptionError` naming ``--option`` (``meaning``: what the
+    number counts, for the message). None (an option's "not given") passes."""
+    from lightning_diffusion.errors import OptionError
+
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise OptionError(f"--{option}", value, f"must be an integer >= {least}" + (f" ({meaning})" if meaning else ""))
 
 
 def consolidated_checkpoint(folder: str | Path) -> dict[str, Any]:
@@ -114,6 +156,10 @@ def _labels(model, num: int, class_label: int | None, device) -> torch.Tensor | 
             raise ValueError("--class_label given, but the model is not class_conditional")
         return None
     if class_label is not None:
+        check_count("class_label", class_label, least=0, meaning=f"a class of the model's {model.num_classes}")
+        if class_label >= model.num_classes:
+            raise ValueError(f"--class_label={class_label}: the model has {model.num_classes} classes, "
+                             f"0 to {model.num_classes - 1}")
         return torch.full((num,), class_label, dtype=torch.long, device=device)
     return class_labels(model, num, device=device)
 
@@ -121,7 +167,8 @@ def _labels(model, num: int, class_label: int | None, device) -> torch.Tensor | 
 def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str | None = None,
            steps: int | None = None, guidance_scale: float = 1.0, class_label: int | None = None,
            batch_size: int = 256, seed: int = 0, weights: Weights = "ema", device: str = "cpu",
-           options: dict[str, Any] | None = None, nrow: int | None = None) -> Path:
+           options: dict[str, Any] | None = None, nrow: int | None = None,
+           min_size: int = GRID_MIN_SIZE) -> Path:
     """Draw samples from a checkpoint: one PNG per image, grid.png and samples.npz in OUT.
 
     Args:
@@ -144,13 +191,20 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
             square root of their number). With the cycled classes, ``--num 80 --nrow 8`` on
             ``colour_digits`` (label ``digit * 8 + colour``) puts digits in rows and colours in
             columns.
+        min_size: pixels that grid.png's longer side reaches at least, by an integer
+            nearest-neighbour enlargement (each sample pixel an exact k x k block); 0 keeps the
+            native size. ``images/`` and ``samples.npz`` always hold the native samples.
     """
     import numpy as np
 
     from lightning_diffusion.callbacks.samples import save_image_grid, save_scatter
 
-    if nrow is not None and nrow < 1:
-        raise ValueError(f"--nrow must be >= 1, got {nrow}")
+    from lightning_diffusion.callbacks.common import check_model_options
+
+    check_count("num", num, meaning="the number of samples")
+    check_count("batch_size", batch_size, meaning="samples per model.sample call")
+    check_count("nrow", nrow, meaning="images per row of grid.png")
+    check_count("min_size", min_size, least=0, meaning="pixels; 0 keeps the native size")
     model, _, used = load_model(ckpt_path, weights, device)
     kwargs = dict(options or {})
     if sampler is not None:
@@ -159,6 +213,8 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
         kwargs["steps"] = steps
     if guidance_scale != 1.0:
         kwargs["guidance_scale"] = guidance_scale
+    check_model_options(model, "--options", kwargs, written_as={k: f"--{k}" for k in ("sampler", "steps", "guidance_scale")
+                                                                if k not in (options or {})})
     generator = torch.Generator(device=device).manual_seed(seed)
     labels = _labels(model, num, class_label, device)
     start, chunks = time.perf_counter(), []
@@ -177,7 +233,7 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
         (out_dir / "images").mkdir(exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(out_dir / "images" / f"{i:06d}.png")
-        save_image_grid(x[:256], out_dir / "grid.png", nrow=nrow)
+        save_image_grid(x[:256], out_dir / "grid.png", nrow=nrow, min_size=min_size)
         arrays["images"] = images
     else:
         save_scatter(x, out_dir / "grid.png")
@@ -235,11 +291,20 @@ def evaluate(*, ckpt_path: str, metrics: str = "fid,bpd", split: str = "test", n
     """
     from lightning_diffusion.callbacks.quality import Likelihood, SampleQuality
 
+    from lightning_diffusion.callbacks.common import check_model_options
+
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     unknown = sorted(set(wanted) - {"fid", "bpd"})
     if unknown:
         raise ValueError(f"--metrics: unknown {unknown}; choose from fid, bpd")
+    check_count("num_samples", num_samples, meaning="generated samples for fid")
+    check_count("batch_size", batch_size, meaning="the batch size of the data and of sampling")
+    check_count("num_batches", num_batches, least=0, meaning="batches scored for bpd; 0: the whole split")
     model, ckpt, used = load_model(ckpt_path, weights, device)
+    if "fid" in wanted:
+        check_model_options(model, "--sample_options", dict(sample_options or {}))
+    if "bpd" in wanted:
+        check_model_options(model, "--bpd_options", dict(bpd_options or {}), check="check_bpd_options")
     data = _datamodule(ckpt, dataset, batch_size)
     data.setup("test")
     name = str(data.hparams.get("dataset") or "")
@@ -295,6 +360,8 @@ def train_digits(*, out: str | None = None, epochs: int = 25, seed: int = 0) -> 
         seed: seed of initialisation and batch order.
     """
     from lightning_diffusion.metrics.features import train_digits_classifier
+
+    check_count("epochs", epochs, meaning="training epochs")
 
     path = train_digits_classifier(out, epochs=epochs, seed=seed)
     accuracy = torch.load(path, weights_only=True)["val_accuracy"]

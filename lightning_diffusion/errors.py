@@ -21,6 +21,11 @@ class RunDirectoryBusyError(UserError, RuntimeError):
     """A second fit into a run directory that a running fit holds."""
 
 
+class RunExistsError(UserError, FileExistsError):
+    """A ``fit`` without ``--ckpt_path`` into a run directory that already holds an earlier launch's
+    checkpoints or metrics (it would start from step 0 over them)."""
+
+
 class LinkConflictError(UserError, ValueError):
     """An explicit value of an option that the CLI links from the data, differing from the data's."""
 

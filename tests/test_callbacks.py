@@ -1,11 +1,13 @@
 """Callbacks of the foundation: LastCheckpoint and SampleGrid."""
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+import pytest
 from PIL import Image
 
-from lightning_diffusion import DDPM, MLP, LastCheckpoint, SampleGrid, ShardDataModule
+from lightning_diffusion import DDPM, MLP, LastCheckpoint, SampleGrid, ShardDataModule, UNet
 
 
 def _fit(tmp_path, callbacks, max_steps):
@@ -34,3 +36,22 @@ def test_sample_grid_every_n_epochs_and_at_the_end(tmp_path):
     assert files == ["epoch0000-step0000004.png", "epoch0001-step0000008.png", "final.png"]
     assert grid.last_path == tmp_path / "samples" / "final.png"
     assert Image.open(grid.last_path).size == (500, 500)
+
+
+def test_sample_grid_enlarges_images_by_an_integer_factor(tmp_path):
+    """100 digits of 8 x 8 px: a 91 x 91 grid natively (min_size 0), too small to judge by eye; by default
+    enlarged 6x to 546 x 546 (the smallest integer factor reaching 512 px), each pixel an exact 6 x 6 block.
+    A scatter plot of points stays 500 x 500 (test_sample_grid_every_n_epochs_and_at_the_end)."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, image_size=8, model_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), dropout=0.0)
+    model = DDPM(net, timesteps=5, data_shape=(1, 8, 8))
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    native = np.asarray(Image.open(SampleGrid(num_samples=100, min_size=0).save(trainer, model, "native")))
+    big = np.asarray(Image.open(SampleGrid(num_samples=100).save(trainer, model, "default")))
+    assert native.shape[:2] == (91, 91) and big.shape[:2] == (546, 546)
+    assert np.array_equal(big, native.repeat(6, axis=0).repeat(6, axis=1))
+    bigger = np.asarray(Image.open(SampleGrid(num_samples=100, min_size=1000).save(trainer, model, "bigger")))
+    assert bigger.shape[:2] == (91 * 11, 91 * 11)
+    with pytest.raises(ValueError, match=r"SampleGrid.min_size=-1: must be an integer >= 0"):
+        SampleGrid(min_size=-1)

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import torch
 import yaml
 from PIL import Image
@@ -46,8 +47,10 @@ def test_fit_writes_checkpoint_config_and_grid_then_resumes(tmp_path):
     assert ckpt["global_step"] == 4
     # the data facts were linked into the model, not written in the config
     assert tuple(ckpt["hyper_parameters"]["data_shape"]) == (1, 8, 8) and ckpt["hyper_parameters"]["num_classes"] == 10
-    grid = Image.open(run / "samples" / "final.png")
-    assert grid.size == (91, 91)  # 10 x 10 tiles of 8 px with 1 px padding
+    # 10 x 10 tiles of 8 px with 1 px padding, 91 px, enlarged 6x to 546 px (>= 512): each pixel a 6 x 6 block
+    grid = np.asarray(Image.open(run / "samples" / "final.png"))
+    assert grid.shape[:2] == (546, 546)
+    assert np.array_equal(grid, grid[::6, ::6].repeat(6, axis=0).repeat(6, axis=1))
     assert "val/loss" in (run / "metrics.csv").read_text()
 
     # resume into the same run directory: config.yaml is overwritten and the step count continues

@@ -185,8 +185,11 @@ def test_sample_grid_puts_digits_in_rows_and_colours_in_columns(trained):
     from lightning_diffusion.metrics.features import nearest_colour
 
     _, path, _ = trained
-    grid = np.asarray(Image.open(path).convert("RGB"))
+    big = np.asarray(Image.open(path).convert("RGB"))
     cell = 8 + 1  # images of 8 pixels, padding 1
+    k = 6  # SampleGrid's min_size 512: 91 px natively, the smallest integer factor to >= 512 px
+    grid = big[::k, ::k]
+    assert np.array_equal(big, grid.repeat(k, axis=0).repeat(k, axis=1))  # nearest neighbour, exact blocks
     assert grid.shape == (10 * cell + 1, NUM_COLOURS * cell + 1, 3)
     cells = np.stack([grid[1 + r * cell:r * cell + cell, 1 + c * cell:c * cell + cell]
                       for r in range(10) for c in range(NUM_COLOURS)])

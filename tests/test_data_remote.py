@@ -7,7 +7,10 @@ errors that name the URL (and the command's stderr)."""
 import functools
 import shlex
 import shutil
+import socket
+import subprocess
 import threading
+import time
 from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,24 +29,35 @@ TRAIN = "train-{000000..000005}.tar"  # the digits' 6 training shards
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Serves the server's directory, counts the requests per path and, under ``/lying/``, sends
-    half of a shard of ``digits/`` after announcing all of it (a transfer cut off mid-way)."""
+    """Serves the server's directory, counts the requests per path and serves ``digits/`` under
+    other names: ``/lying/`` sends half of a shard after announcing all of it (a transfer cut off
+    mid-way); ``/stalling/`` sends half of a shard, then nothing for 5 s with the connection open;
+    ``/flaky/`` answers the first request of an index with 503 and cuts the first transfer of a
+    shard off half-way (later requests are served)."""
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
         self.server.requests[self.path] += 1
-        if self.path.startswith("/lying/") and self.path.endswith(".tar"):
-            data = (self.server.root / "digits" / self.path.rsplit("/", 1)[1]).read_bytes()
+        mode, _, rest = self.path[1:].partition("/")
+        if mode == "flaky" and self.server.requests[self.path] == 1 and rest == "index.json":
+            self.send_error(503)
+            return
+        if rest.endswith(".tar") and (mode in ("lying", "stalling") or
+                                      mode == "flaky" and self.server.requests[self.path] == 1):
+            data = (self.server.root / "digits" / rest).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            if mode == "stalling":
+                time.sleep(5)
             self.close_connection = True
             return
-        if self.path.startswith("/lying/"):
-            self.path = "/digits/" + self.path[len("/lying/"):]
+        if mode in ("lying", "stalling", "flaky"):
+            self.path = "/digits/" + rest
         super().do_GET()
 
 
@@ -150,17 +164,20 @@ def test_a_truncated_remote_shard_is_named_with_its_url(served):
     shard = root / "cut" / "val-000000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[:data.find(b"\x89PNG", len(data) // 2) + 40])  # inside a PNG's bytes
-    with pytest.raises(ShardError, match=rf"shard {base}/cut/val-000000\.tar is truncated: it ended after "
-                                         rf"\d+ bytes, but {base}/cut/index\.json records {len(data)}"):
+    # the server announces the cut size (Content-Length): refused before the first sample
+    with pytest.raises(ShardError, match=rf"shard {base}/cut/val-000000\.tar is announced by the server as "
+                                         rf"\d+ bytes, but {base}/cut/index\.json records {len(data)}: it is truncated"):
         list(ShardDataModule(f"{base}/cut", batch_size=64).val_dataloader())
+    size = (root / "cut" / "test-000000.tar").stat().st_size
     cut_to_first_half(root / "cut" / "test-000000.tar")  # a valid tar of fewer samples
-    with pytest.raises(ShardError, match=rf"shard {base}/cut/test-000000\.tar holds 90 samples, but "
-                                         rf"{base}/cut/index\.json records 180: it was cut short \(to \d+ of the"):
+    cut = (root / "cut" / "test-000000.tar").stat().st_size
+    with pytest.raises(ShardError, match=rf"shard {base}/cut/test-000000\.tar is announced by the server as {cut} "
+                                         rf"bytes, but {base}/cut/index\.json records {size}: it is truncated"):
         list(ShardDataModule(f"{base}/cut", batch_size=64, verify=False).test_dataloader())
     # the server announces the whole shard and sends half: curl's partial transfer
     with pytest.raises(ShardError, match=rf"shard {base}/lying/val-000000\.tar could not be read: `curl` exited "
                                          r"with status 18 \(partial transfer"):
-        list(ShardDataModule(f"{base}/lying", batch_size=64).val_dataloader())
+        list(ShardDataModule(f"{base}/lying", batch_size=64, retries=0).val_dataloader())
 
 
 @needs_curl
@@ -223,7 +240,8 @@ def test_remote_shard_names_go_into_the_url_or_command_as_they_are():
     assert remote_shard_url("https://h/d/index.json?sig=1", "val-000000.tar") == "https://h/d/val-000000.tar?sig=1"
     assert remote_shard_url("https://h/d/meta.json", "a/val-0.tar") == "https://h/d/a/val-0.tar"
     for bad in ("x; rm -rf ~", "../secret.tar", "/etc/passwd", "$(id).tar"):
-        with pytest.raises(ValueError, match="a remote index may name its shards only with"):
+        with pytest.raises(ShardError, match=r"pipe:cat /d/index\.json lists a shard named .*; a remote index may "
+                                             "name its shards only with"):
             remote_shard_url("pipe:cat /d/index.json", bad)
 
 
@@ -245,3 +263,101 @@ def test_a_fit_resumed_mid_epoch_from_the_http_stream_equals_the_local_fit(serve
     fit_here(write_config(tmp_path / "c14b.yaml"), split, remote, f"--ckpt_path={split}/checkpoints/last.ckpt")
     assert_same_fit(final_state(straight), final_state(split))
     assert sum(n for path, n in server.requests.items() if path.endswith(".tar")) > before  # it streamed
+
+
+# -- issue 21: no remote read hangs ---------------------------------------------------------------
+@pytest.fixture
+def silent_server():
+    """The URL of a listener on 127.0.0.1 that accepts connections (the kernel does) and never
+    answers: a server that hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@needs_curl
+def test_a_server_that_never_answers_fails_the_fit_within_the_timeouts(silent_server, tmp_path):
+    from test_fail_fast import fails_before_training, fit_config
+
+    start = time.monotonic()
+    out = fails_before_training(tmp_path, fit_config(tmp_path, [], dataset=f"{silent_server}/toy"),
+                                "--data.init_args.connect_timeout=1", "--data.init_args.stall_timeout=1",
+                                "--data.init_args.retries=0")
+    took = time.monotonic() - start
+    assert f"Seed set to 0 lightning-diffusion fit: error: {silent_server}/toy/index.json: the server stalled: no " \
+           "bytes for 2 s (stall_timeout=1 s + connect_timeout=1 s before the first byte); raise " \
+           "data.init_args.stall_timeout if the source is this slow (--debug" in out, out
+    assert took < 10, took
+    # shards alone (no index): the datamodule's first read fails as fast, naming the shard's URL
+    start = time.monotonic()
+    with pytest.raises(ShardError, match=rf"shard {silent_server}/train-0\.tar could not be read: the server stalled: "
+                                         r"no bytes for 2 s \(stall_timeout=1 s \+ connect_timeout=1 s"):
+        ShardDataModule(None, train=f"{silent_server}/train-0.tar", connect_timeout=1, stall_timeout=1, retries=0)
+    assert time.monotonic() - start < 5
+
+
+@needs_curl
+def test_a_server_that_stalls_mid_shard_is_retried_then_named(served, caplog):
+    _, base, _ = served
+    dm = ShardDataModule(f"{base}/stalling", batch_size=64, stall_timeout=1, retries=1)  # the index is served whole
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="lightning_diffusion.data.streams"):
+        with pytest.raises(ShardError, match=rf"shard {base}/stalling/val-000000\.tar could not be read: the server "
+                                             r"stalled: no bytes for 1 s \(stall_timeout=1 s\) \(after 2 attempts\); "
+                                             r"raise data\.init_args\.stall_timeout"):
+            list(dm.val_dataloader())
+    took = time.monotonic() - start
+    assert 2 <= took < 6, took  # two stalls of 1 s and a backoff of 1 s, not the server's 5 s
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{base}/stalling/val-000000.tar: no bytes for 1 s (stall_timeout=1 s); trying again in 1 s (attempt 2 of 2; "
+        "data.init_args.retries=1)"]
+
+
+def test_a_pipe_command_that_stalls_is_killed_and_named(served):
+    root, _, _ = served
+    marker = "31.4159"  # the sleep of this test's command, to find it among the processes
+    command = f"pipe:head -c 5000 {root / 'digits' / 'val-000000.tar'}; sleep {marker}"
+    start = time.monotonic()
+    with pytest.raises(ShardError, match=rf"shard {command} could not be read: the command `.*sleep {marker}` stalled: "
+                                         r"no bytes for 1 s \(stall_timeout=1 s\); raise"):
+        list(ShardDataModule(None, val=command, batch_size=64, num_classes=10, stall_timeout=1, retries=0,
+                             train=f"{root / 'digits' / 'train-000000.tar'}").val_dataloader())
+    assert time.monotonic() - start < 5
+    left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"sleep {marker}" not in left  # the whole command was killed, not only its shell
+
+
+@needs_curl
+def test_transient_failures_are_retried_logged_and_give_the_same_batches(served, caplog):
+    root, base, server = served
+    with caplog.at_level("WARNING", logger="lightning_diffusion.data.streams"):
+        dm = ShardDataModule(f"{base}/flaky", batch_size=64, retries=2, cache=False)  # index: 503 first
+        flaky = list(dm.val_dataloader())  # the shard: cut off half-way first
+    assert_same([flaky], [list(ShardDataModule(str(root / "digits"), batch_size=64).val_dataloader())])
+    assert server.requests["/flaky/index.json"] == server.requests["/flaky/val-000000.tar"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{base}/flaky/index.json: `curl` exited with status 22 (the server answered with "
+                                  "an HTTP error") and "returned error: 503; trying again in 1 s (attempt 2 of 3; " \
+        "data.init_args.retries=2)" in messages[0], messages
+    assert messages[1].startswith(f"{base}/flaky/val-000000.tar: `curl` exited with status 18 (partial transfer") \
+        and messages[1].endswith("trying again in 1 s (attempt 2 of 3; data.init_args.retries=2)"), messages
+
+
+def test_curl_gets_the_connect_timeout_and_its_timeout_is_named(tmp_path, monkeypatch):
+    # a curl on PATH that records its arguments and ends as curl does when no connection came in time
+    fake = tmp_path / "curl"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho "curl: (28) Failed to connect" >&2\nexit 28\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(ShardError, match=r"shard http://10\.255\.255\.1/t\.tar could not be read: `curl` exited with "
+                                         r"status 28 \(no connection within the connect timeout\); its stderr: curl: "
+                                         r"\(28\) Failed to connect \(after 2 attempts\)"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", connect_timeout=2.5, retries=1)
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--connect-timeout") + 1] == "2.5" and args[-1] == "http://10.255.255.1/t.tar"
+    with pytest.raises(ValueError, match=r"ShardDataModule: data\.stall_timeout must be > 0 seconds, got 0"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", stall_timeout=0)
+    with pytest.raises(ValueError, match=r"ShardDataModule: data\.retries must be >= 0, got -1"):
+        ShardDataModule(None, train="http://10.255.255.1/t.tar", retries=-1)

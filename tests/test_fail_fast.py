@@ -180,6 +180,9 @@ def test_a_users_module_without_the_checks_still_gets_the_callbacks():
     ("configs/hvae_digits.yaml", "gaussians8",
      "LadderVAENet takes images [C, H, W], but image_size is None, as the CLI links it from points data [D]: for "
      "points use VAE with MLPVAENet"),
+    ("configs/ebm_toy2d.yaml", "digits",
+     "EBM: the net EnergyMLP takes points [D], but the data are 1x8x8 images: use EnergyConvNet (class_path: "
+     "EnergyConvNet)"),
 ])
 def test_a_net_for_the_other_kind_of_data_is_named(tmp_path, config, dataset, expected):
     overrides = [f"--data.init_args.dataset={dataset}", "--trainer.max_steps=2", "--trainer.logger=false",
@@ -227,3 +230,36 @@ def test_nan_loss_names_a_checkpoint_only_when_one_was_written(tmp_path, after):
         last = tmp_path / "checkpoints" / "last.ckpt"
         assert f"the last checkpoint written, {last}, holds parameters of an earlier step" in message
         assert last.is_file()
+
+
+# -- 5. issue 21: categorical nets on float data, an EBM whose chains diverge -----------------------------
+def test_a_categorical_net_on_float_data_names_data_categorical(tmp_path):
+    proc = run_cli("fit", "--config", "configs/discrete_absorbing_digits.yaml", "--data.init_args.categorical=false",
+                   "--trainer.max_steps=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                   check=False)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 1 and "lightning-diffusion fit: error: CategoricalUNet: num_categories is None: the net " \
+        "takes categorical data (int64 categories), but the data are read as floats (data.init_args.categorical: " \
+        "false, or data without categories); set data.init_args.categorical: true" in out, out[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_ebm_chains_that_diverge_name_step_size(tmp_path):
+    """step_size=1e4 sends the Langevin chains to NaN at the first chain run (the sanity check's): the
+    guard names step_size; the loss alone said 'val/loss is nan ... Lower model.lr'."""
+    out = fails_before_training(tmp_path, Path("configs/ebm_toy2d.yaml"), "--model.init_args.step_size=1e4",
+                                "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+                                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                                "--trainer.logger.init_args.name=run", "--trainer.logger.init_args.version=v")
+    assert "lightning-diffusion fit: error: EBM: the MCMC chains diverged at global step 0: non-finite chain states " \
+        "after 20 langevin steps of step_size=10000; the parameters before this step are intact (no checkpoint has " \
+        "been written yet in this run). Lower model.step_size (by 10x at a time)" in out, out[-2000:]
+
+
+def test_ebm_guard_keeps_a_nan_energy_of_the_second_tensor():
+    """Python's max over floats dropped a NaN that came after a finite value."""
+    from lightning_diffusion import EBM, EnergyMLP
+
+    model = EBM(EnergyMLP(in_channels=2, hidden=8, num_layers=1), data_shape=(2,))
+    with pytest.raises(FloatingPointError, match="the energies diverged"):
+        model._guard(torch.ones(4), torch.full((4,), math.nan))

@@ -86,7 +86,10 @@ def test_two_fits_into_one_directory_and_kill_9(tmp_path):
     of the owner, a new fit takes the directory at once."""
     run = tmp_path / "runs" / "ddpm_toy2d" / "run1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    owner = subprocess.Popen([sys.executable, "-m", "lightning_diffusion", "fit", *TOY, "--trainer.max_steps=100000"],
+    # the owner logs no metrics row (nor reaches its first checkpoint, at step 1000): killed, it leaves
+    # no run to resume, so a fresh fit may take the directory (else it is refused as a finished run)
+    owner = subprocess.Popen([sys.executable, "-m", "lightning_diffusion", "fit", *TOY, "--trainer.max_steps=100000",
+                              "--trainer.log_every_n_steps=1000000"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120

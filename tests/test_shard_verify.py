@@ -3,6 +3,7 @@ a valid tar) or with a flipped byte (still decodable) is a ShardError naming it,
 evaluation; the SHA-256 is computed once per shard and process; ShardDataModule refuses bad options."""
 
 import io
+import re
 import shutil
 from collections import Counter
 
@@ -34,6 +35,18 @@ def cut_to_first_half(shard):
         for raw in kept:
             sink.write(raw)
     return len(kept), len(samples)
+
+
+def forget_sizes(root):
+    """Drop the shards' sizes from ``root``'s index.json (as an index that records none), so that a
+    cut shard is found by its sample count alone."""
+    import json
+
+    index = json.loads((root / "index.json").read_text())
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            del shard["size"]
+    (root / "index.json").write_text(json.dumps(index))
 
 
 def flip_a_pixel_byte(shard):
@@ -75,8 +88,16 @@ def epochs(dm, n, **attach):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_training_on_a_cut_shard_names_it_and_both_counts(digits, num_workers):
+    size = (digits / "train-000002.tar").stat().st_size
     kept, recorded = cut_to_first_half(digits / "train-000002.tar")
     assert (kept, recorded) == (128, 256)
+    cut = (digits / "train-000002.tar").stat().st_size
+    dm = ShardDataModule(str(digits), batch_size=64, num_workers=num_workers, multiprocessing_context="fork")
+    # refused when it is opened, by its size on disk (before its first sample)
+    with pytest.raises(ShardError, match=rf"shard {digits}/train-000002.tar is {cut} bytes, but "
+                                         rf"{digits}/index.json records {size}: it is truncated"):
+        epochs(dm, 4)
+    forget_sizes(digits)  # an index without sizes: the count of its first complete read names it
     dm = ShardDataModule(str(digits), batch_size=64, num_workers=num_workers, multiprocessing_context="fork")
     with pytest.raises(ShardError, match=rf"shard {digits}/train-000002.tar holds 128 samples, but "
                                          rf"{digits}/index.json records 256: it was cut short"):
@@ -93,8 +114,8 @@ def test_fit_on_a_cut_shard_stops_with_the_shard_error(digits):
     from lightning_diffusion import DDPM, UNet
 
     cut_to_first_half(digits / "train-000000.tar")
-    # seed 0's stream (4 batches of 64 an epoch through a buffer of 64) first reads train-000000 to
-    # its end in epoch 3
+    forget_sizes(digits)  # found by its count: seed 0's stream (4 batches of 64 an epoch through a buffer of 64)
+    # first reads train-000000 to its end in epoch 3 (with sizes it is refused when first opened)
     dm = ShardDataModule(str(digits), batch_size=64, batches_per_epoch=4, shuffle_buffer=64)
     net = UNet(in_channels=1, model_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
     model = DDPM(net, data_shape=(1, 8, 8), timesteps=10)
@@ -108,6 +129,7 @@ def test_fit_on_a_cut_shard_stops_with_the_shard_error(digits):
 
 def test_eval_on_a_cut_shard_and_on_too_many_samples(digits):
     cut_to_first_half(digits / "val-000000.tar")  # 180 -> 90
+    forget_sizes(digits)  # the counts alone (the sizes: test_training_on_a_cut_shard_names_it_and_both_counts)
     dm = ShardDataModule(str(digits), batch_size=64)
     with pytest.raises(ShardError, match=r"val-000000\.tar holds 90 samples, but .* records 180"):
         list(dm.val_dataloader())
@@ -166,7 +188,7 @@ def test_patterns_outside_the_index_are_read_unchecked(digits):
     assert sum(b["x"].shape[0] for b in dm.val_dataloader()) == 90
     # a pattern naming a shard the index lists is checked against it
     dm = ShardDataModule(str(digits), val=str(digits / "val-{000000..000000}.tar"), batch_size=64)
-    with pytest.raises(ShardError, match="holds 90 samples"):
+    with pytest.raises(ShardError, match=r"val-000000\.tar is \d+ bytes, but .*index\.json records \d+"):
         list(dm.val_dataloader())
 
 
@@ -197,3 +219,127 @@ def test_no_shuffle_buffer_reads_in_order():
 def test_bad_options_are_refused_at_construction(option, value, message):
     with pytest.raises(ValueError, match=message):
         ShardDataModule("digits", **{option: value})
+
+
+# -- issue 21: an index names only its own shards; a cut shard is refused when opened --------------
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """A toy2d dataset written by the CLI: 2000 points, one training shard of 1600 (shuffle buffers of
+    100 read a few hundred of them in 5 steps), val and test of 200."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("toy") / "toy"
+    run_cli("shards", "toy2d", f"--out={out}", "--num_points=2000", "--shard_size=2000")
+    return out
+
+
+@pytest.fixture
+def toy(toy_dir, tmp_path):
+    """A private copy of ``toy_dir``, for a test to damage."""
+    root = tmp_path / "toy"
+    shutil.copytree(toy_dir, root)
+    return root
+
+
+def _rename_val_shard(root, name):
+    import json
+
+    index = json.loads((root / "index.json").read_text())
+    index["splits"]["val"]["shards"][0]["name"] = name
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def test_an_index_names_only_its_own_regular_files(toy, tmp_path):
+    import os
+
+    from lightning_diffusion.data import verify_shards
+
+    outside = tmp_path / "outside.tar"
+    shutil.copy(toy / "val-000000.tar", outside)
+    (toy / "sub.tar").mkdir()
+    os.mkfifo(toy / "fifo.tar")
+    (toy / "out-link.tar").symlink_to(outside)
+    (toy / "in-link.tar").symlink_to("val-000000.tar")
+    relative = "it is not a relative path inside the dataset's directory (absolute, empty or with '..')"
+    for name, problem in ((str(outside), relative), ("../outside.tar", relative), ("/dev/zero", relative),
+                          ("sub.tar", "it is not a regular file (a directory, device or FIFO)"),
+                          ("fifo.tar", "it is not a regular file (a directory, device or FIFO)"),
+                          ("out-link.tar", f"it leads outside the dataset's directory {toy} (to {outside}, through "
+                                           "a symlink)")):
+        _rename_val_shard(toy, name)
+        message = f"{toy}/index.json lists a shard named {name!r}, but {problem}: an index names only the tar files " \
+                  "of its own directory; rewrite it with `lightning-diffusion shards`"
+        with pytest.raises(ShardError) as error:
+            ShardDataModule(str(toy))
+        assert str(error.value) == message
+        with pytest.raises(ShardError, match=re.escape(message)):
+            verify_shards(toy)
+    _rename_val_shard(toy, "in-link.tar")  # a symlink within the directory is the dataset's own file
+    assert sum(b["x"].shape[0] for b in ShardDataModule(str(toy), batch_size=64).val_dataloader()) == 200
+    # a pattern (the user's own choice, no index) naming a device: refused, not read forever
+    with pytest.raises(ShardError, match=r"shard /dev/zero is not a regular file"):
+        ShardDataModule(None, train="/dev/zero")
+
+
+def test_a_cut_shard_fails_a_five_step_fit_before_the_first_batch(toy, tmp_path):
+    from test_fail_fast import fails_before_training, fit_config
+
+    shard = toy / "train-000000.tar"
+    size = shard.stat().st_size
+    assert cut_to_first_half(shard) == (800, 1600)  # a valid tar, cut at a sample boundary
+    out = fails_before_training(tmp_path, fit_config(tmp_path, [], dataset=str(toy)), "--trainer.max_steps=5",
+                                "--data.init_args.shuffle_buffer=100")
+    assert f"lightning-diffusion fit: error: shard {shard} is {shard.stat().st_size} bytes, but {toy}/index.json " \
+           f"records {size}: it is truncated; rewrite the shards" in out, out[-2000:]
+
+
+def _error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def test_an_error_in_a_dataloader_worker_is_the_same_one_line(toy, tmp_path):
+    from conftest import run_cli
+    from test_fail_fast import fit_config
+
+    shard = toy / "train-000000.tar"
+    shard.write_bytes(np.random.default_rng(0).integers(0, 256, shard.stat().st_size, dtype=np.uint8).tobytes())
+    config = fit_config(tmp_path, [], dataset=str(toy))
+    lines = {}
+    for workers in (0, 2):
+        proc = run_cli("fit", "--config", str(config), f"--data.init_args.num_workers={workers}", check=False)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        lines[workers] = _error_lines(proc)
+    assert lines[2] == lines[0] == [f"lightning-diffusion fit: error: shard {shard} is not a readable tar file: "
+                                    f"{lines[0][0].split('is not a readable tar file: ')[1]}"], lines
+    # the evaluation loaders too
+    dm = ShardDataModule(str(toy), batch_size=64, num_workers=2, multiprocessing_context="fork")
+    with pytest.raises(ShardError) as error:
+        list(dm.eval_dataloader("train"))
+    assert str(error.value) == lines[0][0].split("error: ", 1)[1]
+
+
+def test_no_points_is_refused_and_an_empty_dataset_is_named(toy, tmp_path):
+    import json
+
+    from conftest import run_cli
+    from test_fail_fast import fails_before_training, fit_config
+
+    for n in (0, -5):
+        proc = run_cli("shards", "toy2d", f"--out={tmp_path / 'none'}", f"--num_points={n}", check=False)
+        assert proc.returncode == 1 and _error_lines(proc) == [
+            f"lightning-diffusion shards: error: toy2d: --num_points must be >= 1 (points generated in total, before "
+            f"the split), got {n}"], proc.stderr
+        assert not (tmp_path / "none").exists()
+    index = json.loads((toy / "index.json").read_text())
+    index["splits"]["val"] = {"count": 0, "shards": []}  # an index without validation samples
+    (toy / "index.json").write_text(json.dumps(index))
+    out = fails_before_training(tmp_path, fit_config(tmp_path, [], dataset=str(toy)))
+    assert f"lightning-diffusion fit: error: ShardDataModule: {toy}/index.json has no samples in split 'val': write " \
+           "the dataset with enough samples for every split (`lightning-diffusion shards`), or give a `val` pattern " \
+           "(data.val)" in out, out[-2000:]
+    for split in index["splits"].values():  # no samples at all
+        split.update(count=0, shards=[])
+    (toy / "index.json").write_text(json.dumps(index))
+    out = fails_before_training(tmp_path, fit_config(tmp_path, [], dataset=str(toy)))
+    assert f"lightning-diffusion fit: error: ShardDataModule: dataset '{toy}' has no samples: {toy}/index.json lists " \
+           "no shards in any split; write it again with more samples (`lightning-diffusion shards`)" in out, out[-2000:]

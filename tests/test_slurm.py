@@ -9,6 +9,7 @@ also network namespaces, veth and a bridge (``ip``, ``nsenter``). Without them t
 the reason (CI installs them: ``.ci/run``). The test through SLURM's variables needs none of it.
 """
 
+import csv
 import json
 import os
 import re
@@ -297,20 +298,22 @@ def test_two_host_ddp_job_all_reduces_across_hosts_is_requeued_and_resumes_on_bo
     assert sent >= max_steps * grad_bytes, f"node2 sent {sent} bytes, less than {max_steps} x {grad_bytes} (gradient)"
 
 
-def two_node_ranks(tmp_path: Path, port: int, timeout: float = 240) -> list[tuple[int, str]]:
+def two_node_ranks(tmp_path: Path, port: int, timeout: float = 240, *extra: str,
+                   **env_vars: str) -> list[tuple[int, str]]:
     """Run the CLI as the 2 ranks of a 2-node x 1-task job, with the SLURM variables srun sets (no
-    SLURM itself), on this machine: (exit status, output) of each rank. A few DDP steps of the toy config."""
+    SLURM itself), on this machine: (exit status, output) of each rank. A few DDP steps of the toy
+    config; ``extra`` options and ``env_vars`` (e.g. ``SLURM_RESTART_COUNT``) added."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE")}
     base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", MASTER_PORT=str(port),
                 PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "scripts"), base.get("PYTHONPATH", "")]),
                 SLURM_JOB_ID="4242", SLURM_JOB_NAME="ld-two-nodes", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2",
                 SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="localhost,localhost",
-                SLURM_JOB_NODELIST="localhost,localhost", SLURM_CPUS_PER_TASK="1")
+                SLURM_JOB_NODELIST="localhost,localhost", SLURM_CPUS_PER_TASK="1", **env_vars)
     args = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(CONFIG), *TINY,
             "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.callbacks+=slurm_ranks.RankReport", f"--trainer.callbacks.out={tmp_path / 'ranks'}"]
+            "--trainer.callbacks+=slurm_ranks.RankReport", f"--trainer.callbacks.out={tmp_path / 'ranks'}", *extra]
     procs = []
     for rank in range(2):  # one task per node: global rank = node rank
         env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank)}
@@ -345,6 +348,33 @@ def test_two_node_environment_from_slurm_variables(tmp_path):
         assert report["log_dir"] == str(tmp_path / "ddpm_toy2d" / "slurm-4242")
     assert len({r["params"] for r in reports}) == 1, "ranks ended with different parameters"
     assert _load(tmp_path / "ddpm_toy2d" / "slurm-4242" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_finished_slurm_run_is_refused_on_every_rank_and_a_requeue_without_hpc_resumes(tmp_path):
+    """The job of the test above launched again into its finished slurm-4242 directory: refused on
+    rank zero, and rank one (started by SLURM, waiting for rank zero) fails with it instead of
+    hanging; nothing written. The same job requeued (SLURM_RESTART_COUNT=1) without an hpc checkpoint
+    (a node failure) resumes the run's last.ckpt in that directory."""
+    run = tmp_path / "ddpm_toy2d" / "slurm-4242"
+    log = "--trainer.log_every_n_steps=1"
+    for rank, (code, out) in enumerate(two_node_ranks(tmp_path, _free_port_pair(), 240, log)):
+        assert_ended_cleanly(code, out, f"rank {rank}")
+    metrics = (run / "metrics.csv").read_bytes()
+
+    again = two_node_ranks(tmp_path, _free_port_pair(), 120, log)
+    for rank, (code, out) in enumerate(again):
+        assert code == 1, f"rank {rank} ({code}):\n{out[-3000:]}"
+        assert f"error: run directory {run} already holds a run (checkpoints/last.ckpt, metrics.csv)" in out, out[-3000:]
+    assert (run / "metrics.csv").read_bytes() == metrics and not (run / "config-2.yaml").exists()
+
+    requeued = two_node_ranks(tmp_path, _free_port_pair(), 240, log, "--trainer.max_steps=5", SLURM_RESTART_COUNT="1")
+    for rank, (code, out) in enumerate(requeued):
+        assert_ended_cleanly(code, out, f"requeued rank {rank}")
+    assert f"--ckpt_path last: resuming from {run / 'checkpoints' / 'last.ckpt'} (step 3)" in requeued[0][1]
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 5
+    with open(run / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert steps == [0, 1, 2, 3, 4], steps
 
 
 def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):

@@ -108,8 +108,9 @@ def test_offline_wandb_run_gets_images_and_table_and_resume_continues_it(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics.jsonl", "samples-step0000002.png", "samples-step0000004.png",
         "trajectory-step0000002.png", "trajectory-step0000004.png"]
-    assert Image.open(out / "samples-step0000004.png").size == (19, 19)  # 2 x 2 images of 8 px, 1 px padding
-    assert Image.open(out / "trajectory-step0000004.png").size == (28, 19)  # 2 rows x 3 frames
+    # 2 x 2 images of 8 px, 1 px padding: 19 px, enlarged 27x to >= 512 (min_size); trajectory: 2 rows x 3 frames
+    assert Image.open(out / "samples-step0000004.png").size == (19 * 27, 19 * 27)
+    assert Image.open(out / "trajectory-step0000004.png").size == (28 * 19, 19 * 19)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"], r["weights"]) for r in rows] == [(2, 0, "ema"), (4, 1, "ema")]
     assert all("val/loss" in r and "train/loss" in r for r in rows)
@@ -118,6 +119,7 @@ def test_offline_wandb_run_gets_images_and_table_and_resume_continues_it(tmp_pat
     history = wandb_records(run_dir)  # waits for the run to be written out
     media = run_dir / "files" / "media"
     assert len(list((media / "images").glob("samples_*.png"))) == 2
+    assert {Image.open(p).size for p in (media / "images").glob("samples_*.png")} == {(513, 513)}  # what W&B shows
     assert len(list((media / "images").glob("trajectory_*.png"))) == 2
     assert len(list((media / "table").glob("metrics_*.table.json"))) == 2
     images = [(r["trainer/global_step"], r["samples/captions"]) for r in history if "samples/filenames" in r]
@@ -171,8 +173,8 @@ def test_csv_logger_gets_the_pngs_and_the_jsonl(tmp_path):
     out = Path(logger.log_dir) / "samples"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "samples-step0000003.png",
                                                     "trajectory-step0000003.png"]
-    assert Image.open(out / "samples-step0000003.png").size == (28, 28)  # 3 x 3 images
-    assert Image.open(out / "trajectory-step0000003.png").size == (19, 10)  # 1 row x 2 frames
+    assert Image.open(out / "samples-step0000003.png").size == (28 * 19, 28 * 19)  # 3 x 3 images, enlarged 19x
+    assert Image.open(out / "trajectory-step0000003.png").size == (19 * 27, 10 * 27)  # 1 row x 2 frames
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 3 and row["weights"] == "raw"
 
@@ -218,7 +220,7 @@ class ImageLogger(CSVLogger):
         self.images += [(key, Path(image).name, step) for image in images]
 
 
-@pytest.mark.parametrize("shape, sizes", [((1, 8, 8), {"samples": (19, 19), "reconstructions": (37, 19)}),
+@pytest.mark.parametrize("shape, sizes", [((1, 8, 8), {"samples": (19 * 27, 19 * 27), "reconstructions": (37 * 14, 19 * 14)}),
                                           ((2,), {"samples": (500, 500), "reconstructions": (500, 500)})])
 def test_foreign_module_with_reconstruct(tmp_path, shape, sizes):
     logger = ImageLogger(tmp_path)
@@ -229,3 +231,9 @@ def test_foreign_module_with_reconstruct(tmp_path, shape, sizes):
     assert {name: Image.open(path).size for name, path in callback.last_paths.items()} == sizes
     assert sorted(logger.images) == [("reconstructions", "reconstructions-step0000002.png", 2),
                                      ("samples", "samples-step0000002.png", 2)]
+
+
+def test_min_size_zero_keeps_the_native_size(tmp_path):
+    callback = WandbSamples(every_n_epochs=0, num_samples=9, num_trajectories=0, min_size=0)
+    fit(tiny_ddpm(), tmp_path, [callback], CSVLogger(tmp_path), max_steps=1)
+    assert Image.open(callback.last_paths["samples"]).size == (28, 28)

@@ -16,7 +16,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two saves.
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two saves, and
+    whose ``last.ckpt`` keeps its name in a resumed fit (no ``last-v1.ckpt``).
 
     Lightning's ModelCheckpoint with ``every_n_train_steps`` leaves ``last.ckpt`` at the last
     multiple of N when training stops otherwise (``max_time``, ``max_steps`` not a multiple of N,
@@ -109,6 +110,23 @@ class LastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step or not os.path.exists(self.last_model_path or ""):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         return self.last_model_path or None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # A resumed fit continues the run whose last.ckpt is in dirpath: replace it (atomically, see
+        # _save_checkpoint), never write last-v1.ckpt beside it. Lightning's version counter keeps
+        # last.ckpt only when the restored state names it (same dirpath string): a copied or moved
+        # run directory got last-v1.ckpt, last-v2.ckpt, ..., and the next resume from last.ckpt
+        # silently went back to the stale one. A fresh fit (no ckpt_path) keeps Lightning's counter:
+        # a last.ckpt there is another run's (the CLI refuses such a fit before it starts). Named
+        # and top-k checkpoints keep the counter too: they never replace a different checkpoint.
+        if trainer.ckpt_path is None:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        counter, self._enable_version_counter = self._enable_version_counter, False
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._enable_version_counter = counter
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -164,14 +164,49 @@ def batch_data(batch: Any) -> Tensor:
 
 
 # -- pictures ---------------------------------------------------------------------------------------
-def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1], [N, C, H, W], as one PNG grid (``nrow`` images per row)."""
-    from torchvision.utils import save_image
+#: default ``min_size`` of sample grids: upscaled until the longer side has at least this many pixels
+GRID_MIN_SIZE = 512
+
+
+def check_min_size(owner: str, min_size: Any) -> None:
+    """Refuse a ``min_size`` (pixels) that is not an integer >= 0, naming ``owner`` (e.g. ``SampleGrid``)."""
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"{owner}.min_size={min_size!r}: must be an integer >= 0 (pixels of a sample grid's longer "
+                         "side; 0 keeps the native size)")
+
+
+def upscale_factor(width: int, height: int, min_size: int = GRID_MIN_SIZE) -> int:
+    """The integer factor a picture of ``width`` x ``height`` pixels is enlarged by: the smallest
+    k >= 1 with ``k * max(width, height) >= min_size`` (pixels); 1 for ``min_size`` 0 (native size)."""
+    check_min_size("save_image_grid", min_size)
+    return max(1, math.ceil(min_size / max(width, height, 1)))
+
+
+def save_image_grid(x: Tensor, path: str | Path, nrow: int | None = None, min_size: int = GRID_MIN_SIZE) -> Path:
+    """Save images in [-1, 1], [N, C, H, W], as one PNG grid (``nrow`` images per row, 1 px white
+    padding), enlarged by the integer factor of :func:`upscale_factor` with nearest-neighbour
+    resampling, so each pixel of a sample becomes an exact k x k block (a grid of 8 x 8 digits is
+    91 x 91 pixels natively, 546 x 546 with ``min_size`` 512).
+
+    Args:
+        x: the images.
+        path: the PNG to write.
+        nrow: images per row; None: about the square root of their number.
+        min_size: pixels the grid's longer side reaches at least; 0 keeps the native size.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
-    save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid((x.float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    # to 8 bits as torchvision's save_image does; PIL's NEAREST resize by an integer factor copies pixels exactly
+    image = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy())
+    k = upscale_factor(image.width, image.height, min_size)
+    if k > 1:
+        image = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    image.save(path)
     return path
 
 

@@ -237,7 +237,9 @@ def evaluation_weights(trainer: L.Trainer | None, pl_module: nn.Module) -> Itera
     validation; its training mode comes back after), so a model need not switch modes itself in
     ``sample`` or ``bits_per_dim``. With an :class:`EMA` callback (``evaluate_with="ema"``) the
     averages are swapped in for the body, unless they already are (inside validation); without one
-    the raw weights are used. Gradients are left as they are: callers that need none add
+    the raw weights are used. Without a trainer the module is evaluated with the weights it holds,
+    named by its ``held_weights`` attribute (``"ema"`` where
+    :func:`~lightning_diffusion.commands.load_model` loaded the averages into it; default ``"raw"``). Gradients are left as they are: callers that need none add
     ``torch.no_grad()``.
 
     Args:
@@ -246,7 +248,9 @@ def evaluation_weights(trainer: L.Trainer | None, pl_module: nn.Module) -> Itera
     """
     ema = find_ema(trainer)
     with evaluating(pl_module, no_grad=False):
-        if ema is None or ema.evaluate_with == "raw":
+        if trainer is None:
+            yield str(getattr(pl_module, "held_weights", "raw"))
+        elif ema is None or ema.evaluate_with == "raw":
             yield "raw"
         elif ema.swapped:
             yield "ema"

@@ -28,8 +28,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_diffusion.callbacks.common import (check_model_options, describe_options, run_dir, sampling_options,
-                                                  save_image_grid, save_scatter)
+from lightning_diffusion.callbacks.common import (GRID_MIN_SIZE, check_min_size, check_model_options, describe_options,
+                                                  run_dir, sampling_options, save_image_grid, save_scatter)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import HasTrajectory, Reconstructs, batch_x
 
@@ -135,7 +135,8 @@ class WandbSamples(L.Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_samples: int = 64, num_trajectories: int = 8,
                  num_frames: int = 8, num_reconstructions: int = 16, seed: int = 0,
-                 sample_options: dict[str, Any] | None = None, preview_sampler: bool = True):
+                 sample_options: dict[str, Any] | None = None, preview_sampler: bool = True,
+                 min_size: int = GRID_MIN_SIZE):
         """
         Args:
             every_n_epochs: log every this many training epochs; 0: only when training ends.
@@ -150,8 +151,13 @@ class WandbSamples(L.Callback):
                 ``{"sampler": "ddim", "steps": 50}`` for diffusion models.
             preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
                 with the model's fast ``preview_sample_options()``; False: the model's own default.
+            min_size: pixels that the longer side of each image grid (samples, trajectory,
+                reconstructions) reaches at least, by an integer nearest-neighbour enlargement of the
+                PNG that is written and logged (each sample pixel an exact k x k block); 0 keeps the
+                native size. Scatter plots of points are not affected.
         """
         super().__init__()
+        check_min_size(f"WandbSamples", min_size)
         if every_n_epochs < 0:
             raise ValueError(f"WandbSamples: every_n_epochs must be >= 0, got {every_n_epochs}")
         if num_samples < 1:
@@ -162,7 +168,7 @@ class WandbSamples(L.Callback):
         self.num_trajectories, self.num_frames = num_trajectories, num_frames
         self.num_reconstructions, self.seed = num_reconstructions, seed
         self.sample_options = dict(sample_options or {})
-        self.preview_sampler = preview_sampler
+        self.preview_sampler, self.min_size = preview_sampler, min_size
         self.last_sample_options: dict[str, Any] | None = None  # what the last logging sampled with
         self.run_id: str | None = None  # W&B run id restored from a checkpoint
         self.rows: list[dict[str, Any]] = []  # the metrics table
@@ -245,13 +251,14 @@ class WandbSamples(L.Callback):
             path = out_dir / f"{name}-step{step:07d}.png"
             image = x.ndim == (4 if name == "samples" else 5)
             if name == "samples" and image:
-                save_image_grid(x, path)
+                save_image_grid(x, path, min_size=self.min_size)
             elif name == "samples" and x.ndim == 2 and x.shape[-1] >= 2:
                 save_scatter(x, path, self._val_x)
             elif name == "trajectory" and image:  # [F, N, ...] -> rows of samples, columns of frames
-                save_image_grid(x.transpose(0, 1).flatten(0, 1), path, nrow=x.shape[0])
+                save_image_grid(x.transpose(0, 1).flatten(0, 1), path, nrow=x.shape[0], min_size=self.min_size)
             elif name == "reconstructions" and image:  # [2, N, ...] -> (original, reconstruction) pairs
-                save_image_grid(x.transpose(0, 1).flatten(0, 1), path, nrow=2 * math.ceil(math.sqrt(x.shape[1])))
+                save_image_grid(x.transpose(0, 1).flatten(0, 1), path, nrow=2 * math.ceil(math.sqrt(x.shape[1])),
+                                min_size=self.min_size)
             elif name == "reconstructions" and x.ndim == 3 and x.shape[-1] >= 2:
                 save_scatter(x[1], path, reference=x[0])
             else:

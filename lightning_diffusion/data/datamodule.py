@@ -30,9 +30,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_diffusion.data.shards import (EMBEDDED, INDEX_NAME, SPLITS, ensure_embedded, load_index, remote_index,
-                                             remote_shard_url)
-from lightning_diffusion.data.streams import (Categories, EvalStream, ShardError, TrainStream, decode_sample,
+from lightning_diffusion.data.shards import (EMBEDDED, INDEX_NAME, SPLITS, ensure_embedded, load_index,
+                                             local_shard_path, remote_index, remote_shard_url)
+from lightning_diffusion.data.streams import (Categories, EvalStream, Network, ShardError, TrainStream, decode_sample,
                                               expand_pattern, iter_shard, local_path)
 
 __all__ = ["ShardDataModule", "ShardError"]
@@ -60,7 +60,62 @@ def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
     return 0, 1
 
 
-class _EpochLoader(DataLoader):
+def worker_message(error: BaseException) -> str | None:
+    """The original message of an error that torch re-raised from a DataLoader worker (its
+    ``ExceptionWrapper`` makes it "Caught ShardError in DataLoader worker process 0. Original
+    Traceback ..." with the worker's whole traceback); None for any other error."""
+    text = str(error.args[0]) if error.args else ""
+    if not (text.startswith(f"Caught {type(error).__name__} in DataLoader worker process")
+            and "\nOriginal Traceback" in text):
+        return None
+    kind = type(error)
+    # the traceback's last line names the type as traceback.format_exception does, message after it
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    head, found, message = text.rpartition(f"\n{name}: ")
+    return message.rstrip("\n") if found else None
+
+
+class _WorkerErrors:
+    """A DataLoader's iterator whose errors from worker processes carry their own message: the same
+    error type re-raised with the worker's message, so the CLI prints the one line it prints
+    without workers (torch wraps it in the worker's traceback)."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except Exception as e:
+            message = worker_message(e)
+            if message is None:
+                raise
+            try:
+                error = type(e)(message)
+            except Exception:  # a type that cannot be built from a message: keep torch's
+                raise e from None
+            raise error from None
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __getattr__(self, name: str):  # what Lightning or torch may ask of the loader's iterator
+        if name == "_iterator":
+            raise AttributeError(name)
+        return getattr(self._iterator, name)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker errors reach the user as one line (:class:`_WorkerErrors`)."""
+
+    def __iter__(self):
+        return _WorkerErrors(super().__iter__())
+
+
+class _EpochLoader(_Loader):
     """A DataLoader over a TrainStream that hands the trainer's epoch to the stream, and knows its
     position for an exact mid-epoch resume.
 
@@ -145,6 +200,9 @@ class ShardDataModule(L.LightningDataModule):
         verify: bool = True,
         categorical: bool | None = None,
         cache: bool | None = None,
+        connect_timeout: float = 30.0,
+        stall_timeout: float = 60.0,
+        retries: int = 3,
     ):
         """
         Args:
@@ -205,6 +263,18 @@ class ShardDataModule(L.LightningDataModule):
                 digits' training split: 1437 samples, 1.1 MiB decoded, 2.9 MiB on disk (cached);
                 colour_digits: 39 MiB decoded; colour_digits32: 140 MiB and CIFAR-10's training
                 split: 610 MiB (not cached). True: always (memory is the user's call). False: never.
+            connect_timeout: seconds curl waits for an ``http(s)://`` server to accept the
+                connection (``curl --connect-timeout``), for the index and every shard.
+            stall_timeout: seconds a remote read (``http(s)://``, ``pipe:``; the index and every
+                shard) may go without receiving a byte; then the process behind it (curl, the
+                command with its children) is killed, and the read is tried again or fails with a
+                ShardError naming the URL and the timeout (an OSError for the index). curl's first
+                byte may take ``connect_timeout + stall_timeout``.
+            retries: how many times a stalled remote read, or a curl transfer that failed in a way
+                that may pass (connection refused, reset, timed out or cut off; HTTP 408, 429,
+                5xx), is tried again, after 1, 2, 4, ... seconds (at most 30); each retry is logged
+                as a warning naming the URL and the attempt, and skips the bytes already read. A
+                ``pipe:`` command that fails is not run again. 0: never.
         """
         for option, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                      ("shuffle_buffer", shuffle_buffer, 0), ("batches_per_epoch", batches_per_epoch, 1)):
@@ -214,6 +284,7 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         # num_classes is logged by the model (linked, resolved); two differing copies would clash
         self.save_hyperparameters(ignore=["num_classes"])
+        self.network = Network(connect_timeout, stall_timeout, retries).check("ShardDataModule: data.")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
@@ -224,18 +295,23 @@ class ShardDataModule(L.LightningDataModule):
         self.index: dict[str, Any] | None = None
         self.urls: dict[str, list[str]] = {s: [] for s in SPLITS}
         self._records: dict[str, dict[str, Any]] = {}  # _record_key of a shard -> what index.json records of it
+        #: where the index was read (a path or URL), for messages; None for shards given by patterns alone
+        self.index_at: str | None = None
         if dataset is not None:
-            self.index, index_at, shard_at = self._read_index(dataset)
+            self.index, self.index_at, shard_at = self._read_index(dataset, self.network)
             for split in SPLITS:
                 shards = self.index["splits"].get(split, {}).get("shards", [])
                 self.urls[split] = [shard_at(s["name"]) for s in shards]
                 for s, url in zip(shards, self.urls[split]):
                     self._records[_record_key(url)] = {"count": s.get("count"), "sha256": s.get("sha256"),
-                                                       "size": s.get("size"), "index": index_at}
+                                                       "size": s.get("size"), "index": self.index_at}
         for split, pattern in (("train", train), ("val", val), ("test", test)):
             if pattern is not None:
                 self.urls[split] = expand_pattern(pattern)
         if not any(self.urls.values()):
+            if dataset is not None:
+                raise ValueError(f"ShardDataModule: dataset {dataset!r} has no samples: {self.index_at} lists no shards in "
+                                 f"any split; write it again with more samples (`lightning-diffusion shards`)")
             raise ValueError("ShardDataModule: give `dataset` (embedded name or shard directory) or shard patterns")
 
         if self.index is not None:
@@ -244,7 +320,7 @@ class ShardDataModule(L.LightningDataModule):
             self.kind: str = self.index["kind"]
         else:
             url = next(u for s in SPLITS for u in self.urls[s])
-            first = next(iter_shard(url), None)
+            first = next(iter_shard(url, network=self.network), None)
             if first is None:
                 raise ShardError(f"shard {url} holds no samples")
             x, _ = decode_sample(first, None, labelled=False)
@@ -262,7 +338,7 @@ class ShardDataModule(L.LightningDataModule):
         self.alphabet: str | None = (self.index or {}).get("alphabet") if self.categorical else None
 
     @staticmethod
-    def _read_index(dataset: str) -> tuple[dict[str, Any], str, Callable[[str], str]]:
+    def _read_index(dataset: str, network: Network) -> tuple[dict[str, Any], str, Callable[[str], str]]:
         """(index, where it was read, the function from a shard's name to its path or URL) of an
         embedded name, a local directory / index.json (path or ``file:``), or a remote URL."""
         if dataset in EMBEDDED:
@@ -270,7 +346,7 @@ class ShardDataModule(L.LightningDataModule):
         elif (path := local_path(dataset)) is not None:
             root = Path(path)
         else:
-            index, index_url = remote_index(dataset)
+            index, index_url = remote_index(dataset, network)
             return index, index_url, lambda name: remote_shard_url(index_url, name)
         if not root.exists():
             raise FileNotFoundError(
@@ -278,7 +354,7 @@ class ShardDataModule(L.LightningDataModule):
                 "nor an existing shard directory or index.json, nor a URL webdataset reads (https://, pipe:); "
                 "write shards with `lightning-diffusion shards`")
         index, root = load_index(root)
-        return index, str(root / INDEX_NAME), lambda name: str(root / name)
+        return index, str(root / INDEX_NAME), lambda name: local_shard_path(root / INDEX_NAME, name)
 
     def _resolve_categories(self, dataset: str | None, categorical: bool | None) -> Categories | None:
         """How ``x`` is decoded: None (floats) or the :class:`Categories`, refusing a reading the
@@ -379,13 +455,20 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.urls["train"]:
-            raise ValueError("ShardDataModule: no training shards (index split 'train' empty and no `train` pattern)")
+            raise ValueError(self._no_shards("train"))
         rank, world = self._rank_world()
         stream = TrainStream(self.urls["train"], self.batch_size, self.train_batches_per_rank(), self.data_shape,
                              self._labelled(), self.shuffle_buffer, self.random_flip and self.kind == "image",
                              self.seed, rank, world, self._shard_records(self.urls["train"]), self.verify,
-                             self._categories, self.caches("train"))
+                             self._categories, self.caches("train"), self.network)
         return _EpochLoader(stream, self._current_epoch, self._batches_done, **self._loader_kwargs())
+
+    def _no_shards(self, split: str) -> str:
+        """Why ``split`` cannot be read: the index it came from has no samples in it."""
+        if self.index_at is None:
+            return f"ShardDataModule: no {split} shards: give a `{split}` pattern (data.{split}) or a dataset"
+        return (f"ShardDataModule: {self.index_at} has no samples in split {split!r}: write the dataset with enough "
+                f"samples for every split (`lightning-diffusion shards`), or give a `{split}` pattern (data.{split})")
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -417,12 +500,12 @@ class ShardDataModule(L.LightningDataModule):
         if split not in self.urls:
             raise ValueError(f"ShardDataModule: unknown split {split!r}; choose train, val or test")
         if not self.urls[split]:
-            raise ValueError(f"ShardDataModule: no {split} shards (index split {split!r} empty and no `{split}` pattern)")
+            raise ValueError(self._no_shards(split))
         rank, world = self._rank_world()
         stream = EvalStream(self.urls[split], self.batch_size, self.data_shape, self._labelled(), rank, world,
                             self._shard_records(self.urls[split]), self.verify, self._categories,
-                            self.caches(split))
-        return DataLoader(stream, batch_size=None, **self._loader_kwargs())
+                            self.caches(split), self.network)
+        return _Loader(stream, batch_size=None, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from lightning_diffusion.data.sources import Source, binary_digits, colour_digits, digits, toy2d, words
-from lightning_diffusion.data.streams import iter_shard, local_path, read_url
+from lightning_diffusion.data.streams import Network, ShardError, iter_shard, local_path, read_url
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
@@ -231,7 +232,7 @@ INDEX_NAME = "index.json"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
 
 
-def remote_index(url: str) -> tuple[dict[str, Any], str]:
+def remote_index(url: str, network: Network = Network()) -> tuple[dict[str, Any], str]:
     """Read the ``index.json`` of a dataset at ``url`` (anything webdataset reads but a local path,
     see :class:`~lightning_diffusion.data.streams.UrlStream`); return (index, the index's URL).
 
@@ -239,7 +240,8 @@ def remote_index(url: str) -> tuple[dict[str, Any], str]:
     directory that holds it (``https://host/digits`` or ``.../digits/``: ``/index.json`` is
     appended), or, for ``pipe:``, a command that prints it (``pipe:aws s3 cp
     s3://bucket/digits/index.json -``). The shards are read from the same place:
-    :func:`remote_shard_url`. A failed read is an OSError naming the URL.
+    :func:`remote_shard_url`. The read waits and retries as ``network`` says; a failed or stalled
+    read is an OSError naming the URL (and the timeout).
     """
     index_url = url
     if url.startswith("pipe:"):
@@ -252,7 +254,7 @@ def remote_index(url: str) -> tuple[dict[str, Any], str]:
     elif not url.split("?")[0].endswith(".json"):
         index_url = url.rstrip("/") + "/" + INDEX_NAME
     try:
-        data = read_url(index_url)
+        data = read_url(index_url, network)
     except OSError as e:
         raise OSError(f"no shard index: {e}; give the URL of the dataset's directory or of its {INDEX_NAME}") from e
     return _parse_index(data, index_url), index_url
@@ -261,15 +263,40 @@ def remote_index(url: str) -> tuple[dict[str, Any], str]:
 def remote_shard_url(index_url: str, name: str) -> str:
     """The URL (or ``pipe:`` command) that reads shard ``name`` of the index at ``index_url``: the
     index's URL with its last ``index.json`` (or, for a URL, its last path component) replaced by
-    the name. A name that is not a plain relative path is refused (a ValueError naming it)."""
-    if not _SAFE_NAME.fullmatch(name) or ".." in name.split("/"):
-        raise ValueError(f"{index_url} lists a shard named {name!r}; a remote index may name its shards only with "
-                         "letters, digits and _.+-/ (no '..'): rewrite the index")
+    the name. A name that is not a plain relative path is refused (a :class:`ShardError` naming the
+    index and the name)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name.split("/"):
+        raise ShardError(f"{index_url} lists a shard named {name!r}; a remote index may name its shards only with "
+                         "letters, digits and _.+-/ (a relative path inside the dataset's directory, no '..'): "
+                         "rewrite the index")
     if INDEX_NAME in index_url:
         head, _, tail = index_url.rpartition(INDEX_NAME)
         return head + name + tail
     path, query = (index_url.split("?", 1) + [""])[:2]
     return path.rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
+
+
+def local_shard_path(index_path: str | Path, name: Any) -> str:
+    """The path of shard ``name`` of the local index at ``index_path``: the name must be a relative
+    path inside the index's directory (no absolute path, no ``..``, no symlink leading out of the
+    directory), and, where it exists, a regular file (not a directory, device or FIFO). Anything
+    else is a :class:`ShardError` naming the index and the name: an index names only its own
+    shards. A missing file is left to the read, which names it."""
+    index_path = Path(index_path)
+    root = index_path.parent
+    problem = None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        problem = "it is not a relative path inside the dataset's directory (absolute, empty or with '..')"
+    else:
+        real, real_root = os.path.realpath(root / name), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            problem = f"it leads outside the dataset's directory {root} (to {real}, through a symlink)"
+        elif os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
+            problem = "it is not a regular file (a directory, device or FIFO)"
+    if problem is not None:
+        raise ShardError(f"{index_path} lists a shard named {name!r}, but {problem}: an index names only the tar "
+                         f"files of its own directory; rewrite it with `lightning-diffusion shards`")
+    return str(root / name)
 
 
 def verify_shards(path: str | Path) -> None:
@@ -288,7 +315,7 @@ def verify_shards(path: str | Path) -> None:
     index, root = load_index(path)
     for split in index["splits"].values():
         for shard in split["shards"]:
-            file = root / shard["name"]
+            file = Path(local_shard_path(root / INDEX_NAME, shard["name"]))
             if not file.is_file():
                 raise FileNotFoundError(f"shard {file} listed in {root / 'index.json'} is missing")
             if sha256_file(file) != shard["sha256"]:

@@ -261,7 +261,11 @@ def toy2d_points(
 
 def toy2d(name: Toy2DName = "gaussians8", num_points: int = 20000, seed: int = 0,
           radius: float = 2.0, std: float = 0.1) -> Source:
-    """A generated 2-D toy set (see :func:`toy2d_points`)."""
+    """A generated 2-D toy set (see :func:`toy2d_points`); ``num_points`` >= 1 (a ValueError naming
+    ``--num_points`` otherwise: an empty dataset trains nothing)."""
+    if num_points < 1:
+        raise ValueError(f"toy2d: --num_points must be >= 1 (points generated in total, before the split), "
+                         f"got {num_points}")
     x, y = toy2d_points(name, num_points, np.random.default_rng(seed), radius=radius, std=std)
     extra = {"radius": radius, "std": std, "num_modes": 8} if name == "gaussians8" else {}
     return Source(

@@ -62,8 +62,12 @@ class EBM(GenerativeModel):
     ``train/chain_grad_norm``, ``train/acceptance`` (MALA), ``train/buffer_age`` (mean MCMC steps a
     buffer state has run since it was drawn from the base); for ``nce`` ``train/log_normalizer``.
     A divergence guard stops a run whose energies leave ``[-max_energy, max_energy]`` or turn
-    non-finite, naming the step and the last checkpoint, before the parameters take the step.
+    non-finite, or whose MCMC chain states turn non-finite (then naming ``step_size``), naming the
+    step and the last checkpoint, before the parameters take the step.
     """
+
+    #: the energy net for each kind of data, named by :meth:`~lightning_diffusion.models.base.GenerativeModel.check_net`
+    data_nets = {"images": ("EnergyConvNet", "EnergyConvNet"), "points": ("EnergyMLP", "EnergyMLP")}
 
     def __init__(
         self,
@@ -200,9 +204,22 @@ class EBM(GenerativeModel):
         """The energy from the net's output ``f`` at ``x``: ``f``, or ``f - log q(x)`` with ``base_tilt``."""
         return f + self.base().energy(x).to(f.dtype) if self.base_tilt else f
 
-    def _guard(self, *energies: Tensor) -> None:
-        """The divergence guard: stop before a step whose energies exploded."""
-        worst = max(float(e.detach().abs().max()) if e.numel() else 0.0 for e in energies)
+    def _guard(self, *energies: Tensor, chains: Tensor | None = None) -> None:
+        """The divergence guard: stop before a step whose MCMC chain states (``chains``, the
+        negatives) are no longer finite, naming the chains' step size, or whose energies exploded."""
+        if chains is not None and not bool(torch.isfinite(chains).all()):
+            decoupled = self.sampler == "decoupled"
+            option = "decoupled_step_size" if decoupled else "step_size"
+            size = self.decoupled_step_size if decoupled else self.step_size
+            raise FloatingPointError(
+                f"EBM: the MCMC chains diverged at global step {self.global_step}: non-finite chain states after "
+                f"{self.mcmc_steps} {self.sampler} steps of {option}={size:g}"
+                + (" (in units of the base's std: whiten_chains)" if self.whiten_chains else "")
+                + f"; the parameters before this step are intact ({self._checkpoint_note()}). Lower model.{option} "
+                "(by 10x at a time)")
+        # torch's max keeps a NaN (Python's max of floats may drop it, depending on the order)
+        worst = float(torch.stack([e.detach().abs().max() for e in energies if e.numel()]).max()) \
+            if any(e.numel() for e in energies) else 0.0
         if not math.isfinite(worst) or worst > self.max_energy:
             raise FloatingPointError(
                 f"EBM: the energies diverged at global step {self.global_step} (max |E| = {worst:.4g} > "
@@ -299,7 +316,7 @@ class EBM(GenerativeModel):
             self._replay["age"][index] += self.mcmc_steps
         f_pos, f_neg = self.net(x), self.net(negatives)  # the net's part: the base's adds no gradient
         e_pos, e_neg = self._tilt(f_pos, x), self._tilt(f_neg, negatives)
-        self._guard(e_pos, e_neg)
+        self._guard(e_pos, e_neg, chains=negatives)
         if self.training:
             stats = {"energy_gap": e_pos.mean() - e_neg.mean(), "chain_grad_norm": chains.grad_norm,
                      "acceptance": chains.acceptance}

@@ -87,6 +87,11 @@ def check_sizes(net: str, **sizes: int | None) -> None:
     for name, value in sizes.items():
         if value is None and name in ("num_classes", "head_channels"):
             continue
+        if value is None and name == "num_categories":  # what the CLI links from float data
+            raise ValueError(f"{net}: num_categories is None: the net takes categorical data (int64 categories), but "
+                             "the data are read as floats (data.init_args.categorical: false, or data without "
+                             "categories); set data.init_args.categorical: true (the CLI links num_categories from "
+                             "the data), or give num_categories")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             optional = " None or" if name in ("num_classes", "head_channels") else ""
             raise ValueError(f"{net}: {name} must be{optional} an integer >= 1, got {value!r}")
