@@ -200,6 +200,14 @@ def test_a_fit_blocked_in_a_data_read_ends_within_seconds_of_sigterm(tmp_path, t
     finally:
         for _, proc in runs.values():
             end_group(proc)
+    time.sleep(0.5)
+    left = [pid for pid in _pids() if stall.split(":", 1)[1] in _cmdline(pid)]
+    for pid in left:  # cleanup: the commands run in sessions of their own, which they lead
+        try:
+            os.killpg(pid, signal.SIGKILL) if os.getsid(pid) == pid else os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, "the stalled commands outlived the fit"
     for name, (run, proc) in runs.items():
         out = (tmp_path / f"{name}.log").read_text()
         assert proc.returncode == 143, f"{name}: {proc.returncode}\n{out[-3000:]}"
@@ -216,6 +224,18 @@ def test_a_fit_blocked_in_a_data_read_ends_within_seconds_of_sigterm(tmp_path, t
     # each), the other ~1 s after the second signal (took: since the second signal, 1.5 s after the first)
     assert took["grace"] < 8, took
     assert took["second"] < 8, took
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",

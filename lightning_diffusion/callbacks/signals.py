@@ -338,8 +338,36 @@ def _end_data_workers() -> None:
     if children:
         # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" on the way out
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # what a worker started (a `pipe:` command, curl: in sessions of their own, so no process group
+    # reaches them) would outlive it, still blocked: found before the worker dies, ended with it
+    started = [p for child in children for p in _descendants(child.pid)]
     for child in children:
         child.kill()
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (Linux ``/proc/PID/task/TID/children``; none elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 def _as_hpc_checkpoint(trainer: L.Trainer, path: str) -> str | None:
