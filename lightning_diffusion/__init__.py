@@ -20,7 +20,8 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 - Data: `ShardDataModule` (WebDataset shards as batch dicts ``{"x", "y"}``), `write_shards` and
   `Source` (write your own arrays as shards), `ShardError`.
 - Callbacks: `EMA`, `SampleQuality`, `Likelihood`, `WandbSamples`, `SampleGrid`, `LastCheckpoint`,
-  `SlurmRequeue`, and `evaluation_weights` / `load_ema_weights` for the EMA weights outside a
+  `SlurmRequeue`, `StopOnSignal` (SIGTERM/SIGINT: `last.ckpt` at the step, then `FitStopped`, exit
+  143/130), and `evaluation_weights` / `load_ema_weights` for the EMA weights outside a
   callback.
 - Metrics as ``torchmetrics.Metric``s, on features an extractor computed (their states reduce over
   ranks in ``compute()``; a LightningModule can ``self.log`` them): `FID` (constant-size float64
@@ -93,6 +94,8 @@ _PUBLIC = {
     "SampleGrid": "lightning_diffusion.callbacks",
     "SampleQuality": "lightning_diffusion.callbacks",
     "SlurmRequeue": "lightning_diffusion.callbacks",
+    "StopOnSignal": "lightning_diffusion.callbacks",
+    "FitStopped": "lightning_diffusion.callbacks",
     "WandbSamples": "lightning_diffusion.callbacks",
     "evaluation_weights": "lightning_diffusion.callbacks",
     "load_ema_weights": "lightning_diffusion.callbacks",

@@ -140,6 +140,8 @@ class DiffusionCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         _add_slurm_requeue(self.trainer)
+        if self.subcommand == "fit":
+            _add_stop_on_signal(self.trainer)
         # A link into a net that lacks the target (image_size into an MLP, or a user's net) is
         # skipped when the net is built but still lands in the model's saved hyperparameters, which
         # load_from_checkpoint would then reject: drop such keys.
@@ -481,6 +483,16 @@ def _add_slurm_requeue(trainer: L.Trainer) -> None:
         trainer.callbacks.append(SlurmRequeue())
 
 
+def _add_stop_on_signal(trainer: L.Trainer) -> None:
+    """SIGTERM / SIGINT save ``last.ckpt`` at the step and exit 143 / 130: see :class:`StopOnSignal`.
+    Added last (after the config's callbacks, whose end-of-batch work the checkpoint then holds),
+    unless the config has one already (to set its ``grace_seconds``)."""
+    from lightning_diffusion.callbacks.signals import StopOnSignal
+
+    if not any(isinstance(cb, StopOnSignal) for cb in trainer.callbacks):
+        trainer.callbacks.append(StopOnSignal())
+
+
 def _init_parameters(class_path: str):
     """The parameters of the class ``class_path`` (its ``__init__``), None if it cannot be imported."""
     import importlib
@@ -626,12 +638,36 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_diffusion.distributed import end_process_group
 
             end_process_group()  # every rank leaves the process group together: lightning_diffusion/distributed.py
-    except _user_errors() as e:
-        if debug:
+    except BaseException as e:
+        if argv[0] in TRAINER_SUBCOMMANDS:
+            _exit_if_stopped_by_signal(argv[0], e)
+        if debug or not isinstance(e, _user_errors()):
             raise
         sys.stderr.write(f"lightning-diffusion {argv[0]}: error: {_one_line(e)}\n"
                          "(--debug or LD_DEBUG=1 shows the traceback)\n")
         sys.exit(1)
+
+
+def _exit_if_stopped_by_signal(subcommand: str, error: BaseException) -> None:
+    """A fit that SIGTERM or SIGINT stopped (:class:`~lightning_diffusion.callbacks.signals.FitStopped`,
+    or another error after the signal) ends here: rank zero prints one line naming the checkpoint,
+    and every rank exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
+    from lightning_diffusion.callbacks.signals import signal_stop
+
+    stop = signal_stop(error)
+    if stop is None:
+        return
+    if stop.global_rank == 0:
+        sys.stderr.write(f"lightning-diffusion {subcommand}: {stop}\n")
+        sys.stderr.flush()
+    if stop.agreed:  # every rank stopped at the same step: they leave the process group together
+        from lightning_diffusion.distributed import end_process_group
+
+        try:
+            end_process_group(timeout=60.0)
+        except RuntimeError:
+            pass  # a rank that did not arrive: this one still exits with the signal's status
+    sys.exit(stop.code)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

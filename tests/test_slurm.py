@@ -196,18 +196,27 @@ def _load(path: Path) -> dict:
 
 
 def _assert_requeued_and_resumed(job: dict[str, str], log: str, run_dir: Path, max_steps: int) -> Path:
-    """The 2-task job signalled by ``_signal_after_first_epoch`` completed after one requeue and resume;
-    the hpc checkpoint it resumed from."""
+    """The 2-task job signalled by ``_signal_after_first_epoch`` completed after one requeue, the
+    SIGTERM that ended its first run and a resume; the hpc checkpoint it resumed from."""
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-6000:]
     # srun started both tasks, in both runs; Lightning took its ranks from SLURM, auto-requeue armed
     assert log.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 2 and log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
     assert log.count("SLURM auto-requeueing enabled") == 4
     # the hpc checkpoint was written mid-run, the job requeued (same id, run twice) and resumed from it
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file() and 10 <= _load(hpc)["global_step"] < max_steps
+    first = run_dir / "hpc_ckpt_1.ckpt"
+    assert first.is_file() and 10 <= _load(first)["global_step"] < max_steps
     assert "SlurmRequeue: requeue signal received" in log and "Handling auto-requeue signal" in log
     assert "DUE TO JOB REQUEUE" in log
     assert job["Restarts"] == "1" and "restart 0" in log and "restart 1" in log
+    # SLURM ends the requeued job's first run with SIGTERM through srun (KillWait=3 s before SIGKILL):
+    # StopOnSignal stops every task at the same step end, writes last.ckpt there and links it as
+    # hpc_ckpt_2.ckpt, which the requeued job resumes (observed: hpc_ckpt_1 at step 21, stop at 22)
+    hpc = run_dir / "hpc_ckpt_2.ckpt"
+    stops = re.findall(r"lightning-diffusion fit: stopped by SIGTERM at step (\d+); saved (\S+) \(and as (\S+),", log)
+    assert len(stops) == 1 and stops[0][2] == str(hpc), log[-6000:]  # rank zero's one line
+    step = int(stops[0][0])
+    assert _load(first)["global_step"] <= step == _load(hpc)["global_step"] < max_steps, log[-6000:]
+    assert not (run_dir / "hpc_ckpt_3.ckpt").exists()
     assert f"Restored all states from the checkpoint at {hpc}" in log
     return hpc
 

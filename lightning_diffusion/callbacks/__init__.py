@@ -5,6 +5,7 @@ from lightning_diffusion.callbacks.ema import EMA, evaluation_weights, load_ema_
 from lightning_diffusion.callbacks.quality import Likelihood, SampleQuality
 from lightning_diffusion.callbacks.requeue import SlurmRequeue
 from lightning_diffusion.callbacks.samples import SampleGrid
+from lightning_diffusion.callbacks.signals import FitStopped, StopOnSignal
 from lightning_diffusion.callbacks.wandb import WandbSamples
 
-__all__ = ["EMA", "LastCheckpoint", "Likelihood", "SampleGrid", "SampleQuality", "SlurmRequeue", "WandbSamples", "evaluation_weights", "load_ema_weights"]
+__all__ = ["EMA", "LastCheckpoint", "Likelihood", "SampleGrid", "SampleQuality", "SlurmRequeue", "StopOnSignal", "FitStopped", "WandbSamples", "evaluation_weights", "load_ema_weights"]

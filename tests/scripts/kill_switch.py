@@ -23,3 +23,17 @@ class SigkillAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(L.Callback):
+    """Send ``signal`` (a name: ``SIGTERM``, ``SIGINT``) to this process once, at the start of the first
+    batch with ``global_step >= step``, on rank ``rank`` only (every rank when None): a signal from
+    outside arriving mid-step, at a step the test knows."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None):
+        self.step, self.signal, self.rank, self.sent = step, signal, rank, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if not self.sent and trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
