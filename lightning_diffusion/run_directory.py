@@ -361,6 +361,43 @@ def _move_superseded_rows(path: Path, content: bytes, resume_step: int) -> bytes
     return text(kept)
 
 
+#: the folder (inside each checkpoint folder) that a resume from an older checkpoint moves the newer
+#: ``last.ckpt`` to; not a ``*.ckpt`` name, so ``--ckpt_path last`` and the fresh-fit check never take it
+SUPERSEDED_DIR = "superseded"
+
+
+def keep_newer_last_checkpoints(trainer: L.Trainer, ckpt_path: str | os.PathLike, resume_step: int) -> list[Path]:
+    """Move each ``last.ckpt`` of this fit's checkpoint folders that is further along than the
+    checkpoint this fit resumes (a resume from an older checkpoint) to
+    ``<folder>/superseded/last-step<N>.ckpt``, with a line saying so: the resumed fit's first save
+    would replace it, and nothing a run wrote is silently lost. Returns the new paths."""
+    moved: list[Path] = []
+    for folder in checkpoint_dirs(trainer):
+        last = folder / "last.ckpt"
+        if not last.exists() or _same_file(last, ckpt_path):
+            continue
+        step = checkpoint_step(last)
+        if step is None or step <= resume_step:
+            continue
+        target = folder / SUPERSEDED_DIR / f"last-step{step}.ckpt"
+        n = 2
+        while target.exists():
+            target, n = folder / SUPERSEDED_DIR / f"last-step{step}-{n}.ckpt", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(last, target)
+        moved.append(target)
+        rank_zero_info(f"{last} (step {step}) is further along than the checkpoint this fit resumes (step "
+                       f"{resume_step}): moved to {target}, so the resumed fit's saves do not replace it")
+    return moved
+
+
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _write_atomically(path: Path, content: bytes) -> None:
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     partial.write_bytes(content)
@@ -413,7 +450,10 @@ class RunConfig(SaveConfigCallback):
             self._refusal = refusal
             trainer.loggers = []  # they would start (and delete metrics.csv) before setup
             return
-        keep_csv_history(trainer, checkpoint_step(ckpt_path) if ckpt_path else None)
+        resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+        keep_csv_history(trainer, resume_step)
+        if resume_step is not None:
+            keep_newer_last_checkpoints(trainer, ckpt_path, resume_step)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:

@@ -117,7 +117,14 @@ def test_resume_from_an_older_checkpoint_moves_the_superseded_rows_aside(finishe
     assert train_steps(side) == [3, 4, 5]  # the rows of the abandoned steps, kept
     assert step_of(run / "checkpoints" / "last.ckpt") == 5
     assert older.read_bytes() == kept  # a named checkpoint is never replaced
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step3.ckpt"]
+    # the step-6 last.ckpt the resumed fit would have replaced: moved aside, named, whole
+    assert "runs/ddpm_toy2d/run1/checkpoints/last.ckpt (step 6) is further along than the checkpoint this fit " \
+           "resumes (step 3): moved to runs/ddpm_toy2d/run1/checkpoints/superseded/last-step6.ckpt" in proc.stderr
+    assert step_of(run / "checkpoints" / "superseded" / "last-step6.ckpt") == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step3.ckpt", "superseded"]
+    proc = fit(cwd, "run1", 6, "--ckpt_path=last")  # `last` is this branch's newest, not the superseded one
+    assert "resuming from runs/ddpm_toy2d/run1/checkpoints/last.ckpt (step 5)" in proc.stderr
+    assert train_steps(run / "metrics.csv") == [0, 1, 2, 3, 4, 5]
 
 
 def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_and_needs_a_known_directory(tmp_path):

@@ -269,10 +269,13 @@ class StopOnSignal(L.Callback):
                            batch_idx: int) -> None:
         if not self._active or (batch_idx + 1) % self.every_n_steps:
             return  # (every rank stops at the same step: none is left in the all-reduce alone)
-        import torch
+        if trainer.world_size == 1:  # no one to agree with: no tensor, no device sync on a GPU
+            signum = self.signum or 0
+        else:
+            import torch
 
-        mine = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
-        signum = int(trainer.strategy.reduce(mine, reduce_op="max").item())  # a signal on any rank
+            mine = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max").item())  # a signal on any rank
         if not signum:
             return
         self._cancel()

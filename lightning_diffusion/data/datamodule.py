@@ -201,7 +201,7 @@ class ShardDataModule(L.LightningDataModule):
         categorical: bool | None = None,
         cache: bool | None = None,
         connect_timeout: float = 30.0,
-        stall_timeout: float = 60.0,
+        stall_timeout: float = 30.0,
         retries: int = 3,
     ):
         """

@@ -172,7 +172,7 @@ class Network:
     """
 
     connect_timeout: float = 30.0
-    stall_timeout: float = 60.0
+    stall_timeout: float = 30.0
     retries: int = 3
 
     def check(self, where: str) -> "Network":
