@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import run_cli
+from tiny import ROOT, shrink_config
 from lightning_diffusion.models.discrete_diffusion import DiscreteDiffusion
 from lightning_diffusion.nets.categorical import CategoricalUNet, SequenceTransformer
 from test_discrete_math import all_states, exact_denoiser, markov_data
@@ -182,37 +183,24 @@ def test_bad_input_and_options_are_refused_naming_them():
 
 
 def _tiny_config(path: Path, config: str, *lines: str) -> Path:
-    """A packaged config with a small net, few steps per epoch and cheap callbacks."""
+    """A packaged config with a small net, few steps per epoch and cheap callbacks; ``lines``
+    (``"name=yaml value"``) set the model's options."""
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load((root / "configs" / f"{config}.yaml").read_text())
-    cfg["trainer"].update(max_steps=12, log_every_n_steps=2, check_val_every_n_epoch=1, enable_progress_bar=False)
-    net = cfg["model"]["init_args"]["net"]["init_args"]
-    if "model_channels" in net:
-        net.update(model_channels=8, num_res_blocks=1, attention_resolutions=[])
-    else:
-        net.update(dim=16, depth=1, heads=2)
-    cfg["data"]["init_args"].update(batch_size=16, batches_per_epoch=6, num_workers=0)
-    callbacks = []
-    for cb in cfg["trainer"]["callbacks"]:
-        name, args = cb["class_path"], cb.setdefault("init_args", {})
-        if name == "SampleQuality":
-            args.update(num_samples=20, batch_size=10, every_n_epochs=2, cache_stats=False,
-                        sample_options={"steps": 4})
-        if name == "Likelihood":
-            args.update(every_n_epochs=2, num_batches=1)
-        if name == "SampleGrid":
-            args.update(num_samples=8, sample_options={"steps": 4})
-        callbacks.append(cb)
-    callbacks.append({"class_path": "WandbSamples", "init_args": {"every_n_epochs": 1, "num_samples": 4,
-                                                                   "sample_options": {"steps": 4}}})
-    cfg["trainer"]["callbacks"] = callbacks
-    for line in lines:
-        key, value = line.split("=")
-        cfg["model"]["init_args"][key] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    net = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["model"]["init_args"]["net"]["init_args"]
+    small = dict(model_channels=8, num_res_blocks=1, attention_resolutions=[]) if "model_channels" in net else \
+        dict(dim=16, depth=1, heads=2)
+    model = {key: yaml.safe_load(value) for key, value in (line.split("=") for line in lines)}
+    return shrink_config(config, path, {
+        "trainer": dict(max_steps=12, log_every_n_steps=2, check_val_every_n_epoch=1, enable_progress_bar=False),
+        "model.init_args.net.init_args": small, "model.init_args": model,
+        "data.init_args": dict(batch_size=16, batches_per_epoch=6, num_workers=0)},
+        callbacks={"SampleQuality": dict(num_samples=20, batch_size=10, every_n_epochs=2, cache_stats=False,
+                                         sample_options={"steps": 4}),
+                   "Likelihood": dict(every_n_epochs=2, num_batches=1),
+                   "SampleGrid": dict(num_samples=8, sample_options={"steps": 4})},
+        add_callbacks=[{"class_path": "WandbSamples", "init_args": {"every_n_epochs": 1, "num_samples": 4,
+                                                                    "sample_options": {"steps": 4}}}])
 
 
 def _fit(tmp_path: Path, config: Path, run: Path, steps: int, *extra: str) -> dict:
