@@ -295,7 +295,7 @@ class ScoreSDE(GaussianDiffusionModel):
     @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
                      rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 
         8-bit images are uniformly dequantized (``num_dequantizations`` draws, averaged) and scored
@@ -307,7 +307,7 @@ class ScoreSDE(GaussianDiffusionModel):
         ``self.last_likelihood_nfe``, the divergence used in ``self.last_likelihood_divergence``.
         """
         self.check_bpd_options(num_dequantizations=num_dequantizations, divergence=divergence, rtol=rtol, atol=atol,
-                               steps=steps)
+                               steps=steps, **options)
         if steps is None:
             self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
                                      "bpd_options: {steps: N})")
