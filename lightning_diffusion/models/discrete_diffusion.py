@@ -252,8 +252,8 @@ class DiscreteDiffusion(GenerativeModel):
             raise OptionError("update_fraction", update_fraction, "must be in (0, 1]")
 
     #: steps of the callbacks' respaced ancestral default (:meth:`preview_sample_options`): the absorbing
-    #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE": 8.1 at
-    #: 10, 4.20 at 50, 4.22 at 100); 100 leaves a 2x margin for processes that converge more slowly
+    #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE"); 100
+    #: leaves a 2x margin for processes that converge more slowly
     preview_steps: int = 100
 
     def preview_sample_options(self) -> dict[str, Any]:
