@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_diffusion.diffusion import parameterization as param
+import lightning_diffusion.diffusion.parameterization as param
 
 BetaSchedule = Literal["linear", "cosine"]
 Variance = Literal["fixedlarge", "fixedsmall"]
