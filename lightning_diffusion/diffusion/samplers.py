@@ -18,6 +18,8 @@ Conventions shared by all samplers:
   integers (timestep respacing: ``steps`` evenly spaced integers from T-1 down to 0).
 - ``clip`` clamps x0_hat to the data range at every evaluation ((-1, 1) for images; None for
   unbounded data).
+- ``callback`` (k-diffusion's), if given, is called at every evaluation with
+  ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:data:`Callback`): how a trajectory is recorded.
 - All samples of a batch share the time grid, so every coefficient is a float64 scalar computed
   from the process and applied to float32 data of any shape ([B, D] points, [B, C, H, W] images);
   per-sample norms flatten all data dimensions.
