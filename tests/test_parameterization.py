@@ -307,15 +307,20 @@ class Recorder(nn.Module):
         return self.scale * x
 
 
-@pytest.mark.parametrize("precision", ["32", "bf16"])
-def test_sampling_passes_the_bf16_net_to_the_denoiser_and_leaves_self_net(precision):
+@pytest.mark.parametrize("precision", ["32", "bf16", "bf16-autocast"])
+def test_sampling_passes_the_bf16_net_to_the_denoiser_and_leaves_self_net(precision, monkeypatch):
+    """bf16: the bfloat16 copy is evaluated while ``model.net`` stays the original; bf16-autocast (a
+    sharded model, where no copy is made): the original net under autocast."""
     recorder = Recorder()
     model = DDPM(recorder, timesteps=20, parameterization="x0", data_shape=(2,))
     MODEL.update(model=model, net=recorder)
     CALLS.clear()
-    model.sample(4, sampler="ddim", steps=5, precision=precision, generator=torch.Generator().manual_seed(0))
+    if precision == "bf16-autocast":
+        monkeypatch.setattr(model, "_bf16_copy_of_net", lambda: None)
+    x = model.sample(4, sampler="ddim", steps=5, precision=precision.split("-")[0],
+                     generator=torch.Generator().manual_seed(0))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    assert CALLS == [(dtype, True)] * 5 and model.net is recorder
+    assert CALLS == [(dtype, True)] * 5 and model.net is recorder and x.dtype == torch.float32
     assert "_trajectory_frames" not in vars(model)
 
 
