@@ -18,6 +18,8 @@ Conventions shared by all samplers:
   integers (timestep respacing: ``steps`` evenly spaced integers from T-1 down to 0).
 - ``clip`` clamps x0_hat to the data range at every evaluation ((-1, 1) for images; None for
   unbounded data).
+- ``callback`` (k-diffusion's), if given, is called at every evaluation with
+  ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:data:`Callback`): how a trajectory is recorded.
 - All samples of a batch share the time grid, so every coefficient is a float64 scalar computed
   from the process and applied to float32 data of any shape ([B, D] points, [B, C, H, W] images);
   per-sample norms flatten all data dimensions.
@@ -41,6 +43,10 @@ from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+#: ``callback(step)``, called at every network evaluation of a sampler (k-diffusion's ``callback``):
+#: ``step`` is ``{'x': x_t, 'i': evaluation index from 0, 't': time, 'sigma': noise level sigma/alpha,
+#: 'denoised': x0_hat}`` (tensors as the sampler holds them: clone what you keep)
+Callback = Callable[[dict], None]
 AncestralVariance = Literal["fixedsmall", "fixedlarge"]
 Predictor = Literal["reverse_diffusion", "euler_maruyama"]
 DPMGrid = Literal["logsnr", "time"]
@@ -67,16 +73,21 @@ class CountedDenoiser:
 
     ``self(x, t)`` takes one time ``t`` (float) for the whole batch, passes it as a [B] tensor in
     x's dtype, returns x0_hat in x's dtype, clamped to ``clip``; ``score(x, t)`` is
-    ``(alpha x0_hat - x) / sigma^2``.
+    ``(alpha x0_hat - x) / sigma^2``; ``callback`` (:data:`Callback`) sees every evaluation.
     """
 
-    def __init__(self, denoise_fn: Denoiser, process: GaussianProcess, clip: tuple[float, float] | None):
-        self.denoise_fn, self.process, self.clip, self.nfe = denoise_fn, process, clip, 0
+    def __init__(self, denoise_fn: Denoiser, process: GaussianProcess, clip: tuple[float, float] | None,
+                 callback: Callback | None = None):
+        self.denoise_fn, self.process, self.clip, self.callback, self.nfe = denoise_fn, process, clip, callback, 0
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
         self.nfe += 1
         x0 = self.denoise_fn(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)).to(x.dtype)
-        return x0 if self.clip is None else x0.clamp(*self.clip)
+        x0 = x0 if self.clip is None else x0.clamp(*self.clip)
+        if self.callback is not None:
+            self.callback({"x": x, "i": self.nfe - 1, "t": float(t), "sigma": _at(self.process.ratio, float(t)),
+                           "denoised": x0})
+        return x0
 
     def score(self, x: Tensor, t: float) -> Tensor:
         alpha, sigma = _at(self.process.alpha, t), _at(self.process.sigma, t)
@@ -290,7 +301,8 @@ def langevin_step(den: CountedDenoiser, x: Tensor, t: float, snr: float, a2: flo
 @torch.no_grad()
 def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-              clip: tuple[float, float] | None = None, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
+              clip: tuple[float, float] | None = None,
+              callback: Callback | None = None, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
     """Ancestral sampling through the posterior (Ho et al. 2020, Algorithm 2 and eq. 7), on any grid.
 
     For grid times s < t: ``x_s = mu~(x_t, x0_hat) + sqrt(var) z`` with the posterior mean
@@ -302,7 +314,7 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
     ``steps``: grid points (default: all T steps of a DDPM, 1000 otherwise); NFE = steps.
     """
     _choose("variance", variance, ("fixedsmall", "fixedlarge"))
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("ancestral", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -317,7 +329,8 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
 @torch.no_grad()
 def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-         clip: tuple[float, float] | None = None, eta: float = 0.0) -> SamplerOutput:
+         clip: tuple[float, float] | None = None, callback: Callback | None = None,
+         eta: float = 0.0) -> SamplerOutput:
     """DDIM (Song, Meng & Ermon 2021, eq. 12), written for any alpha, sigma:
 
     ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z``, ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``,
@@ -326,7 +339,7 @@ def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
 
     ``steps``: grid points (default 50); NFE = steps.
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("ddim", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -343,14 +356,15 @@ def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
 @torch.no_grad()
 def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
                    steps: int | None = None, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None) -> SamplerOutput:
+                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+                   callback: Callback | None = None) -> SamplerOutput:
     """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6):
     ``dx = [f(t) x - g(t)^2 score(x, t)] dt + g(t) dW-bar``, t from t_max to t_min; the last step
     adds no noise, then x0_hat is returned.
 
     ``steps``: grid points (default 1000, as in the paper); NFE = steps.
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("euler_maruyama", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
@@ -361,7 +375,8 @@ def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[
 @torch.no_grad()
 def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
        generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-       clip: tuple[float, float] | None = None, snr: float = 0.16, corrector_steps: int = 1,
+       clip: tuple[float, float] | None = None,
+       callback: Callback | None = None, snr: float = 0.16, corrector_steps: int = 1,
        predictor: Predictor = "reverse_diffusion") -> SamplerOutput:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3 and 5).
 
@@ -375,7 +390,7 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
     """
     _choose("predictor", predictor, ("reverse_diffusion", "euler_maruyama"))
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("pc", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
@@ -389,7 +404,8 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
 @torch.no_grad()
 def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
         generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-        clip: tuple[float, float] | None = None, method: str = "dopri5", rtol: float = 1e-5,
+        clip: tuple[float, float] | None = None,
+        callback: Callback | None = None, method: str = "dopri5", rtol: float = 1e-5,
         atol: float = 1e-5) -> SamplerOutput:
     """Probability-flow ODE (Song et al. 2021, eq. 13): ``dx/dt = f(t) x - g(t)^2 / 2 score(x, t)``,
     integrated from t_max to t_min by ``torchdiffeq.odeint`` (adaptive ``method``, default
@@ -400,7 +416,7 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
     from torchdiffeq import odeint
 
     sampler_grid("ode", process, steps)  # refuses steps
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
         t = min(max(float(t), process.t_min), process.t_max)  # the first-step heuristic may probe outside
@@ -416,7 +432,8 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
 @torch.no_grad()
 def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-         clip: tuple[float, float] | None = None, rho: float = 7.0, sigma_max: float | None = None,
+         clip: tuple[float, float] | None = None,
+         callback: Callback | None = None, rho: float = 7.0, sigma_max: float | None = None,
          sigma_min: float | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0) -> SamplerOutput:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2), on ``x~ = x / alpha(t)``.
@@ -433,7 +450,7 @@ def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
     S_tmax = inf, S_noise = 1``). ``steps`` = N (default 18); NFE = 2 N - 1 (on a DDPM, levels
     that round to the same integer step are merged first).
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     times = sampler_grid("heun", process, steps, rho=rho, sigma_max=sigma_max, sigma_min=sigma_min)
     sigmas = [_at(process.ratio, t) for t in times]
     n = len(sigmas)
@@ -540,6 +557,7 @@ def _check_solver(order: int, grid: str) -> None:
 def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
                steps: int | None = None, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+               callback: Callback | None = None,
                grid: DPMGrid = "logsnr", denoise_to_zero: bool = False, order: SolverOrder = 2,
                lower_order_final: bool = True, sigma_min: float | None = None) -> SamplerOutput:
     """Multistep DPM-Solver++ in x0-prediction (Lu et al. 2022, "DPM-Solver++", Algorithm 2 for
@@ -566,7 +584,7 @@ def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int,
     on a DDPM, logSNR times that round to the same integer step are merged first).
     """
     _check_solver(order, grid)
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     g = _log_snr_grid(process, sampler_grid("dpm_solver", process, steps, grid=grid, sigma_min=sigma_min))
     m = len(g.times) - 1
     x = _prior(process, shape, generator, device)
@@ -624,6 +642,7 @@ def _unipc_step(x: Tensor, history: list[tuple[float, Tensor]], order: int, g: _
 def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
           steps: int | None = None, generator: torch.Generator | None = None,
           device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+          callback: Callback | None = None,
           order: SolverOrder = 2, variant: UniPCVariant = "bh2", grid: DPMGrid = "logsnr",
           sigma_min: float | None = 0.01, lower_order_final: bool = True,
           denoise_to_zero: bool = False) -> SamplerOutput:
@@ -655,7 +674,7 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     """
     _check_solver(order, grid)
     _choose("variant", variant, ("bh1", "bh2"))
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     g = _log_snr_grid(process, sampler_grid("unipc", process, steps, grid=grid, sigma_min=sigma_min))
     m = len(g.times) - 1
     x = _prior(process, shape, generator, device)
@@ -685,11 +704,11 @@ SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
     "unipc": unipc,
 }
 
-_COMMON = ("steps", "generator", "device", "clip")
+_COMMON = ("steps", "generator", "device", "clip", "callback")
 
 
 def sampler_options(name: str) -> list[str]:
-    """The sampler-specific options of ``name`` (beyond steps, generator, device, clip)."""
+    """The sampler-specific options of ``name`` (beyond steps, generator, device, clip, callback)."""
     params = inspect.signature(SAMPLERS[name]).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
 
@@ -747,6 +766,7 @@ def _check_kind(option: str, value: Any, annotation: Any) -> None:
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
            steps: int | None = None, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+           callback: Callback | None = None,
            **options: Any) -> SamplerOutput:
     """Run the sampler called ``name`` on ``denoise_fn`` over ``process``; returns ``(x, nfe)``.
 
@@ -762,8 +782,10 @@ def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tup
         generator: source of the sampling noise.
         device: device of the samples.
         clip: clamp x0_hat to this range at every evaluation (``(-1, 1)`` for images).
+        callback: called at every network evaluation with ``{'x', 'i', 't', 'sigma', 'denoised'}``
+            (:data:`Callback`); None: nothing.
         **options: the sampler's own options, by keyword (:func:`sampler_options` lists them).
     """
     check_options(name, process, steps, **options)
     return SAMPLERS[name](denoise_fn, process, shape, steps=steps, generator=generator, device=device,
-                          clip=clip, **options)
+                          clip=clip, callback=callback, **options)
