@@ -29,10 +29,11 @@ from lightning_diffusion.callbacks.common import (batch_data, check_model_option
                                                   sampling_options)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import estimator_name
-from lightning_diffusion.data.datamodule import rank_world
-from lightning_diffusion.data.streams import images_from_categories
+from lightning_diffusion.distributed import rank_world
+from lightning_diffusion.encodings import images_from_categories
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
+from lightning_diffusion.paths import data_cache_dir
 
 IMAGE_METRICS = ("fid", "kid", "is", "pr")
 
@@ -219,8 +220,6 @@ class SampleQuality(_Periodic):
         datamodule = find_datamodule(trainer, datamodule)
         if not self.cache_stats or datamodule is None or not hasattr(datamodule, "fingerprint"):
             return None
-        from lightning_diffusion.data.shards import data_cache_dir
-
         dataset = Path(str(getattr(datamodule, "hparams", {}).get("dataset") or "data")).name
         key = f"{dataset}-{self.real_split}-{datamodule.fingerprint(self.real_split)}-{kind}-" \
               f"{self.num_real or 'all'}-{self.max_features if rows else 0}"  # 0: no feature rows in the file

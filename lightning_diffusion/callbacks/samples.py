@@ -127,7 +127,7 @@ class SampleGrid(L.Callback):
     def _save_text(self, trainer: L.Trainer, x: Tensor, name: str) -> Path:
         """Sequences [N, L] of categories as text, one a line, in ``samples/<name>.txt``, decoded with
         the data's alphabet (``datamodule.alphabet``; the categories' numbers without one)."""
-        from lightning_diffusion.data.sources import decode_text
+        from lightning_diffusion.encodings import decode_text
 
         alphabet = getattr(trainer.datamodule, "alphabet", None) if trainer.datamodule is not None else None
         lines = decode_text(x, alphabet) if alphabet else [" ".join(map(str, row)) for row in x.tolist()]

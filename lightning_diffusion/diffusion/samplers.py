@@ -27,8 +27,8 @@ Conventions shared by all samplers:
   denoised estimate x0_hat at the last grid time, and ``nfe`` counts the ``denoise_fn`` calls.
 """
 
-# No `from __future__ import annotations` here: the fields of the NamedTuple SamplerOutput must be
-# evaluated types, or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
+# No `from __future__ import annotations` here: the fields of the NamedTuples must be evaluated types,
+# or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
 import difflib
 import inspect
 import math
@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
+from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 #: ``callback(step)``, called at every network evaluation of a sampler (k-diffusion's ``callback``):
@@ -53,13 +54,6 @@ DPMGrid = Literal["logsnr", "time"]
 SolverOrder = Literal[1, 2, 3]
 UniPCVariant = Literal["bh1", "bh2"]
 LOWER_ORDER_FINAL_BELOW = 10  # DPM-Solver's reference code: lower orders in the last steps only below 10 steps
-
-
-class SamplerOutput(NamedTuple):
-    """What every sampler returns."""
-
-    x: Tensor  # samples, shaped like the requested ``shape``
-    nfe: int  # number of denoise_fn calls (network function evaluations)
 
 
 # -- shared helpers ---------------------------------------------------------------------------

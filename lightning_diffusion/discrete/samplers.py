@@ -6,23 +6,16 @@ Both take ``denoiser(x_t, t) -> logits [B, *dims, K]`` (``t`` the time fraction 
 for training.
 """
 
-# No `from __future__ import annotations`: pdoc must resolve the fields of the NamedTuple SamplerOutput.
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from lightning_diffusion.discrete.processes import CategoricalProcess, sample_categorical
 from lightning_diffusion.errors import OptionError
+from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-
-
-class SamplerOutput(NamedTuple):
-    """What every discrete sampler returns."""
-
-    x: Tensor  # int64 samples of the requested shape, values in [0, K)
-    nfe: int  # number of denoiser calls (network function evaluations)
 
 
 def time_grid(process: CategoricalProcess, steps: int) -> list:

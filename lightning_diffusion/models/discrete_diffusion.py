@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lightning_diffusion.discrete import bound, samplers
 from lightning_diffusion.discrete.processes import AbsorbingDiffusion, CategoricalProcess, UniformDiffusion
+from lightning_diffusion.encodings import categories_from_images, images_from_categories
 from lightning_diffusion.errors import OptionError
+from lightning_diffusion.likelihoods import nats_to_bits_per_dim
 from lightning_diffusion.models.base import GenerativeModel, check_number, check_option_names, full_precision
 from lightning_diffusion.modes import evaluating
 
@@ -283,8 +285,6 @@ class DiscreteDiffusion(GenerativeModel):
     def to_data(self, categories: Tensor) -> Tensor:
         """Images' categories as the contract's floats in [-1, 1] (``k / (K - 1) * 2 - 1``: the 8-bit
         digits' ``k / 127.5 - 1``); sequences stay int64."""
-        from lightning_diffusion.data.streams import images_from_categories
-
         if len(self.require_data_shape()) != 3:
             return categories
         return images_from_categories(categories, self.num_categories)
@@ -328,8 +328,6 @@ class DiscreteDiffusion(GenerativeModel):
     def data_categories(self, x: Tensor) -> Tensor:
         """Data given to :meth:`bits_per_dim`: int64 categories, or images as floats in [-1, 1]
         (the inverse of :meth:`to_data`, e.g. samples), as categories."""
-        from lightning_diffusion.data.streams import categories_from_images
-
         if x.dtype.is_floating_point and len(self.require_data_shape()) == 3:
             x = categories_from_images(x, self.num_categories)
         return self.categories(x, "x")
@@ -355,4 +353,4 @@ class DiscreteDiffusion(GenerativeModel):
                     t = torch.full((x0.shape[0],), 1 - (i + float(offset)) / n, dtype=torch.float64)
                     nats += bound.masked_elbo(self.process, denoiser, x0, t=t.to(x0.device), generator=generator).double()
                 nats = nats / n
-        return (nats / (self.dims * math.log(2))).float()
+        return nats_to_bits_per_dim(nats, self.dims).float()

@@ -281,9 +281,9 @@ class EBM(GenerativeModel):
         if self.is_image:
             # 8-bit images: the density is fitted to uniformly dequantized pixels, the data whose NLL
             # bits_per_dim scores (a density on the 256 exact values alone would have no finite NLL)
-            from lightning_diffusion.diffusion import likelihood
+            from lightning_diffusion.likelihoods import dequantize
 
-            x = likelihood.dequantize(x, generator)
+            x = dequantize(x, generator)
         if not int(self.base_fitted):
             self.fit_base(self.all_gather(x).reshape(-1, *x.shape[1:]) if self._trainer is not None else x)
         if self.objective == "cd":
@@ -488,7 +488,7 @@ class EBM(GenerativeModel):
         """``(E(x) + log Z) / (D ln 2)`` [B]: the NLL in bits per dimension with ``log Z`` from
         :meth:`log_partition`. 8-bit images are uniformly dequantized (``num_dequantizations`` draws,
         averaged) and scored as discrete data (+7 bits/dim for the 1/128 bins), like the other families."""
-        from lightning_diffusion.diffusion import likelihood
+        from lightning_diffusion import likelihoods
 
         self.check_bpd_options(num_dequantizations=num_dequantizations, **options)
         log_z, _, _ = self.log_partition(generator)
@@ -496,7 +496,7 @@ class EBM(GenerativeModel):
         with evaluating(self):
             x = x.to(self.base_mean)
             if not self.is_image:
-                return likelihood.nats_to_bits_per_dim(self.energy(x) + log_z, dims)
-            nll = torch.stack([self.energy(likelihood.dequantize(x, generator)) + log_z
+                return likelihoods.nats_to_bits_per_dim(self.energy(x) + log_z, dims)
+            nll = torch.stack([self.energy(likelihoods.dequantize(x, generator)) + log_z
                                for _ in range(num_dequantizations)]).mean(0)
-            return likelihood.bits_per_dim_discrete(nll, dims)
+            return likelihoods.bits_per_dim_discrete(nll, dims)

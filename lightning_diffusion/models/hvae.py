@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import normal_kl
 from lightning_diffusion.errors import OptionError
 from lightning_diffusion.models.base import check_number
 from lightning_diffusion.models.latent_variable import LatentVariableModel

@@ -20,9 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.distributions import LikelihoodName
-from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim, sum_over_dims
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import LikelihoodName, nats_to_bits_per_dim, sum_over_dims
 from lightning_diffusion.errors import OptionError
 from lightning_diffusion.models.base import GenerativeModel, check_number, check_option_names, full_precision
 from lightning_diffusion.modes import evaluating

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import normal_kl
 from lightning_diffusion.models.base import check_number
 from lightning_diffusion.models.latent_variable import GradientSkip, LatentVariableModel  # noqa: F401 - importable from here as before
 from lightning_diffusion.modes import evaluating
@@ -21,7 +21,7 @@ from lightning_diffusion.modes import evaluating
 
 class VAE(LatentVariableModel):
     """Variational autoencoder (Kingma & Welling 2014): ``q(z | x) = N(mu(x), diag sigma^2(x))``,
-    ``p(z) = N(0, I)``, ``p(x | z)`` a decoder likelihood (:class:`~lightning_diffusion.diffusion.distributions.DecoderLikelihood`).
+    ``p(z) = N(0, I)``, ``p(x | z)`` a decoder likelihood (:class:`~lightning_diffusion.likelihoods.DecoderLikelihood`).
 
     ``ELBO = E_q[log p(x | z)] - KL(q(z | x) || N(0, I))`` with the KL in closed form
     (``0.5 sum(mu^2 + sigma^2 - log sigma^2 - 1)``) and one reparameterized sample. The training
