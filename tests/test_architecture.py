@@ -60,7 +60,7 @@ def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
     ld = "lightning_diffusion"
     if _in(module, f"{ld}.diffusion", f"{ld}.mcmc", f"{ld}.discrete"):
         own = f"{ld}.{module.split('.')[1]}"
-        return (own, f"{ld}.errors"), (), False  # pure math: its own folder and the error classes
+        return (own, f"{ld}.errors", f"{ld}.options"), (), False  # pure math: its own folder, the error classes, the option checks
     if module == f"{ld}.data.streams":
         return (), (), False  # DataLoader workers import it: nothing of ours, no Lightning
     if _in(module, f"{ld}.nets"):
@@ -76,6 +76,8 @@ def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
         return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands"), True
     if module in (f"{ld}.errors", f"{ld}.modes"):
         return (), (), False  # leaves that every layer may import
+    if module == f"{ld}.options":
+        return (f"{ld}.errors",), (), False  # the option checks of every layer: the error classes only
     if module == f"{ld}.checkpoints":
         return (f"{ld}.errors",), (), False  # the safe checkpoint reader: torch and the error classes
     if module in (f"{ld}.cli", f"{ld}.__main__"):
