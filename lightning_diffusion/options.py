@@ -191,14 +191,6 @@ def check_number(option: str, value: Any, *, least: float | None = None, integer
     check_value(option, value, kind | None if optional else kind)
 
 
-def check_option_names(owner: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
-    """Raise :class:`OptionError` for the first option of ``options`` that ``owner`` (e.g.
-    ``VAE.sample``) does not take, with the closest ``accepted`` name."""
-    for option, value in options.items():
-        if option not in accepted:
-            refuse_unknown(option, value, owner, accepted)
-
-
 def registered(registry: dict[str, Any], name: Any, what: str = "sampler") -> Any:
     """The entry ``name`` of a sampler registry; an :class:`OptionError` on option ``sampler``
     naming the registered ones otherwise (``what``: ``sampler``, ``EBM sampler``, ...)."""

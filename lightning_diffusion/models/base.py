@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_diffusion.models.rng_state import RngStateInCheckpoint, gather_per_rank  # noqa: F401 - importable from here as before
 from lightning_diffusion.models.sharding import Sharded
-from lightning_diffusion.options import check_call, check_number, check_option_names  # noqa: F401 - as before
+from lightning_diffusion.options import check_call, check_number
 from lightning_diffusion.seeds import derived_seed
 
 #: the contract's arguments of ``sample`` and ``bits_per_dim``: every family takes them, none is an option
