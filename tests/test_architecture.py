@@ -150,7 +150,7 @@ def test_model_layers():
     for family, layer in ((DDPM, GaussianDiffusionModel), (ScoreSDE, GaussianDiffusionModel),
                           (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel)):
         assert issubclass(family, layer) and layer.__bases__ == (GenerativeModel,)
-    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_check_sampler_options")
+    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_sampler_steps")
     assert not [name for name in diffusion_only if hasattr(GenerativeModel, name)]
     assert not issubclass(LatentVariableModel, HasTrajectory) and issubclass(GaussianDiffusionModel, HasTrajectory)
 
