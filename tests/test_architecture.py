@@ -56,8 +56,8 @@ def _in(module: str, *prefixes: str) -> bool:
 
 
 #: the pure-math folders (no Lightning) and what of ours each may import besides itself and errors.py
-PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling"), "discrete": ("likelihoods", "sampling"),
-             "mcmc": ("likelihoods",)}
+PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "options"),
+             "discrete": ("likelihoods", "sampling", "options"), "mcmc": ("likelihoods", "options")}
 #: modules that import nothing of ours and no Lightning, so that every layer may use them
 LEAVES = ("errors", "modes", "encodings", "paths", "sampling")
 #: the families that are not Gaussian diffusion: none of them imports diffusion/
@@ -93,6 +93,8 @@ def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
         return None, (*never, f"{ld}.diffusion"), True
     if _in(module, f"{ld}.models"):
         return None, never, True
+    if module == f"{ld}.options":
+        return (f"{ld}.errors",), (), False  # the option checks of every layer: the error classes only
     if module == f"{ld}.checkpoints":
         return (f"{ld}.errors",), (), False  # the safe checkpoint reader: torch and the error classes
     if module in (f"{ld}.cli", f"{ld}.__main__"):
@@ -210,7 +212,7 @@ def test_model_layers():
     for family, layer in ((DDPM, GaussianDiffusionModel), (ScoreSDE, GaussianDiffusionModel),
                           (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel)):
         assert issubclass(family, layer) and layer.__bases__ == (GenerativeModel,)
-    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_check_sampler_options")
+    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_sampler_steps")
     assert not [name for name in diffusion_only if hasattr(GenerativeModel, name)]
     assert not issubclass(LatentVariableModel, HasTrajectory) and issubclass(GaussianDiffusionModel, HasTrajectory)
 

@@ -34,6 +34,7 @@ from lightning_diffusion.encodings import images_from_categories
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
 from lightning_diffusion.paths import data_cache_dir
+from lightning_diffusion.seeds import derived_seed
 
 IMAGE_METRICS = ("fid", "kid", "is", "pr")
 
@@ -433,7 +434,7 @@ class Likelihood(_Periodic):
                 options = dict(self.bpd_options)
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
-                        self.seed * 1_000_003 + rank * 7919 + i)
+                        derived_seed(self.seed, rank, i))
                 bpd = pl_module.bits_per_dim(x, **options)
                 if real:
                     mean_bpd.update(bpd)

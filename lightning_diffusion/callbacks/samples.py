@@ -62,7 +62,7 @@ class SampleGrid(L.Callback):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"SampleGrid: num_samples must be >= 1, got {num_samples}")
-        check_min_size(f"SampleGrid", min_size)
+        check_min_size("SampleGrid", min_size)
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs

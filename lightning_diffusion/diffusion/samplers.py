@@ -29,11 +29,8 @@ Conventions shared by all samplers:
 
 # No `from __future__ import annotations` here: the fields of the NamedTuples must be evaluated types,
 # or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
-import difflib
 import inspect
 import math
-import types
-import typing
 from typing import Any, Callable, Literal, NamedTuple
 
 import torch
@@ -41,6 +38,8 @@ from torch import Tensor
 
 from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
+from lightning_diffusion import options
+from lightning_diffusion.options import check_call, check_value, defaults_of
 from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -216,40 +215,45 @@ def solver_grid(process: GaussianProcess, num: int, grid: str = "logsnr", sigma_
 
 
 def sampler_grid(name: str, process: GaussianProcess, steps: int | None = None, **options: Any) -> list[float]:
-    """The time grid that sampler ``name`` runs on ``process`` with ``steps`` (None: the sampler's
-    default) and its grid ``options`` (heun's ``rho``, ``sigma_max``, ``sigma_min``; dpm_solver's and
-    unipc's ``grid`` and ``sigma_min``): the samplers take their grids from here, and :func:`check_options` checks a step
-    count by building the grid, so each sampler's step rule is written once. ``ode`` is adaptive:
-    it has no grid and takes no ``steps``. Raises :class:`OptionError` for a step count the grid
-    cannot have (fewer than 2 points; more than the T integer steps of a DDPM)."""
-    if name == "ode":
-        if steps is not None:
-            raise OptionError("steps", steps, "the ode sampler is adaptive and takes no steps",
-                              "leave steps out and set rtol/atol, or choose a fixed-step sampler (ddim, heun, dpm_solver)")
-        return []
-    if name == "heun":
-        return karras_grid(process, check_steps(steps, 18, 2), options.get("rho", 7.0), options.get("sigma_max"),
-                           options.get("sigma_min"))
-    if name in ("dpm_solver", "unipc"):
-        grid = options.get("grid", "logsnr")
-        sigma_min = options.get("sigma_min", inspect.signature(SAMPLERS[name]).parameters["sigma_min"].default)
-        most, what = _step_limit(process, extra=1) if grid == "time" else (None, "")
-        num = check_steps(steps, 20, 1, most, what) + 1  # M solver steps: M + 1 grid times
-        return solver_grid(process, num, grid, sigma_min)
-    defaults = {"ancestral": int(process.t_max) + 1 if process.discrete else 1000, "ddim": 50,
-                "euler_maruyama": 1000, "pc": 1000}
-    if name not in defaults:
-        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return time_grid(process, check_steps(steps, defaults[name], 2, *_step_limit(process)))
+    """The time grid that sampler ``name`` runs on ``process`` with ``steps`` (None: its entry's
+    default in :data:`SAMPLERS`) and its grid ``options`` (heun's ``rho``, ``sigma_max``, ``sigma_min``;
+    dpm_solver's and unipc's ``grid`` and ``sigma_min``; the rest of the sampler's defaults fill in):
+    the samplers take their grids from here, and :func:`check_options` checks a step count by building
+    the grid, so each sampler's step rule is written once. An adaptive sampler (``ode``) has no grid
+    and takes no ``steps``. Raises :class:`OptionError` for an unknown sampler or a step count the
+    grid cannot have (fewer than 2 points; more than the T integer steps of a DDPM)."""
+    entry = registered(name)
+    return entry.grid(process, steps, entry.default_steps(process), {**defaults_of(entry.run), **options})
+
+
+def uniform_grid(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of ancestral, ddim, euler_maruyama and pc: ``steps`` (None: ``default``) times uniform
+    in t (:func:`time_grid`), 2 to T of them on a DDPM."""
+    return time_grid(process, check_steps(steps, default, 2, *_step_limit(process)))
+
+
+def _karras_steps(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of heun: EDM's noise levels (:func:`karras_grid`) with its ``rho``, ``sigma_max``, ``sigma_min``."""
+    return karras_grid(process, check_steps(steps, default, 2), options["rho"], options["sigma_max"], options["sigma_min"])
+
+
+def _solver_steps(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of dpm_solver and unipc: M solver steps, M + 1 times of :func:`solver_grid`."""
+    most, what = _step_limit(process, extra=1) if options["grid"] == "time" else (None, "")
+    num = check_steps(steps, default, 1, most, what) + 1
+    return solver_grid(process, num, options["grid"], options["sigma_min"])
+
+
+def _adaptive(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of an adaptive solver: none, and no ``steps``."""
+    if steps is not None:
+        raise OptionError("steps", steps, "the ode sampler is adaptive and takes no steps",
+                          "leave steps out and set rtol/atol, or choose a fixed-step sampler (ddim, heun, dpm_solver)")
+    return []
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _choose(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise OptionError(option, value, f"must be one of {list(choices)}")
 
 
 def _prior(process: GaussianProcess, shape: tuple[int, ...], generator, device) -> Tensor:
@@ -307,7 +311,7 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
 
     ``steps``: grid points (default: all T steps of a DDPM, 1000 otherwise); NFE = steps.
     """
-    _choose("variance", variance, ("fixedsmall", "fixedlarge"))
+    check_value("variance", variance, AncestralVariance)
     den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("ancestral", process, steps)
     x = _prior(process, shape, generator, device)
@@ -382,7 +386,7 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
     Defaults are the paper's: ``snr = 0.16``, one corrector step. ``steps``: grid points (default
     1000); NFE = (steps - 1) (corrector_steps + 1) + 1.
     """
-    _choose("predictor", predictor, ("reverse_diffusion", "euler_maruyama"))
+    check_value("predictor", predictor, Predictor)
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
     den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("pc", process, steps)
@@ -543,8 +547,8 @@ def _newest(history: list, n: int) -> list:
 
 
 def _check_solver(order: int, grid: str) -> None:
-    _choose("order", order, (1, 2, 3))
-    _choose("grid", grid, ("logsnr", "time"))
+    check_value("order", order, SolverOrder)
+    check_value("grid", grid, DPMGrid)
 
 
 @torch.no_grad()
@@ -667,7 +671,7 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     DDPM, logSNR times that round to the same integer step are merged first).
     """
     _check_solver(order, grid)
-    _choose("variant", variant, ("bh1", "bh2"))
+    check_value("variant", variant, UniPCVariant)
     den = CountedDenoiser(denoise_fn, process, clip, callback)
     g = _log_snr_grid(process, sampler_grid("unipc", process, steps, grid=grid, sigma_min=sigma_min))
     m = len(g.times) - 1
@@ -687,23 +691,53 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     return SamplerOutput(x, den.nfe)
 
 
-SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
-    "ancestral": ancestral,
-    "ddim": ddim,
-    "euler_maruyama": euler_maruyama,
-    "pc": pc,
-    "ode": ode,
-    "heun": heun,
-    "dpm_solver": dpm_solver,
-    "unipc": unipc,
+GridRule = Callable[[GaussianProcess, Any, Any, dict], list]
+
+
+class SamplerEntry(NamedTuple):
+    """One sampler of :data:`SAMPLERS`: the function, its default step count and its grid rule, so
+    that a new sampler is one entry here. Calling the entry calls the function."""
+
+    run: Callable[..., SamplerOutput]  # run(denoise_fn, process, shape, *, steps, generator, device, clip, **own)
+    steps: Any  # default step count: an int, a function of the process, or None (adaptive: takes no steps)
+    grid: GridRule  # (process, steps, default steps, options with the sampler's defaults) -> times, checked
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SamplerOutput:
+        return self.run(*args, **kwargs)
+
+    def default_steps(self, process: GaussianProcess) -> Any:
+        """The step count when none is given: ``steps``, or ``steps(process)``."""
+        return self.steps(process) if callable(self.steps) else self.steps
+
+
+def _all_steps(process: GaussianProcess) -> int:
+    """Ancestral's default: every step of a DDPM (T), 1000 on an SDE."""
+    return int(process.t_max) + 1 if process.discrete else 1000
+
+
+#: every sampler by name, each with its default steps and grid: a new sampler is one entry
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ancestral": SamplerEntry(ancestral, _all_steps, uniform_grid),
+    "ddim": SamplerEntry(ddim, 50, uniform_grid),
+    "euler_maruyama": SamplerEntry(euler_maruyama, 1000, uniform_grid),
+    "pc": SamplerEntry(pc, 1000, uniform_grid),
+    "ode": SamplerEntry(ode, None, _adaptive),
+    "heun": SamplerEntry(heun, 18, _karras_steps),
+    "dpm_solver": SamplerEntry(dpm_solver, 20, _solver_steps),
+    "unipc": SamplerEntry(unipc, 20, _solver_steps),
 }
 
 _COMMON = ("steps", "generator", "device", "clip", "callback")
 
 
+def registered(name: str) -> SamplerEntry:
+    """The entry of sampler ``name``; an :class:`OptionError` naming the known ones otherwise."""
+    return options.registered(SAMPLERS, name)
+
+
 def sampler_options(name: str) -> list[str]:
     """The sampler-specific options of ``name`` (beyond steps, generator, device, clip, callback)."""
-    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    params = inspect.signature(registered(name).run).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
 
 
@@ -711,50 +745,14 @@ def check_options(name: str, process: GaussianProcess, steps: int | None = None,
                   **options: Any) -> None:
     """Raise :class:`OptionError` unless sampler ``name`` can run on ``process`` with ``steps`` and
     ``options``: a known sampler, only its own options, each of the kind its signature declares
-    (one of a ``Literal``'s values, a number), and a step count its grid allows
+    (:func:`~lightning_diffusion.options.check_call`), and a step count its grid allows
     (:func:`sampler_grid`). :func:`sample` calls it; a model calls it before training to refuse a
     callback's ``sample_options`` early. ``also``: the caller's own option names, listed with the
     sampler's in the message about an unknown option."""
-    if name not in SAMPLERS:
-        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    own = sampler_options(name)
-    params = inspect.signature(SAMPLERS[name]).parameters
-    for option, value in options.items():
-        if option not in own:
-            known = ["steps", *also, *own] if name != "ode" else [*also, *own]
-            close = difflib.get_close_matches(option, known, n=1)
-            raise OptionError(option, value, f"the {name} sampler has no option {option!r}"
-                              + (f" (did you mean {close[0]}?)" if close else ""),
-                              f"its options are {', '.join(known)}")
-        _check_kind(option, value, params[option].annotation)
+    entry = registered(name)
+    known = [*(["steps"] if entry.steps is not None else []), *also, *sampler_options(name)]
+    check_call(entry.run, options, f"the {name} sampler", skip=_COMMON, listed=known)
     sampler_grid(name, process, steps, **options)
-
-
-def _check_kind(option: str, value: Any, annotation: Any) -> None:
-    """Refuse ``value`` unless it is of ``annotation``'s kind: a ``Literal``'s values, a number for
-    ``float``/``int``, a bool for ``bool``, None for an optional one; other annotations are not checked."""
-    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    if value is None and type(None) in kinds:
-        return
-    for kind in kinds:
-        if typing.get_origin(kind) is Literal:
-            if any(type(value) is type(v) and value == v for v in typing.get_args(kind)):  # not True for 1
-                return
-            raise OptionError(option, value, f"must be one of {list(typing.get_args(kind))}")
-        if kind is bool:
-            if isinstance(value, bool):
-                return
-            raise OptionError(option, value, "must be true or false")
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind is int and _is_int(value):
-            return
-        if kind not in (float, int, type(None)):
-            return  # a kind not checked here
-    wanted = "an integer" if int in kinds else "a number"
-    raise OptionError(option, value, f"must be {wanted}" + (" or None" if type(None) in kinds else ""),
-                      "write it as a number (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) else "")
 
 
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,

@@ -16,9 +16,10 @@ from lightning_diffusion.diffusion.parameterization import DDPMParameterization
 from lightning_diffusion.diffusion.schedules import BetaSchedule, NoiseSchedule, Variance
 from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
-from lightning_diffusion.models.base import check_number, check_option_names, full_precision
+from lightning_diffusion.models.base import full_precision
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel, uniform_steps
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import PositiveInt
 
 LossType = Literal["simple", "hybrid"]
 
@@ -182,21 +183,14 @@ class DDPM(GaussianDiffusionModel):
         return self.draw_samples(sampler, self.process, num_samples, y=y, guidance_scale=guidance_scale,
                                  steps=steps, generator=generator, **options)
 
-    def check_sample_options(self, *, sampler: str = "ancestral", steps: int | None = None,
-                             guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: a known sampler, its own options, and ``steps`` that its grid allows
-        on the T steps of this DDPM (time grids: 2..T points)."""
-        self._check_sampler_options(sampler, self.process, steps, guidance_scale, options)
-
-    def check_bpd_options(self, *, steps: int | None = None, batch_t: int = 100, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        :meth:`bits_per_dim` takes these options: ``steps`` None or 1..T, ``batch_t`` >= 1."""
-        check_option_names("DDPM.bits_per_dim", options, ("steps", "batch_t"))
+    def check_bpd_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`bits_per_dim` takes
+        these options: by its signature, and ``steps`` None or 1..T (the respaced bound's steps)."""
+        super().check_bpd_options(**options)
+        steps = options.get("steps")
         if steps is not None:  # None: the full bound
             timesteps = self.schedule.timesteps
             check_steps(steps, steps, 1, timesteps, f" (the respaced bound of a DDPM of {timesteps} timesteps)")
-        check_number("batch_t", batch_t, least=1, integer=True)
 
     # -- likelihood ----------------------------------------------------------------------------
     def bpd_estimator(self, *, steps: int | None = None, **_: Any) -> str:
@@ -205,7 +199,7 @@ class DDPM(GaussianDiffusionModel):
         return "vlb" if steps is None else f"vlb-respaced-{steps}"
 
     @full_precision
-    def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: int = 100,
+    def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: PositiveInt = 100,
                      generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
 

@@ -23,11 +23,17 @@ from lightning_diffusion.diffusion import parameterization as param
 from lightning_diffusion.diffusion import samplers
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import GenerativeModel, data_noise
+from lightning_diffusion.models.base import SAMPLE_ARGUMENTS, GenerativeModel, data_noise
+from lightning_diffusion.models.guidance import guided
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import check_call, options_of
 
 #: the arithmetic of the net while sampling (``sample(..., precision=...)``)
 SAMPLE_PRECISIONS = ("32", "bf16")
+
+#: options of ``sample`` that the sampler driver (:meth:`GaussianDiffusionModel.draw_samples`) takes
+#: itself; the rest go to the sampler
+DRIVER_OPTIONS = ("clip", "precision", "callback")
 
 #: the net a diffusion family uses for each kind of data: (name, class_path)
 DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
@@ -149,20 +155,10 @@ class GaussianDiffusionModel(GenerativeModel):
         forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
         unconditional one.
         """
-        if guidance_scale == 1.0:
-            return lambda x_t, t: self.denoise(x_t, t, y, net)
-        if not self.class_conditional or y is None:
+        if guidance_scale != 1.0 and (not self.class_conditional or y is None):
             raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
                              "and labels y; use guidance_scale=1.0 otherwise")
-        null = torch.full_like(y, -1)
-
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
-            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                                      torch.cat([y, null]), net).chunk(2)
-            return unconditional + guidance_scale * (conditional - unconditional)
-
-        return guided
+        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
 
     def preview_sample_options(self) -> dict[str, Any]:
         """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
@@ -181,16 +177,33 @@ class GaussianDiffusionModel(GenerativeModel):
         return {"sampler": PREVIEW_SAMPLER, "steps": steps}
 
     # -- checking the options of sample() -------------------------------------------------------
-    def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
-                               options: dict[str, Any]) -> None:
-        """The families' :meth:`check_sample_options`: guidance needs a class-conditional model; the
-        sampler, its options and ``steps`` are checked against ``process``
+    #: the default sampler of ``sample`` and its step count (None: the sampler's own default);
+    #: ScoreSDE sets both from its options
+    sampler: str = "ancestral"
+    sample_steps: int | None = None
+
+    def _sampler_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampler's name and step count: None means the model's ``sampler``, whose steps
+        default to ``sample_steps`` (other samplers keep their own defaults)."""
+        name = sampler or self.sampler
+        if steps is None and name == self.sampler and name != "ode":  # sample_steps belongs to the default sampler
+            steps = self.sample_steps
+        return name, steps
+
+    def check_sample_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these
+        options: its own by its signature (``sampler``, ``steps``, ``guidance_scale``), guidance only
+        on a class-conditional model, the driver's ``clip`` and ``precision``, and the rest by the
+        chosen sampler's signature with a step count its grid allows on this model's process
         (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
-        self.check_guidance(guidance_scale)
-        if "precision" in options:
-            check_precision(options["precision"])
-        own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator", "precision", "callback")}
-        samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip", "precision"), **own)
+        rest = check_call(self.sample, options, f"{type(self).__name__}.sample", skip=SAMPLE_ARGUMENTS, rest=True)
+        self.check_option_rules(options)
+        if "precision" in rest:
+            check_precision(rest["precision"])
+        name, steps = self._sampler_steps(options.get("sampler"), options.get("steps"))
+        own = [option for option in options_of(self.sample, SAMPLE_ARGUMENTS) if option != "steps"]
+        samplers.check_options(name, self.process, steps, also=(*own, *DRIVER_OPTIONS),
+                               **{k: v for k, v in rest.items() if k not in DRIVER_OPTIONS})
 
     # -- the sampler driver -------------------------------------------------------------------------
     def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,

@@ -15,9 +15,10 @@ from lightning_diffusion.diffusion.parameterization import SDEParameterization, 
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import check_number, check_option_names, full_precision
+from lightning_diffusion.models.base import full_precision
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import Positive, PositiveInt
 
 Weighting = Literal["sigma2", "likelihood"]
 
@@ -197,14 +198,6 @@ class ScoreSDE(GaussianDiffusionModel):
         return self.draw_samples(name, self.sde, num_samples, y=y, guidance_scale=guidance_scale, steps=steps,
                                  generator=generator, **options)
 
-    def _sampler_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
-        """The sampler's name and step count: None means the model's ``sampler``, whose steps
-        default to ``sample_steps`` (other samplers keep their own defaults)."""
-        name = sampler or self.sampler
-        if steps is None and name == self.sampler and name != "ode":  # sample_steps belongs to the default sampler
-            steps = self.sample_steps
-        return name, steps
-
     def _check_default_sampler(self) -> None:
         """``sampler`` and ``sample_steps`` of the model itself, checked when it is built."""
         from lightning_diffusion.diffusion.samplers import check_options
@@ -216,27 +209,6 @@ class ScoreSDE(GaussianDiffusionModel):
             option = "sample_steps" if error.option == "steps" else error.option
             raise ValueError(f"ScoreSDE: {option}={error.value!r}: {error.problem}"
                              + (f"; {error.advice}" if error.advice else "")) from None
-
-    def check_sample_options(self, *, sampler: str | None = None, steps: int | None = None,
-                             guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: a known sampler, its own options and a step count its grid allows."""
-        name, steps = self._sampler_steps(sampler, steps)
-        self._check_sampler_options(name, self.sde, steps, guidance_scale, options)
-
-    def check_bpd_options(self, *, num_dequantizations: int = 1, divergence: str | None = None,
-                          rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        :meth:`bits_per_dim` takes these options."""
-        check_option_names("ScoreSDE.bits_per_dim", options,
-                           ("num_dequantizations", "divergence", "rtol", "atol", "steps"))
-        check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
-        if divergence not in (None, "auto", "rademacher", "gaussian", "exact"):
-            raise OptionError("divergence", divergence,
-                              "must be one of ['auto', 'rademacher', 'gaussian', 'exact'] or None")
-        check_number("rtol", rtol, least=0, above=True)
-        check_number("atol", atol, least=0, above=True)
-        check_number("steps", steps, least=1, integer=True, optional=True)
 
     def bpd_estimator(self, *, divergence: str | None = None, **_: Any) -> str:
         """Name of what :meth:`bits_per_dim` returns with these options: the probability-flow ODE
@@ -251,8 +223,9 @@ class ScoreSDE(GaussianDiffusionModel):
         return "ode-exact" if divergence == "exact" else f"ode-hutchinson-{divergence}"
 
     @full_precision
-    def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
-                     rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
+    def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
+                     divergence: likelihood.Divergence | None = None, rtol: Positive = 1e-5, atol: Positive = 1e-5,
+                     steps: PositiveInt | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 
