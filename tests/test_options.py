@@ -71,9 +71,10 @@ def test_the_annotations_stay_type_hints_that_jsonargparse_reads():
 
 def first_order(denoise_fn: samplers.Denoiser, process, shape: tuple[int, ...], *, steps: int | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                clip: tuple[float, float] | None = None, damping: Positive = 1.0) -> samplers.SamplerOutput:
+                clip: tuple[float, float] | None = None, callback: samplers.Callback | None = None,
+                damping: Positive = 1.0) -> samplers.SamplerOutput:
     """A new sampler: DDIM's deterministic update, ``x0_hat`` scaled by ``damping``, on its registered grid."""
-    den = samplers.CountedDenoiser(denoise_fn, process, clip)
+    den = samplers.CountedDenoiser(denoise_fn, process, clip, callback)
     times = samplers.sampler_grid("first_order", process, steps)
     x = process.prior_sampling(tuple(shape), generator=generator, device=device)
     for t, s in zip(times[:-1], times[1:]):

@@ -698,7 +698,7 @@ class SamplerEntry(NamedTuple):
     """One sampler of :data:`SAMPLERS`: the function, its default step count and its grid rule, so
     that a new sampler is one entry here. Calling the entry calls the function."""
 
-    run: Callable[..., SamplerOutput]  # run(denoise_fn, process, shape, *, steps, generator, device, clip, **own)
+    run: Callable[..., SamplerOutput]  # run(denoise_fn, process, shape, *, steps, generator, device, clip, callback, **own)
     steps: Any  # default step count: an int, a function of the process, or None (adaptive: takes no steps)
     grid: GridRule  # (process, steps, default steps, options with the sampler's defaults) -> times, checked
 

@@ -202,7 +202,8 @@ class GaussianDiffusionModel(GenerativeModel):
             check_precision(rest["precision"])
         name, steps = self._sampler_steps(options.get("sampler"), options.get("steps"))
         own = [option for option in options_of(self.sample, SAMPLE_ARGUMENTS) if option != "steps"]
-        samplers.check_options(name, self.process, steps, also=(*own, *DRIVER_OPTIONS),
+        # callback is a programmatic option (a callable, never in a config): taken, not listed
+        samplers.check_options(name, self.process, steps, also=(*own, *(o for o in DRIVER_OPTIONS if o != "callback")),
                                **{k: v for k, v in rest.items() if k not in DRIVER_OPTIONS})
 
     # -- the sampler driver -------------------------------------------------------------------------
