@@ -71,7 +71,7 @@ _PUBLIC = {
     "make_betas": "lightning_diffusion.diffusion.schedules",
     "GaussianMixture": "lightning_diffusion.diffusion.mixture",
     # samplers and likelihood
-    "SamplerOutput": "lightning_diffusion.diffusion.samplers",
+    "SamplerOutput": "lightning_diffusion.sampling",
     "sample": "lightning_diffusion.diffusion.samplers",
     "sampler_options": "lightning_diffusion.diffusion.samplers",
     "ode_nll": "lightning_diffusion.diffusion.likelihood",

@@ -326,7 +326,7 @@ def evaluate(*, ckpt_path: str, metrics: str = "fid,bpd", split: str = "test", n
         likelihood = Likelihood(num_batches=num_batches, split=split, bpd_options=bpd_options, seed=seed)
         results.update(likelihood.evaluate(None, model, datamodule=data))
         results["bpd_seconds"] = time.perf_counter() - t
-    table = [f"| metric | value |", "| --- | --- |"]
+    table = ["| metric | value |", "| --- | --- |"]
     for key, value in results.items():
         if key.startswith("val/"):
             table.append(f"| {key[4:]} | {value:.6g} |" if isinstance(value, float) and math.isfinite(value)

@@ -16,6 +16,9 @@ and finished its last collective), a store barrier (every rank has returned from
 rank destroys its process groups (the gloo threads are joined while the interpreter is whole) and
 reports to the store, and the store's host (rank 0) returns only when every rank has reported, so
 the store outlives its last client.
+
+:func:`rank_world` says which rank this process is and how many there are, with or without a
+Trainer (the datamodule splits shards by it, the callbacks split samples and cached statistics).
 """
 
 from __future__ import annotations
@@ -23,12 +26,25 @@ from __future__ import annotations
 import itertools
 import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the annotation only: this module runs without Lightning
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
 _calls = itertools.count()  # the n-th end of this process uses its own keys (a store can outlive a group)
+
+
+def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(global rank, world size): the trainer's, else the default process group's, else (0, 1)."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def end_process_group(timeout: float = 300.0) -> None:

@@ -55,27 +55,46 @@ def _in(module: str, *prefixes: str) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
+#: the pure-math folders (no Lightning) and what of ours each may import besides itself and errors.py
+PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "options"),
+             "discrete": ("likelihoods", "sampling", "options"), "mcmc": ("likelihoods", "options")}
+#: modules that import nothing of ours and no Lightning, so that every layer may use them
+LEAVES = ("errors", "modes", "encodings", "paths", "sampling")
+#: the families that are not Gaussian diffusion: none of them imports diffusion/
+NON_DIFFUSION_FAMILIES = ("vae", "hvae", "latent_variable", "ebm", "discrete_diffusion")
+#: the only imports of data/ from callbacks/ or metrics/, each (importer, imported): the DataModule
+#: class, to train the digits feature net on the embedded digits' split in the writer's order
+DATA_EDGES = {("lightning_diffusion.metrics.features", "lightning_diffusion.data.datamodule")}
+
+
 def _rule(module: str) -> tuple[tuple[str, ...] | None, tuple[str, ...], bool]:
     """(of ours only these may be imported (None: any but the forbidden), forbidden, Lightning allowed)."""
     ld = "lightning_diffusion"
-    if _in(module, f"{ld}.diffusion", f"{ld}.mcmc", f"{ld}.discrete"):
-        own = f"{ld}.{module.split('.')[1]}"
-        return (own, f"{ld}.errors"), (), False  # pure math: its own folder and the error classes
-    if module == f"{ld}.data.streams":
-        return (), (), False  # DataLoader workers import it: nothing of ours, no Lightning
+    folder = module.split(".")[1] if module.count(".") else ""
+    if folder in PURE_MATH:  # pure math: its own folder, the error classes and the pure modules it builds on
+        return (f"{ld}.{folder}", f"{ld}.errors", *(f"{ld}.{m}" for m in PURE_MATH[folder])), (), False
+    if module in (f"{ld}.{m}" for m in LEAVES):
+        return (), (), False
+    if module == f"{ld}.data.streams":  # DataLoader workers import it: of ours only the encodings, no Lightning
+        return (f"{ld}.encodings",), (), False
     if _in(module, f"{ld}.nets"):
         return (f"{ld}.nets", f"{ld}.errors"), (), True  # plain nn.Modules: no schedule, no model
-    if _in(module, f"{ld}.data"):
-        return (f"{ld}.data", f"{ld}.errors"), (), True  # knows no model
+    if _in(module, f"{ld}.data"):  # knows no model
+        return (f"{ld}.data", f"{ld}.errors", f"{ld}.encodings", f"{ld}.paths", f"{ld}.distributed"), (), True
     if _in(module, f"{ld}.callbacks"):  # the model contract and metrics/, never a family's internals
-        return None, (f"{ld}.diffusion", f"{ld}.discrete", f"{ld}.mcmc", f"{ld}.models", f"{ld}.cli", f"{ld}.commands"), True
+        return None, (f"{ld}.diffusion", f"{ld}.discrete", f"{ld}.mcmc", f"{ld}.likelihoods", f"{ld}.models",
+                      f"{ld}.data", f"{ld}.cli", f"{ld}.commands"), True
+    if _in(module, f"{ld}.metrics"):  # features and torchmetrics Metrics: no model, no callback
+        return None, (f"{ld}.models", f"{ld}.callbacks", f"{ld}.data", f"{ld}.cli", f"{ld}.commands"), True
+    never = (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands", f"{ld}.data")  # a model trains without callbacks or data/
     if module == f"{ld}.models.base":  # the thin base: no family's math, so an EBM can sit on it
-        return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands", f"{ld}.diffusion", f"{ld}.discrete",
-                      f"{ld}.mcmc"), True
-    if _in(module, f"{ld}.models"):  # a model trains without any callback
-        return None, (f"{ld}.callbacks", f"{ld}.cli", f"{ld}.commands"), True
-    if module in (f"{ld}.errors", f"{ld}.modes"):
-        return (), (), False  # leaves that every layer may import
+        return None, (*never, f"{ld}.diffusion", f"{ld}.discrete", f"{ld}.mcmc"), True
+    if module in (f"{ld}.models.{m}" for m in NON_DIFFUSION_FAMILIES):  # their likelihood math is likelihoods/
+        return None, (*never, f"{ld}.diffusion"), True
+    if _in(module, f"{ld}.models"):
+        return None, never, True
+    if module == f"{ld}.options":
+        return (f"{ld}.errors",), (), False  # the option checks of every layer: the error classes only
     if module == f"{ld}.checkpoints":
         return (f"{ld}.errors",), (), False  # the safe checkpoint reader: torch and the error classes
     if module in (f"{ld}.cli", f"{ld}.__main__"):
@@ -88,12 +107,57 @@ def test_import_rules(module):
     allowed, forbidden, lightning = _rule(module)
     imported = _imports(MODULES[module])
     ours = _ours(imported) - {"lightning_diffusion"} if module != "lightning_diffusion.__main__" else set()
-    bad = sorted(m for m in ours if _in(m, *forbidden)
-                 or (allowed is not None and not _in(m, *allowed)))
+    bad = sorted(m for m in ours if (module, m) not in DATA_EDGES and (
+        _in(m, *forbidden) or (allowed is not None and not _in(m, *allowed))))
     assert not bad, f"{module} imports {bad}: see 'Who may import whom' in docs/architecture.md"
     if not lightning:
         light = sorted(m for m in imported if m.split(".")[0] in LIGHTNING)
         assert not light, f"{module} imports {light}, but must run without Lightning"
+
+
+def test_callbacks_and_metrics_reach_data_only_through_the_listed_edges():
+    """DATA_EDGES is exact: each edge is still used (a stale exception would let a new import in unseen)
+    and what it reaches of data/ is the DataModule class alone."""
+    found = {(m, i) for m, p in MODULES.items() if _in(m, "lightning_diffusion.callbacks", "lightning_diffusion.metrics")
+             for i in _ours(_imports(p)) if _in(i, "lightning_diffusion.data")}
+    assert found == DATA_EDGES
+    from lightning_diffusion.data.datamodule import ShardDataModule
+
+    for importer, imported in DATA_EDGES:
+        tree = ast.parse(MODULES[importer].read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == imported
+                 for alias in node.names}
+        assert names == {ShardDataModule.__name__}, f"{importer} takes {sorted(names)} from {imported}"
+
+
+def test_moved_helpers_keep_one_definition_and_their_old_import_paths():
+    """Issue 22 moved helpers to their own homes; the old paths are re-exports of the same objects."""
+    import importlib
+
+    homes = {
+        "lightning_diffusion.likelihoods": {
+            "lightning_diffusion.diffusion.distributions": ("DecoderLikelihood", "log_mean_exp", "RunningLogMeanExp",
+                                                            "soft_clamp", "diagonal_gaussian_sample"),
+            "lightning_diffusion.diffusion.vlb": ("normal_kl", "gaussian_log_likelihood", "nats_to_bits_per_dim",
+                                                  "discretized_gaussian_log_likelihood", "sum_over_dims"),
+            "lightning_diffusion.diffusion.likelihood": ("dequantize", "bits_per_dim_discrete"),
+            "lightning_diffusion.mcmc": ("log_mean_exp",)},
+        "lightning_diffusion.sampling": {"lightning_diffusion.diffusion": ("SamplerOutput",),
+                                         "lightning_diffusion.discrete": ("SamplerOutput",),
+                                         "lightning_diffusion": ("SamplerOutput",)},
+        "lightning_diffusion.encodings": {
+            "lightning_diffusion.data.streams": ("images_from_categories", "categories_from_images"),
+            "lightning_diffusion.data.sources": ("decode_text", "encode_text", "ALPHABET", "COLOURS",
+                                                 "split_colour_digit_label", "colour_digit_label")},
+        "lightning_diffusion.paths": {"lightning_diffusion.data.shards": ("data_cache_dir", "sha256_file")},
+        "lightning_diffusion.distributed": {"lightning_diffusion.data.datamodule": ("rank_world",)},
+    }
+    for home, old_paths in homes.items():
+        new = importlib.import_module(home)
+        for old, names in old_paths.items():
+            module = importlib.import_module(old)
+            for name in names:
+                assert getattr(module, name) is getattr(new, name), f"{old}.{name} is not {home}.{name}"
 
 
 def test_the_top_package_imports_its_public_names_lazily():
@@ -148,7 +212,7 @@ def test_model_layers():
     for family, layer in ((DDPM, GaussianDiffusionModel), (ScoreSDE, GaussianDiffusionModel),
                           (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel)):
         assert issubclass(family, layer) and layer.__bases__ == (GenerativeModel,)
-    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_check_sampler_options")
+    diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_sampler_steps")
     assert not [name for name in diffusion_only if hasattr(GenerativeModel, name)]
     assert not issubclass(LatentVariableModel, HasTrajectory) and issubclass(GaussianDiffusionModel, HasTrajectory)
 

@@ -113,8 +113,8 @@ def test_the_model_contract(case):
     if not ours:
         return
 
-    # options as the signatures say: an unknown one is named; every default is accepted; a Literal option
-    # takes each of its choices and refuses anything else, naming the option
+    # options as the signatures say: an unknown one is named; every default is accepted; an unknown sampler
+    # is named; a Literal option takes each of its choices and refuses anything else, naming the option
     for method, check, call in ((model.sample, model.check_sample_options, lambda **o: model.sample(2, **o)),
                                 (model.bits_per_dim, model.check_bpd_options,
                                  lambda **o: model.bits_per_dim(data(model), **o))):
@@ -123,6 +123,9 @@ def test_the_model_contract(case):
         assert error.value.option == "no_such_option" or "no_such_option" in str(error.value)
         options = keyword_options(method)
         check(**{k: default for k, (_, default) in options.items()})
+        if "sampler" in options:  # a sampler registry's name (diffusion/, discrete/, the EBM's)
+            with pytest.raises(OptionError, match="sampler"):
+                call(sampler="no_such_sampler")
         for option, (annotation, _) in options.items():
             choices = literal_choices(annotation)
             if choices is None:

@@ -13,7 +13,8 @@ from tiny import tiny_trainer, tiny_unet
 from lightning_diffusion import DDPM, MLP, ShardDataModule
 from lightning_diffusion.diffusion import vlb
 from lightning_diffusion.diffusion.mixture import GaussianMixture, MixtureOracle
-from lightning_diffusion.diffusion.schedules import NoiseSchedule, min_snr_weight
+from lightning_diffusion.diffusion.parameterization import min_snr_weight
+from lightning_diffusion.diffusion.schedules import NoiseSchedule
 from lightning_diffusion.diffusion.sde import DiscreteVP
 
 LN2 = math.log(2)

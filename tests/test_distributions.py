@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion import vlb
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import decoders
 
 LN2 = math.log(2)
 PIXELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 8-bit grid in [-1, 1]
@@ -18,12 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_diagonal_gaussian_kl_against_monte_carlo():
-    """KL(q || p) of 5-D diagonal Gaussians, closed form (vlb.normal_kl summed) vs the Monte Carlo mean of
+    """KL(q || p) of 5-D diagonal Gaussians, closed form (dist.normal_kl summed) vs the Monte Carlo mean of
     log q(z) - log p(z), z ~ q, within 4 standard errors (400k draws: SE ~ 0.003 nats)."""
     g = torch.Generator().manual_seed(0)
     mq, lq = torch.randn(5, generator=g, dtype=torch.float64), 0.5 * torch.randn(5, generator=g, dtype=torch.float64)
     mp, lp = torch.randn(5, generator=g, dtype=torch.float64), 0.5 * torch.randn(5, generator=g, dtype=torch.float64)
-    exact = vlb.normal_kl(mq, lq, mp, lp).sum().item()
+    exact = dist.normal_kl(mq, lq, mp, lp).sum().item()
     z = dist.diagonal_gaussian_sample(mq.expand(400_000, 5), lq.expand(400_000, 5), g)
     log_ratio = dist.diagonal_gaussian_log_prob(z, mq, lq) - dist.diagonal_gaussian_log_prob(z, mp, lp)
     se = log_ratio.std().item() / math.sqrt(len(log_ratio))
@@ -34,7 +34,7 @@ def test_diagonal_gaussian_kl_against_monte_carlo():
     assert torch.allclose(dist.diagonal_gaussian_log_prob(z[:10], mq, lq), ref, atol=1e-10)
     zero = torch.zeros((), dtype=torch.float64)
     by_hand = 0.5 * (mq.pow(2) + lq.exp() - lq - 1).sum()
-    assert vlb.normal_kl(mq, lq, zero, zero).sum().item() == pytest.approx(by_hand.item(), rel=1e-12)
+    assert dist.normal_kl(mq, lq, zero, zero).sum().item() == pytest.approx(by_hand.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("mean", [-1.5, -1.0, -0.3, 0.0, 0.77, 1.0, 2.0])
@@ -103,7 +103,7 @@ def test_dmol_rgb_sums_to_one_over_all_colours():
     joint = dist.dmol_log_prob(x, params.expand(x.shape[0], -1, -1), 3).exp().view(256, 256)
     # sum over blue leaves P(r, g) = sum_m pi_m P_m(r) P_m(g | r): compare with the 2-channel marginal
     marginal = torch.zeros(256, dtype=torch.float64)
-    logits, means, log_scales, coeffs = dist._split_dmol(params, 3, 3)
+    logits, means, log_scales, coeffs = decoders._split_dmol(params, 3, 3)
     for m, w in enumerate(torch.softmax(logits, 1)[0, :, 0]):
         mu_g = means[0, 1, m, 0] + coeffs[0, 0, m, 0] * pairs[:, 0]
         marginal += w * (dist.discretized_logistic_log_prob(pairs[:, 0], means[0, 0, m, 0], log_scales[0, 0, m, 0])
@@ -174,16 +174,16 @@ def test_log_mean_exp_in_chunks_equals_all_at_once():
 
 def test_bits_per_dim_conversions_by_hand():
     # nats -> bits/dim: 3072 dims (CIFAR-10) at 3.5 bits/dim is 3072 * 3.5 * ln 2 nats
-    assert vlb.nats_to_bits_per_dim(torch.tensor([3072 * 3.5 * LN2]), 3072).item() == pytest.approx(3.5)
+    assert dist.nats_to_bits_per_dim(torch.tensor([3072 * 3.5 * LN2]), 3072).item() == pytest.approx(3.5)
     # a uniform distribution over the 256 levels costs exactly 8 bits/dim
-    assert vlb.nats_to_bits_per_dim(torch.tensor([64 * math.log(256)]), 64).item() == pytest.approx(8.0)
+    assert dist.nats_to_bits_per_dim(torch.tensor([64 * math.log(256)]), 64).item() == pytest.approx(8.0)
     # the discrete offset: a broad, smooth density on [-1, 1] gives each bin p(x) * 2/255, so discrete
     # bits/dim = continuous bits/dim on [-1, 1] + log2(127.5) = + 6.994
     assert -dist.log_bin_width(256) / LN2 == pytest.approx(math.log2(127.5)) == pytest.approx(6.99435, abs=1e-5)
     mean, log_scale = torch.tensor(0.05, dtype=torch.float64), torch.tensor(math.log(0.4), dtype=torch.float64)
     x = PIXELS[100:150]
-    discrete = -vlb.discretized_gaussian_log_likelihood(x, mean, log_scale) / LN2
-    continuous = -vlb.gaussian_log_likelihood(x, mean, log_scale) / LN2
+    discrete = -dist.discretized_gaussian_log_likelihood(x, mean, log_scale) / LN2
+    continuous = -dist.gaussian_log_likelihood(x, mean, log_scale) / LN2
     assert torch.allclose(discrete, continuous + math.log2(127.5), atol=1e-4)
 
 

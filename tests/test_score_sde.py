@@ -12,6 +12,7 @@ from torch import nn
 from tiny import tiny_trainer
 from lightning_diffusion import MLP, ScoreSDE, ShardDataModule
 from lightning_diffusion.diffusion.likelihood import bits_per_dim_discrete, dequantize
+from lightning_diffusion.diffusion.parameterization import scalings
 from lightning_diffusion.diffusion.mixture import GaussianMixture, MixtureOracle
 from lightning_diffusion.diffusion.sde import VESDE, VPSDE, SubVPSDE
 from lightning_diffusion.errors import OptionError
@@ -183,7 +184,7 @@ class EDMOracle(nn.Module):
     def forward(self, x_in, t, y=None):
         sde = self.model.sde
         alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
-        c_skip, c_out, c_in = self.model.edm.coefficients(sigma / alpha)
+        c_skip, c_out, c_in = scalings("edm", torch.ones_like(alpha), sigma / alpha, self.model.sigma_data)
         x_tilde = x_in.double() / c_in
         d = self.mix.denoise(alpha * x_tilde, alpha[:, 0], sigma[:, 0])
         return ((d - c_skip * x_tilde) / c_out).float()
@@ -196,7 +197,8 @@ def test_edm_preconditioning_recovers_the_exact_denoiser():
     x, t = torch.randn(16, 2), torch.rand(16) * 0.9 + 0.05
     expected = mix.denoise(x, model.sde.alpha(t), model.sde.sigma(t)).float()
     assert torch.allclose(model.denoise(x, t), expected, atol=1e-4)
-    c_skip, c_out, c_in = model.edm.coefficients(torch.tensor([0.0, 0.5, 1e3], dtype=torch.float64))
+    s = torch.tensor([0.0, 0.5, 1e3], dtype=torch.float64)  # EDM's coefficients on the VE-equivalent data
+    c_skip, c_out, c_in = scalings("edm", torch.ones_like(s), s, model.sigma_data)
     assert c_skip.tolist() == pytest.approx([1.0, 0.5, 0.25e-6], rel=1e-3)
     assert c_out[0].item() == 0.0 and c_in[1].item() == pytest.approx(1 / math.sqrt(0.5))
 

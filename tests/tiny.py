@@ -45,10 +45,11 @@ def _ladder_net(**o: Any) -> LadderVAENet:
 
 def _categorical_net(**o: Any) -> nn.Module:
     if o.pop("sequence", False):  # int64 sequences [L] of num_categories symbols
-        return SequenceTransformer(**{**dict(num_categories=5, max_length=6, dim=16, depth=1, heads=2, dropout=0.0), **o})
-    return CategoricalUNet(**{**dict(num_categories=256, in_channels=1, image_size=8, embed_dim=8, model_channels=16,
-                                     channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-                                     head_channels=16), **o})
+        args = dict(num_categories=5, max_length=6, dim=16, depth=1, heads=2, dropout=0.0)
+        return SequenceTransformer(**{**args, **o})
+    args = dict(num_categories=256, in_channels=1, image_size=8, embed_dim=8, model_channels=16, channel_mult=(1, 2),
+                num_res_blocks=1, attention_resolutions=(), dropout=0.0, head_channels=16)
+    return CategoricalUNet(**{**args, **o})
 
 
 #: family -> (its tiny net from overrides, its model class, the model's tiny arguments)

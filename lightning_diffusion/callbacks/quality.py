@@ -29,10 +29,12 @@ from lightning_diffusion.callbacks.common import (batch_data, check_model_option
                                                   sampling_options)
 from lightning_diffusion.callbacks.ema import evaluation_weights
 from lightning_diffusion.callbacks.protocol import estimator_name
-from lightning_diffusion.data.datamodule import rank_world
-from lightning_diffusion.data.streams import images_from_categories
+from lightning_diffusion.distributed import rank_world
+from lightning_diffusion.encodings import images_from_categories
 from lightning_diffusion.metrics import quality
 from lightning_diffusion.metrics.features import EXTRACTORS, FeatureExtractor, get_extractor
+from lightning_diffusion.paths import data_cache_dir
+from lightning_diffusion.seeds import derived_seed
 
 IMAGE_METRICS = ("fid", "kid", "is", "pr")
 
@@ -218,8 +220,6 @@ class SampleQuality(_Periodic):
         datamodule = find_datamodule(trainer, datamodule)
         if not self.cache_stats or datamodule is None or not hasattr(datamodule, "fingerprint"):
             return None
-        from lightning_diffusion.data.shards import data_cache_dir
-
         dataset = Path(str(getattr(datamodule, "hparams", {}).get("dataset") or "data")).name
         key = f"{dataset}-{self.real_split}-{datamodule.fingerprint(self.real_split)}-{kind}-" \
               f"{self.num_real or 'all'}-{self.max_features if rows else 0}"  # 0: no feature rows in the file
@@ -433,7 +433,7 @@ class Likelihood(_Periodic):
                 options = dict(self.bpd_options)
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
-                        self.seed * 1_000_003 + rank * 7919 + i)
+                        derived_seed(self.seed, rank, i))
                 bpd = pl_module.bits_per_dim(x, **options)
                 if real:
                     mean_bpd.update(bpd)

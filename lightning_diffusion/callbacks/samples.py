@@ -61,7 +61,7 @@ class SampleGrid(L.Callback):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"SampleGrid: num_samples must be >= 1, got {num_samples}")
-        check_min_size(f"SampleGrid", min_size)
+        check_min_size("SampleGrid", min_size)
         if nrow is not None and nrow < 1:
             raise ValueError(f"SampleGrid: nrow must be >= 1 or None, got {nrow}")
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
@@ -126,7 +126,7 @@ class SampleGrid(L.Callback):
     def _save_text(self, trainer: L.Trainer, x: Tensor, name: str) -> Path:
         """Sequences [N, L] of categories as text, one a line, in ``samples/<name>.txt``, decoded with
         the data's alphabet (``datamodule.alphabet``; the categories' numbers without one)."""
-        from lightning_diffusion.data.sources import decode_text
+        from lightning_diffusion.encodings import decode_text
 
         alphabet = getattr(trainer.datamodule, "alphabet", None) if trainer.datamodule is not None else None
         lines = decode_text(x, alphabet) if alphabet else [" ".join(map(str, row)) for row in x.tolist()]

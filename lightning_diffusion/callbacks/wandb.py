@@ -156,7 +156,7 @@ class WandbSamples(L.Callback):
                 native size. Scatter plots of points are not affected.
         """
         super().__init__()
-        check_min_size(f"WandbSamples", min_size)
+        check_min_size("WandbSamples", min_size)
         if every_n_epochs < 0:
             raise ValueError(f"WandbSamples: every_n_epochs must be >= 0, got {every_n_epochs}")
         if num_samples < 1:

@@ -34,6 +34,7 @@ from lightning_diffusion.data.shards import (EMBEDDED, INDEX_NAME, SPLITS, ensur
                                              local_shard_path, remote_index, remote_shard_url)
 from lightning_diffusion.data.streams import (Categories, EvalStream, Network, ShardError, TrainStream, decode_sample,
                                               expand_pattern, iter_shard, local_path)
+from lightning_diffusion.distributed import rank_world
 
 __all__ = ["ShardDataModule", "ShardError"]
 
@@ -49,15 +50,6 @@ def _record_key(url: str) -> str:
     a remote one's URL."""
     path = local_path(url)
     return url if path is None else os.path.realpath(path)
-
-
-def rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
-    """(global rank, world size): the trainer's, else the default process group's, else (0, 1)."""
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def worker_message(error: BaseException) -> str | None:

@@ -20,7 +20,6 @@ the same place as its shards, an ``http(s)://`` directory or a ``pipe:`` command
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -35,18 +34,10 @@ import numpy as np
 
 from lightning_diffusion.data.sources import Source, binary_digits, colour_digits, digits, toy2d, words
 from lightning_diffusion.data.streams import Network, ShardError, iter_shard, local_path, read_url
+from lightning_diffusion.paths import data_cache_dir, sha256_file  # noqa: F401 - importable from here as before
 
 INDEX_FORMAT = "lightning-diffusion-shards/1"
 SPLITS = ("train", "val", "test")
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_sample(x: np.ndarray, kind: str) -> tuple[str, bytes]:
@@ -337,11 +328,6 @@ EMBEDDED: dict[str, tuple[Any, dict[str, Any], int]] = {
     "checkerboard": (toy2d, {"name": "checkerboard"}, 4000),
     "words": (words, {"seq_length": 16}, 1024),  # needs the `text` extra
 }
-
-
-def data_cache_dir() -> Path:
-    """Where embedded datasets are cached: ``$LD_DATA``, default ``~/.cache/lightning_diffusion``."""
-    return Path(os.environ.get("LD_DATA", Path.home() / ".cache" / "lightning_diffusion"))
 
 
 def ensure_embedded(name: str, cache_dir: str | Path | None = None) -> Path:

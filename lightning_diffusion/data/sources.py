@@ -27,6 +27,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+# the encodings (text, colour-digit labels and colours) live in encodings.py, shared with the models and
+# metrics; importable from here as before
+from lightning_diffusion.encodings import (ALPHABET, COLOUR_NAMES, COLOURS, PAD, colour_digit_label,  # noqa: F401
+                                           decode_text, encode_text, split_colour_digit_label)
+
 ImageSize = Literal[8, 16, 32]
 Toy2DName = Literal["gaussians8", "moons", "swissroll", "checkerboard"]
 TorchvisionName = Literal["CIFAR10", "MNIST", "FashionMNIST"]
@@ -143,20 +148,6 @@ def binary_digits(image_size: ImageSize = 8, threshold: int = BINARY_THRESHOLD) 
     )
 
 
-# The named colours of ``colour_digits``: well-separated hues (the six corners of the RGB cube
-# other than black and white, orange between red and yellow) and white. Every one has a channel at
-# 255, so the per-pixel channel maximum of a tinted digit is the grey digit itself.
-COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("red", (255, 0, 0)),
-    ("orange", (255, 128, 0)),
-    ("yellow", (255, 255, 0)),
-    ("green", (0, 255, 0)),
-    ("cyan", (0, 255, 255)),
-    ("blue", (0, 0, 255)),
-    ("magenta", (255, 0, 255)),
-    ("white", (255, 255, 255)),
-)
-COLOUR_NAMES: tuple[str, ...] = tuple(name for name, _ in COLOURS)
 ColourDigitsSize = Literal[8, 16, 32]
 
 
@@ -172,17 +163,6 @@ def tint(grey: np.ndarray, rgb: Sequence[int] | np.ndarray) -> np.ndarray:
     if rgb.ndim == 2:  # one colour per image
         rgb = rgb[:, None, None, :]
     return np.rint(grey.astype(np.float64) * rgb).astype(np.uint8)
-
-
-def colour_digit_label(digit: int | np.ndarray, colour: int | np.ndarray, num_colours: int = len(COLOURS)):
-    """The joint class label of ``colour_digits``: ``digit * num_colours + colour``."""
-    return digit * num_colours + colour
-
-
-def split_colour_digit_label(label: Any, num_colours: int = len(COLOURS)) -> tuple[Any, Any]:
-    """``(digit, colour)`` of joint labels (ints, numpy arrays or tensors): the inverse of
-    :func:`colour_digit_label`."""
-    return label // num_colours, label % num_colours
 
 
 def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | None = None, seed: int = 0) -> Source:
@@ -367,10 +347,6 @@ def torchvision_dataset(name: TorchvisionName, root: str, download: bool = False
 
 # -- character-level text ----------------------------------------------------------------------
 
-#: the pad/end symbol of :func:`words`: category 0, after the last character of a word
-PAD = "."
-#: the alphabet of :func:`words`: ``ALPHABET[k]`` is category k (27 categories)
-ALPHABET = PAD + "abcdefghijklmnopqrstuvwxyz"
 #: the word lists of the ``text`` extra (wonderwords' packaged lists: plain text, one word a line)
 WORD_LISTS = {"nouns": "nounlist.txt", "adjectives": "adjectivelist.txt", "verbs": "verblist.txt"}
 WordListName = Literal["nouns", "adjectives", "verbs"]
@@ -399,39 +375,6 @@ def packaged_words(lists: Sequence[WordListName] = ("nouns", "adjectives", "verb
     for name in lists:
         out += assets.joinpath(WORD_LISTS[name]).read_text(encoding="utf-8").splitlines()
     return out, f"{TEXT_EXTRA} {version}"
-
-
-def encode_text(words: Sequence[str], seq_length: int, alphabet: str = ALPHABET) -> np.ndarray:
-    """Words as uint8 categories ``[N, seq_length]``: ``alphabet.index(c)`` per character, the rest
-    filled with category 0 (the pad/end symbol). A character outside ``alphabet[1:]`` or a word
-    longer than ``seq_length`` is a ValueError naming it."""
-    if len(alphabet) > 256:
-        raise ValueError(f"encode_text: at most 256 symbols fit in uint8, the alphabet has {len(alphabet)}")
-    code = {c: k for k, c in enumerate(alphabet) if k > 0}
-    out = np.zeros((len(words), seq_length), dtype=np.uint8)
-    for i, word in enumerate(words):
-        if len(word) > seq_length:
-            raise ValueError(f"encode_text: {word!r} has {len(word)} characters, more than seq_length {seq_length}")
-        try:
-            out[i, :len(word)] = [code[c] for c in word]
-        except KeyError as e:
-            raise ValueError(f"encode_text: {word!r} has the character {e.args[0]!r}, not in the alphabet "
-                             f"{alphabet[1:]!r}") from None
-    return out
-
-
-def decode_text(x: Any, alphabet: str = ALPHABET, stop: bool = True) -> list[str]:
-    """Sequences of categories (an int array or tensor ``[L]`` or ``[N, L]``) as text, one string
-    per sequence: ``alphabet[k]`` per position; ``stop``: up to the first pad/end symbol (category 0),
-    else every position (the pad shown as ``alphabet[0]``)."""
-    arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
-    arr = arr.reshape(1, -1) if arr.ndim == 1 else arr
-    out = []
-    for row in arr.tolist():
-        if stop and 0 in row:
-            row = row[:row.index(0)]
-        out.append("".join(alphabet[int(k)] for k in row))
-    return out
 
 
 def words(lists: Sequence[WordListName] = ("nouns", "adjectives", "verbs"), seq_length: int = 16,

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lightning_diffusion.encodings import categories_from_images, images_from_categories  # noqa: F401 - as before
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 # TrainStream's __len__ is exact: each worker yields its own share of the rank's batches.
@@ -51,20 +53,6 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 
 class ShardError(RuntimeError):
     """A shard that cannot be read or holds a bad sample; the message names the shard and key."""
-
-
-def images_from_categories(x: torch.Tensor, num_categories: int) -> torch.Tensor:
-    """Image categories (int64, any shape) as the batch contract's floats in [-1, 1]:
-    ``k * 2 / (K - 1) - 1``, the 8-bit ``k / 127.5 - 1`` at K = 256 and -1 / 1 for binarized images,
-    which is what the same shards give read as floats. One definition for the discrete family's
-    samples and the callbacks' real data."""
-    return x.float() * (2.0 / (num_categories - 1)) - 1.0
-
-
-def categories_from_images(x: torch.Tensor, num_categories: int) -> torch.Tensor:
-    """The inverse of :func:`images_from_categories`: floats in [-1, 1] as int64 categories,
-    rounded to the nearest of the K levels."""
-    return torch.round((x + 1) * ((num_categories - 1) / 2.0)).long()
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ The divergence is exact (a sum of D autograd passes; low-dimensional data) or Hu
 unbiased estimate ``E[e^T (dv/dx) e]`` with one Rademacher or Gaussian probe e per solve;
 ``auto`` (:func:`resolve_divergence`) takes the exact one up to :data:`EXACT_DIVERGENCE_MAX_DIMS`
 dimensions and Rademacher above.
-For 8-bit images, :func:`dequantize` and :func:`bits_per_dim_discrete` give the numbers papers
-report (uniform dequantization, bits/dim of the discrete data).
+For 8-bit images, :func:`~lightning_diffusion.likelihoods.bits.dequantize` and
+:func:`~lightning_diffusion.likelihoods.bits.bits_per_dim_discrete` (in ``likelihoods``, importable from
+here as before) give the numbers papers report (uniform dequantization, bits/dim of the discrete data).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import GaussianProcess
-from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim
+from lightning_diffusion.likelihoods.bits import bits_per_dim_discrete, dequantize  # noqa: F401 - as before
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Divergence = Literal["auto", "exact", "rademacher", "gaussian"]
@@ -120,25 +120,3 @@ def ode_nll(
     xs, divs = odeint(dynamics, state0, ts, rtol=rtol, atol=atol, method=method, options=options)
     z, integral = xs[-1], divs[-1]
     return -(process.prior_logp(z) + integral), nfe
-
-
-def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantization of 8-bit images given in [-1, 1] (``k / 127.5 - 1``).
-
-    Returns ``y = (k + u) / 128 - 1`` with ``u ~ U[0, 1)``: a continuous point in [-1, 1) whose
-    density relates to the probability of pixel value k by the factor 128 per dimension (see
-    :func:`bits_per_dim_discrete`). This is score_sde's convention, so numbers compare with papers.
-    """
-    k = torch.round((x + 1) * 127.5).clamp(0, 255)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (k + u) / 128.0 - 1.0
-
-
-def bits_per_dim_discrete(nll_dequantized_nats: Tensor, num_dims: int) -> Tensor:
-    """Bits/dim of 8-bit data from the NLL of its dequantization ``y = (k + u)/128 - 1``.
-
-    The density of ``u' = k + u`` in [0, 256) is the density of y divided by 128 per dimension, so
-    ``-log2 p(u') = -log2 p(y) + D log2 128``: bits/dim = nll / (D ln 2) + 7. Averaged over u this
-    upper-bounds the bits/dim of the discrete data (Theis et al. 2016; score_sde's ``offset = 7``).
-    """
-    return nats_to_bits_per_dim(nll_dequantized_nats, num_dims) + 7.0

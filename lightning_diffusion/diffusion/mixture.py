@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+import lightning_diffusion.diffusion.parameterization as param
+
 
 class GaussianMixture:
     """``sum_k weights_k N(means_k, stds_k^2 I)`` in D dimensions, computed in float64.
@@ -84,8 +86,10 @@ class MixtureOracle(nn.Module):
     """The exact denoising network for a :class:`GaussianMixture` under a process, in any parameterization.
 
     ``forward(x, t, y=None)`` returns what a trained net in ``parameterization`` would output at
-    the optimum: ``eps`` = E[eps | x_t], ``x0`` = E[x_0 | x_t], ``v`` = alpha eps - sigma x0, or
-    ``score`` = grad log p_t. ``process`` is any object with ``alpha(t)`` and ``sigma(t)``.
+    the optimum, the target of its row of :mod:`~lightning_diffusion.diffusion.parameterization` at
+    ``x0 = E[x_0 | x_t]``, ``eps = E[eps | x_t]`` (``eps`` = E[eps | x_t], ``x0`` = E[x_0 | x_t], ``v`` =
+    alpha eps - sigma x0, ``score`` = grad log p_t); the net's input is x_t itself (c_in = 1, so not
+    ``edm``). ``process`` is any object with ``alpha(t)`` and ``sigma(t)``.
     """
 
     def __init__(self, mixture: GaussianMixture, process, parameterization: str = "eps"):
@@ -98,6 +102,4 @@ class MixtureOracle(nn.Module):
         score = self.mixture.score(x, alpha, sigma)
         a, s = alpha[:, None], sigma[:, None]
         x0 = (x.to(torch.float64) + s**2 * score) / a
-        eps = -s * score
-        out = {"x0": x0, "eps": eps, "v": a * eps - s * x0, "score": score}[self.parameterization]
-        return out.to(x.dtype)
+        return param.target(self.parameterization, x0, -s * score, a, s).to(x.dtype)

@@ -18,6 +18,8 @@ Conventions shared by all samplers:
   integers (timestep respacing: ``steps`` evenly spaced integers from T-1 down to 0).
 - ``clip`` clamps x0_hat to the data range at every evaluation ((-1, 1) for images; None for
   unbounded data).
+- ``callback`` (k-diffusion's), if given, is called at every evaluation with
+  ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:data:`Callback`): how a trajectory is recorded.
 - All samples of a batch share the time grid, so every coefficient is a float64 scalar computed
   from the process and applied to float32 data of any shape ([B, D] points, [B, C, H, W] images);
   per-sample norms flatten all data dimensions.
@@ -25,13 +27,10 @@ Conventions shared by all samplers:
   denoised estimate x0_hat at the last grid time, and ``nfe`` counts the ``denoise_fn`` calls.
 """
 
-# No `from __future__ import annotations` here: the fields of the NamedTuple SamplerOutput must be
-# evaluated types, or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
-import difflib
+# No `from __future__ import annotations` here: the fields of the NamedTuples must be evaluated types,
+# or the API reference (pdoc) cannot resolve them (it looks in the namedtuple's namespace).
 import inspect
 import math
-import types
-import typing
 from typing import Any, Callable, Literal, NamedTuple
 
 import torch
@@ -39,21 +38,21 @@ from torch import Tensor
 
 from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
+from lightning_diffusion import options
+from lightning_diffusion.options import check_call, check_value, defaults_of
+from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+#: ``callback(step)``, called at every network evaluation of a sampler (k-diffusion's ``callback``):
+#: ``step`` is ``{'x': x_t, 'i': evaluation index from 0, 't': time, 'sigma': noise level sigma/alpha,
+#: 'denoised': x0_hat}`` (tensors as the sampler holds them: clone what you keep)
+Callback = Callable[[dict], None]
 AncestralVariance = Literal["fixedsmall", "fixedlarge"]
 Predictor = Literal["reverse_diffusion", "euler_maruyama"]
 DPMGrid = Literal["logsnr", "time"]
 SolverOrder = Literal[1, 2, 3]
 UniPCVariant = Literal["bh1", "bh2"]
 LOWER_ORDER_FINAL_BELOW = 10  # DPM-Solver's reference code: lower orders in the last steps only below 10 steps
-
-
-class SamplerOutput(NamedTuple):
-    """What every sampler returns."""
-
-    x: Tensor  # samples, shaped like the requested ``shape``
-    nfe: int  # number of denoise_fn calls (network function evaluations)
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -67,16 +66,21 @@ class CountedDenoiser:
 
     ``self(x, t)`` takes one time ``t`` (float) for the whole batch, passes it as a [B] tensor in
     x's dtype, returns x0_hat in x's dtype, clamped to ``clip``; ``score(x, t)`` is
-    ``(alpha x0_hat - x) / sigma^2``.
+    ``(alpha x0_hat - x) / sigma^2``; ``callback`` (:data:`Callback`) sees every evaluation.
     """
 
-    def __init__(self, denoise_fn: Denoiser, process: GaussianProcess, clip: tuple[float, float] | None):
-        self.denoise_fn, self.process, self.clip, self.nfe = denoise_fn, process, clip, 0
+    def __init__(self, denoise_fn: Denoiser, process: GaussianProcess, clip: tuple[float, float] | None,
+                 callback: Callback | None = None):
+        self.denoise_fn, self.process, self.clip, self.callback, self.nfe = denoise_fn, process, clip, callback, 0
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
         self.nfe += 1
         x0 = self.denoise_fn(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)).to(x.dtype)
-        return x0 if self.clip is None else x0.clamp(*self.clip)
+        x0 = x0 if self.clip is None else x0.clamp(*self.clip)
+        if self.callback is not None:
+            self.callback({"x": x, "i": self.nfe - 1, "t": float(t), "sigma": _at(self.process.ratio, float(t)),
+                           "denoised": x0})
+        return x0
 
     def score(self, x: Tensor, t: float) -> Tensor:
         alpha, sigma = _at(self.process.alpha, t), _at(self.process.sigma, t)
@@ -211,40 +215,45 @@ def solver_grid(process: GaussianProcess, num: int, grid: str = "logsnr", sigma_
 
 
 def sampler_grid(name: str, process: GaussianProcess, steps: int | None = None, **options: Any) -> list[float]:
-    """The time grid that sampler ``name`` runs on ``process`` with ``steps`` (None: the sampler's
-    default) and its grid ``options`` (heun's ``rho``, ``sigma_max``, ``sigma_min``; dpm_solver's and
-    unipc's ``grid`` and ``sigma_min``): the samplers take their grids from here, and :func:`check_options` checks a step
-    count by building the grid, so each sampler's step rule is written once. ``ode`` is adaptive:
-    it has no grid and takes no ``steps``. Raises :class:`OptionError` for a step count the grid
-    cannot have (fewer than 2 points; more than the T integer steps of a DDPM)."""
-    if name == "ode":
-        if steps is not None:
-            raise OptionError("steps", steps, "the ode sampler is adaptive and takes no steps",
-                              "leave steps out and set rtol/atol, or choose a fixed-step sampler (ddim, heun, dpm_solver)")
-        return []
-    if name == "heun":
-        return karras_grid(process, check_steps(steps, 18, 2), options.get("rho", 7.0), options.get("sigma_max"),
-                           options.get("sigma_min"))
-    if name in ("dpm_solver", "unipc"):
-        grid = options.get("grid", "logsnr")
-        sigma_min = options.get("sigma_min", inspect.signature(SAMPLERS[name]).parameters["sigma_min"].default)
-        most, what = _step_limit(process, extra=1) if grid == "time" else (None, "")
-        num = check_steps(steps, 20, 1, most, what) + 1  # M solver steps: M + 1 grid times
-        return solver_grid(process, num, grid, sigma_min)
-    defaults = {"ancestral": int(process.t_max) + 1 if process.discrete else 1000, "ddim": 50,
-                "euler_maruyama": 1000, "pc": 1000}
-    if name not in defaults:
-        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return time_grid(process, check_steps(steps, defaults[name], 2, *_step_limit(process)))
+    """The time grid that sampler ``name`` runs on ``process`` with ``steps`` (None: its entry's
+    default in :data:`SAMPLERS`) and its grid ``options`` (heun's ``rho``, ``sigma_max``, ``sigma_min``;
+    dpm_solver's and unipc's ``grid`` and ``sigma_min``; the rest of the sampler's defaults fill in):
+    the samplers take their grids from here, and :func:`check_options` checks a step count by building
+    the grid, so each sampler's step rule is written once. An adaptive sampler (``ode``) has no grid
+    and takes no ``steps``. Raises :class:`OptionError` for an unknown sampler or a step count the
+    grid cannot have (fewer than 2 points; more than the T integer steps of a DDPM)."""
+    entry = registered(name)
+    return entry.grid(process, steps, entry.default_steps(process), {**defaults_of(entry.run), **options})
+
+
+def uniform_grid(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of ancestral, ddim, euler_maruyama and pc: ``steps`` (None: ``default``) times uniform
+    in t (:func:`time_grid`), 2 to T of them on a DDPM."""
+    return time_grid(process, check_steps(steps, default, 2, *_step_limit(process)))
+
+
+def _karras_steps(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of heun: EDM's noise levels (:func:`karras_grid`) with its ``rho``, ``sigma_max``, ``sigma_min``."""
+    return karras_grid(process, check_steps(steps, default, 2), options["rho"], options["sigma_max"], options["sigma_min"])
+
+
+def _solver_steps(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of dpm_solver and unipc: M solver steps, M + 1 times of :func:`solver_grid`."""
+    most, what = _step_limit(process, extra=1) if options["grid"] == "time" else (None, "")
+    num = check_steps(steps, default, 1, most, what) + 1
+    return solver_grid(process, num, options["grid"], options["sigma_min"])
+
+
+def _adaptive(process: GaussianProcess, steps: int | None, default: int | None, options: dict[str, Any]) -> list[float]:
+    """Grid rule of an adaptive solver: none, and no ``steps``."""
+    if steps is not None:
+        raise OptionError("steps", steps, "the ode sampler is adaptive and takes no steps",
+                          "leave steps out and set rtol/atol, or choose a fixed-step sampler (ddim, heun, dpm_solver)")
+    return []
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _choose(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise OptionError(option, value, f"must be one of {list(choices)}")
 
 
 def _prior(process: GaussianProcess, shape: tuple[int, ...], generator, device) -> Tensor:
@@ -290,7 +299,8 @@ def langevin_step(den: CountedDenoiser, x: Tensor, t: float, snr: float, a2: flo
 @torch.no_grad()
 def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-              clip: tuple[float, float] | None = None, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
+              clip: tuple[float, float] | None = None,
+              callback: Callback | None = None, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
     """Ancestral sampling through the posterior (Ho et al. 2020, Algorithm 2 and eq. 7), on any grid.
 
     For grid times s < t: ``x_s = mu~(x_t, x0_hat) + sqrt(var) z`` with the posterior mean
@@ -301,8 +311,8 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
 
     ``steps``: grid points (default: all T steps of a DDPM, 1000 otherwise); NFE = steps.
     """
-    _choose("variance", variance, ("fixedsmall", "fixedlarge"))
-    den = CountedDenoiser(denoise_fn, process, clip)
+    check_value("variance", variance, AncestralVariance)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("ancestral", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -317,7 +327,8 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
 @torch.no_grad()
 def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-         clip: tuple[float, float] | None = None, eta: float = 0.0) -> SamplerOutput:
+         clip: tuple[float, float] | None = None, callback: Callback | None = None,
+         eta: float = 0.0) -> SamplerOutput:
     """DDIM (Song, Meng & Ermon 2021, eq. 12), written for any alpha, sigma:
 
     ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z``, ``eps_hat = (x_t - alpha_t x0_hat) / sigma_t``,
@@ -326,7 +337,7 @@ def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
 
     ``steps``: grid points (default 50); NFE = steps.
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("ddim", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -343,14 +354,15 @@ def ddim(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
 @torch.no_grad()
 def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
                    steps: int | None = None, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None) -> SamplerOutput:
+                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+                   callback: Callback | None = None) -> SamplerOutput:
     """Euler-Maruyama on the reverse SDE (Song et al. 2021, eq. 6):
     ``dx = [f(t) x - g(t)^2 score(x, t)] dt + g(t) dW-bar``, t from t_max to t_min; the last step
     adds no noise, then x0_hat is returned.
 
     ``steps``: grid points (default 1000, as in the paper); NFE = steps.
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("euler_maruyama", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
@@ -361,7 +373,8 @@ def euler_maruyama(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[
 @torch.no_grad()
 def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
        generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-       clip: tuple[float, float] | None = None, snr: float = 0.16, corrector_steps: int = 1,
+       clip: tuple[float, float] | None = None,
+       callback: Callback | None = None, snr: float = 0.16, corrector_steps: int = 1,
        predictor: Predictor = "reverse_diffusion") -> SamplerOutput:
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2-3 and 5).
 
@@ -373,9 +386,9 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
     Defaults are the paper's: ``snr = 0.16``, one corrector step. ``steps``: grid points (default
     1000); NFE = (steps - 1) (corrector_steps + 1) + 1.
     """
-    _choose("predictor", predictor, ("reverse_diffusion", "euler_maruyama"))
+    check_value("predictor", predictor, Predictor)
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     grid = sampler_grid("pc", process, steps)
     x = _prior(process, shape, generator, device)
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
@@ -389,7 +402,8 @@ def pc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *
 @torch.no_grad()
 def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
         generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-        clip: tuple[float, float] | None = None, method: str = "dopri5", rtol: float = 1e-5,
+        clip: tuple[float, float] | None = None,
+        callback: Callback | None = None, method: str = "dopri5", rtol: float = 1e-5,
         atol: float = 1e-5) -> SamplerOutput:
     """Probability-flow ODE (Song et al. 2021, eq. 13): ``dx/dt = f(t) x - g(t)^2 / 2 score(x, t)``,
     integrated from t_max to t_min by ``torchdiffeq.odeint`` (adaptive ``method``, default
@@ -400,7 +414,7 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
     from torchdiffeq import odeint
 
     sampler_grid("ode", process, steps)  # refuses steps
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
         t = min(max(float(t), process.t_min), process.t_max)  # the first-step heuristic may probe outside
@@ -416,7 +430,8 @@ def ode(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], 
 @torch.no_grad()
 def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
          generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-         clip: tuple[float, float] | None = None, rho: float = 7.0, sigma_max: float | None = None,
+         clip: tuple[float, float] | None = None,
+         callback: Callback | None = None, rho: float = 7.0, sigma_max: float | None = None,
          sigma_min: float | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float("inf"), S_noise: float = 1.0) -> SamplerOutput:
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2), on ``x~ = x / alpha(t)``.
@@ -433,7 +448,7 @@ def heun(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...],
     S_tmax = inf, S_noise = 1``). ``steps`` = N (default 18); NFE = 2 N - 1 (on a DDPM, levels
     that round to the same integer step are merged first).
     """
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     times = sampler_grid("heun", process, steps, rho=rho, sigma_max=sigma_max, sigma_min=sigma_min)
     sigmas = [_at(process.ratio, t) for t in times]
     n = len(sigmas)
@@ -532,14 +547,15 @@ def _newest(history: list, n: int) -> list:
 
 
 def _check_solver(order: int, grid: str) -> None:
-    _choose("order", order, (1, 2, 3))
-    _choose("grid", grid, ("logsnr", "time"))
+    check_value("order", order, SolverOrder)
+    check_value("grid", grid, DPMGrid)
 
 
 @torch.no_grad()
 def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
                steps: int | None = None, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+               callback: Callback | None = None,
                grid: DPMGrid = "logsnr", denoise_to_zero: bool = False, order: SolverOrder = 2,
                lower_order_final: bool = True, sigma_min: float | None = None) -> SamplerOutput:
     """Multistep DPM-Solver++ in x0-prediction (Lu et al. 2022, "DPM-Solver++", Algorithm 2 for
@@ -566,7 +582,7 @@ def dpm_solver(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int,
     on a DDPM, logSNR times that round to the same integer step are merged first).
     """
     _check_solver(order, grid)
-    den = CountedDenoiser(denoise_fn, process, clip)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     g = _log_snr_grid(process, sampler_grid("dpm_solver", process, steps, grid=grid, sigma_min=sigma_min))
     m = len(g.times) - 1
     x = _prior(process, shape, generator, device)
@@ -624,6 +640,7 @@ def _unipc_step(x: Tensor, history: list[tuple[float, Tensor]], order: int, g: _
 def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
           steps: int | None = None, generator: torch.Generator | None = None,
           device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+          callback: Callback | None = None,
           order: SolverOrder = 2, variant: UniPCVariant = "bh2", grid: DPMGrid = "logsnr",
           sigma_min: float | None = 0.01, lower_order_final: bool = True,
           denoise_to_zero: bool = False) -> SamplerOutput:
@@ -654,8 +671,8 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     DDPM, logSNR times that round to the same integer step are merged first).
     """
     _check_solver(order, grid)
-    _choose("variant", variant, ("bh1", "bh2"))
-    den = CountedDenoiser(denoise_fn, process, clip)
+    check_value("variant", variant, UniPCVariant)
+    den = CountedDenoiser(denoise_fn, process, clip, callback)
     g = _log_snr_grid(process, sampler_grid("unipc", process, steps, grid=grid, sigma_min=sigma_min))
     m = len(g.times) - 1
     x = _prior(process, shape, generator, device)
@@ -674,23 +691,53 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     return SamplerOutput(x, den.nfe)
 
 
-SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
-    "ancestral": ancestral,
-    "ddim": ddim,
-    "euler_maruyama": euler_maruyama,
-    "pc": pc,
-    "ode": ode,
-    "heun": heun,
-    "dpm_solver": dpm_solver,
-    "unipc": unipc,
+GridRule = Callable[[GaussianProcess, Any, Any, dict], list]
+
+
+class SamplerEntry(NamedTuple):
+    """One sampler of :data:`SAMPLERS`: the function, its default step count and its grid rule, so
+    that a new sampler is one entry here. Calling the entry calls the function."""
+
+    run: Callable[..., SamplerOutput]  # run(denoise_fn, process, shape, *, steps, generator, device, clip, callback, **own)
+    steps: Any  # default step count: an int, a function of the process, or None (adaptive: takes no steps)
+    grid: GridRule  # (process, steps, default steps, options with the sampler's defaults) -> times, checked
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SamplerOutput:
+        return self.run(*args, **kwargs)
+
+    def default_steps(self, process: GaussianProcess) -> Any:
+        """The step count when none is given: ``steps``, or ``steps(process)``."""
+        return self.steps(process) if callable(self.steps) else self.steps
+
+
+def _all_steps(process: GaussianProcess) -> int:
+    """Ancestral's default: every step of a DDPM (T), 1000 on an SDE."""
+    return int(process.t_max) + 1 if process.discrete else 1000
+
+
+#: every sampler by name, each with its default steps and grid: a new sampler is one entry
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ancestral": SamplerEntry(ancestral, _all_steps, uniform_grid),
+    "ddim": SamplerEntry(ddim, 50, uniform_grid),
+    "euler_maruyama": SamplerEntry(euler_maruyama, 1000, uniform_grid),
+    "pc": SamplerEntry(pc, 1000, uniform_grid),
+    "ode": SamplerEntry(ode, None, _adaptive),
+    "heun": SamplerEntry(heun, 18, _karras_steps),
+    "dpm_solver": SamplerEntry(dpm_solver, 20, _solver_steps),
+    "unipc": SamplerEntry(unipc, 20, _solver_steps),
 }
 
-_COMMON = ("steps", "generator", "device", "clip")
+_COMMON = ("steps", "generator", "device", "clip", "callback")
+
+
+def registered(name: str) -> SamplerEntry:
+    """The entry of sampler ``name``; an :class:`OptionError` naming the known ones otherwise."""
+    return options.registered(SAMPLERS, name)
 
 
 def sampler_options(name: str) -> list[str]:
-    """The sampler-specific options of ``name`` (beyond steps, generator, device, clip)."""
-    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    """The sampler-specific options of ``name`` (beyond steps, generator, device, clip, callback)."""
+    params = inspect.signature(registered(name).run).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
 
 
@@ -698,55 +745,20 @@ def check_options(name: str, process: GaussianProcess, steps: int | None = None,
                   **options: Any) -> None:
     """Raise :class:`OptionError` unless sampler ``name`` can run on ``process`` with ``steps`` and
     ``options``: a known sampler, only its own options, each of the kind its signature declares
-    (one of a ``Literal``'s values, a number), and a step count its grid allows
+    (:func:`~lightning_diffusion.options.check_call`), and a step count its grid allows
     (:func:`sampler_grid`). :func:`sample` calls it; a model calls it before training to refuse a
     callback's ``sample_options`` early. ``also``: the caller's own option names, listed with the
     sampler's in the message about an unknown option."""
-    if name not in SAMPLERS:
-        raise OptionError("sampler", name, f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    own = sampler_options(name)
-    params = inspect.signature(SAMPLERS[name]).parameters
-    for option, value in options.items():
-        if option not in own:
-            known = ["steps", *also, *own] if name != "ode" else [*also, *own]
-            close = difflib.get_close_matches(option, known, n=1)
-            raise OptionError(option, value, f"the {name} sampler has no option {option!r}"
-                              + (f" (did you mean {close[0]}?)" if close else ""),
-                              f"its options are {', '.join(known)}")
-        _check_kind(option, value, params[option].annotation)
+    entry = registered(name)
+    known = [*(["steps"] if entry.steps is not None else []), *also, *sampler_options(name)]
+    check_call(entry.run, options, f"the {name} sampler", skip=_COMMON, listed=known)
     sampler_grid(name, process, steps, **options)
-
-
-def _check_kind(option: str, value: Any, annotation: Any) -> None:
-    """Refuse ``value`` unless it is of ``annotation``'s kind: a ``Literal``'s values, a number for
-    ``float``/``int``, a bool for ``bool``, None for an optional one; other annotations are not checked."""
-    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    if value is None and type(None) in kinds:
-        return
-    for kind in kinds:
-        if typing.get_origin(kind) is Literal:
-            if any(type(value) is type(v) and value == v for v in typing.get_args(kind)):  # not True for 1
-                return
-            raise OptionError(option, value, f"must be one of {list(typing.get_args(kind))}")
-        if kind is bool:
-            if isinstance(value, bool):
-                return
-            raise OptionError(option, value, "must be true or false")
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if kind is int and _is_int(value):
-            return
-        if kind not in (float, int, type(None)):
-            return  # a kind not checked here
-    wanted = "an integer" if int in kinds else "a number"
-    raise OptionError(option, value, f"must be {wanted}" + (" or None" if type(None) in kinds else ""),
-                      "write it as a number (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) else "")
 
 
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
            steps: int | None = None, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+           callback: Callback | None = None,
            **options: Any) -> SamplerOutput:
     """Run the sampler called ``name`` on ``denoise_fn`` over ``process``; returns ``(x, nfe)``.
 
@@ -762,8 +774,10 @@ def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tup
         generator: source of the sampling noise.
         device: device of the samples.
         clip: clamp x0_hat to this range at every evaluation (``(-1, 1)`` for images).
+        callback: called at every network evaluation with ``{'x', 'i', 't', 'sigma', 'denoised'}``
+            (:data:`Callback`); None: nothing.
         **options: the sampler's own options, by keyword (:func:`sampler_options` lists them).
     """
     check_options(name, process, steps, **options)
     return SAMPLERS[name](denoise_fn, process, shape, steps=steps, generator=generator, device=device,
-                          clip=clip, **options)
+                          clip=clip, callback=callback, **options)

@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import lightning_diffusion.diffusion.parameterization as param
+
 BetaSchedule = Literal["linear", "cosine"]
-Parameterization = Literal["eps", "x0", "v"]
 Variance = Literal["fixedlarge", "fixedsmall"]
 
 
@@ -46,20 +47,6 @@ def make_betas(name: BetaSchedule, timesteps: int) -> Tensor:
         abar = f / f[0]
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown beta_schedule {name!r}; choose 'linear' or 'cosine'")
-
-
-def x0_from_output(parameterization: Parameterization, output: Tensor, x_t: Tensor, alpha: Tensor,
-                   sigma: Tensor) -> Tensor:
-    """x_0 implied by a net's ``output`` at ``x_t = alpha x_0 + sigma eps`` (alpha, sigma broadcast
-    against x_t): eps: ``(x_t - sigma eps) / alpha``; x0: the output; v: ``alpha x_t - sigma v``
-    (with ``v = alpha eps - sigma x_0`` and ``alpha^2 + sigma^2 = 1``)."""
-    if parameterization == "eps":
-        return (x_t - sigma * output) / alpha
-    if parameterization == "x0":
-        return output
-    if parameterization == "v":
-        return alpha * x_t - sigma * output
-    raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")
 
 
 class NoiseSchedule:
@@ -125,28 +112,26 @@ class NoiseSchedule:
         return append_dims(values, like.ndim).to(like.dtype)
 
     # -- q(x_t | x_0) and the parameterizations ---------------------------------------------
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(abar_t), sqrt(1 - abar_t))`` at integer steps ``t`` [B], float64, shaped [B, 1, ...]
+        like ``like``, on its device."""
+        abar = append_dims(self.alphas_cumprod.to(like.device)[t.long()], like.ndim)
+        return abar.sqrt(), (1 - abar).sqrt()
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``."""
         abar = self.at("alphas_cumprod", t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def target(self, parameterization: Parameterization, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """What a net in ``parameterization`` regresses: eps, x_0, or
-        ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022)."""
-        if parameterization == "eps":
-            return noise
-        if parameterization == "x0":
-            return x0
-        if parameterization == "v":
-            abar = self.at("alphas_cumprod", t, x0)
-            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
-        raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")
+    def target(self, parameterization: str, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What a net in ``parameterization`` regresses at integer step ``t``
+        (:func:`~lightning_diffusion.diffusion.parameterization.target`)."""
+        return param.target(parameterization, x0, noise, *self.alpha_sigma(t, x0))
 
-    def predict_x0(self, parameterization: Parameterization, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """x_0 implied by the net's ``output`` at x_t and integer step ``t`` (:func:`x0_from_output`
-        with ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``)."""
-        abar = self.at("alphas_cumprod", t, x_t)
-        return x0_from_output(parameterization, output, x_t, abar.sqrt(), (1 - abar).sqrt())
+    def predict_x0(self, parameterization: str, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x_0 implied by the net's ``output`` at x_t and integer step ``t``
+        (:func:`~lightning_diffusion.diffusion.parameterization.x0_from_output`)."""
+        return param.x0_from_output(parameterization, output, x_t, *self.alpha_sigma(t, x_t)).to(x_t.dtype)
 
     def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. eq. 7)."""
@@ -168,20 +153,3 @@ class NoiseSchedule:
         if variance == "fixedlarge":
             return self.at("fixedlarge_log_variance", t, like)
         raise ValueError(f"unknown variance {variance!r}; choose 'fixedlarge' or 'fixedsmall'")
-
-
-def min_snr_weight(snr: Tensor, gamma: float, parameterization: Parameterization) -> Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023; the paper's gamma = 5) for a net's MSE.
-
-    The x_0-space weight ``min(SNR_t, gamma)`` expressed for the target the net regresses, using
-    ``||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2`` and ``||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2``:
-    eps: ``min(SNR, gamma) / SNR``; x0: ``min(SNR, gamma)``; v: ``min(SNR, gamma) / (SNR + 1)``.
-    """
-    clipped = snr.clamp(max=gamma)
-    if parameterization == "eps":
-        return clipped / snr
-    if parameterization == "x0":
-        return clipped
-    if parameterization == "v":
-        return clipped / (snr + 1)
-    raise ValueError(f"unknown parameterization {parameterization!r}; choose 'eps', 'x0' or 'v'")

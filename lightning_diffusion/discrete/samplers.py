@@ -6,7 +6,6 @@ Both take ``denoiser(x_t, t) -> logits [B, *dims, K]`` (``t`` the time fraction 
 for training.
 """
 
-# No `from __future__ import annotations`: pdoc must resolve the fields of the NamedTuple SamplerOutput.
 from typing import Callable, NamedTuple
 
 import torch
@@ -14,15 +13,10 @@ from torch import Tensor
 
 from lightning_diffusion.discrete.processes import CategoricalProcess, sample_categorical
 from lightning_diffusion.errors import OptionError
+from lightning_diffusion.sampling import SamplerOutput
+from lightning_diffusion.options import Fraction
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-
-
-class SamplerOutput(NamedTuple):
-    """What every discrete sampler returns."""
-
-    x: Tensor  # int64 samples of the requested shape, values in [0, K)
-    nfe: int  # number of denoiser calls (network function evaluations)
 
 
 def time_grid(process: CategoricalProcess, steps: int) -> list:
@@ -52,7 +46,7 @@ def ancestral(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int,
     """
     if temperature <= 0:
         raise OptionError("temperature", temperature, "must be positive")
-    grid = time_grid(process, steps if steps is not None else process.timesteps or 1000)
+    grid = time_grid(process, steps if steps is not None else all_steps(process))
     x = process.sample_prior(shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
         logits = denoiser(x, _time(process, t, shape[0], x.device)) / temperature
@@ -61,7 +55,7 @@ def ancestral(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int,
 
 
 def sundae(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int, ...], *, steps: int = 10,
-           temperature: float = 0.8, update_fraction: float = 0.5, generator: torch.Generator | None = None,
+           temperature: float = 0.8, update_fraction: Fraction = 0.5, generator: torch.Generator | None = None,
            device: torch.device | str | None = None) -> SamplerOutput:
     """SUNDAE's few-step parallel refinement (Savinov et al. 2022, sec. 3.2): from the prior, each step draws
     every position from ``softmax(logits / temperature)`` and accepts a random ``update_fraction`` of them;
@@ -93,6 +87,33 @@ def sundae(denoiser: Denoiser, process: CategoricalProcess, shape: tuple[int, ..
             accept |= x >= process.num_categories
         x = torch.where(accept, proposal, x)
     return SamplerOutput(x, steps)
+
+
+def all_steps(process: CategoricalProcess) -> int:
+    """Ancestral's default step count: T, or 1000 in continuous time."""
+    return process.timesteps or 1000
+
+
+def at_most_t(process: CategoricalProcess) -> int | None:
+    """Ancestral's most steps: T (a respaced grid of distinct steps), no bound in continuous time."""
+    return None if process.continuous else process.timesteps
+
+
+class SamplerEntry(NamedTuple):
+    """One sampler of :data:`SAMPLERS`: ``run(denoiser, process, shape, *, steps, temperature,
+    generator, device, **own)``, its default step count and its most steps (None: no bound), as
+    functions of the process; a new sampler is one entry."""
+
+    run: Callable[..., SamplerOutput]
+    steps: Callable[[CategoricalProcess], int]
+    most_steps: Callable[[CategoricalProcess], "int | None"]
+
+
+#: the discrete samplers by name
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ancestral": SamplerEntry(ancestral, all_steps, at_most_t),
+    "sundae": SamplerEntry(sundae, lambda process: 10, lambda process: None),
+}
 
 
 def unroll(denoiser: Denoiser, x_t: Tensor, t: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:

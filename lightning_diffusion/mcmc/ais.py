@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from lightning_diffusion.likelihoods.bits import log_mean_exp  # one definition for AIS and IWAE; mcmc re-exports it
 from lightning_diffusion.mcmc.kernels import Energy, Target, _check_positive, _check_steps, energy_and_grad, hmc_move, \
     langevin_move, per_sample
 
@@ -100,11 +101,6 @@ def sigmoid_betas(steps: int, delta: float = 4.0) -> Tensor:
         raise ValueError(f"the AIS schedule needs steps >= 1, got {steps!r}")
     s = torch.sigmoid(torch.linspace(-delta, delta, steps + 1, dtype=torch.float64))
     return (s - s[0]) / (s[-1] - s[0])
-
-
-def log_mean_exp(log_w: Tensor) -> Tensor:
-    """``log mean exp(log_w)`` over the last dimension, stably."""
-    return torch.logsumexp(log_w, -1) - math.log(log_w.shape[-1])
 
 
 def effective_sample_size(log_w: Tensor) -> float:
@@ -206,8 +202,8 @@ def ais(energy: Energy, base: GaussianBase, num_chains: int, *, step_size: float
     x = base.sample(num_chains, generator)
     log_w, x, acceptance, nfe = _anneal(energy, base, x, _betas(betas), step_size, transition, steps_per_beta,
                                         leapfrog_steps, grad_clip, generator)
-    return AISResult(float(log_mean_exp(log_w)), log_mean_stderr(log_w), effective_sample_size(log_w), log_w, x,
-                     acceptance, nfe)
+    return AISResult(float(log_mean_exp(log_w, dim=-1)), log_mean_stderr(log_w), effective_sample_size(log_w), log_w,
+                     x, acceptance, nfe)
 
 
 def reverse_ais(energy: Energy, base: GaussianBase, x: Tensor, *, step_size: float,
@@ -224,8 +220,8 @@ def reverse_ais(energy: Energy, base: GaussianBase, x: Tensor, *, step_size: flo
         raise ValueError(f"reverse_ais needs at least 2 exact target samples, got {x.shape[0]}")
     log_w, x, acceptance, nfe = _anneal(energy, base, x, _betas(betas)[::-1], step_size, transition, steps_per_beta,
                                         leapfrog_steps, grad_clip, generator)
-    return AISResult(-float(log_mean_exp(log_w)), log_mean_stderr(log_w), effective_sample_size(log_w), log_w, x,
-                     acceptance, nfe)
+    return AISResult(-float(log_mean_exp(log_w, dim=-1)), log_mean_stderr(log_w), effective_sample_size(log_w), log_w,
+                     x, acceptance, nfe)
 
 
 __all__ = ["AISResult", "GaussianBase", "Transition", "ais", "effective_sample_size", "gaussian_base",

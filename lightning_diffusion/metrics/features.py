@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_diffusion.data.shards import sha256_file as sha256_of
+from lightning_diffusion.encodings import COLOURS, split_colour_digit_label
+from lightning_diffusion.paths import data_cache_dir
+from lightning_diffusion.paths import sha256_file as sha256_of
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -35,8 +37,6 @@ DIGITS_FILE = "digits-cnn-v1.pt"
 
 def weights_dir() -> Path:
     """``$LD_DATA/weights`` (default ``~/.cache/lightning_diffusion/weights``)."""
-    from lightning_diffusion.data.shards import data_cache_dir
-
     return data_cache_dir() / "weights"
 
 
@@ -155,7 +155,7 @@ def nearest_colour(x: Tensor, palette: Tensor | None = None) -> Tensor:
     Args:
         x: RGB images in [-1, 1], ``[N, 3, H, W]``.
         palette: colours ``[K, 3]`` in 0..255; default the ``colour_digits`` colours
-            (:data:`lightning_diffusion.data.sources.COLOURS`).
+            (:data:`lightning_diffusion.encodings.COLOURS`).
 
     Returns:
         int64 ``[N]``: indices into the palette.
@@ -163,8 +163,6 @@ def nearest_colour(x: Tensor, palette: Tensor | None = None) -> Tensor:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"nearest_colour: expected RGB images [N, 3, H, W], got shape {tuple(x.shape)}")
     if palette is None:
-        from lightning_diffusion.data.sources import COLOURS
-
         palette = torch.tensor([rgb for _, rgb in COLOURS])
     rgb = (x.float().clamp(-1, 1) + 1) / 2
     background = rgb.flatten(2).median(dim=2).values[:, :, None, None]
@@ -188,8 +186,6 @@ def colour_digit_accuracy(x: Tensor, y: Tensor, digits: DigitsFeatures | None = 
     Returns:
         ``{"digit": ..., "colour": ..., "both": ...}``, fractions in [0, 1].
     """
-    from lightning_diffusion.data.sources import split_colour_digit_label
-
     if y.shape != x.shape[:1]:
         raise ValueError(f"colour_digit_accuracy: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
     digit, colour = split_colour_digit_label(y.cpu())
@@ -209,6 +205,9 @@ def train_digits_classifier(out: str | Path | None = None, epochs: int = 25, see
     epoch (Adam, lr 1e-3, batch 64, ``epochs`` epochs); the validation accuracy is saved with the weights.
     The caller's global RNG state is restored afterwards.
     """
+    # The DataModule is the one edge from metrics/ into data/ (tests/test_architecture.py allows it):
+    # its eval_dataloader is the narrowest reader of the embedded digits that gives the shard writer's
+    # split in its order, which the weights (and every FID on them) depend on.
     from lightning_diffusion.data.datamodule import ShardDataModule
 
     out = Path(out) if out is not None else weights_dir() / DIGITS_FILE

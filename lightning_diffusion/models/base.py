@@ -13,19 +13,28 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_diffusion.models.rng_state import RngStateInCheckpoint, gather_per_rank  # noqa: F401 - importable from here as before
+from lightning_diffusion.models.sharding import Sharded
+from lightning_diffusion.options import check_call, check_number
+from lightning_diffusion.seeds import derived_seed
 
-class GenerativeModel(L.LightningModule):
+#: the contract's arguments of ``sample`` and ``bits_per_dim``: every family takes them, none is an option
+SAMPLE_ARGUMENTS = ("num_samples", "y", "generator")
+BPD_ARGUMENTS = ("x", "y", "generator")
+
+
+class GenerativeModel(RngStateInCheckpoint, Sharded):
     """Base LightningModule of the model families.
 
     Subclasses implement ``loss(batch, generator=None) -> Tensor`` (a scalar), ``sample`` and
     ``bits_per_dim`` (and, to check options before training, ``check_sample_options`` /
     ``check_bpd_options``); the base logs the losses, refuses non-finite ones with a clear error,
     configures AdamW with linear warm-up and gradient-norm clipping, keeps the RNG states in the
-    checkpoint and shards the model with FSDP2 under ``ModelParallelStrategy``.
+    checkpoint (:class:`~lightning_diffusion.models.rng_state.RngStateInCheckpoint`) and shards the
+    model with FSDP2 under ``ModelParallelStrategy`` (:class:`~lightning_diffusion.models.sharding.Sharded`).
     """
 
     #: options whose change makes a checkpoint's weights mean something else (a family adds its own:
@@ -120,13 +129,24 @@ class GenerativeModel(L.LightningModule):
     # -- checking sampling and likelihood options before they are used ------------------------
     def check_sample_options(self, **options: Any) -> None:
         """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        ``sample(n, **options)`` accepts ``options``. :meth:`sample` calls it first; the callbacks
-        call it on their ``sample_options`` before training, so a bad option stops the run then."""
+        ``sample(n, **options)`` accepts ``options``, read from :meth:`sample`'s signature
+        (:func:`~lightning_diffusion.options.check_call`: its names, ``Literal`` choices and bounds),
+        then :meth:`check_option_rules`. :meth:`sample` calls it first; the callbacks call it on their
+        ``sample_options`` before training, so a bad option stops the run then."""
+        check_call(self.sample, options, f"{type(self).__name__}.sample", skip=SAMPLE_ARGUMENTS)
+        self.check_option_rules(options)
 
     def check_bpd_options(self, **options: Any) -> None:
         """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        ``bits_per_dim(x, **options)`` accepts ``options`` (its first check; Likelihood's before
-        training)."""
+        ``bits_per_dim(x, **options)`` accepts ``options``, read from :meth:`bits_per_dim`'s signature
+        (its first check; Likelihood's before training)."""
+        check_call(self.bits_per_dim, options, f"{type(self).__name__}.bits_per_dim", skip=BPD_ARGUMENTS)
+
+    def check_option_rules(self, options: dict[str, Any]) -> None:
+        """What a signature cannot say about ``sample``'s options (guidance needs a class-conditional
+        model, ...): a family with such a rule overrides this. Here: ``guidance_scale``, where given."""
+        if "guidance_scale" in options:
+            self.check_guidance(options["guidance_scale"])
 
     def preview_sample_options(self) -> dict[str, Any]:
         """Options of ``sample`` for a quick look during training: the fast sampler of the callbacks'
@@ -229,9 +249,14 @@ class GenerativeModel(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
         return loss
 
+    def eval_generator(self, batch: dict[str, Tensor], batch_idx: int) -> torch.Generator:
+        """The generator of a validation/test step's noise: seeded from ``val_seed``, the batch and
+        the rank (:func:`~lightning_diffusion.seeds.derived_seed`), the same in every epoch and run."""
+        return torch.Generator(device=batch["x"].device).manual_seed(
+            derived_seed(self.val_seed, batch_idx, self.global_rank))
+
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, split: str) -> Tensor:
-        generator = torch.Generator(device=batch["x"].device)
-        generator.manual_seed(self.val_seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
+        generator = self.eval_generator(batch, batch_idx)
         loss = self._checked(self.loss(batch, generator=generator), split, batch_idx)
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True, batch_size=batch["x"].shape[0])
         return loss
@@ -241,78 +266,6 @@ class GenerativeModel(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, batch_idx, "test")
-
-    # -- exact resume: the global RNG states of every rank travel in the checkpoint --------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store every rank's global RNG states (torch, CUDA, numpy, Python): dropout and the
-        training noise draw from them, so a resumed run continues the same random sequence.
-        Lightning builds the checkpoint on every rank, so the gather runs on every rank."""
-        checkpoint["rng_states"] = gather_per_rank(_rng_states())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng_states = checkpoint.get("rng_states")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Put the saved RNG states back just before the first step after a resume (not at load:
-        starting the DataLoader workers in between draws from the torch RNG)."""
-        states = getattr(self, "_pending_rng_states", None)
-        if states:
-            _set_rng_states(states[self.global_rank if self.global_rank < len(states) else 0])
-        self._pending_rng_states = None
-
-    # -- sharding: ModelParallelStrategy (FSDP2) calls this on every rank before the optimizer ----
-    #: methods of ``self.net`` that the family calls besides ``forward`` (a VAE's encode/decode);
-    #: FSDP2 must gather the net's own parameters around them too
-    fsdp_forward_methods: tuple[str, ...] = ()
-
-    def is_sharded(self) -> bool:
-        """True when FSDP2 has sharded this model over more than one rank: every forward then needs
-        all ranks, so adaptive solvers (different step counts per rank) would hang."""
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:
-            return False
-        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and \
-            any(isinstance(m, FSDPModule) for m in self.modules())
-
-    def require_fixed_steps(self, what: str, instead: str) -> None:
-        """Refuse an adaptive solver (``what``) on a sharded model, naming the alternative."""
-        if self.is_sharded():
-            raise ValueError(f"{type(self).__name__}.{what} is adaptive: its number of network calls differs "
-                             f"between ranks, which a sharded (FSDP) model cannot do; use {instead}")
-
-    def configure_model(self) -> None:
-        """Shard the model with FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``.
-
-        Units, innermost first: every parameter-holding element of an ``nn.ModuleList`` inside the
-        net (UNet and ladder blocks, MLP residual blocks: one all-gather per block, so at most one
-        block is unsharded at a time), then each child module of this LightningModule that holds
-        parameters (the net; a VAE's likelihood head), with ``fsdp_forward_methods`` registered so
-        that calls other than ``forward`` gather their parameters as well. Under DDP or on one
-        device (no device mesh) this does nothing. Tensor parallelism is not supported: pass
-        ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``.
-        """
-        mesh = self._device_mesh if hasattr(self, "_device_mesh") else None
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(f"{type(self).__name__}: tensor parallelism is not supported; use "
-                             "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)")
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        if any(isinstance(m, FSDPModule) for m in self.modules()):
-            return  # already sharded (configure_model runs again on a resumed or re-fitted model)
-        containers = (torch.nn.ModuleList, torch.nn.ModuleDict)  # no forward: never a unit
-        roots = [m for m in self.children() if any(True for _ in m.parameters())]
-        for root in roots:
-            blocks = [m for parent in root.modules() if isinstance(parent, torch.nn.ModuleList) for m in parent
-                      if not isinstance(m, containers) and any(True for _ in m.parameters())]
-            for block in reversed(blocks):  # pre-order reversed: nested blocks before their parents
-                fully_shard(block, mesh=dp_mesh)
-            fully_shard(root, mesh=dp_mesh)
-        for name in self.fsdp_forward_methods:
-            register_fsdp_forward_method(self.net, name)
 
     def configure_optimizers(self):
         """AdamW with linear warm-up over ``warmup_steps``, then a constant learning rate."""
@@ -370,84 +323,11 @@ def full_precision(bits_per_dim: Callable) -> Callable:
     return wrapper
 
 
-def gather_per_rank(value: Any) -> list[Any]:
-    """``[value of rank 0, value of rank 1, ...]`` (``all_gather_object``; ``[value]`` without a
-    process group): per-rank state for a checkpoint, which Lightning builds on every rank."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1:
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-    return [value]
-
-
-def _rng_states() -> dict[str, Any]:
-    """The global RNG states as tensors and plain lists (loadable with ``weights_only=True``,
-    which LightningCLI uses to read a checkpoint's hyperparameters)."""
-    import random
-
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(state), gauss]}
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    if states.get("torch.cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
-
-
 def _data_kind(data_shape: tuple[int, ...] | None) -> str | None:
     """``"points"`` for ``[D]``, ``"images"`` for ``[C, H, W]``, None otherwise (or unknown)."""
     if data_shape is None:
         return None
     return {1: "points", 3: "images"}.get(len(data_shape))
-
-
-def check_number(option: str, value: Any, *, least: float | None = None, integer: bool = False,
-                 optional: bool = False, above: bool = False) -> None:
-    """Raise :class:`~lightning_diffusion.errors.OptionError` unless ``value`` is a
-    number (an integer with ``integer``; None with ``optional``) ``>= least`` (``> least`` with
-    ``above``)."""
-    from lightning_diffusion.errors import OptionError
-
-    if optional and value is None:
-        return
-    is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
-    in_range = is_number and not isinstance(value, bool) and \
-        (least is None or (value > least if above else value >= least))
-    if not in_range:
-        kind = "an integer" if integer else "a number"
-        bound = "" if least is None else f" {'>' if above else '>='} {least:g}"
-        raise OptionError(option, value, f"must be {kind}{bound}" + (" or None" if optional else ""))
-
-
-def check_option_names(owner: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
-    """Raise :class:`~lightning_diffusion.errors.OptionError` for the first option of
-    ``options`` that ``owner`` (e.g. ``VAE.sample``) does not take, with the closest accepted name."""
-    import difflib
-
-    from lightning_diffusion.errors import OptionError
-
-    for option, value in options.items():
-        if option not in accepted:
-            close = difflib.get_close_matches(option, accepted, n=1)
-            raise OptionError(option, value, f"{owner} has no option {option!r}"
-                              + (f" (did you mean {close[0]}?)" if close else ""),
-                              f"its options are {', '.join(accepted)}")
 
 
 def data_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -4,19 +4,22 @@ bound in bits/dim."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_diffusion.diffusion import parameterization as param
 from lightning_diffusion.diffusion import vlb
-from lightning_diffusion.diffusion.schedules import (BetaSchedule, NoiseSchedule, Parameterization, Variance,
-                                                     append_dims, min_snr_weight, x0_from_output)
+from lightning_diffusion.diffusion.parameterization import DDPMParameterization
+from lightning_diffusion.diffusion.schedules import BetaSchedule, NoiseSchedule, Variance
 from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
-from lightning_diffusion.models.base import check_number, check_option_names, data_noise, full_precision
+from lightning_diffusion.models.base import full_precision
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel, uniform_steps
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import PositiveInt
 
 LossType = Literal["simple", "hybrid"]
 
@@ -25,7 +28,10 @@ class DDPM(GaussianDiffusionModel):
     """Denoising diffusion probabilistic model over any data shape.
 
     The net is called as ``net(x_t, t, y)`` with ``t`` the integer step index in ``[0, T)`` as
-    float, and predicts ``eps``, ``x0`` or ``v`` (``parameterization``).
+    float, and predicts ``eps``, ``x0`` or ``v`` (``parameterization``, a row of
+    :mod:`~lightning_diffusion.diffusion.parameterization`). The one schedule object is
+    :attr:`process`, a :class:`DiscreteVP` holding the :class:`NoiseSchedule` (:attr:`schedule`) that
+    the ancestral sampler and the bound use.
 
     Losses (per element means, then over the batch):
 
@@ -46,7 +52,7 @@ class DDPM(GaussianDiffusionModel):
         net: nn.Module,
         timesteps: int = 1000,
         beta_schedule: BetaSchedule = "linear",
-        parameterization: Parameterization = "eps",
+        parameterization: DDPMParameterization = "eps",
         variance: Variance = "fixedlarge",
         class_conditional: bool = False,
         label_dropout: float = 0.1,
@@ -79,7 +85,7 @@ class DDPM(GaussianDiffusionModel):
         """
         super().__init__(class_conditional=class_conditional, label_dropout=label_dropout, **kwargs)
         self.save_hyperparameters_except("net")
-        for name, value, choices in (("parameterization", parameterization, ("eps", "x0", "v")),
+        for name, value, choices in (("parameterization", parameterization, typing.get_args(DDPMParameterization)),
                                      ("variance", variance, ("fixedlarge", "fixedsmall")),
                                      ("loss_type", loss_type, ("simple", "hybrid"))):
             if value not in choices:
@@ -87,8 +93,7 @@ class DDPM(GaussianDiffusionModel):
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"DDPM: min_snr_gamma must be > 0 (Hang et al. use 5) or None, got {min_snr_gamma}")
         self.net = net
-        self.schedule = NoiseSchedule(beta_schedule, timesteps)
-        self.process = DiscreteVP(self.schedule)
+        self.process = DiscreteVP(NoiseSchedule(beta_schedule, timesteps))
         self.parameterization, self.variance = parameterization, variance
         self.loss_type, self.vlb_weight, self.min_snr_gamma = loss_type, vlb_weight, min_snr_gamma
         self.learn_sigma = loss_type == "hybrid"
@@ -99,8 +104,13 @@ class DDPM(GaussianDiffusionModel):
                              f"{self.data_shape[0]} channels, but its out_channels is {out_channels}; "
                              f"build it with out_channels={2 * self.data_shape[0]}")
 
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The DDPM noise schedule (betas, posterior) of :attr:`process`."""
+        return self.process.schedule
+
     # -- the net's output ----------------------------------------------------------------------
-    def _split_output(self, output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def split_output(self, output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(prediction, v): the net's prediction in ``parameterization`` and, with a learned
         variance, the interpolation ``v`` (nominally in [-1, 1]; not clamped, as improved-diffusion)."""
         channels = x.shape[1]
@@ -128,45 +138,31 @@ class DDPM(GaussianDiffusionModel):
     def _is_image(self, x: Tensor) -> bool:
         return self.is_image if self.data_shape is not None else x.ndim == 4
 
-    # -- training ------------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        x0 = batch["x"]
-        t = uniform_steps(x0.shape[0], self.schedule.timesteps, generator, x0.device)
-        noise = data_noise(x0.shape, generator, x0)
-        x_t = self.schedule.q_sample(x0, t, noise)
-        prediction, v = self._split_output(self.net(x_t, t.float(), self.training_labels(batch, generator)), x0)
-        target = self.schedule.target(self.parameterization, x0, noise, t)
-        mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        if self.min_snr_gamma is not None:
-            mse = mse * self.loss_weight(t).to(mse.dtype)
-        loss = mse.mean()
-        if self.learn_sigma:
-            mean, log_variance = self._reverse_gaussian(self.schedule, prediction.detach().float(), v.float(),
-                                                        x_t.float(), t, clip=False)
-            terms = vlb.vlb_terms(self.schedule, x0.float(), x_t.float(), t, mean, log_variance, self._is_image(x0))
-            vlb_bits_per_dim = vlb.nats_to_bits_per_dim(terms, x0[0].numel())
-            loss = loss + self.vlb_weight * self.schedule.timesteps * vlb_bits_per_dim.mean()
-        return loss
+    # -- training: the hybrid VLB term and min-SNR on GaussianDiffusionModel.loss ---------------
+    def training_times(self, batch: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
+        """Integer steps uniform in ``{0, ..., T-1}``, each of weight 1."""
+        return uniform_steps(batch, self.schedule.timesteps, generator, device), torch.ones(batch, dtype=torch.float64,
+                                                                                           device=device)
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_weight(self, t: Tensor, alpha: Tensor | None = None, sigma: Tensor | None = None) -> Tensor:
         """Per-sample weight [B] (float64) of the MSE at integer steps ``t``: min-SNR-gamma
-        (:func:`min_snr_weight`) with ``min_snr_gamma``, else 1."""
+        (:func:`~lightning_diffusion.diffusion.parameterization.min_snr_weight`) with ``min_snr_gamma``, else 1."""
         snr = self.schedule.snr.to(t.device)[t.long()]
         if self.min_snr_gamma is None:
             return torch.ones_like(snr)
-        return min_snr_weight(snr, self.min_snr_gamma, self.parameterization)
+        return param.min_snr_weight(snr, self.min_snr_gamma, self.parameterization)
+
+    def extra_loss(self, x0: Tensor, x_t: Tensor, t: Tensor, output: Tensor, extra: Tensor | None) -> Tensor | float:
+        """``loss_type="hybrid"``: ``lambda T L_t`` in bits/dim, the bound's term at the drawn steps
+        with the mean's gradient stopped, so that it trains only the learned variance ``extra``."""
+        if not self.learn_sigma:
+            return 0.0
+        mean, log_variance = self._reverse_gaussian(self.schedule, output.detach().float(), extra.float(),
+                                                    x_t.float(), t, clip=False)
+        terms = vlb.vlb_terms(self.schedule, x0.float(), x_t.float(), t, mean, log_variance, self._is_image(x0))
+        return self.vlb_weight * self.schedule.timesteps * vlb.nats_to_bits_per_dim(terms, x0[0].numel()).mean()
 
     # -- sampling ------------------------------------------------------------------------------
-    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x0_hat(x_t, t): the net's prediction converted to a clean-data estimate. ``t`` [B] is the
-        step index as float; between integer steps, alpha and sigma follow :class:`DiscreteVP`."""
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        prediction, _ = self._split_output(self.net(x_t, t, y), x_t)
-        alpha = append_dims(self.process.alpha(t), x_t.ndim).to(x_t.device, torch.float32)
-        sigma = append_dims(self.process.sigma(t), x_t.ndim).to(x_t.device, torch.float32)
-        return x0_from_output(self.parameterization, prediction.float(), x_t.float(), alpha, sigma)
-
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                sampler: str = "ancestral", steps: int | None = None, guidance_scale: float = 1.0,
                **options: Any) -> Tensor:
@@ -187,21 +183,14 @@ class DDPM(GaussianDiffusionModel):
         return self.draw_samples(sampler, self.process, num_samples, y=y, guidance_scale=guidance_scale,
                                  steps=steps, generator=generator, **options)
 
-    def check_sample_options(self, *, sampler: str = "ancestral", steps: int | None = None,
-                             guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: a known sampler, its own options, and ``steps`` that its grid allows
-        on the T steps of this DDPM (time grids: 2..T points)."""
-        self._check_sampler_options(sampler, self.process, steps, guidance_scale, options)
-
-    def check_bpd_options(self, *, steps: int | None = None, batch_t: int = 100, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        :meth:`bits_per_dim` takes these options: ``steps`` None or 1..T, ``batch_t`` >= 1."""
-        check_option_names("DDPM.bits_per_dim", options, ("steps", "batch_t"))
+    def check_bpd_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`bits_per_dim` takes
+        these options: by its signature, and ``steps`` None or 1..T (the respaced bound's steps)."""
+        super().check_bpd_options(**options)
+        steps = options.get("steps")
         if steps is not None:  # None: the full bound
             timesteps = self.schedule.timesteps
             check_steps(steps, steps, 1, timesteps, f" (the respaced bound of a DDPM of {timesteps} timesteps)")
-        check_number("batch_t", batch_t, least=1, integer=True)
 
     # -- likelihood ----------------------------------------------------------------------------
     def bpd_estimator(self, *, steps: int | None = None, **_: Any) -> str:
@@ -210,7 +199,7 @@ class DDPM(GaussianDiffusionModel):
         return "vlb" if steps is None else f"vlb-respaced-{steps}"
 
     @full_precision
-    def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: int = 100,
+    def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: PositiveInt = 100,
                      generator: torch.Generator | None = None, y: Tensor | None = None, **options: Any) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
 
@@ -261,7 +250,7 @@ class DDPM(GaussianDiffusionModel):
                 noise = torch.randn(x0_rep.shape, generator=generator, device=generator.device, dtype=x.dtype)
                 x_t = schedule.q_sample(x0_rep, t, noise.to(x.device, dtype))
                 output = self.net(x_t.to(x.dtype), original_steps[t].to(x.dtype), None if y is None else y.repeat(n))
-                prediction, v = self._split_output(output.to(dtype), x_t)
+                prediction, v = self.split_output(output.to(dtype), x_t)
                 mean, log_variance = self._reverse_gaussian(schedule, prediction, v, x_t, t, clip=images)
                 terms = vlb.vlb_terms(schedule, x0_rep, x_t, t, mean, log_variance, discrete=images)
                 total = total + terms.view(n, batch).sum(0)

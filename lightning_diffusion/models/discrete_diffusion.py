@@ -18,13 +18,20 @@ from torch import Tensor, nn
 
 from lightning_diffusion.discrete import bound, samplers
 from lightning_diffusion.discrete.processes import AbsorbingDiffusion, CategoricalProcess, UniformDiffusion
+from lightning_diffusion.encodings import categories_from_images, images_from_categories
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import GenerativeModel, check_number, check_option_names, full_precision
+from lightning_diffusion.likelihoods import nats_to_bits_per_dim
+from lightning_diffusion.models.base import SAMPLE_ARGUMENTS, GenerativeModel, full_precision
+from lightning_diffusion.models.guidance import guided
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import Positive, PositiveInt, check_call, check_number, options_of, registered
 
 Corruption = Literal["uniform", "absorbing"]
 Loss = Literal["vlb", "hybrid", "masked_elbo"]
-Sampler = Literal["ancestral", "sundae"]
+#: the discrete samplers' names (:data:`~lightning_diffusion.discrete.samplers.SAMPLERS`), as the CLI's type
+Sampler = Literal[tuple(samplers.SAMPLERS)]
+#: arguments of a discrete sampler that :meth:`DiscreteDiffusion.sample` gives itself
+SAMPLER_ARGUMENTS = ("denoiser", "process", "shape", "steps", "temperature", "generator", "device")
 
 
 class DiscreteDiffusion(GenerativeModel):
@@ -113,8 +120,8 @@ class DiscreteDiffusion(GenerativeModel):
             raise ValueError(f"DiscreteDiffusion: corruption={corruption!r}; choose uniform or absorbing")
         if loss not in ("vlb", "hybrid", "masked_elbo"):
             raise ValueError(f"DiscreteDiffusion: loss={loss!r}; choose vlb, hybrid or masked_elbo")
-        if sampler not in ("ancestral", "sundae"):
-            raise ValueError(f"DiscreteDiffusion: sampler={sampler!r}; choose ancestral or sundae")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"DiscreteDiffusion: sampler={sampler!r}; choose one of {list(samplers.SAMPLERS)}")
         for name, value, least in (("timesteps", timesteps, 0), ("unroll_steps", unroll_steps, 1),
                                    ("elbo_samples", elbo_samples, 1), ("bpd_chunk", bpd_chunk, 1)):
             check_number(f"DiscreteDiffusion.{name}", value, least=least, integer=True)
@@ -233,23 +240,19 @@ class DiscreteDiffusion(GenerativeModel):
             self.log(f"{split}/{name}", value.detach(), batch_size=batch_size, sync_dist=not self.training)
 
     # -- the contract ----------------------------------------------------------------------------
-    def check_sample_options(self, *, sampler: str | None = None, steps: int | None = None,
-                             temperature: float | None = None, guidance_scale: float = 1.0,
-                             update_fraction: float | None = None, as_categories: bool = False,
-                             **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these options."""
-        check_option_names("DiscreteDiffusion.sample", options,
-                           ("sampler", "steps", "temperature", "guidance_scale", "update_fraction", "as_categories"))
-        if sampler is not None and sampler not in ("ancestral", "sundae"):
-            raise OptionError("sampler", sampler, "unknown DiscreteDiffusion sampler", "choose ancestral or sundae")
-        limit = None if self.process.continuous or (sampler or self.sampler) == "sundae" else self.timesteps
-        check_number("steps", steps, least=1, integer=True, optional=True)
-        if steps is not None and limit is not None and steps > limit:
-            raise OptionError("steps", steps, f"must be at most timesteps={limit} for ancestral sampling")
-        check_number("temperature", temperature, least=0, above=True, optional=True)
-        self.check_guidance(guidance_scale)
-        if update_fraction is not None and not 0 < update_fraction <= 1:
-            raise OptionError("update_fraction", update_fraction, "must be in (0, 1]")
+    def check_sample_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these
+        options: its own by its signature, guidance only on a class-conditional model, a registered
+        sampler, the rest by that sampler's signature, and no more ``steps`` than it can take."""
+        rest = check_call(self.sample, options, "DiscreteDiffusion.sample", skip=SAMPLE_ARGUMENTS, rest=True)
+        self.check_option_rules(options)
+        name = options.get("sampler") or self.sampler
+        entry = registered(samplers.SAMPLERS, name, "DiscreteDiffusion sampler")
+        listed = [*options_of(self.sample, SAMPLE_ARGUMENTS), *options_of(entry.run, SAMPLER_ARGUMENTS)]
+        check_call(entry.run, rest, f"the {name} sampler", skip=SAMPLER_ARGUMENTS, listed=listed)
+        steps, most = options.get("steps"), entry.most_steps(self.process)
+        if steps is not None and most is not None and steps > most:
+            raise OptionError("steps", steps, f"must be at most timesteps={most} for {name} sampling")
 
     #: steps of the callbacks' respaced ancestral default (:meth:`preview_sample_options`): the absorbing
     #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE"); 100
@@ -269,57 +272,38 @@ class DiscreteDiffusion(GenerativeModel):
     def guided_logits(self, y: Tensor | None, guidance_scale: float = 1.0):
         """``denoiser(x_t, t) -> logits`` with classifier-free guidance in log space:
         ``log p(x0 | null) + w (log p(x0 | y) - log p(x0 | null))`` (w = 1: the conditional model)."""
-        if guidance_scale == 1.0 or y is None:
-            return lambda x_t, t: self.logits(x_t, t, y)
-        null = torch.full_like(y, -1)
-
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
-            both = self.logits(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
-            cond, uncond = torch.log_softmax(both, -1).chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return guided
+        return guided(self.logits, y, guidance_scale, space=lambda logits: torch.log_softmax(logits, -1))
 
     def to_data(self, categories: Tensor) -> Tensor:
         """Images' categories as the contract's floats in [-1, 1] (``k / (K - 1) * 2 - 1``: the 8-bit
         digits' ``k / 127.5 - 1``); sequences stay int64."""
-        from lightning_diffusion.data.streams import images_from_categories
-
         if len(self.require_data_shape()) != 3:
             return categories
         return images_from_categories(categories, self.num_categories)
 
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
-               sampler: Sampler | None = None, steps: int | None = None, temperature: float | None = None,
-               guidance_scale: float = 1.0, update_fraction: float | None = None, as_categories: bool = False,
-               **options: Any) -> Tensor:
+               sampler: str | None = None, steps: PositiveInt | None = None, temperature: Positive | None = None,
+               guidance_scale: float = 1.0, as_categories: bool = False, **options: Any) -> Tensor:
         """``num_samples`` samples: images as floats in [-1, 1] (so every image callback works; with
         ``as_categories`` the int64 categories), sequences as int64 [B, L]. ``sampler`` (default the
         model's), ``steps`` (ancestral: <= T on a respaced grid; sundae: default 10), ``temperature``
-        of the x0 logits, ``guidance_scale`` with labels ``y``. Stores ``last_sample_nfe``."""
+        of the x0 logits, ``guidance_scale`` with labels ``y``; other ``options`` go to the sampler (sundae's
+        ``update_fraction``, default the model's ``sundae_update_fraction``). Stores ``last_sample_nfe``."""
         self.check_sample_options(sampler=sampler, steps=steps, temperature=temperature, guidance_scale=guidance_scale,
-                                  update_fraction=update_fraction, **options)
+                                  as_categories=as_categories, **options)
         if y is not None and not self.class_conditional:
             raise ValueError("DiscreteDiffusion.sample(y=...): the model is not class_conditional")
-        sampler = sampler or self.sampler
+        entry = samplers.SAMPLERS[sampler or self.sampler]
         temperature = temperature if temperature is not None else self.temperature
+        defaults = {"update_fraction": self.sundae_update_fraction}  # the model's defaults of samplers' own options
+        own = {k: v for k, v in defaults.items() if k in options_of(entry.run)} | options
         shape = (num_samples, *self.require_data_shape())
         with evaluating(self):
             denoiser = self.guided_logits(y.to(self.device) if y is not None else None, guidance_scale)
-            if sampler == "sundae":
-                out = samplers.sundae(denoiser, self.process, shape, steps=steps or self.sample_steps or 10,
-                                      temperature=temperature, generator=generator, device=self.device,
-                                      update_fraction=update_fraction or self.sundae_update_fraction)
-            else:
-                out = samplers.ancestral(denoiser, self.process, shape, steps=steps or self.sample_steps,
-                                         generator=generator, device=self.device, temperature=temperature)
+            out = entry.run(denoiser, self.process, shape, steps=steps or self.sample_steps or entry.steps(self.process),
+                            temperature=temperature, generator=generator, device=self.device, **own)
         self.last_sample_nfe = out.nfe
         return out.x if as_categories else self.to_data(out.x)
-
-    def check_bpd_options(self, *, draws: int = 1, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`bits_per_dim` takes these options."""
-        check_option_names("DiscreteDiffusion.bits_per_dim", options, ("generator", "draws"))
-        check_number("draws", draws, least=1, integer=True)
 
     def bpd_estimator(self, **_: Any) -> str:
         """``vlb`` (the full discrete-time bound, every t of T summed) or ``masked-elbo`` (continuous time,
@@ -329,15 +313,13 @@ class DiscreteDiffusion(GenerativeModel):
     def data_categories(self, x: Tensor) -> Tensor:
         """Data given to :meth:`bits_per_dim`: int64 categories, or images as floats in [-1, 1]
         (the inverse of :meth:`to_data`, e.g. samples), as categories."""
-        from lightning_diffusion.data.streams import categories_from_images
-
         if x.dtype.is_floating_point and len(self.require_data_shape()) == 3:
             x = categories_from_images(x, self.num_categories)
         return self.categories(x, "x")
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, generator: torch.Generator | None = None, y: Tensor | None = None,
-                     draws: int = 1, **options: Any) -> Tensor:
+                     draws: PositiveInt = 1, **options: Any) -> Tensor:
         """An unbiased estimate [B] of the bound on ``-log2 p(x) / D`` of the discrete data ``x`` (no
         dequantization). In discrete time the full bound (D3PM eq. 1): the prior KL and every KL term and the
         decoder term summed exactly over t, each term's expectation over ``x_t ~ q(x_t | x0)`` from ``draws``
@@ -366,4 +348,4 @@ class DiscreteDiffusion(GenerativeModel):
                     t = torch.full((x0.shape[0],), 1 - (i + float(offset)) / n, dtype=torch.float64)
                     nats += bound.masked_elbo(self.process, denoiser, x0, t=t.to(x0.device), generator=generator).double()
                 nats = nats / n
-        return (nats / (self.dims * math.log(2))).float()
+        return nats_to_bits_per_dim(nats, self.dims).float()

@@ -27,19 +27,58 @@ anneals from it. It is in the state dict, so a resumed or reloaded model has the
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import functools
+from typing import Annotated, Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_diffusion.models.base import (GenerativeModel, check_number, check_option_names, full_precision,
-                                             gather_per_rank)
+from lightning_diffusion.models.base import GenerativeModel, full_precision
+from lightning_diffusion.models.rng_state import gather_per_rank
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import Choices, Positive, PositiveInt, check_number, registered
+from lightning_diffusion.seeds import derived_seed
 
 Objective = Literal["cd", "nce", "dsm"]
-SamplerName = Literal["langevin", "mala", "decoupled"]
-SampleInit = Literal["base", "buffer"]
+#: where ``sample`` starts its chains
+SampleInit = Annotated[Literal["base", "buffer"], Choices("'base' (fresh chains from the base) or 'buffer' "
+                                                          "(replay-buffer states, objective cd after training)")]
+
+
+class ChainSampler(NamedTuple):
+    """An MCMC sampler of the EBM (:data:`CHAIN_SAMPLERS`): ``run(model, energy, x, steps, step_size,
+    generator)`` and the model option that sets its step, named when its chains diverge."""
+
+    run: Callable[..., Any]
+    step_option: str
+
+
+def _langevin(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float,
+              generator: torch.Generator | None, metropolis: bool = False):
+    from lightning_diffusion import mcmc
+
+    return mcmc.langevin(energy, x, step_size=step_size, steps=steps, metropolis=metropolis,
+                         grad_clip=model.chain_grad_clip, generator=generator)
+
+
+def _decoupled(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float,
+               generator: torch.Generator | None):
+    """IGEBM/JEM's update with the model's ``decoupled_step_size`` and ``decoupled_noise_std``."""
+    from lightning_diffusion import mcmc
+
+    return mcmc.decoupled_langevin(energy, x, step_size=model.decoupled_step_size, noise_std=model.decoupled_noise_std,
+                                   steps=steps, grad_clip=model.chain_grad_clip, generator=generator)
+
+
+#: the EBM's samplers by name: a new sampler is one entry
+CHAIN_SAMPLERS: dict[str, ChainSampler] = {
+    "langevin": ChainSampler(_langevin, "step_size"),
+    "mala": ChainSampler(functools.partial(_langevin, metropolis=True), "step_size"),
+    "decoupled": ChainSampler(_decoupled, "decoupled_step_size"),
+}
+#: the registry's names, as the CLI's type of ``EBM(sampler=...)``
+SamplerName = Literal[tuple(CHAIN_SAMPLERS)]
 
 
 class LogNormalizer(nn.Module):
@@ -137,8 +176,8 @@ class EBM(GenerativeModel):
         self.save_hyperparameters_except("net")
         if objective not in ("cd", "nce", "dsm"):
             raise ValueError(f"EBM: objective={objective!r}; choose cd, nce or dsm")
-        if sampler not in ("langevin", "mala", "decoupled"):
-            raise ValueError(f"EBM: sampler={sampler!r}; choose langevin, mala or decoupled")
+        if sampler not in CHAIN_SAMPLERS:
+            raise ValueError(f"EBM: sampler={sampler!r}; choose one of {list(CHAIN_SAMPLERS)}")
         for name, value, least, integer in (("step_size", step_size, 0, False), ("mcmc_steps", mcmc_steps, 1, True),
                                             ("buffer_size", buffer_size, 1, True), ("noise_ratio", noise_ratio, 0, False),
                                             ("sample_steps", sample_steps, 1, True), ("ais_chains", ais_chains, 2, True),
@@ -208,9 +247,8 @@ class EBM(GenerativeModel):
         """The divergence guard: stop before a step whose MCMC chain states (``chains``, the
         negatives) are no longer finite, naming the chains' step size, or whose energies exploded."""
         if chains is not None and not bool(torch.isfinite(chains).all()):
-            decoupled = self.sampler == "decoupled"
-            option = "decoupled_step_size" if decoupled else "step_size"
-            size = self.decoupled_step_size if decoupled else self.step_size
+            option = CHAIN_SAMPLERS[self.sampler].step_option
+            size = getattr(self, option)
             raise FloatingPointError(
                 f"EBM: the MCMC chains diverged at global step {self.global_step}: non-finite chain states after "
                 f"{self.mcmc_steps} {self.sampler} steps of {option}={size:g}"
@@ -232,7 +270,7 @@ class EBM(GenerativeModel):
         """The seed of rank ``rank``'s training generator: from the run's seed (``torch.initial_seed()``,
         which ``seed_everything`` sets) and the rank, so that every rank's chains and noise differ
         (the global RNG is the same on every rank)."""
-        return (torch.initial_seed() * 1_000_003 + 7919 * (rank + 1)) % 2**63
+        return derived_seed(torch.initial_seed(), rank + 1)
 
     def training_generator(self) -> torch.Generator:
         """This rank's generator of the training noise: buffer draws and re-initialisations, the
@@ -242,21 +280,13 @@ class EBM(GenerativeModel):
         return self._chain_rng
 
     def _mcmc(self, x: Tensor, steps: int, generator: torch.Generator | None = None, **override: Any):
-        from lightning_diffusion import mcmc
-
-        sampler = override.get("sampler", self.sampler)
+        sampler = CHAIN_SAMPLERS[override.get("sampler", self.sampler)]
         step_size = override.get("step_size", self.step_size)
         energy, to_x = self.energy, None
         if self.whiten_chains:
             base, energy, to_x = self._whitened()
             x = base._whiten(x).reshape(x.shape)
-        if sampler == "decoupled":
-            out = mcmc.decoupled_langevin(energy, x, step_size=self.decoupled_step_size,
-                                          noise_std=self.decoupled_noise_std, steps=steps,
-                                          grad_clip=self.chain_grad_clip, generator=generator)
-        else:
-            out = mcmc.langevin(energy, x, step_size=step_size, steps=steps, metropolis=sampler == "mala",
-                                grad_clip=self.chain_grad_clip, generator=generator)
+        out = sampler.run(self, energy, x, steps, step_size, generator)
         return out if to_x is None else out._replace(x=to_x(out.x))
 
     def _whitened(self):
@@ -281,9 +311,9 @@ class EBM(GenerativeModel):
         if self.is_image:
             # 8-bit images: the density is fitted to uniformly dequantized pixels, the data whose NLL
             # bits_per_dim scores (a density on the 256 exact values alone would have no finite NLL)
-            from lightning_diffusion.diffusion import likelihood
+            from lightning_diffusion.likelihoods import dequantize
 
-            x = likelihood.dequantize(x, generator)
+            x = dequantize(x, generator)
         if not int(self.base_fitted):
             self.fit_base(self.all_gather(x).reshape(-1, *x.shape[1:]) if self._trainer is not None else x)
         if self.objective == "cd":
@@ -391,23 +421,14 @@ class EBM(GenerativeModel):
         self._pending_replay = None
 
     # -- the contract ------------------------------------------------------------------------------
-    def check_sample_options(self, *, steps: int | None = None, init: str = "base", sampler: str | None = None,
-                             step_size: float | None = None, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these options."""
-        from lightning_diffusion.errors import OptionError
-
-        check_option_names("EBM.sample", options, ())
-        check_number("steps", steps, least=1, integer=True, optional=True)
-        check_number("step_size", step_size, least=0, above=True, optional=True)
-        if init not in ("base", "buffer"):
-            raise OptionError("init", init, "EBM.sample starts its chains from the base or the replay buffer",
-                              "choose init: base or buffer")
-        if sampler is not None and sampler not in ("langevin", "mala", "decoupled"):
-            raise OptionError("sampler", sampler, "unknown EBM sampler", "choose langevin, mala or decoupled")
+    def check_option_rules(self, options: dict[str, Any]) -> None:
+        """``sampler``: one of :data:`CHAIN_SAMPLERS`."""
+        if options.get("sampler") is not None:
+            registered(CHAIN_SAMPLERS, options["sampler"], "EBM sampler")
 
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
-               steps: int | None = None, init: SampleInit = "base", sampler: SamplerName | None = None,
-               step_size: float | None = None, **options: Any) -> Tensor:
+               steps: PositiveInt | None = None, init: SampleInit = "base", sampler: str | None = None,
+               step_size: Positive | None = None, **options: Any) -> Tensor:
         """``num_samples`` samples of exp(-E) by the configured MCMC (``sampler``, ``step_size``
         override it), ``steps`` (default ``sample_steps``) steps from fresh chains at the base
         (``init="base"``) or from replay-buffer states (``init="buffer"``, ``cd`` after training);
@@ -427,11 +448,6 @@ class EBM(GenerativeModel):
                 start = self.base().sample(num_samples, generator).to(self.base_mean)
             x = self._mcmc(start, steps or self.sample_steps, generator, **override).x
         return x.clamp(-1, 1) if self.is_image else x
-
-    def check_bpd_options(self, *, num_dequantizations: int = 1, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`bits_per_dim` takes these options."""
-        check_option_names("EBM.bits_per_dim", options, ("num_dequantizations", "generator"))
-        check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
 
     def log_partition(self, generator: torch.Generator | None = None) -> tuple[float, float, str]:
         """``(log Z, its standard error, method)`` in nats for the current weights (cached until they change).
@@ -483,12 +499,12 @@ class EBM(GenerativeModel):
         return "exact-quadrature" if self.data_shape == (2,) else "ais-logZ"
 
     @full_precision
-    def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1,
+    def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
                      generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """``(E(x) + log Z) / (D ln 2)`` [B]: the NLL in bits per dimension with ``log Z`` from
         :meth:`log_partition`. 8-bit images are uniformly dequantized (``num_dequantizations`` draws,
         averaged) and scored as discrete data (+7 bits/dim for the 1/128 bins), like the other families."""
-        from lightning_diffusion.diffusion import likelihood
+        from lightning_diffusion import likelihoods
 
         self.check_bpd_options(num_dequantizations=num_dequantizations, **options)
         log_z, _, _ = self.log_partition(generator)
@@ -496,7 +512,7 @@ class EBM(GenerativeModel):
         with evaluating(self):
             x = x.to(self.base_mean)
             if not self.is_image:
-                return likelihood.nats_to_bits_per_dim(self.energy(x) + log_z, dims)
-            nll = torch.stack([self.energy(likelihood.dequantize(x, generator)) + log_z
+                return likelihoods.nats_to_bits_per_dim(self.energy(x) + log_z, dims)
+            nll = torch.stack([self.energy(likelihoods.dequantize(x, generator)) + log_z
                                for _ in range(num_dequantizations)]).mean(0)
-            return likelihood.bits_per_dim_discrete(nll, dims)
+            return likelihoods.bits_per_dim_discrete(nll, dims)

@@ -1,10 +1,14 @@
-"""The Gaussian-diffusion layer of DDPM and ScoreSDE: a denoiser ``x0_hat(x_t, t)`` over a
+"""The Gaussian-diffusion layer of DDPM and ScoreSDE: the denoiser ``x0_hat(x_t, t)`` and the
+denoising loss of a net in any parameterization of
+:mod:`~lightning_diffusion.diffusion.parameterization` over a
 :class:`~lightning_diffusion.diffusion.sde.GaussianProcess`, classifier-free guidance, the sampler
 driver and the denoising trajectory.
 
-A family of this layer implements ``denoise(x_t, t, y)`` and calls :meth:`draw_samples` with its
-process from ``sample``; every sampler of :mod:`~lightning_diffusion.diffusion.samplers` then serves
-it (DEVELOPERS.md, "The diffusion math in one form").
+A family of this layer sets ``net``, ``parameterization`` and ``process``, says how it draws its
+training times (:meth:`GaussianDiffusionModel.training_times`) and weights them
+(:meth:`GaussianDiffusionModel.loss_weight`), and calls :meth:`draw_samples` with its process from
+``sample``; every sampler of :mod:`~lightning_diffusion.diffusion.samplers` then serves it
+(DEVELOPERS.md, "The diffusion math in one form").
 """
 
 from __future__ import annotations
@@ -15,13 +19,21 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lightning_diffusion.diffusion import parameterization as param
 from lightning_diffusion.diffusion import samplers
+from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import GenerativeModel
+from lightning_diffusion.models.base import SAMPLE_ARGUMENTS, GenerativeModel, data_noise
+from lightning_diffusion.models.guidance import guided
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import check_call, options_of
 
 #: the arithmetic of the net while sampling (``sample(..., precision=...)``)
 SAMPLE_PRECISIONS = ("32", "bf16")
+
+#: options of ``sample`` that the sampler driver (:meth:`GaussianDiffusionModel.draw_samples`) takes
+#: itself; the rest go to the sampler
+DRIVER_OPTIONS = ("clip", "precision", "callback")
 
 #: the net a diffusion family uses for each kind of data: (name, class_path)
 DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
@@ -59,39 +71,94 @@ class GaussianDiffusionModel(GenerativeModel):
         super().__init__(**kwargs)
         self.set_conditioning(class_conditional, label_dropout)
         self.last_sample_nfe: int | None = None
-        self._trajectory_frames: list[Tensor] | None = None
 
     #: the family's :class:`~lightning_diffusion.diffusion.sde.GaussianProcess` (DDPM: its
     #: ``DiscreteVP``; ScoreSDE: its ``sde``)
     process: Any
+    #: the family's net ``net(x, t, y)`` and the name of what it predicts (a row of
+    #: :data:`~lightning_diffusion.diffusion.parameterization.TABLE`)
+    net: torch.nn.Module
+    parameterization: str
+    #: EDM's data standard deviation, read by the ``edm`` row (ScoreSDE's ``sigma_data``)
+    sigma_data: float = 0.5
 
-    # -- the family's denoiser --------------------------------------------------------------
-    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """``x0_hat(x_t, t)``: the clean-data estimate of a diffusion family at its time t [B]."""
+    # -- the net in its parameterization ------------------------------------------------------
+    def split_output(self, output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(F, extra): the net's prediction F in its parameterization and what else it outputs (DDPM's
+        learned variance); here the output itself and None."""
+        return output, None
+
+    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, param.Scalings]:
+        """alpha(t), sigma(t) and the parameterization's scalings, float64 shaped [B, 1, ...] like ``like``."""
+        alpha = append_dims(self.process.alpha(t), like.ndim).to(like.device)
+        sigma = append_dims(self.process.sigma(t), like.ndim).to(like.device)
+        return alpha, sigma, param.row(self.parameterization).scalings(alpha, sigma, self.sigma_data)
+
+    def _run_net(self, net: Callable[..., Tensor], scalings: param.Scalings, x_t: Tensor, t: Tensor,
+                 y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`split_output` of ``net(c_in x_t, c_noise(t), y)``; the net's time is in x_t's dtype
+        (an integer DDPM step as float32)."""
+        t_net = param.row(self.parameterization).c_noise(t)
+        t_net = t_net.to(x_t.dtype) if t_net.is_floating_point() else t_net.float()
+        return self.split_output(net(scalings.c_in.to(x_t.dtype) * x_t, t_net, y), x_t)
+
+    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None,
+                net: Callable[..., Tensor] | None = None) -> Tensor:
+        """``x0_hat(x_t, t) = c_skip x_t + c_out F(c_in x_t, c_noise(t), y)``: the clean-data estimate
+        at the process's time t [B] (or a scalar), in float32 (or x_t's dtype if wider). ``net``:
+        the net to evaluate (default ``self.net``; :meth:`draw_samples` passes a bfloat16 copy)."""
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        _, _, c = self._coefficients(t, x_t)
+        output, _ = self._run_net(self.net if net is None else net, c, x_t, t, y)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        return c.c_skip.to(dtype) * x_t.to(dtype) + c.c_out.to(dtype) * output.to(dtype)
+
+    # -- the denoising loss --------------------------------------------------------------------
+    def training_times(self, batch: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
+        """Training times t [B] of the process and their importance weights [B] (float64)."""
         raise NotImplementedError
 
-    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers.
+    def loss_weight(self, t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The weight [B] (float64) of the MSE of F at times t (alpha, sigma: [B]); 1 here, the plain
+        MSE of the net's output."""
+        return torch.ones_like(alpha)
+
+    def extra_loss(self, x0: Tensor, x_t: Tensor, t: Tensor, output: Tensor, extra: Tensor | None) -> Tensor | float:
+        """A term the family adds to the denoising loss (DDPM's hybrid VLB); 0 here."""
+        return 0.0
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """The denoising loss of every Gaussian family (EDM's ``training/loss.py`` in one form): draw t
+        and its weight (:meth:`training_times`), ``x_t = alpha x0 + sigma eps``, and regress the net's
+        output F on its parameterization's target ``F* = a x0 + b eps``, per sample
+        ``w(t) mean((F - F*)^2)`` with ``w`` = importance weight x :meth:`loss_weight`, averaged over
+        the batch; plus :meth:`extra_loss`. The draws, in order: t, eps, label dropout."""
+        x0 = batch["x"]
+        t, weight = self.training_times(x0.shape[0], generator, x0.device)
+        noise = data_noise(x0.shape, generator, x0)
+        alpha, sigma, c = self._coefficients(t, x0)
+        x_t = alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * noise
+        output, extra = self._run_net(self.net, c, x_t, t, self.training_labels(batch, generator))
+        a, b = param.row(self.parameterization).target_coefficients(alpha, sigma, self.sigma_data)
+        target = a.to(x0.dtype) * x0 + b.to(x0.dtype) * noise
+        mse = (output.float() - target.float()).pow(2).flatten(1).mean(1)
+        weight = weight * self.loss_weight(t, alpha.flatten(), sigma.flatten())
+        return (mse * weight.to(mse.dtype)).mean() + self.extra_loss(x0, x_t, t, output, extra)
+
+    def guided_denoiser(self, y: Tensor | None = None, guidance_scale: float = 1.0,
+                        net: Callable[..., Tensor] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """``denoise_fn(x_t, t) -> x0_hat`` for the samplers, evaluating ``net`` (default ``self.net``).
 
         With ``guidance_scale = w != 1`` (classifier-free guidance, Ho & Salimans 2022):
         ``x0_hat = x0_hat(x_t | null) + w (x0_hat(x_t | y) - x0_hat(x_t | null))``, both from one
         forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
         unconditional one.
         """
-        if guidance_scale == 1.0:
-            return lambda x_t, t: self.denoise(x_t, t, y)
-        if not self.class_conditional or y is None:
+        if guidance_scale != 1.0 and (not self.class_conditional or y is None):
             raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
                              "and labels y; use guidance_scale=1.0 otherwise")
-        null = torch.full_like(y, -1)
-
-        def guided(x_t: Tensor, t: Tensor) -> Tensor:
-            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-            conditional, unconditional = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                                      torch.cat([y, null])).chunk(2)
-            return unconditional + guidance_scale * (conditional - unconditional)
-
-        return guided
+        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
 
     def preview_sample_options(self) -> dict[str, Any]:
         """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
@@ -109,16 +176,34 @@ class GaussianDiffusionModel(GenerativeModel):
         return {"sampler": PREVIEW_SAMPLER, "steps": steps}
 
     # -- checking the options of sample() -------------------------------------------------------
-    def _check_sampler_options(self, sampler: str, process, steps: int | None, guidance_scale: float,
-                               options: dict[str, Any]) -> None:
-        """The families' :meth:`check_sample_options`: guidance needs a class-conditional model; the
-        sampler, its options and ``steps`` are checked against ``process``
+    #: the default sampler of ``sample`` and its step count (None: the sampler's own default);
+    #: ScoreSDE sets both from its options
+    sampler: str = "ancestral"
+    sample_steps: int | None = None
+
+    def _sampler_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
+        """The sampler's name and step count: None means the model's ``sampler``, whose steps
+        default to ``sample_steps`` (other samplers keep their own defaults)."""
+        name = sampler or self.sampler
+        if steps is None and name == self.sampler and name != "ode":  # sample_steps belongs to the default sampler
+            steps = self.sample_steps
+        return name, steps
+
+    def check_sample_options(self, **options: Any) -> None:
+        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample` takes these
+        options: its own by its signature (``sampler``, ``steps``, ``guidance_scale``), guidance only
+        on a class-conditional model, the driver's ``clip`` and ``precision``, and the rest by the
+        chosen sampler's signature with a step count its grid allows on this model's process
         (:func:`~lightning_diffusion.diffusion.samplers.check_options`)."""
-        self.check_guidance(guidance_scale)
-        if "precision" in options:
-            check_precision(options["precision"])
-        own = {k: v for k, v in options.items() if k not in ("clip", "y", "generator", "precision")}
-        samplers.check_options(sampler, process, steps, also=("sampler", "guidance_scale", "clip", "precision"), **own)
+        rest = check_call(self.sample, options, f"{type(self).__name__}.sample", skip=SAMPLE_ARGUMENTS, rest=True)
+        self.check_option_rules(options)
+        if "precision" in rest:
+            check_precision(rest["precision"])
+        name, steps = self._sampler_steps(options.get("sampler"), options.get("steps"))
+        own = [option for option in options_of(self.sample, SAMPLE_ARGUMENTS) if option != "steps"]
+        # callback is a programmatic option (a callable, never in a config): taken, not listed
+        samplers.check_options(name, self.process, steps, also=(*own, *(o for o in DRIVER_OPTIONS if o != "callback")),
+                               **{k: v for k, v in rest.items() if k not in DRIVER_OPTIONS})
 
     # -- the sampler driver -------------------------------------------------------------------------
     def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
@@ -134,6 +219,8 @@ class GaussianDiffusionModel(GenerativeModel):
         The solver's own arithmetic (the update of ``x_t``, the grid) stays float32 either way, so only
         the denoiser's rounding changes.
 
+        ``callback`` (among ``options``) is the sampler's: called at every network evaluation with
+        ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:class:`~lightning_diffusion.diffusion.samplers.CountedDenoiser`).
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
         counts once, though it runs a 2B batch).
         """
@@ -142,11 +229,10 @@ class GaussianDiffusionModel(GenerativeModel):
         shape = (num_samples, *self.require_data_shape())
         y = None if y is None else y.to(self.device)
         clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
-        denoise_fn = self.guided_denoiser(y, guidance_scale)
         bf16_net = None
         if precision == "bf16":
             bf16_net = self._bf16_copy_of_net()
-            exact = denoise_fn
+            exact = self.guided_denoiser(y, guidance_scale, bf16_net)
 
             def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
                 with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16_net is None):
@@ -154,24 +240,10 @@ class GaussianDiffusionModel(GenerativeModel):
                 return x0.float()
         else:
             check_precision(precision)
-        frames = self._trajectory_frames
-        if frames is not None:  # sample_trajectory is recording
-            guided = denoise_fn
-
-            def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
-                x0 = guided(x_t, t)
-                frames.append(x0.detach().clone())
-                return x0
-
-        net = self.net
-        try:
-            if bf16_net is not None:
-                self.net = bf16_net  # for this call only: the family's denoise calls self.net
-            with evaluating(self):
-                out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
-                                      generator=generator, device=self.device, clip=clip, **options)
-        finally:
-            self.net = net
+            denoise_fn = self.guided_denoiser(y, guidance_scale)
+        with evaluating(self):
+            out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
+                                  generator=generator, device=self.device, clip=clip, **options)
         self.last_sample_nfe = out.nfe
         return out.x.clamp(-1, 1) if self.is_image else out.x
 
@@ -200,12 +272,9 @@ class GaussianDiffusionModel(GenerativeModel):
         """
         if num_frames < 2:
             raise ValueError(f"{type(self).__name__}.sample_trajectory: num_frames must be >= 2, got {num_frames}")
-        self._trajectory_frames = []
-        try:
-            final = self.sample(num_samples, y=y, generator=generator, **options)
-            recorded = self._trajectory_frames
-        finally:
-            self._trajectory_frames = None
+        recorded: list[Tensor] = []
+        final = self.sample(num_samples, y=y, generator=generator,
+                            callback=lambda step: recorded.append(step["denoised"].detach().clone()), **options)
         if not recorded:
             raise NotImplementedError(f"{type(self).__name__} does not sample through a denoiser: no trajectory")
         picks = torch.linspace(0, len(recorded) - 1, num_frames - 1).round().long().tolist()

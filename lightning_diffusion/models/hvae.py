@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.vlb import normal_kl
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import normal_kl
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import check_number
-from lightning_diffusion.models.latent_variable import LatentVariableModel
+from lightning_diffusion.models.latent_variable import Decoder, LatentVariableModel
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import check_number
 
 
 class HierarchicalVAE(LatentVariableModel):
@@ -121,17 +121,14 @@ class HierarchicalVAE(LatentVariableModel):
         else:
             check_number("temperature", temperature, least=0)
 
-    def check_sample_options(self, *, decoder: str = "sample", temperature: float | Sequence[float] = 1.0,
-                             **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: ``decoder`` ``sample`` or ``mean``, ``temperature`` >= 0 (one, or one
-        per latent group), no other."""
-        self._check_decoder_options(options, decoder, temperature)
-        self._check_temperature(temperature)
+    def check_option_rules(self, options: dict[str, Any]) -> None:
+        """``temperature``: one number >= 0, or one per latent group (a signature cannot count them)."""
+        if "temperature" in options:
+            self._check_temperature(options["temperature"])
 
     # -- contract -------------------------------------------------------------------------------
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
-               temperature: float | Sequence[float] = 1.0, decoder: str = "sample", **options: Any) -> Tensor:
+               decoder: Decoder = "sample", temperature: float | Sequence[float] = 1.0, **options: Any) -> Tensor:
         """Ancestral samples: ``z_i ~ N(mu_i, (t_i sigma_i)^2)`` of ``p(z_i | z_<i)`` top to bottom with
         temperature ``t_i`` (a float for all groups or one per group; NVAE/VDVAE sample at t < 1
         for cleaner images), then ``x ~ p(x | z)`` (``decoder="sample"``, 8-bit grid) or its mean

@@ -14,18 +14,20 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.distributions import LikelihoodName
-from lightning_diffusion.diffusion.vlb import nats_to_bits_per_dim, sum_over_dims
-from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import GenerativeModel, check_number, check_option_names, full_precision
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import LikelihoodName, nats_to_bits_per_dim, sum_over_dims
+from lightning_diffusion.models.base import GenerativeModel, full_precision
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import Choices, PositiveInt
+
+#: ``sample``'s ``decoder`` of both latent-variable families: a draw of the decoder or its mean
+Decoder = Annotated[Literal["sample", "mean"], Choices("'sample' (x ~ p(x | z)) or 'mean' (its mean)")]
 
 
 class GradientSkip:
@@ -263,8 +265,7 @@ class LatentVariableModel(GenerativeModel):
         return loss
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, split: str) -> Tensor:
-        generator = torch.Generator(device=batch["x"].device)
-        generator.manual_seed(self.val_seed * 1_000_003 + batch_idx * 7919 + self.global_rank)
+        generator = self.eval_generator(batch, batch_idx)
         terms = self._terms(batch, generator)
         self._checked(terms["loss"], split, batch_idx)
         self._log_terms(terms, split, batch["x"].shape[0])
@@ -371,24 +372,10 @@ class LatentVariableModel(GenerativeModel):
         ``iwae-K`` otherwise."""
         return "elbo" if num_importance_samples == 1 else f"iwae-{num_importance_samples}"
 
-    def check_bpd_options(self, *, num_importance_samples: int = 1, chunk_rows: int | None = None,
-                          **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        :meth:`bits_per_dim` takes these options: K >= 1 importance samples, ``chunk_rows`` >= 1 or None."""
-        check_option_names(f"{type(self).__name__}.bits_per_dim", options, ("num_importance_samples", "chunk_rows"))
-        check_number("num_importance_samples", num_importance_samples, least=1, integer=True)
-        check_number("chunk_rows", chunk_rows, least=1, integer=True, optional=True)
-
-    def _check_decoder_options(self, options: dict[str, Any], decoder: str, temperature: Any) -> None:
-        """What :meth:`sample` of both families takes besides ``temperature``'s own rule: no other
-        option, ``decoder`` ``sample`` or ``mean``."""
-        check_option_names(f"{type(self).__name__}.sample", options, ("decoder", "temperature"))
-        if decoder not in ("sample", "mean"):
-            raise OptionError("decoder", decoder, "must be 'sample' (x ~ p(x | z)) or 'mean' (its mean)")
-
     @full_precision
-    def bits_per_dim(self, x: Tensor, num_importance_samples: int = 1, *, generator: torch.Generator | None = None,
-                     chunk_rows: int | None = None, **options: Any) -> Tensor:
+    def bits_per_dim(self, x: Tensor, num_importance_samples: PositiveInt = 1, *,
+                     generator: torch.Generator | None = None, chunk_rows: PositiveInt | None = None,
+                     **options: Any) -> Tensor:
         """An upper bound on ``-log p(x)`` of each sample, in bits/dim [B].
 
         K = 1: the negative ELBO ``-E_q[log p(x | z)] + KL(q(z | x) || p(z))`` with one posterior

@@ -4,41 +4,23 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_diffusion.diffusion import likelihood, vlb
-from lightning_diffusion.diffusion.schedules import append_dims, x0_from_output
+from lightning_diffusion.diffusion.parameterization import SDEParameterization, row
+from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.errors import OptionError
-from lightning_diffusion.models.base import check_number, check_option_names, data_noise, full_precision
+from lightning_diffusion.models.base import full_precision
 from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import Positive, PositiveInt
 
-SDEParameterization = Literal["eps", "score", "edm"]
 Weighting = Literal["sigma2", "likelihood"]
-
-
-class EDMPreconditioning:
-    """Karras et al. 2022 (EDM), Table 1, on the VE-equivalent ``x~ = x / alpha``, ``s = sigma / alpha``:
-
-    ``D(x~; s) = c_skip x~ + c_out F(c_in x~, t)`` with ``c_skip = sd^2 / (s^2 + sd^2)``,
-    ``c_out = s sd / sqrt(s^2 + sd^2)``, ``c_in = 1 / sqrt(s^2 + sd^2)``, and the loss weight
-    ``(s^2 + sd^2) / (s sd)^2`` that makes the target of F unit-variance. F is conditioned on the
-    model's time t (our net contract), a monotone function of s, instead of EDM's ``ln(s)/4``.
-    """
-
-    def __init__(self, sigma_data: float = 0.5):
-        self.sigma_data = sigma_data
-
-    def coefficients(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (s**2 + sd2)
-        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
-        c_in = 1 / (s**2 + sd2).sqrt()
-        return c_skip, c_out, c_in
 
 
 class ScoreSDE(GaussianDiffusionModel):
@@ -49,7 +31,10 @@ class ScoreSDE(GaussianDiffusionModel):
     ``lambda(t) || s_theta(x_t, t) - grad log p(x_t | x_0) ||^2`` with ``lambda = sigma^2`` (Song et
     al. 2021, eq. 7) or ``lambda = g^2`` (likelihood weighting, Song et al. 2021b). The net sees the
     continuous time t in (0, 1] and outputs eps (``eps``), the score (``score``), or the raw output F
-    of EDM preconditioning (``edm``).
+    of EDM preconditioning (``edm``): rows of :mod:`~lightning_diffusion.diffusion.parameterization`,
+    which also give the loss its target. With ``x0_hat`` the denoiser, ``sigma^2`` weighting is the
+    x0-space weight ``SNR = alpha^2 / sigma^2`` (on the net's output ``SNR c_out^2``: 1 for eps,
+    ``sigma^2`` for the score); EDM's row trains with its own weight (1 on F) whatever ``weighting``.
     """
 
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
@@ -105,7 +90,7 @@ class ScoreSDE(GaussianDiffusionModel):
         """
         super().__init__(class_conditional=class_conditional, label_dropout=label_dropout, **kwargs)
         self.save_hyperparameters_except("net", "sde")
-        for name, value, choices in (("parameterization", parameterization, ("eps", "score", "edm")),
+        for name, value, choices in (("parameterization", parameterization, typing.get_args(SDEParameterization)),
                                      ("weighting", weighting, ("sigma2", "likelihood")),
                                      ("likelihood_divergence", likelihood_divergence, ("auto", "rademacher", "gaussian", "exact"))):
             if value not in choices:
@@ -122,7 +107,7 @@ class ScoreSDE(GaussianDiffusionModel):
         self.net = net
         self.parameterization, self.weighting = parameterization, weighting
         self.importance_sampling, self.t_eps = importance_sampling, t_eps
-        self.edm = EDMPreconditioning(sigma_data)
+        self.sigma_data = sigma_data
         self.sampler, self.sample_steps = sampler, sample_steps
         self.likelihood_divergence = likelihood_divergence
         self._check_default_sampler()
@@ -163,6 +148,10 @@ class ScoreSDE(GaussianDiffusionModel):
             self._is_grid = (t, cdf)
         return self._is_grid
 
+    def training_times(self, batch: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
+        """:meth:`sample_time`: the training times of :meth:`GaussianDiffusionModel.loss`."""
+        return self.sample_time(batch, generator, device)
+
     def sample_time(self, batch: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor]:
         """Training times t [B] and the importance weights that make the loss unbiased [B]."""
         u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
@@ -178,23 +167,6 @@ class ScoreSDE(GaussianDiffusionModel):
         return t, uniform_density / density
 
     # -- the net as denoiser and score --------------------------------------------------------
-    def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """``x0_hat(x_t, t)``, the clean-data estimate implied by the net at time t [B]."""
-        alpha = append_dims(self.sde.alpha(t), x_t.ndim).to(x_t.dtype)
-        sigma = append_dims(self.sde.sigma(t), x_t.ndim).to(x_t.dtype)
-        t_net = t.to(x_t.dtype)
-        if self.parameterization == "edm":
-            s = sigma / alpha
-            c_skip, c_out, c_in = self.edm.coefficients(s)
-            x_tilde = x_t / alpha
-            return c_skip * x_tilde + c_out * self.net(c_in * x_tilde, t_net, y).float()
-        out = self.net(x_t, t_net, y).float()
-        if self.parameterization == "score":  # Tweedie: x0 = (x_t + sigma^2 score) / alpha
-            return (x_t + sigma**2 * out) / alpha
-        if self.parameterization == "eps":
-            return x0_from_output("eps", out, x_t, alpha, sigma)
-        raise ValueError(f"unknown parameterization {self.parameterization!r}; choose eps, score or edm")
-
     def score(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """``grad log p_t(x_t) = (alpha x0_hat - x_t) / sigma^2``."""
         alpha = append_dims(self.sde.alpha(t), x_t.ndim).to(x_t.dtype)
@@ -202,30 +174,17 @@ class ScoreSDE(GaussianDiffusionModel):
         return (alpha * self.denoise(x_t, t, y) - x_t) / sigma**2
 
     # -- training --------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        x0 = batch["x"]
-        t, weight = self.sample_time(x0.shape[0], generator, x0.device)
-        noise = data_noise(x0.shape, generator, x0)
-        mean, std = self.sde.marginal_prob(x0, t)
-        sigma = append_dims(std, x0.ndim)
-        x_t = mean + sigma * noise
-        y = self.training_labels(batch, generator)
-        if self.parameterization == "edm":
-            # EDM's weighted denoising loss (s^2 + sd^2)/(s sd)^2 ||D - x0||^2 on the VE-equivalent data
-            alpha = append_dims(self.sde.alpha(t), x0.ndim).to(x0.dtype)
-            s = sigma / alpha
-            lam = (s**2 + self.edm.sigma_data**2) / (s * self.edm.sigma_data) ** 2
-            per_sample = (lam * (self.denoise(x_t, t, y) - x0).pow(2)).flatten(1).mean(1)
-            return (weight.to(per_sample.dtype) * per_sample).mean()
-        # sigma^2-weighted DSM == || sigma s_theta + eps ||^2; likelihood weighting scales it by g^2/sigma^2
-        if self.parameterization == "eps":
-            residual = self.net(x_t, t.to(x0.dtype), y).float() - noise
-        else:
-            residual = sigma * self.net(x_t, t.to(x0.dtype), y).float() + noise
-        per_sample = residual.pow(2).flatten(1).mean(1)
+    def loss_weight(self, t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """Weight [B] (float64) of the MSE of the net's output: ``sigma^2`` weighting of the score
+        error, ``SNR c_out^2`` on the output, times ``g^2 / sigma^2`` with likelihood weighting
+        (Song et al. 2021b); 1 for a row with its own weight (EDM)."""
+        table_row = row(self.parameterization)
+        if table_row.fixed_weight:
+            return torch.ones_like(alpha)
+        weight = (alpha / sigma) ** 2 * table_row.c_out(alpha, sigma, self.sigma_data) ** 2
         if self.weighting == "likelihood":
-            per_sample = per_sample * (self.sde.g2(t) / self.sde.sigma(t) ** 2).to(per_sample.dtype)
-        return (weight.to(per_sample.dtype) * per_sample).mean()
+            weight = weight * self.sde.g2(t) / self.sde.sigma(t) ** 2
+        return weight
 
     # -- the model contract -------------------------------------------------------------------
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
@@ -239,14 +198,6 @@ class ScoreSDE(GaussianDiffusionModel):
         return self.draw_samples(name, self.sde, num_samples, y=y, guidance_scale=guidance_scale, steps=steps,
                                  generator=generator, **options)
 
-    def _sampler_steps(self, sampler: str | None, steps: int | None) -> tuple[str, int | None]:
-        """The sampler's name and step count: None means the model's ``sampler``, whose steps
-        default to ``sample_steps`` (other samplers keep their own defaults)."""
-        name = sampler or self.sampler
-        if steps is None and name == self.sampler and name != "ode":  # sample_steps belongs to the default sampler
-            steps = self.sample_steps
-        return name, steps
-
     def _check_default_sampler(self) -> None:
         """``sampler`` and ``sample_steps`` of the model itself, checked when it is built."""
         from lightning_diffusion.diffusion.samplers import check_options
@@ -258,27 +209,6 @@ class ScoreSDE(GaussianDiffusionModel):
             option = "sample_steps" if error.option == "steps" else error.option
             raise ValueError(f"ScoreSDE: {option}={error.value!r}: {error.problem}"
                              + (f"; {error.advice}" if error.advice else "")) from None
-
-    def check_sample_options(self, *, sampler: str | None = None, steps: int | None = None,
-                             guidance_scale: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: a known sampler, its own options and a step count its grid allows."""
-        name, steps = self._sampler_steps(sampler, steps)
-        self._check_sampler_options(name, self.sde, steps, guidance_scale, options)
-
-    def check_bpd_options(self, *, num_dequantizations: int = 1, divergence: str | None = None,
-                          rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless
-        :meth:`bits_per_dim` takes these options."""
-        check_option_names("ScoreSDE.bits_per_dim", options,
-                           ("num_dequantizations", "divergence", "rtol", "atol", "steps"))
-        check_number("num_dequantizations", num_dequantizations, least=1, integer=True)
-        if divergence not in (None, "auto", "rademacher", "gaussian", "exact"):
-            raise OptionError("divergence", divergence,
-                              "must be one of ['auto', 'rademacher', 'gaussian', 'exact'] or None")
-        check_number("rtol", rtol, least=0, above=True)
-        check_number("atol", atol, least=0, above=True)
-        check_number("steps", steps, least=1, integer=True, optional=True)
 
     def bpd_estimator(self, *, divergence: str | None = None, **_: Any) -> str:
         """Name of what :meth:`bits_per_dim` returns with these options: the probability-flow ODE
@@ -293,8 +223,9 @@ class ScoreSDE(GaussianDiffusionModel):
         return "ode-exact" if divergence == "exact" else f"ode-hutchinson-{divergence}"
 
     @full_precision
-    def bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, divergence: str | None = None,
-                     rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
+    def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
+                     divergence: likelihood.Divergence | None = None, rtol: Positive = 1e-5, atol: Positive = 1e-5,
+                     steps: PositiveInt | None = None,
                      generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 

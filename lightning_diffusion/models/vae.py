@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_diffusion.diffusion import distributions as dist
-from lightning_diffusion.diffusion.vlb import normal_kl
-from lightning_diffusion.models.base import check_number
-from lightning_diffusion.models.latent_variable import GradientSkip, LatentVariableModel  # noqa: F401 - importable from here as before
+from lightning_diffusion import likelihoods as dist
+from lightning_diffusion.likelihoods import normal_kl
+from lightning_diffusion.models.latent_variable import Decoder, GradientSkip, LatentVariableModel  # noqa: F401 - importable from here as before
 from lightning_diffusion.modes import evaluating
+from lightning_diffusion.options import NonNegative
 
 
 class VAE(LatentVariableModel):
     """Variational autoencoder (Kingma & Welling 2014): ``q(z | x) = N(mu(x), diag sigma^2(x))``,
-    ``p(z) = N(0, I)``, ``p(x | z)`` a decoder likelihood (:class:`~lightning_diffusion.diffusion.distributions.DecoderLikelihood`).
+    ``p(z) = N(0, I)``, ``p(x | z)`` a decoder likelihood (:class:`~lightning_diffusion.likelihoods.DecoderLikelihood`).
 
     ``ELBO = E_q[log p(x | z)] - KL(q(z | x) || N(0, I))`` with the KL in closed form
     (``0.5 sum(mu^2 + sigma^2 - log sigma^2 - 1)``) and one reparameterized sample. The training
@@ -83,7 +83,7 @@ class VAE(LatentVariableModel):
 
     # -- contract -------------------------------------------------------------------------------
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
-               decoder: str = "sample", temperature: float = 1.0, **options: Any) -> Tensor:
+               decoder: Decoder = "sample", temperature: NonNegative = 1.0, **options: Any) -> Tensor:
         """``z ~ N(0, temperature^2 I)``, then ``x ~ p(x | z)`` (``decoder="sample"``, on the 8-bit grid
         for images) or its mean (``decoder="mean"``); data space, images in [-1, 1]."""
         self.check_sample_options(decoder=decoder, temperature=temperature, **options)
@@ -91,12 +91,6 @@ class VAE(LatentVariableModel):
         with evaluating(self):
             z = temperature * torch.randn(num_samples, self.latent_dim, generator=generator, device=self.device)
             return self._decode_to_data(self._decoder_params(z), decoder, generator)
-
-    def check_sample_options(self, *, decoder: str = "sample", temperature: float = 1.0, **options: Any) -> None:
-        """Raise :class:`~lightning_diffusion.errors.OptionError` unless :meth:`sample`
-        takes these options: ``decoder`` ``sample`` or ``mean``, ``temperature`` >= 0, no other."""
-        self._check_decoder_options(options, decoder, temperature)
-        check_number("temperature", temperature, least=0)
 
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:
         """Decode ``z ~ q(z | x)``: the decoder's mean (or a sample with ``decoder="sample"``), data space."""
