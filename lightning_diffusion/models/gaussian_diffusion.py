@@ -250,7 +250,7 @@ class GaussianDiffusionModel(GenerativeModel):
     def _bf16_copy_of_net(self) -> torch.nn.Module | None:
         """A bfloat16 copy of the net (current weights) whose float inputs are cast to bf16, for one
         ``sample(precision="bf16")`` call: its convolutions then skip autocast's per-call weight casts
-        (1.1x autocast's samples/s on the digits UNet). None where a copy cannot be made (a sharded
+        (faster than autocast: README, ``benchmarks/bench_speed_limit.py``). None where a copy cannot be made (a sharded
         model: FSDP2 must gather its own parameters), and autocast is used instead."""
         import copy
 

@@ -77,10 +77,9 @@ class ScoreSDE(GaussianDiffusionModel):
                 D <= 16 dimensions, ``likelihood.EXACT_DIVERGENCE_MAX_DIMS``, Rademacher above),
                 ``exact``, or Hutchinson's estimate with a ``rademacher`` or ``gaussian`` probe.
                 Exact costs D vector-Jacobian products per ODE evaluation against Hutchinson's one
-                (the toy MLP: 1.4x the time at D = 2, 5.5x at 16, 11x at 32, 18x at 64) and has none
-                of the noise of Hutchinson's one probe a sample (exact score of Gaussian mixtures:
-                a standard error of 0.033 bits/dim on a mean of 512 points at D = 2, 0.0066 at 16,
-                0.0034 at 32; exact <= 0.0003), so exact where that noise matters and costs little.
+                and has none of the noise of Hutchinson's one probe a sample, so exact where that
+                noise matters and costs little (the measured costs and errors: README, ScoreSDE
+                likelihood; ``benchmarks/bench_divergence.py``).
             class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
             label_dropout: probability of replacing a label by the null label -1 in training.
             **kwargs: data facts and optimizer settings of
