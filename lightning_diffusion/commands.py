@@ -177,7 +177,7 @@ def sample(*, ckpt_path: str, num: int = 64, out: str = "samples", sampler: str 
         out: output directory.
         sampler: diffusion families: ancestral, ddim, euler_maruyama, pc, ode, heun, dpm_solver
             (None: the model's own default, the paper's: DDPM ancestral over all T steps, ScoreSDE
-            its ``sampler``; ``dpm_solver`` at 20 steps matched 1000 ancestral steps in the README's sampler benchmark).
+            its ``sampler``; the README's sampler benchmark compares ``dpm_solver`` at 20 steps with them).
         steps: sampler steps (None: the sampler's default).
         guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
         class_label: condition every sample on this class (default: cycle through the classes in

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_diffusion
+from tiny import tiny_trainer
 from lightning_diffusion import (EMA, GenerativeModule, HasTrajectory, Likelihood, NamesEstimator, Reconstructs,
                                  SampleQuality, WandbSamples)
 
@@ -116,9 +117,8 @@ def test_own_module_gets_every_callback(tmp_path, offline_wandb):
     likelihood = Likelihood(num_batches=0)
     samples = WandbSamples(every_n_epochs=1, num_samples=32, num_reconstructions=8)
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="ld-test")
-    trainer = L.Trainer(max_steps=8, callbacks=[ema, quality, likelihood, samples], logger=logger,
-                        default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer = tiny_trainer(max_steps=8, callbacks=[ema, quality, likelihood, samples], logger=logger,
+                           default_root_dir=tmp_path)
     trainer.fit(model, train, val)  # 8 steps = one epoch: validation once, at its end
 
     metrics = trainer.callback_metrics
@@ -151,9 +151,7 @@ def test_callbacks_name_the_missing_split(tmp_path):
     model = UserModule()
     train = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=32)
     likelihood = Likelihood(split="test")
-    trainer = L.Trainer(max_steps=2, callbacks=[likelihood], logger=False, default_root_dir=tmp_path,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, accelerator="cpu", limit_val_batches=1)
+    trainer = tiny_trainer(max_steps=2, callbacks=[likelihood], default_root_dir=tmp_path, limit_val_batches=1)
     with pytest.raises(ValueError, match=r"split='test': no test data"):
         trainer.fit(model, train, train)
     with pytest.raises(ValueError, match=r"real_split='valid': unknown split"):

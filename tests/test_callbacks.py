@@ -1,20 +1,20 @@
 """Callbacks of the foundation: LastCheckpoint and SampleGrid."""
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 from PIL import Image
 
-from lightning_diffusion import DDPM, MLP, LastCheckpoint, SampleGrid, ShardDataModule, UNet
+from tiny import tiny_model, tiny_trainer
+from lightning_diffusion import DDPM, MLP, LastCheckpoint, SampleGrid, ShardDataModule
 
 
 def _fit(tmp_path, callbacks, max_steps):
     torch.manual_seed(0)
     model = DDPM(MLP(hidden=16, num_layers=1), timesteps=10, data_shape=(2,))
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=False, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = tiny_trainer(max_steps=max_steps, default_root_dir=tmp_path, callbacks=callbacks, limit_val_batches=0,
+                           enable_checkpointing=True)
     trainer.fit(model, datamodule=ShardDataModule("gaussians8", batch_size=8, batches_per_epoch=4))
     return trainer
 
@@ -43,10 +43,8 @@ def test_sample_grid_enlarges_images_by_an_integer_factor(tmp_path):
     enlarged 6x to 546 x 546 (the smallest integer factor reaching 512 px), each pixel an exact 6 x 6 block.
     A scatter plot of points stays 500 x 500 (test_sample_grid_every_n_epochs_and_at_the_end)."""
     torch.manual_seed(0)
-    net = UNet(in_channels=1, image_size=8, model_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), dropout=0.0)
-    model = DDPM(net, timesteps=5, data_shape=(1, 8, 8))
-    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    model = tiny_model("ddpm", net=dict(model_channels=8, channel_mult=(1,)), timesteps=5)
+    trainer = tiny_trainer(default_root_dir=tmp_path)
     native = np.asarray(Image.open(SampleGrid(num_samples=100, min_size=0).save(trainer, model, "native")))
     big = np.asarray(Image.open(SampleGrid(num_samples=100).save(trainer, model, "default")))
     assert native.shape[:2] == (91, 91) and big.shape[:2] == (546, 546)

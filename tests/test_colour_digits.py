@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import tiny_trainer, tiny_unet
 from lightning_diffusion.data.sources import (COLOUR_NAMES, COLOURS, colour_digit_label, colour_digits, digits,
                                               split_colour_digit_label)
 
@@ -146,15 +147,12 @@ def trained(shards, tmp_path_factory):
 
     L.seed_everything(0, verbose=False)
     data = ShardDataModule(str(shards), batch_size=64, num_workers=0, batches_per_epoch=50)
-    net = UNet(in_channels=3, image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=(), dropout=0.0, num_classes=data.num_classes)
+    net = tiny_unet(in_channels=3, num_classes=data.num_classes)
     model = DDPM(net, data_shape=data.data_shape, num_classes=data.num_classes, class_conditional=True,
                  label_dropout=0.1, parameterization="x0", lr=3e-3, warmup_steps=50)
     grid = SampleGrid(num_samples=80, nrow=NUM_COLOURS, guidance_scale=3.0, sample_options={"sampler": "ddim", "steps": 10})
     root = tmp_path_factory.mktemp("colour_ddpm")
-    trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[grid], default_root_dir=root)
+    trainer = tiny_trainer(max_steps=200, limit_val_batches=0, callbacks=[grid], default_root_dir=root)
     trainer.fit(model, datamodule=data)
     result = guided_accuracy(model, 160, steps=20, seed=1)
     print("colour digits, 8x8, 200 steps:", result)

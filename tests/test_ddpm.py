@@ -3,12 +3,12 @@ exact Gaussian oracle, and training on toy 2-D data."""
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tiny import tiny_trainer
 from lightning_diffusion import DDPM, MLP, ShardDataModule
 from lightning_diffusion.diffusion import NoiseSchedule, make_betas
 
@@ -113,8 +113,7 @@ def test_ddpm_trains_on_toy2d():
     torch.manual_seed(0)
     dm = ShardDataModule("gaussians8", batch_size=256, batches_per_epoch=50)
     model = DDPM(MLP(in_channels=2, hidden=128, num_layers=3), data_shape=dm.data_shape, lr=2e-3, warmup_steps=20)
-    trainer = L.Trainer(max_steps=250, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=100)
+    trainer = tiny_trainer(max_steps=250, check_val_every_n_epoch=100)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, datamodule=dm)
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -137,8 +136,7 @@ class NaNNet(nn.Module):
 def test_nan_loss_is_a_clear_error():
     model = DDPM(NaNNet(), data_shape=(2,))
     dm = ShardDataModule("gaussians8", batch_size=16, batches_per_epoch=2)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = tiny_trainer(max_steps=2)
     with pytest.raises(FloatingPointError, match=r"train/loss is nan at global step 0"):
         trainer.fit(model, datamodule=dm)
     assert model.net.w.item() == 1.0  # no step was taken with the bad loss
@@ -166,8 +164,7 @@ def test_label_dropout_and_conditioning_checks():
 def test_checkpoint_round_trip_in_python(tmp_path):
     model = DDPM(MLP(hidden=32, num_layers=1), timesteps=50, data_shape=(2,))
     assert "net" not in model.hparams and model.hparams.timesteps == 50
-    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = tiny_trainer(max_steps=1, default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(model, datamodule=ShardDataModule("gaussians8", batch_size=8, batches_per_epoch=1))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = DDPM.load_from_checkpoint(tmp_path / "m.ckpt", net=MLP(hidden=32, num_layers=1))

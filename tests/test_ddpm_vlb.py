@@ -5,12 +5,12 @@ respacing, the hybrid loss with a learned variance, min-SNR weights and classifi
 import math
 import time
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 
-from lightning_diffusion import DDPM, MLP, ShardDataModule, UNet
+from tiny import tiny_trainer, tiny_unet
+from lightning_diffusion import DDPM, MLP, ShardDataModule
 from lightning_diffusion.diffusion import vlb
 from lightning_diffusion.diffusion.mixture import GaussianMixture, MixtureOracle
 from lightning_diffusion.diffusion.parameterization import min_snr_weight
@@ -324,8 +324,7 @@ def test_hybrid_needs_twice_the_channels():
 
 def test_hybrid_unet_on_8bit_images():
     def unet(out_channels):
-        return UNet(in_channels=1, out_channels=out_channels, image_size=8, model_channels=8, channel_mult=(1, 2),
-                    num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+        return tiny_unet(out_channels=out_channels, model_channels=8)
 
     with pytest.raises(ValueError, match="out_channels=2"):
         DDPM(unet(None), loss_type="hybrid", data_shape=(1, 8, 8))
@@ -382,8 +381,7 @@ def test_hybrid_trains_and_its_bound_uses_the_learned_variance():
     dm = ShardDataModule("gaussians8", batch_size=128, batches_per_epoch=10)
     net = MLP(in_channels=2, hidden=64, num_layers=2, out_channels=4)
     model = DDPM(net, timesteps=100, loss_type="hybrid", data_shape=dm.data_shape, lr=1e-3, warmup_steps=0)
-    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = tiny_trainer(max_steps=10, limit_val_batches=0)
     before = [p.detach().clone() for p in model.parameters()]
     trainer.fit(model, datamodule=dm)  # raises FloatingPointError on a non-finite loss
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

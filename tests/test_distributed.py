@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_model
 from conftest import assert_ended_cleanly
 
 FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "ebm", "discrete"]
@@ -134,8 +135,7 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
 def test_tensor_parallel_is_refused_with_a_clear_error():
     from lightning_diffusion import DDPM, UNet
 
-    model = DDPM(net=UNet(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1,
-                          attention_resolutions=(), image_size=8), data_shape=(1, 8, 8))
+    model = tiny_model("ddpm", net=dict(model_channels=8, channel_mult=(1,), dropout=0.1), timesteps=1000)
 
     class Mesh:  # the names and sizes of a 1 x 2 (data x tensor) mesh, without a process group
         mesh_dim_names = ("data_parallel", "tensor_parallel")

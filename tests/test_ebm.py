@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import run_cli
+from tiny import shrink_config
 from lightning_diffusion.diffusion.mixture import GaussianMixture
 from lightning_diffusion.models.ebm import EBM
 from lightning_diffusion.nets.energy import EnergyConvNet, EnergyMLP, ScalarEnergy
@@ -179,27 +180,14 @@ def test_sample_options_are_checked():
 def _tiny_config(path: Path) -> Path:
     """configs/ebm_toy2d.yaml, tiny: 6 batches of 64 per epoch, a checkpoint every epoch, validation
     and the Likelihood callback every epoch, with EMA and WandbSamples (PNGs only) added."""
-    import yaml
-
-    from lightning_diffusion.cli import packaged_configs_dir
-
-    config = yaml.safe_load((packaged_configs_dir() / "ebm_toy2d.yaml").read_text())
-    config["trainer"].update(logger=False, enable_progress_bar=False, check_val_every_n_epoch=1)
-    for callback in config["trainer"]["callbacks"]:
-        args = callback.setdefault("init_args", {})
-        if callback["class_path"] == "LastCheckpoint":
-            args["every_n_train_steps"] = 6
-        if callback["class_path"] == "Likelihood":
-            args.update(every_n_epochs=1, num_batches=1)
-        if callback["class_path"] == "SampleGrid":
-            args["num_samples"] = 64
-    config["trainer"]["callbacks"] += [{"class_path": "EMA", "init_args": {"decay": 0.9}},
-                                       {"class_path": "WandbSamples", "init_args": {"every_n_epochs": 1, "num_samples": 16}}]
-    config["model"]["init_args"].update(mcmc_steps=5, buffer_size=200, sample_steps=5, quadrature_points=101)
-    config["model"]["init_args"]["net"]["init_args"]["hidden"] = 32
-    config["data"]["init_args"].update(batch_size=64, batches_per_epoch=6)
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return shrink_config("ebm_toy2d", path, {
+        "trainer": dict(logger=False, enable_progress_bar=False, check_val_every_n_epoch=1),
+        "model.init_args": dict(mcmc_steps=5, buffer_size=200, sample_steps=5, quadrature_points=101),
+        "model.init_args.net.init_args.hidden": 32, "data.init_args": dict(batch_size=64, batches_per_epoch=6)},
+        callbacks={"LastCheckpoint": dict(every_n_train_steps=6), "Likelihood": dict(every_n_epochs=1, num_batches=1),
+                   "SampleGrid": dict(num_samples=64)},
+        add_callbacks=[{"class_path": "EMA", "init_args": {"decay": 0.9}},
+                       {"class_path": "WandbSamples", "init_args": {"every_n_epochs": 1, "num_samples": 16}}])
 
 
 def test_cli_fit_and_exact_resume_with_the_replay_buffer(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny import tiny_trainer
 from lightning_diffusion.callbacks import EMA, evaluation_weights, load_ema_weights
 from lightning_diffusion.callbacks.ema import ema_decay, ema_state_from_checkpoint
 
@@ -56,9 +57,8 @@ def loader(n: int = 32, batch: int = 8, repeat: bool = False):
 
 
 def trainer(tmp_path, callbacks, **kw):
-    kw = {"max_steps": 8, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-          "default_root_dir": tmp_path, "num_sanity_val_steps": 0, **kw}
-    return L.Trainer(accelerator="cpu", callbacks=callbacks, **kw)
+    return tiny_trainer(callbacks=callbacks,
+                        **{"max_steps": 8, "default_root_dir": tmp_path, "enable_checkpointing": True, **kw})
 
 
 def test_ema_matches_hand_computation_and_evaluation_uses_it(tmp_path):

@@ -11,7 +11,6 @@ import math
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -19,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import run_cli
+from tiny import tiny_trainer
 from lightning_diffusion import DDPM, MLP, LastCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,8 +218,8 @@ def test_nan_loss_names_a_checkpoint_only_when_one_was_written(tmp_path, after):
     model = DDPM(NaNAfter(after), timesteps=10, data_shape=(2,), warmup_steps=1)
     data = DataLoader([{"x": torch.randn(2)} for _ in range(64)], batch_size=8)
     checkpoint = LastCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1)
-    trainer = L.Trainer(max_steps=5, callbacks=[checkpoint], logger=False, default_root_dir=tmp_path,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = tiny_trainer(max_steps=5, callbacks=[checkpoint], default_root_dir=tmp_path, enable_checkpointing=True,
+                           num_sanity_val_steps=2)
     with pytest.raises(FloatingPointError) as error:
         trainer.fit(model, data)
     message = str(error.value)

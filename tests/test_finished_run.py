@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_trainer
 from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,8 +144,8 @@ def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_and_needs_a_known_direc
         torch.save({"state_dict": {}, "global_step": step}, path)
 
     def trainer(**kwargs) -> L.Trainer:
-        return L.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[LastCheckpoint()],
-                         enable_progress_bar=False, enable_model_summary=False, **kwargs)
+        return tiny_trainer(default_root_dir=tmp_path, callbacks=[LastCheckpoint()], enable_checkpointing=True,
+                            **kwargs)
 
     with pytest.raises(CheckpointError, match=f"--ckpt_path last: no checkpoint in {tmp_path}/checkpoints"):
         resolve_last_checkpoint(trainer())
@@ -159,8 +160,8 @@ def test_ckpt_path_last_picks_the_newest_of_last_and_hpc_and_needs_a_known_direc
     save(tmp_path / "checkpoints" / "last.ckpt", 11)
     assert resolve_last_checkpoint(trainer()).name == "last.ckpt"
 
-    wandb = L.Trainer(default_root_dir=tmp_path, logger=WandbLogger(save_dir=str(tmp_path), offline=True),
-                      callbacks=[LastCheckpoint()], enable_progress_bar=False)
+    wandb = tiny_trainer(default_root_dir=tmp_path, logger=WandbLogger(save_dir=str(tmp_path), offline=True),
+                         callbacks=[LastCheckpoint()], enable_checkpointing=True)
     unknown = r"not known before its W&B run starts .*\(--trainer.logger.init_args.id=ID\)"
     with pytest.raises(CheckpointError, match=unknown):
         resolve_last_checkpoint(wandb)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import fit_run
+from tiny import tiny_trainer
 from lightning_diffusion import HierarchicalVAE, LadderVAENet, ShardDataModule
 from lightning_diffusion.models.vae import GradientSkip
 
@@ -127,8 +128,7 @@ def test_nan_batch_is_skipped_and_leaves_weights_and_adam_state_untouched(tmp_pa
     dm = ShardDataModule("digits", batch_size=32, batches_per_epoch=5)
     model = small_model(lr=1e-3, warmup_steps=0)
     spy = NaNOnStep(step=3)
-    trainer = L.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[spy], default_root_dir=tmp_path)
+    trainer = tiny_trainer(max_steps=6, limit_val_batches=0, callbacks=[spy], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)  # no FloatingPointError: the NaN batch is skipped
     (params_before, adam_before), (params_after, adam_after) = spy.before, spy.after
     assert all(torch.equal(a, b) for a, b in zip(params_before, params_after))
@@ -162,8 +162,7 @@ def test_training_on_digits_lowers_val_bits_per_dim():
     model = HierarchicalVAE(net, data_shape=dm.data_shape, lr=3e-3, warmup_steps=10, kl_warmup_steps=30)
     x = next(iter(dm.val_dataloader()))["x"]
     before = model.bits_per_dim(x).mean().item()
-    trainer = L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=3)
+    trainer = tiny_trainer(max_steps=60, check_val_every_n_epoch=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=dm)

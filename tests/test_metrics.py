@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tiny import tiny_trainer
 from lightning_diffusion import FID, KID, BitsPerDim, InceptionScoreFromLogits, PrecisionRecall
 from lightning_diffusion.metrics import get_extractor
 
@@ -181,9 +182,7 @@ def test_a_user_module_logs_fid_and_bits_per_dim_with_self_log(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(96, 4)
     model = FeatureModule()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = tiny_trainer(max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path, num_sanity_val_steps=2)
     trainer.fit(model, DataLoader(TensorDataset(x), batch_size=32), DataLoader(TensorDataset(x), batch_size=32))
     expected = FID(4)
     with torch.no_grad():

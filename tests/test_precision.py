@@ -3,31 +3,16 @@ bits/dim is computed in full precision whatever the autocast context, and a `bf1
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from tiny import tiny_model, tiny_trainer
 
-from lightning_diffusion import DDPM, HierarchicalVAE, ScoreSDE, ShardDataModule, UNet, VAE, VPSDE
-from lightning_diffusion.nets import ConvVAENet, LadderVAENet
+from lightning_diffusion import ShardDataModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def unet():
-    return UNet(in_channels=1, image_size=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attention_resolutions=(), dropout=0.0)
-
-
-FAMILIES = {
-    "ddpm": lambda: DDPM(net=unet(), data_shape=(1, 8, 8), timesteps=100),
-    "score_sde": lambda: ScoreSDE(net=unet(), sde=VPSDE(), data_shape=(1, 8, 8)),
-    "vae": lambda: VAE(net=ConvVAENet(in_channels=1, image_size=8, latent_dim=8, channels=[16, 32], num_blocks=1),
-                       data_shape=(1, 8, 8), likelihood="discretized_logistic"),
-    "hvae": lambda: HierarchicalVAE(net=LadderVAENet(in_channels=1, image_size=8, width=16, latent_channels=4,
-                                                     latent_resolutions=[1, 4, 8], groups_per_resolution=[1, 1, 1],
-                                                     encoder_blocks=1, output_blocks=1),
-                                    data_shape=(1, 8, 8), likelihood="discretized_logistic"),
-}
+FAMILIES = ("ddpm", "score_sde", "vae", "hvae")
 BPD_OPTIONS = {"ddpm": {"steps": 10}, "score_sde": {"steps": 8}, "vae": {}, "hvae": {}}
 
 
@@ -41,7 +26,7 @@ def batch():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_loss_is_close_to_fp32_and_bits_per_dim_stays_full_precision(family, batch):
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
+    model = tiny_model(family).eval()
     with torch.no_grad():  # the UNet's output layers start at zero (a constant loss): perturb them all
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -65,11 +50,9 @@ def test_bf16_loss_is_close_to_fp32_and_bits_per_dim_stays_full_precision(family
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_mixed_fit_runs(family, tmp_path):
     torch.manual_seed(0)
-    model = FAMILIES[family]()
+    model = tiny_model(family)
     dm = ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2)
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=1, default_root_dir=tmp_path)
+    trainer = tiny_trainer(precision="bf16-mixed", max_steps=2, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
@@ -84,7 +67,7 @@ def test_sampling_in_bf16_runs_the_net_in_bf16_and_keeps_the_solver_in_fp32(fami
     from lightning_diffusion.errors import OptionError
 
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
+    model = tiny_model(family).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny import tiny_trainer
 from lightning_diffusion import DDPM, MLP, SampleGrid, SampleQuality, ScoreSDE, ShardDataModule, WandbSamples
 from lightning_diffusion.callbacks.common import sampling_options
 from lightning_diffusion.diffusion.sde import VESDE, VPSDE, SubVPSDE
@@ -49,9 +50,7 @@ def _ddpm(timesteps: int = 1000) -> DDPM:
 
 
 def _fit(tmp_path, model, callbacks, max_steps: int = 2) -> L.Trainer:
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=False, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        enable_checkpointing=False)
+    trainer = tiny_trainer(max_steps=max_steps, default_root_dir=tmp_path, callbacks=callbacks, limit_val_batches=0)
     trainer.fit(model, datamodule=ShardDataModule("gaussians8", batch_size=8, batches_per_epoch=4, num_workers=0))
     return trainer
 

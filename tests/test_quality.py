@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from tiny import tiny_model, tiny_trainer
 from lightning_diffusion.callbacks import Likelihood, SampleQuality
 from lightning_diffusion.data import ShardDataModule
 from lightning_diffusion.metrics import FID, energy_distance, get_extractor, mmd
@@ -192,16 +193,13 @@ def test_callbacks_in_a_fit_log_with_counts_and_cache_real_stats(tmp_path, digit
     from lightning_diffusion import DDPM, EMA, UNet
 
     torch.manual_seed(0)
-    net = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-               image_size=8, dropout=0.0)
-    model = DDPM(net=net, data_shape=(1, 8, 8), timesteps=100, warmup_steps=1)
+    model = tiny_model("ddpm", warmup_steps=1)
     quality = SampleQuality(num_samples=64, extractor="digits", batch_size=64, every_n_epochs=1,
                             sample_options={"sampler": "ddim", "steps": 5}, metrics=["fid", "kid", "pr"])
     lk = Likelihood(every_n_epochs=1, num_batches=1, bpd_options={"steps": 10})
     dm = ShardDataModule("digits", batch_size=32, num_workers=0, batches_per_epoch=3)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="q"),
-                        callbacks=[EMA(), quality, lk], enable_progress_bar=False, enable_checkpointing=False,
-                        num_sanity_val_steps=0, limit_val_batches=1, enable_model_summary=False)
+    trainer = tiny_trainer(max_epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="q"),
+                           callbacks=[EMA(), quality, lk], limit_val_batches=1)
     trainer.fit(model, datamodule=dm)
     lines = [json.loads(x) for x in (tmp_path / "q" / "version_0" / "metrics" / "sample_quality.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["num_samples"] == 64 and line["extractor"] == "digits" for line in lines)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny import tiny_trainer
 from lightning_diffusion import MLP, ScoreSDE, ShardDataModule
 from lightning_diffusion.diffusion.likelihood import bits_per_dim_discrete, dequantize
 from lightning_diffusion.diffusion.parameterization import scalings
@@ -116,10 +117,8 @@ def test_likelihood_callback_logs_the_resolved_estimator(tmp_path):
     dm = ShardDataModule("gaussians8", batch_size=64, num_workers=0, batches_per_epoch=2)
     model = ScoreSDE(MLP(in_channels=2, hidden=32, num_layers=2, time_embed_dim=16, time_scale=1000.0),
                      data_shape=dm.data_shape, warmup_steps=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="lk"),
-                        callbacks=[Likelihood(num_batches=1, bpd_options={"steps": 4})], enable_progress_bar=False,
-                        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1,
-                        enable_model_summary=False)
+    trainer = tiny_trainer(max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="lk"),
+                           callbacks=[Likelihood(num_batches=1, bpd_options={"steps": 4})], limit_val_batches=1)
     trainer.fit(model, datamodule=dm)
     run = tmp_path / "lk" / "version_0"
     records = [json.loads(line) for line in (run / "metrics" / "likelihood.jsonl").read_text().splitlines()]
@@ -209,8 +208,7 @@ def test_score_sde_trains_on_toy2d():
     dm = ShardDataModule("gaussians8", batch_size=256, batches_per_epoch=50)
     model = ScoreSDE(MLP(in_channels=2, hidden=128, num_layers=3, time_scale=1000.0), data_shape=dm.data_shape,
                      lr=2e-3, warmup_steps=20)
-    trainer = L.Trainer(max_steps=200, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=100)
+    trainer = tiny_trainer(max_steps=200, check_val_every_n_epoch=100)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, datamodule=dm)
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -261,8 +259,7 @@ def test_the_given_sde_is_not_changed_by_building_and_training():
     assert model.sde is not sde and model.sde.t_min == 1e-3 and model.sde.sigma_max == 5.0
     points = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"x": p} for p in points], batch_size=32)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer = tiny_trainer(max_steps=1)
     trainer.fit(model, loader)
     model.sample(4, generator=torch.Generator().manual_seed(0))
     assert vars(sde) == before

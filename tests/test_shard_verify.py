@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tiny import tiny_model, tiny_trainer
 from lightning_diffusion.data import ShardDataModule, ShardError, ensure_embedded, streams
 from lightning_diffusion.data.streams import iter_shard
 
@@ -117,10 +118,8 @@ def test_fit_on_a_cut_shard_stops_with_the_shard_error(digits):
     forget_sizes(digits)  # found by its count: seed 0's stream (4 batches of 64 an epoch through a buffer of 64)
     # first reads train-000000 to its end in epoch 3 (with sizes it is refused when first opened)
     dm = ShardDataModule(str(digits), batch_size=64, batches_per_epoch=4, shuffle_buffer=64)
-    net = UNet(in_channels=1, model_channels=8, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
-    model = DDPM(net, data_shape=(1, 8, 8), timesteps=10)
-    trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    model = tiny_model("ddpm", net=dict(model_channels=8, channel_mult=(1,)), timesteps=10)
+    trainer = tiny_trainer(max_epochs=30, limit_val_batches=0)
     torch.manual_seed(0)
     with pytest.raises(ShardError, match=r"train-000000\.tar holds 128 samples, but .*index\.json records 256"):
         trainer.fit(model, dm)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from tiny import tiny_trainer
 from conftest import ABORT_MARKERS, ROOT, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -367,10 +368,10 @@ def test_in_a_slurm_job_the_stop_checkpoint_is_the_one_a_requeued_job_resumes(tm
             if trainer.global_step in (3, 5):
                 os.kill(os.getpid(), signal.SIGUSR1 if trainer.global_step == 3 else signal.SIGTERM)
 
-    trainer = L.Trainer(max_steps=50, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, plugins=[SLURMEnvironment()],
-                        callbacks=[Signals(), EMA(decay=0.9), SlurmRequeue(), StopOnSignal(),
-                                   LastCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100)])
+    trainer = tiny_trainer(max_steps=50, devices=1, default_root_dir=tmp_path, enable_checkpointing=True,
+                           plugins=[SLURMEnvironment()],
+                           callbacks=[Signals(), EMA(decay=0.9), SlurmRequeue(), StopOnSignal(),
+                                      LastCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=100)])
     with pytest.raises(FitStopped) as stopped:
         trainer.fit(Regression(), loader())
     last, hpc = tmp_path / "ck" / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"

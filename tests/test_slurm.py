@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_trainer
 from conftest import ROOT, assert_ended_cleanly
 
 SCRIPT = ROOT / "slurm" / "local_cluster.sh"
@@ -421,9 +422,8 @@ def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=2)
     model = Tiny()
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        plugins=[SLURMEnvironment()], callbacks=[SlurmRequeue()])
+    trainer = tiny_trainer(max_steps=6, devices=1, default_root_dir=tmp_path, plugins=[SLURMEnvironment()],
+                           callbacks=[SlurmRequeue()])
     before = signal.getsignal(signal.SIGUSR1)
     trainer.fit(model, data)
     assert model.handled_in_step == [False]

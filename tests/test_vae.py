@@ -4,12 +4,12 @@ decoder likelihood, the KL schedule and free bits, training on digits, and the C
 
 import math
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from conftest import fit_run
+from tiny import tiny_trainer
 from lightning_diffusion import VAE, ConvVAENet, MLPVAENet, ShardDataModule
 
 LN2 = math.log(2)
@@ -207,8 +207,7 @@ def test_training_on_digits_lowers_val_bits_per_dim():
                 warmup_steps=20, kl_warmup_steps=50)
     x = val_batch(dm)
     before = model.bits_per_dim(x).mean().item()
-    trainer = L.Trainer(max_steps=120, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=3)
+    trainer = tiny_trainer(max_steps=120, check_val_every_n_epoch=3)
     trainer.fit(model, datamodule=dm)
     after = model.bits_per_dim(x).mean().item()
     iwae = model.bits_per_dim(x, 20).mean().item()

@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 from torch import nn
 
-from lightning_diffusion import DDPM, EMA, UNet
+from tiny import tiny_model, tiny_trainer
+from lightning_diffusion import DDPM, EMA
 from lightning_diffusion.callbacks.wandb import WandbSamples, continue_wandb_run, wandb_run_id_from_checkpoint
 
 
@@ -44,15 +45,12 @@ def loader(shape: tuple[int, ...]) -> torch.utils.data.DataLoader:
 
 def tiny_ddpm() -> DDPM:
     torch.manual_seed(0)
-    net = UNet(in_channels=1, image_size=8, model_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), dropout=0.0)
-    return DDPM(net, timesteps=5, data_shape=(1, 8, 8), warmup_steps=0)
+    return tiny_model("ddpm", net=dict(model_channels=8, channel_mult=(1,)), timesteps=5, warmup_steps=0)
 
 
 def fit(model, tmp_path, callbacks, logger, max_steps, **kw):
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=logger, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=1, accelerator="cpu")
+    trainer = tiny_trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=logger, callbacks=callbacks,
+                           limit_val_batches=1, enable_checkpointing=True)
     shape = model.data_shape
     trainer.fit(model, loader(shape), loader(shape), **kw)
     return trainer

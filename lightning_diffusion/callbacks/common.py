@@ -45,16 +45,10 @@ def class_labels(module: Any, num: int, offset: int = 0, device: torch.device | 
 
 
 def sampling_options(pl_module: Any, options: dict[str, Any], preview: bool = True) -> dict[str, Any]:
-    """The options a sampling callback passes to ``pl_module.sample``: the user's ``options`` merged
-    over the model's fast ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
-    DiscreteDiffusion: ancestral at 100; VAE, HVAE, EBM: none), the user's keys winning.
-
-    The rule: the preview applies only where the user chose no sampler, that is ``options`` name
-    neither ``sampler`` nor ``steps`` (``{sampler: ancestral}`` is the paper's sampler over all its
-    steps, not 20 of them; ``{steps: 50}`` is 50 steps of the model's own sampler), and only where
-    the model takes the merged options (an option of one sampler, such as ancestral's ``variance``,
-    means the model's own sampler: ``options`` alone are used). ``preview=False``, or a model
-    without ``preview_sample_options`` (a user's own LightningModule), uses ``options`` as given.
+    """The options a sampling callback passes to ``pl_module.sample``: the preview-sampler rule
+    (docs/architecture.md, Contracts, ``preview_sample_options``, where it is stated once) applied to the user's ``options``
+    and the model's ``preview_sample_options()``. ``preview=False``, or a model without
+    ``preview_sample_options`` (a user's own LightningModule), uses ``options`` as given.
 
     Args:
         pl_module: the model.

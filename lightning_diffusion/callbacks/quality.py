@@ -101,10 +101,9 @@ class SampleQuality(_Periodic):
     real side is ``real_split`` of the DataModule (every sample once over ranks), its statistics
     cached in ``$LD_DATA/stats/`` keyed by dataset fingerprint, split and extractor.
 
-    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
-    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
-    :func:`~lightning_diffusion.callbacks.common.sampling_options` has the rule); each record's
-    ``sample_options`` are the ones used. ``lightning-diffusion evaluate`` passes
+    Sampler: the model's fast ``preview_sample_options()`` by the preview-sampler rule
+    (docs/architecture.md, Contracts, ``preview_sample_options``; :func:`~lightning_diffusion.callbacks.common.sampling_options`
+    applies it); each record's ``sample_options`` are the ones used. ``lightning-diffusion evaluate`` passes
     ``preview_sampler=False``: the model's own default, the paper's sampler.
     """
 
@@ -131,8 +130,8 @@ class SampleQuality(_Periodic):
             max_features: feature vectors kept for KID, IS and precision/recall (FID uses all).
             sample_options: options for ``model.sample`` (e.g. ``{sampler: ddim, steps: 50}``).
             cache_stats: cache the real statistics on disk.
-            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
-                with the model's fast ``preview_sample_options()``; False: the model's own default.
+            preview_sampler: sample with the model's fast ``preview_sample_options()`` as the
+                preview-sampler rule says (docs/architecture.md, Contracts, ``preview_sample_options``); False: the model's own default.
         """
         super().__init__(every_n_epochs, every_n_steps)
         metrics = list(IMAGE_METRICS) if metrics is None else list(metrics)

@@ -32,11 +32,10 @@ class SampleGrid(L.Callback):
     (label ``digit * 8 + colour``) 80 samples with ``nrow: 8`` put digits in rows and colours in
     columns.
 
-    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
-    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32), so a fit ends
-    seconds after its last step; :func:`~lightning_diffusion.callbacks.common.sampling_options`
-    has the rule. ``sample_options: {sampler: ancestral}`` (or ``preview_sampler: false``) draws
-    with the paper's sampler. ``last_sample_options`` holds the options of the last grid.
+    Sampler: the model's fast ``preview_sample_options()`` by the preview-sampler rule
+    (docs/architecture.md, Contracts, ``preview_sample_options``; :func:`~lightning_diffusion.callbacks.common.sampling_options`
+    applies it), so a fit ends seconds after its last step. ``last_sample_options`` holds the options
+    of the last grid.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, seed: int = 0,
@@ -52,8 +51,8 @@ class SampleGrid(L.Callback):
             nrow: images per row of the grid; None: about the square root of ``num_samples``.
             guidance_scale: classifier-free guidance scale for class-conditional models (1: none).
             sample_options: further options of ``pl_module.sample``, e.g. ``{sampler: ddim, steps: 50}``.
-            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
-                with the model's fast ``preview_sample_options()``; False: the model's own default.
+            preview_sampler: sample with the model's fast ``preview_sample_options()`` as the
+                preview-sampler rule says (docs/architecture.md, Contracts, ``preview_sample_options``); False: the model's own default.
             min_size: pixels that an image grid's longer side reaches at least, by an integer
                 nearest-neighbour enlargement (each sample pixel an exact k x k block; 100 digits of
                 8 x 8: 91 px natively, 546 px at 512); 0 keeps the native size. Scatter plots of

@@ -122,10 +122,9 @@ class WandbSamples(L.Callback):
     holds that validation's metrics; and at ``on_train_end`` (before teardown, the model still on its
     devices) unless this step was just logged.
 
-    Sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, the model's fast
-    ``preview_sample_options()`` (DDPM, ScoreSDE: DPM-Solver++(2M) at 20 steps, sub-VP 32;
-    :func:`~lightning_diffusion.callbacks.common.sampling_options` has the rule), for the samples
-    and the trajectory alike; the images' captions name the options used.
+    Sampler: the model's fast ``preview_sample_options()`` by the preview-sampler rule
+    (docs/architecture.md, Contracts, ``preview_sample_options``; :func:`~lightning_diffusion.callbacks.common.sampling_options`
+    applies it), for the samples and the trajectory alike; the images' captions name the options used.
 
     Distributed: every rank samples from the same seed (a sharded FSDP model needs all ranks in its
     forward); only global rank zero writes files and calls the loggers, with no collective inside.
@@ -149,8 +148,8 @@ class WandbSamples(L.Callback):
                 pictures of different steps compare.
             sample_options: keyword options of ``sample`` / ``sample_trajectory``, e.g.
                 ``{"sampler": "ddim", "steps": 50}`` for diffusion models.
-            preview_sampler: where ``sample_options`` name neither ``sampler`` nor ``steps``, sample
-                with the model's fast ``preview_sample_options()``; False: the model's own default.
+            preview_sampler: sample with the model's fast ``preview_sample_options()`` as the
+                preview-sampler rule says (docs/architecture.md, Contracts, ``preview_sample_options``); False: the model's own default.
             min_size: pixels that the longer side of each image grid (samples, trajectory,
                 reconstructions) reaches at least, by an integer nearest-neighbour enlargement of the
                 PNG that is written and logged (each sample pixel an exact k x k block); 0 keeps the

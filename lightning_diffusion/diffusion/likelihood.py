@@ -28,17 +28,12 @@ from lightning_diffusion.likelihoods.bits import bits_per_dim_discrete, dequanti
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Divergence = Literal["auto", "exact", "rademacher", "gaussian"]
 
-#: ``divergence="auto"`` is exact for data of at most this many dimensions, Hutchinson (Rademacher) above
-#: (benchmarks/bench_divergence.py, one CPU thread). Cost: exact takes D vector-Jacobian products per
-#: ODE evaluation, Hutchinson one; with the toy configs' MLP (4 x 256, batch 512) exact took 1.4x
-#: Hutchinson's time at D = 2, 5.5x at 16, 11x at 32, 18x at 64 (the digits UNet at 64: 38x).
-#: Noise: one Hutchinson probe per sample leaves each an error (Rademacher: variance
-#: 2 sum_{i != j} J_ij^2, integrated along the path) that exact does not have; with the exact score
-#: of Gaussian mixtures it was 0.74 bits/dim a sample at D = 2, 0.15 at 16, 0.08 at 32, 0.06 at
-#: 64, i.e. a standard error of 0.033 / 0.0066 / 0.0034 / 0.0026 bits/dim on a mean of 512 points,
-#: against exact's <= 0.0003 everywhere. Up to D = 16 that error is above half of a 0.01 bits/dim
-#: tolerance and exact costs at most ~5 Hutchinson solves; from 32 on Hutchinson meets it for a
-#: tenth of the time or less. (Nets whose Jacobian is far from diagonal make Hutchinson noisier.)
+#: ``divergence="auto"`` is exact for data of at most this many dimensions, Hutchinson (Rademacher) above.
+#: Cost: exact takes D vector-Jacobian products per ODE evaluation, Hutchinson one. Noise: one Hutchinson
+#: probe per sample leaves each an error (Rademacher: variance 2 sum_{i != j} J_ij^2, integrated along the
+#: path, Grathwohl et al. 2019 sec. 3.1) that exact does not have. The threshold is where exact's cost
+#: outgrows the value of removing that noise; the measured costs and errors are in the README (ScoreSDE
+#: likelihood) and benchmarks/results/cpu_divergence.json (``benchmarks/bench_divergence.py``).
 EXACT_DIVERGENCE_MAX_DIMS = 16
 
 

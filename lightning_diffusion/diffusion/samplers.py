@@ -656,15 +656,15 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
 
     - ``order``: 1, 2 (default) or 3, UniP's order.
     - ``variant``: ``bh2`` (default; ``B(h) = e^{-h} - 1``, the default of the authors' diffusers
-      scheduler) or ``bh1`` (``B(h) = -h``, the default of their reference code). On the oracle
-      ``gaussians8`` bh2 at 10 NFE is 3x closer to the exact ODE.
+      scheduler) or ``bh1`` (``B(h) = -h``, the default of their reference code); the README's
+      sampler benchmark compares them.
     - ``grid``: ``logsnr`` (default, uniform in lambda = log(alpha/sigma): Lu et al. 2022's
       choice for low-resolution data; the reference code defaults to ``time``) or ``time``.
     - ``sigma_min`` (0.01): the noise level ``sigma/alpha`` where the grid ends: the reference code's
       ``t_end = 1/N`` (t = 1e-3 on the VP SDE, a DDPM's step 0); None: the process's t_min.
     - ``lower_order_final`` (True): with fewer than 10 steps the last steps drop to the orders left,
-      DPM-Solver's rule (UniPC's code drops them at any step count; at 10 steps that costs 14% in
-      energy distance on ``gaussians8``).
+      DPM-Solver's rule (UniPC's code drops them at any step count, which costs accuracy at 10 steps:
+      README, sampler benchmark).
     - ``denoise_to_zero`` (False): True returns x0_hat at the last time instead of x (one more NFE).
 
     ``steps`` = M steps (default 20), M + 1 grid times; NFE = M (+ 1 with ``denoise_to_zero``; on a

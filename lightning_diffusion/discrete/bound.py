@@ -5,8 +5,9 @@ The discrete-time bound (D3PM eq. 1, Hoogeboom et al. 2021 eq. 14), exact in its
     -log p(x0) <= KL(q(x_T | x0) || p(x_T)) + sum_{t=2}^T E_q KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))
                   + E_q[-log p(x0 | x_1)],
 
-each expectation over ``x_t ~ q(x_t | x0)`` estimated with one draw per t (the KLs are analytic). The
-continuous-time masked ELBO (MDLM eq. 10, MD4 eq. 5) of :class:`~.processes.AbsorbingDiffusion`:
+each expectation over ``x_t ~ q(x_t | x0)`` estimated with one draw per t by default (the KLs are analytic),
+so the per-sample value is an unbiased estimate of the bound, not the bound itself (``draws`` more per t
+narrow it). The continuous-time masked ELBO (MDLM eq. 10, MD4 eq. 5) of :class:`~.processes.AbsorbingDiffusion`:
 
     -log p(x0) <= E_{t ~ U(0, 1], x_t} [-alpha'(t) / (1 - alpha(t)) sum_{i: x_t,i = mask} -log p(x0_i | x_t)].
 
@@ -60,25 +61,34 @@ def prior_kl(process: CategoricalProcess, x0: Tensor) -> Tensor:
 
 
 def variational_bound(process: CategoricalProcess, denoiser: Denoiser, x0: Tensor, *,
-                      generator: torch.Generator | None = None, chunk: int = 16) -> dict[str, Tensor]:
-    """The full discrete-time bound on ``-log p(x0)`` per sample, in nats: every t of 1..T, one x_t draw each.
+                      generator: torch.Generator | None = None, chunk: int = 16, draws: int = 1) -> dict[str, Tensor]:
+    """An unbiased estimate of the full discrete-time bound on ``-log p(x0)`` per sample, in nats: every t
+    of 1..T, each term's expectation over ``x_t ~ q(x_t | x0)`` averaged over ``draws`` draws.
 
-    ``chunk`` timesteps go through the denoiser together (rows ``chunk * B``), so memory is bounded.
-    Returns ``prior`` [B], ``diffusion`` (sum of KL_t, t = 2..T) [B], ``decoder`` (-log p(x0 | x1)) [B],
-    ``steps`` [B, T] (column t-1 holds L_{t-1}: decoder first) and ``total`` [B] = prior + diffusion + decoder.
+    The sum over t is exact; the draws of x_t make the per-sample number scatter around the bound (its
+    mean over draws is the bound): more ``draws`` shrink that scatter as ``1 / sqrt(draws)`` at ``draws``
+    times the cost. ``chunk`` timesteps go through the denoiser together (rows ``chunk * B``), so memory
+    is bounded. Returns ``prior`` [B], ``diffusion`` (sum of KL_t, t = 2..T) [B], ``decoder``
+    (-log p(x0 | x1)) [B], ``steps`` [B, T] (column t-1 holds L_{t-1}: decoder first) and ``total`` [B] =
+    prior + diffusion + decoder.
     """
     if process.continuous:
         raise OptionError("process", process, "has no steps to sum over", "use masked_elbo in continuous time")
     if chunk < 1:
         raise OptionError("chunk", chunk, "must be a positive integer")
-    steps = []
-    for ts in torch.arange(1, process.timesteps + 1, device=x0.device).split(chunk):
-        t = ts.repeat_interleave(x0.shape[0])
-        x0_rows = x0.repeat(len(ts), *([1] * (x0.dim() - 1)))
-        x_t = process.sample_xt(x0_rows, t, generator)
-        logits = denoiser(x_t, process.fraction(t).to(torch.get_default_dtype()))
-        steps.append(kl_term(process, x0_rows, x_t, t, logits).view(len(ts), x0.shape[0]))
-    steps = torch.cat(steps).T
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise OptionError("draws", draws, "must be a positive integer")
+    total_steps = 0
+    for _ in range(draws):  # one pass over every t per draw: draws = 1 draws exactly what it always did
+        steps = []
+        for ts in torch.arange(1, process.timesteps + 1, device=x0.device).split(chunk):
+            t = ts.repeat_interleave(x0.shape[0])
+            x0_rows = x0.repeat(len(ts), *([1] * (x0.dim() - 1)))
+            x_t = process.sample_xt(x0_rows, t, generator)
+            logits = denoiser(x_t, process.fraction(t).to(torch.get_default_dtype()))
+            steps.append(kl_term(process, x0_rows, x_t, t, logits).view(len(ts), x0.shape[0]))
+        total_steps = total_steps + torch.cat(steps).T
+    steps = total_steps / draws if draws > 1 else total_steps
     prior = prior_kl(process, x0).to(steps.dtype)
     return {"prior": prior, "diffusion": steps[:, 1:].sum(1), "decoder": steps[:, 0], "steps": steps,
             "total": prior + steps.sum(1)}

@@ -149,11 +149,10 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
             self.check_guidance(options["guidance_scale"])
 
     def preview_sample_options(self) -> dict[str, Any]:
-        """Options of ``sample`` for a quick look during training: the fast sampler that SampleGrid,
-        SampleQuality and WandbSamples use where their ``sample_options`` name neither ``sampler``
-        nor ``steps`` (:func:`~lightning_diffusion.callbacks.common.sampling_options`). ``sample``'s
-        own default stays the paper's sampler. Here ``{}``: the model's own default (a family whose
-        default is slow overrides it; VAEs, HVAEs and the EBM keep ``{}``)."""
+        """Options of ``sample`` for a quick look during training: the fast sampler of the callbacks'
+        preview-sampler rule (docs/architecture.md, Contracts, ``preview_sample_options``). ``sample``'s own default stays the
+        paper's sampler. Here ``{}``: the model's own default (a family whose default is slow
+        overrides it; VAEs, HVAEs and the EBM keep ``{}``)."""
         return {}
 
     # -- the contract -----------------------------------------------------------------------

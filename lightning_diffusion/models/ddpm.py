@@ -200,7 +200,7 @@ class DDPM(GaussianDiffusionModel):
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: PositiveInt = 100,
-                     generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, y: Tensor | None = None, **options: Any) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
 
         Every term is evaluated (improved-diffusion's ``calc_bpd_loop``), each with one draw
@@ -229,7 +229,7 @@ class DDPM(GaussianDiffusionModel):
                 ``val_seed``, so repeated calls give the same number.
             y: labels for a class-conditional model (None: the unconditional model).
         """
-        self.check_bpd_options(steps=steps, batch_t=batch_t)
+        self.check_bpd_options(steps=steps, batch_t=batch_t, **options)  # an unknown option: OptionError
         schedule = self.schedule if steps is None else self.schedule.respaced(steps)
         images = self._is_image(x)
         if images and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):

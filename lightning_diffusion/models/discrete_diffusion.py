@@ -49,10 +49,10 @@ class DiscreteDiffusion(GenerativeModel):
     by the model's own sample of x0 (no gradient) and the cross-entropy to x0 of the last call is
     added with weight ``unroll_weight``.
 
-    :meth:`bits_per_dim` is the exact bound in bits per dimension of the discrete data (no
-    dequantization: the data are categories): the full discrete-time bound summed over every t
-    (``vlb``), or in continuous time the masked ELBO averaged over ``elbo_samples`` stratified times
-    (``masked-elbo``, an unbiased estimate of the bound). :meth:`sample` draws by ancestral sampling
+    :meth:`bits_per_dim` is an unbiased estimate of the bound in bits per dimension of the discrete data
+    (no dequantization: the data are categories): the full discrete-time bound summed exactly over every
+    t, each term's expectation over x_t from ``draws`` draws (``vlb``), or in continuous time the masked
+    ELBO averaged over ``elbo_samples x draws`` stratified times (``masked-elbo``). :meth:`sample` draws by ancestral sampling
     (Gumbel-max, any ``steps`` on a respaced grid) or SUNDAE's few-step refinement;
     ``last_sample_nfe`` says how many net calls it took.
     """
@@ -108,7 +108,7 @@ class DiscreteDiffusion(GenerativeModel):
             temperature: default temperature of the x0 logits in sampling (1: the model).
             sundae_update_fraction: share of positions a SUNDAE step updates.
             elbo_samples: stratified times of the continuous-time bound in :meth:`bits_per_dim`.
-            bpd_chunk: timesteps per net call in the exact bound (rows ``chunk x batch``).
+            bpd_chunk: timesteps per net call in the discrete-time bound (rows ``chunk x batch``).
             **kwargs: :class:`~lightning_diffusion.models.base.GenerativeModel`'s (``lr``, ``warmup_steps``, ...).
         """
         super().__init__(**kwargs)
@@ -255,8 +255,8 @@ class DiscreteDiffusion(GenerativeModel):
             raise OptionError("steps", steps, f"must be at most timesteps={most} for {name} sampling")
 
     #: steps of the callbacks' respaced ancestral default (:meth:`preview_sample_options`): the absorbing
-    #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE": 8.1 at
-    #: 10, 4.20 at 50, 4.22 at 100); 100 leaves a 2x margin for processes that converge more slowly
+    #: digits model's FID converges by 50 steps (README, "Discrete diffusion: quality against NFE"); 100
+    #: leaves a 2x margin for processes that converge more slowly
     preview_steps: int = 100
 
     def preview_sample_options(self) -> dict[str, Any]:
@@ -319,19 +319,29 @@ class DiscreteDiffusion(GenerativeModel):
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, generator: torch.Generator | None = None, y: Tensor | None = None,
-                     **options: Any) -> Tensor:
-        """The exact bound on ``-log2 p(x) / D`` [B] of the discrete data ``x`` (no dequantization): the
-        full discrete-time bound (every KL term, the prior KL and the decoder term), or in continuous time
-        the masked ELBO at ``elbo_samples`` stratified times (an unbiased estimate of it)."""
-        self.check_bpd_options(**options)
+                     draws: PositiveInt = 1, **options: Any) -> Tensor:
+        """An unbiased estimate [B] of the bound on ``-log2 p(x) / D`` of the discrete data ``x`` (no
+        dequantization). In discrete time the full bound (D3PM eq. 1): the prior KL and every KL term and the
+        decoder term summed exactly over t, each term's expectation over ``x_t ~ q(x_t | x0)`` from ``draws``
+        draws; in continuous time the masked ELBO (MDLM eq. 10) at ``elbo_samples x draws`` stratified times.
+        Averaged over a dataset one draw is enough (the mean is the bound); a single sample's number scatters
+        around its bound by the draws of x_t, a scatter that shrinks as ``1 / sqrt(draws)`` at ``draws`` times
+        the cost (use more for per-sample scores, e.g. outlier detection).
+
+        Args:
+            x: int64 categories [B, ...] or images as floats in [-1, 1].
+            generator: fixes the draws of x_t (and of t in continuous time).
+            y: class labels [B] of a class-conditional model.
+            draws: x_t draws per term (an integer >= 1)."""
+        self.check_bpd_options(draws=draws, **options)
         x0 = self.data_categories(x.to(self.device))
         denoiser = lambda x_t, t: self.logits(x_t, t, y)  # noqa: E731
         with evaluating(self):
             if not self.process.continuous:
                 nats = bound.variational_bound(self.process, denoiser, x0, generator=generator,
-                                               chunk=self.bpd_chunk)["total"]
+                                               chunk=self.bpd_chunk, draws=draws)["total"]
             else:
-                n = self.elbo_samples
+                n = self.elbo_samples * draws
                 offset = torch.rand((), generator=generator, dtype=torch.float64)
                 nats = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
                 for i in range(n):  # stratified: one t in each of n equal bins of (0, 1]

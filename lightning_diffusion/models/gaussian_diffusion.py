@@ -39,8 +39,8 @@ DRIVER_OPTIONS = ("clip", "precision", "callback")
 DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
 
 #: the callbacks' fast sampler (:meth:`GaussianDiffusionModel.preview_sample_options`): DPM-Solver++(2M)
-#: at 20 steps, which matches 1000-step ancestral sampling in the sampler benchmark (README, "Samplers:
-#: quality versus NFE": 0.68 vs 0.73 with the exact denoiser, 1.02 vs 1.16 for the trained sde_vp_toy2d)
+#: (Lu et al. 2022, Algorithm 2) at 20 steps, chosen by the README's sampler benchmark ("Samplers:
+#: quality versus NFE") against 1000-step ancestral sampling
 PREVIEW_SAMPLER, PREVIEW_STEPS = "dpm_solver", 20
 #: the log-SNR step of that benchmarked grid (VP SDE from t = 1 to 1e-5: 11.9 / 20); a process whose
 #: log-SNR spans more gets more steps, up to PREVIEW_MAX_STEPS (sub-VP at t_eps 1e-5: 18.8, 32 steps)
@@ -164,8 +164,7 @@ class GaussianDiffusionModel(GenerativeModel):
         """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
         VP SDE, a VE SDE or a DDPM's linear schedule. S keeps the log-SNR step of the benchmarked
         20-step grid (:data:`PREVIEW_LOGSNR_STEP`), so a process whose log-SNR spans more gets more,
-        at most 50: sub-VP at ``t_eps`` 1e-5 32 (at 20 steps its energy distance with the exact
-        denoiser was 3x the converged one, at 32 within 15%), a cosine DDPM 25. A DDPM of at most
+        at most 50: sub-VP at ``t_eps`` 1e-5 32 (README: preview sampler), a cosine DDPM 25. A DDPM of at most
         20 timesteps gets ``{}``: its own default, ancestral over all T steps, takes no more
         network calls and is the model's exact reverse process."""
         process = self.process
@@ -216,9 +215,9 @@ class GaussianDiffusionModel(GenerativeModel):
         ``precision`` is the arithmetic of the network evaluations: ``"32"`` (default) float32;
         ``"bf16"`` each evaluation by a bfloat16 copy of the net made for the call (its float inputs
         cast to bf16; under ``torch.autocast(bfloat16)`` where no copy can be made, as on a sharded
-        model), its output cast back to float32: 1.4-1.8x the samples/s of a CPU with avx512_bf16 on
-        the digits UNet (``benchmarks/bench_speed_limit.py``). The solver's own arithmetic (the
-        update of ``x_t``, the grid) stays float32 either way, so only the denoiser's rounding changes.
+        model), its output cast back to float32 (the speed-up: README, ``benchmarks/bench_speed_limit.py``).
+        The solver's own arithmetic (the update of ``x_t``, the grid) stays float32 either way, so only
+        the denoiser's rounding changes.
 
         ``callback`` (among ``options``) is the sampler's: called at every network evaluation with
         ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:class:`~lightning_diffusion.diffusion.samplers.CountedDenoiser`).
@@ -251,7 +250,7 @@ class GaussianDiffusionModel(GenerativeModel):
     def _bf16_copy_of_net(self) -> torch.nn.Module | None:
         """A bfloat16 copy of the net (current weights) whose float inputs are cast to bf16, for one
         ``sample(precision="bf16")`` call: its convolutions then skip autocast's per-call weight casts
-        (1.1x autocast's samples/s on the digits UNet). None where a copy cannot be made (a sharded
+        (faster than autocast: README, ``benchmarks/bench_speed_limit.py``). None where a copy cannot be made (a sharded
         model: FSDP2 must gather its own parameters), and autocast is used instead."""
         import copy
 

@@ -374,7 +374,8 @@ class LatentVariableModel(GenerativeModel):
 
     @full_precision
     def bits_per_dim(self, x: Tensor, num_importance_samples: PositiveInt = 1, *,
-                     generator: torch.Generator | None = None, chunk_rows: PositiveInt | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, chunk_rows: PositiveInt | None = None,
+                     **options: Any) -> Tensor:
         """An upper bound on ``-log p(x)`` of each sample, in bits/dim [B].
 
         K = 1: the negative ELBO ``-E_q[log p(x | z)] + KL(q(z | x) || p(z))`` with one posterior
@@ -393,7 +394,7 @@ class LatentVariableModel(GenerativeModel):
                 ``iwae_chunk_rows``, else the batch size B, so K = 1000 needs no more activation
                 memory than K = 1.
         """
-        self.check_bpd_options(num_importance_samples=num_importance_samples, chunk_rows=chunk_rows)
+        self.check_bpd_options(num_importance_samples=num_importance_samples, chunk_rows=chunk_rows, **options)
         k_total = int(num_importance_samples)
         if self.is_image and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
             raise ValueError(f"{type(self).__name__}.bits_per_dim: images must lie in [-1, 1] (8-bit values k / 127.5 - 1)")

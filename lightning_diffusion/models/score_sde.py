@@ -77,10 +77,9 @@ class ScoreSDE(GaussianDiffusionModel):
                 D <= 16 dimensions, ``likelihood.EXACT_DIVERGENCE_MAX_DIMS``, Rademacher above),
                 ``exact``, or Hutchinson's estimate with a ``rademacher`` or ``gaussian`` probe.
                 Exact costs D vector-Jacobian products per ODE evaluation against Hutchinson's one
-                (the toy MLP: 1.4x the time at D = 2, 5.5x at 16, 11x at 32, 18x at 64) and has none
-                of the noise of Hutchinson's one probe a sample (exact score of Gaussian mixtures:
-                a standard error of 0.033 bits/dim on a mean of 512 points at D = 2, 0.0066 at 16,
-                0.0034 at 32; exact <= 0.0003), so exact where that noise matters and costs little.
+                and has none of the noise of Hutchinson's one probe a sample, so exact where that
+                noise matters and costs little (the measured costs and errors: README, ScoreSDE
+                likelihood; ``benchmarks/bench_divergence.py``).
             class_conditional: feed labels to the net, with ``label_dropout`` for guidance.
             label_dropout: probability of replacing a label by the null label -1 in training.
             **kwargs: data facts and optimizer settings of
@@ -226,7 +225,7 @@ class ScoreSDE(GaussianDiffusionModel):
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
                      divergence: likelihood.Divergence | None = None, rtol: Positive = 1e-5, atol: Positive = 1e-5,
                      steps: PositiveInt | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 
         8-bit images are uniformly dequantized (``num_dequantizations`` draws, averaged) and scored
@@ -238,7 +237,7 @@ class ScoreSDE(GaussianDiffusionModel):
         ``self.last_likelihood_nfe``, the divergence used in ``self.last_likelihood_divergence``.
         """
         self.check_bpd_options(num_dequantizations=num_dequantizations, divergence=divergence, rtol=rtol, atol=atol,
-                               steps=steps)
+                               steps=steps, **options)
         if steps is None:
             self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
                                      "bpd_options: {steps: N})")

@@ -17,14 +17,16 @@ noise are the same draws).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_diffusion import (DDPM, EBM, EMA, MLP, VAE, CategoricalUNet, ConvVAENet, DiscreteDiffusion, EnergyMLP,
-                                 HierarchicalVAE, LadderVAENet, LastCheckpoint, Likelihood, SampleQuality, ScoreSDE,
-                                 ShardDataModule, UNet, evaluation_weights)
+from lightning_diffusion import EMA, MLP, LastCheckpoint, Likelihood, SampleQuality, ShardDataModule, evaluation_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny models and trainer
+from tiny import tiny_model, tiny_trainer  # noqa: E402
 
 
 def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
@@ -32,38 +34,29 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
     rank makes the same number of net calls, as a sharded model needs)."""
     images = ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
     image_quality = {"extractor": "digits", "metrics": ["fid"], "num_samples": 20, "batch_size": 10}
+    common = dict(warmup_steps=2, lr=1e-3)
+    conditional = dict(num_classes=10, class_conditional=True, label_dropout=0.2)
     if family == "ddpm":
-        net = UNet(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                   image_size=8, dropout=0.1, num_classes=10)
-        model = DDPM(net=net, data_shape=(1, 8, 8), num_classes=10, class_conditional=True, label_dropout=0.2,
-                     timesteps=50, warmup_steps=2, lr=1e-3)
+        model = tiny_model("ddpm", net=dict(attention_resolutions=(4,), dropout=0.1, num_classes=10), timesteps=50,
+                           **conditional, **common)
         return model, images, {**image_quality, "sample_options": {"sampler": "ddim", "steps": 3}}, {"steps": 3}
     if family == "score_sde":
         points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
-        model = ScoreSDE(net=MLP(in_channels=2, hidden=32, num_layers=2, time_embed_dim=16), data_shape=(2,),
-                         warmup_steps=2, lr=1e-3)
+        model = tiny_model("score_sde", net=MLP(in_channels=2, hidden=32, num_layers=2, time_embed_dim=16),
+                           data_shape=(2,), **common)
         return model, points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
                                "sample_options": {"sampler": "euler_maruyama", "steps": 4}}, {"steps": 3}
     if family == "vae":
-        model = VAE(net=ConvVAENet(in_channels=1, image_size=8, latent_dim=4, channels=(8, 16)), data_shape=(1, 8, 8),
-                    warmup_steps=2, lr=1e-3)
+        model = tiny_model("vae", net=dict(latent_dim=4, channels=(8, 16)), likelihood=None, **common)
         return model, images, image_quality, {"num_importance_samples": 4}
     if family == "hvae":
-        net = LadderVAENet(in_channels=1, image_size=8, width=16, latent_channels=2, latent_resolutions=(1, 4),
-                           groups_per_resolution=(1, 1), encoder_blocks=1)
-        model = HierarchicalVAE(net=net, data_shape=(1, 8, 8), warmup_steps=2, lr=1e-3)
+        model = tiny_model("hvae", net=dict(latent_channels=2, latent_resolutions=(1, 4), groups_per_resolution=(1, 1)),
+                           likelihood=None, **common)
         return model, images, image_quality, {"num_importance_samples": 4}
     if family == "ebm":  # persistent CD: a replay buffer per rank, Langevin chains, quadrature log Z
-        import numpy as np
-
-        from lightning_diffusion.data.sources import toy2d_points
-
         points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
-        model = EBM(net=EnergyMLP(in_channels=2, hidden=32, num_layers=2), data_shape=(2,), step_size=0.05,
-                    mcmc_steps=3, buffer_size=64, sample_steps=4, quadrature_points=51, warmup_steps=2, lr=1e-3)
-        model.fit_base(torch.from_numpy(toy2d_points("gaussians8", 256, np.random.default_rng(1))[0]))
-        return model, points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
-                               "sample_options": {"steps": 3}}, {}
+        return tiny_model("ebm", **common), points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
+                                                     "sample_options": {"steps": 3}}, {}
     if family == "discrete":  # absorbing D3PM in discrete time on the digits' 8-bit categories (K = 256)
         # T = 20 with the hybrid loss, not continuous time: it runs the discrete-time code (the
         # importance-sampling buffers, the exact bound over every t in chunks of bpd_chunk = 8 steps per
@@ -71,13 +64,8 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
         # continuous-time masked ELBO (discrete_absorbing_digits, discrete_words)
         categories = ShardDataModule("digits", categorical=True, batch_size=16, num_workers=0, batches_per_epoch=2,
                                      shuffle_buffer=64)
-        net = CategoricalUNet(num_categories=256, in_channels=1, image_size=8, num_classes=10, embed_dim=8,
-                              model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                              dropout=0.1, head_channels=16)
-        model = DiscreteDiffusion(net=net, num_categories=256, data_shape=(1, 8, 8), num_classes=10,
-                                  class_conditional=True, label_dropout=0.2, corruption="absorbing", timesteps=20,
-                                  loss="hybrid", importance_sampling=True, bpd_chunk=8, sample_steps=4,
-                                  warmup_steps=2, lr=1e-3)
+        model = tiny_model("discrete", net=dict(num_classes=10, attention_resolutions=(4,), dropout=0.1),
+                           importance_sampling=True, **conditional, **common)
         return model, categories, {**image_quality, "sample_options": {"steps": 4}}, {}
     raise ValueError(family)
 
@@ -92,11 +80,10 @@ def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
     ema = EMA(decay=0.9)
     quality = SampleQuality(every_n_epochs=0, every_n_steps=4, cache_stats=False, **quality_options)
     likelihood = Likelihood(every_n_epochs=0, every_n_steps=4, num_batches=1, split="test", bpd_options=bpd_options)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
-                                                                                    tensor_parallel_size=1),
-                        max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=root, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[ema, quality, likelihood, LastCheckpoint(dirpath=f"{root}/ck", every_n_train_steps=2)])
+    trainer = tiny_trainer(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                           max_steps=max_steps, enable_checkpointing=True, default_root_dir=root, limit_val_batches=0,
+                           callbacks=[ema, quality, likelihood,
+                                      LastCheckpoint(dirpath=f"{root}/ck", every_n_train_steps=2)])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model, ema, trainer, quality.last_results, likelihood.last_results
 
@@ -168,10 +155,8 @@ def ddp_step(family: str, out: str) -> None:
     init = {k: v.clone() for k, v in model.state_dict().items()}
     halves = fixed_halves(family)
     grads, ema = Grads(), EMA(decay=0.5)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-                        callbacks=[grads, ema])
+    trainer = tiny_trainer(devices=2, strategy="ddp", max_steps=1, limit_val_batches=0, use_distributed_sampler=False,
+                           callbacks=[grads, ema])
     trainer.fit(model, datamodule=FixedBatch(halves))
     result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum,
               "ema": {n: full(s) for n, s in ema.shadow.items()}, "history": sampler_history(model)}
