@@ -31,6 +31,25 @@ def offline_wandb(tmp_path, monkeypatch):
     wandb.finish()
 
 
+@pytest.fixture
+def fake_slurm_job(tmp_path, monkeypatch) -> Path:
+    """This process as task 0 of a one-task SLURM job (job 77; no other SLURM_ variable) with a fake
+    ``scontrol`` on PATH that appends its arguments to the returned file."""
+    calls = tmp_path / "scontrol.calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in dict(SLURM_JOB_ID="77", SLURM_JOB_NAME="t", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+                           SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                           SLURM_NODELIST="localhost").items():
+        monkeypatch.setenv(key, value)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module of small-tensor tests (``pytestmark =

@@ -339,7 +339,7 @@ def test_disk_full_injected_during_the_save(tmp_path, monkeypatch):
     assert len(calls) == 2 and ".partial-" in str(calls[1])
 
 
-def test_in_a_slurm_job_the_stop_checkpoint_is_the_one_a_requeued_job_resumes(tmp_path, monkeypatch):
+def test_in_a_slurm_job_the_stop_checkpoint_is_the_one_a_requeued_job_resumes(tmp_path, monkeypatch, fake_slurm_job):
     """Library use (a Trainer of one's own, FitStopped raised from fit) in a SLURM job with
     auto-requeue: SIGUSR1 (``--signal=B:USR1@90``) at step 3 writes hpc_ckpt_1.ckpt at step 4 and
     requeues; the SIGTERM with which SLURM then ends the job (step 5) writes last.ckpt at step 6 and
@@ -350,18 +350,7 @@ def test_in_a_slurm_job_the_stop_checkpoint_is_the_one_a_requeued_job_resumes(tm
     from lightning_diffusion.callbacks import EMA, FitStopped, LastCheckpoint, SlurmRequeue, StopOnSignal
     from test_ema import Regression, loader
 
-    calls = tmp_path / "scontrol.calls"
-    fake = tmp_path / "bin" / "scontrol"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    for key, value in dict(SLURM_JOB_ID="77", SLURM_JOB_NAME="t", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-                           SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-                           SLURM_NODELIST="localhost").items():
-        monkeypatch.setenv(key, value)
+    calls = fake_slurm_job  # what the fake scontrol was called with
 
     class Signals(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

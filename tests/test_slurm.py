@@ -378,7 +378,7 @@ def test_finished_slurm_run_is_refused_on_every_rank_and_a_requeue_without_hpc_r
     assert steps == [0, 1, 2, 3, 4], steps
 
 
-def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):
+def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch, fake_slurm_job):
     """SIGUSR1 in the middle of a training step only marks it; at the step's end the hpc checkpoint
     is written (at that step) and `scontrol requeue JOBID` called, once; training goes on. A second
     SIGUSR1 after that (the same event reaching a task late, as on another node) writes no second
@@ -389,18 +389,7 @@ def test_slurm_requeue_defers_the_signal_to_the_step_end(tmp_path, monkeypatch):
 
     from lightning_diffusion.callbacks import SlurmRequeue
 
-    calls = tmp_path / "scontrol.calls"
-    fake = tmp_path / "bin" / "scontrol"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    for key, value in dict(SLURM_JOB_ID="77", SLURM_JOB_NAME="t", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
-                           SLURM_NNODES="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
-                           SLURM_NODELIST="localhost").items():
-        monkeypatch.setenv(key, value)
+    calls = fake_slurm_job  # what the fake scontrol was called with
 
     class Tiny(L.LightningModule):
         def __init__(self):
