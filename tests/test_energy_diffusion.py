@@ -155,8 +155,9 @@ def test_every_sampler_runs_on_an_energy_model(family):
 
 @pytest.mark.parametrize("family", ["ddpm", "score_sde"])
 def test_bf16_sampling_of_an_energy_model(family):
-    """``sample(precision='bf16')`` differentiates the bf16 copy of the net (UNet): finite images
-    within a bf16 rounding of the float32 samples of the same seed."""
+    """``sample(precision='bf16')`` differentiates the bf16 copy of the net (UNet), or the float32 net
+    under autocast where no copy can be made (FSDP2): finite images within a bf16 rounding of the
+    float32 samples of the same seed."""
     model = _energy_model(family, image=True)
     with torch.no_grad():  # a sampling caller's context: the gradient is taken under enable_grad
         full = model.sample(3, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(0))
@@ -164,6 +165,10 @@ def test_bf16_sampling_of_an_energy_model(family):
     assert half.shape == full.shape == (3, 1, 8, 8) and torch.isfinite(half).all()
     assert (half - full).abs().max() < 0.1
     assert model.net.net.conv_out.weight.dtype == torch.float32  # the model's own net stays float32
+    model._bf16_copy_of_net = lambda: None  # a sharded model's path: autocast around the float32 net
+    with torch.no_grad():
+        autocast = model.sample(3, sampler="ddim", steps=4, precision="bf16", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(autocast).all() and (autocast - full).abs().max() < 0.1
 
 
 def test_energy_refusals_name_the_fix():
@@ -216,3 +221,12 @@ def test_energy_model_fits_through_the_cli(tmp_path):
     assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["parameterization"] == "energy"
     assert any(k.startswith("net.net.") for k in ckpt["state_dict"])
     assert (run / "samples" / "final.png").is_file()
+
+
+def test_fsdp2_is_refused_for_an_energy_net():
+    """Under ModelParallelStrategy (a device mesh) ``configure_model`` refuses an energy net, naming
+    DDP; an eps model gets no such refusal (its sharding is tested in test_distributed.py)."""
+    model = _energy_model("ddpm")
+    model._device_mesh = object()  # what Lightning's ModelParallelStrategy sets before configure_model
+    with pytest.raises(ValueError, match="FSDP2.*double backward.*strategy=ddp"):
+        model.configure_model()

@@ -107,6 +107,17 @@ class GaussianDiffusionModel(GenerativeModel):
                                                          self._net_time(t, x_t), y)
         return self.split_output(output, x_t)
 
+    def configure_model(self) -> None:
+        """FSDP2 sharding (:meth:`~lightning_diffusion.models.sharding.Sharded.configure_model`), refused
+        for a net that outputs an energy: its training step differentiates the net twice (``grad_x E``
+        with a graph, then the loss), and FSDP2 frees the gathered parameters after the first backward
+        (tried on torch 2.14: the second one fails on freed storage). DDP and one device train it."""
+        if getattr(self, "_device_mesh", None) is not None and param.row(self.parameterization).energy_scale is not None:
+            raise ValueError(f"{type(self).__name__}(parameterization={self.parameterization!r}): FSDP2 "
+                             "(ModelParallelStrategy) cannot train an energy net, whose training step backpropagates "
+                             "through grad_x E (a double backward); use --trainer.strategy=ddp or one device")
+        super().configure_model()
+
     def energy(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The model's energy ``E(x_t, t) [B]`` in nats: ``-log p_t(x_t)`` up to a constant of t, with
         ``score = -grad_x E``, at the process's time t [B] (or a scalar); float32 (or x_t's dtype if
