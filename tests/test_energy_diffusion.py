@@ -230,3 +230,21 @@ def test_fsdp2_is_refused_for_an_energy_net():
     model._device_mesh = object()  # what Lightning's ModelParallelStrategy sets before configure_model
     with pytest.raises(ValueError, match="FSDP2.*double backward.*strategy=ddp"):
         model.configure_model()
+
+
+def test_validation_under_inference_mode():
+    """Lightning validates under ``torch.inference_mode``, where autograd records nothing: the energy
+    row still takes its gradient there (on copies), so ``validate`` logs a finite val/loss and the
+    denoiser under inference mode equals the one under ``no_grad``."""
+    from tiny import tiny_trainer
+
+    model = _energy_model("ddpm")
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"x": row} for row in x], batch_size=4)
+    (metrics,) = tiny_trainer().validate(model, loader, verbose=False)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    t = torch.full((8,), 7)
+    with torch.no_grad():
+        reference = model.denoise(x, t)
+    with torch.inference_mode():
+        assert torch.equal(model.denoise(x.clone(), t.clone()), reference)

@@ -114,14 +114,23 @@ def energy_gradient(net: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor 
 
     Where gradients are on (training, the ODE likelihood's divergence) the gradient keeps its graph
     (``create_graph``), so a loss on it trains the energy (a double backward) and an ``x`` that
-    requires grad stays in the graph; inside ``no_grad`` (sampling, evaluation) it is computed
-    under ``enable_grad`` and returned without a graph."""
+    requires grad stays in the graph; inside ``no_grad`` or ``inference_mode`` (sampling, Lightning's
+    validation loop) it is computed under ``enable_grad`` (on copies of inference tensors, which
+    autograd cannot record) and returned without a graph."""
     keep_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        inputs = x if keep_graph and x.requires_grad else x.detach().requires_grad_(True)
-        energy = check_energy(net(inputs, t, y), x)
+    with torch.inference_mode(False), torch.enable_grad():
+        if keep_graph and x.requires_grad:
+            inputs = x
+        else:
+            inputs = _outside_inference(x.detach()).requires_grad_(True)
+        energy = check_energy(net(inputs, _outside_inference(t), _outside_inference(y)), x)
         (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=keep_graph)
     return gradient.to(x.dtype)
+
+
+def _outside_inference(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, or a copy of it where it was made under ``inference_mode`` (autograd refuses those)."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
 
 
 @dataclass(frozen=True)
