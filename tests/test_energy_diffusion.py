@@ -215,12 +215,14 @@ def test_energy_model_fits_through_the_cli(tmp_path):
     import json
 
     run = fit_run(tmp_path, "ddpm_toy2d", "--trainer.max_steps=3", "--model.init_args.timesteps=10",
+                  "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1",
                   "--data.init_args.batches_per_epoch=3", "--data.init_args.batch_size=64",
                   "--model.init_args.parameterization=energy", f"--model.init_args.net={json.dumps(net)}")
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["parameterization"] == "energy"
     assert any(k.startswith("net.net.") for k in ckpt["state_dict"])
     assert (run / "samples" / "final.png").is_file()
+    assert "val/loss" in (run / "metrics.csv").read_text()  # validated (under inference_mode) after the epoch
 
 
 def test_fsdp2_is_refused_for_an_energy_net():
