@@ -36,7 +36,8 @@ The public API is exactly the names in ``__all__``, importable from the top leve
   leaves the process group together; the ``lightning-diffusion`` command calls it).
 - Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
   `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`; energy nets
-  (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`; categorical
+  (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`; `EnergyHead`, the
+  noise-conditional energy ``net(x, t, y=None) -> E [B]`` of a UNet or MLP (parameterization ``energy``); categorical
   nets (``net(x_t, t, y=None) -> logits [B, *x_t.shape[1:], K]``) `CategoricalUNet` and
   `SequenceTransformer`.
 
@@ -117,6 +118,7 @@ _PUBLIC = {
     "CategoricalUNet": "lightning_diffusion.nets",
     "ConvVAENet": "lightning_diffusion.nets",
     "EnergyConvNet": "lightning_diffusion.nets",
+    "EnergyHead": "lightning_diffusion.nets",
     "EnergyMLP": "lightning_diffusion.nets",
     "LadderVAENet": "lightning_diffusion.nets",
     "MLP": "lightning_diffusion.nets",

@@ -272,8 +272,8 @@ def test_each_row_denoises_its_own_target_to_x0(name, process):
 
 
 def test_unknown_parameterization_names_the_table():
-    with pytest.raises(ValueError, match="'eps', 'x0', 'v', 'score', 'edm'"):
-        param.row("energy")
+    with pytest.raises(ValueError, match="'eps', 'x0', 'v', 'score', 'edm', 'energy'"):
+        param.row("logits")
 
 
 def test_no_module_but_the_table_dispatches_on_a_parameterization():
@@ -282,7 +282,7 @@ def test_no_module_but_the_table_dispatches_on_a_parameterization():
     import re
 
     package = Path(__file__).resolve().parents[1] / "lightning_diffusion"
-    pattern = re.compile(r"""parameterization\s*(==|!=|in\b)|["'](x0|score|edm)["']|\{\s*["']eps["']""")
+    pattern = re.compile(r"""parameterization\s*(==|!=|in\b)|["'](x0|score|edm|energy)["']|\{\s*["']eps["']""")
     found = [f"{path.relative_to(package)}:{i}: {line.strip()}"
              for path in package.rglob("*.py") if path.name != "parameterization.py"
              for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]

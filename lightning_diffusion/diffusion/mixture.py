@@ -67,6 +67,11 @@ class GaussianMixture:
         """Log-density [B] (nats) of ``x`` [B, D] under the marginal of ``alpha x_0 + sigma eps``."""
         return torch.logsumexp(self._noised(x, alpha, sigma)[0], dim=1)
 
+    def energy(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
+        """The exact energy ``-log p_t(x)`` [B] (nats, normalised: no constant) of the noised marginal;
+        differentiable in ``x`` (``-grad_x`` of it is :meth:`score`)."""
+        return -self.log_prob(x, alpha, sigma)
+
     def score(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """``grad_x log p(x)`` [B, D] of the noised marginal."""
         log_comp, var, alpha = self._noised(x, alpha, sigma)
@@ -89,7 +94,9 @@ class MixtureOracle(nn.Module):
     the optimum, the target of its row of :mod:`~lightning_diffusion.diffusion.parameterization` at
     ``x0 = E[x_0 | x_t]``, ``eps = E[eps | x_t]`` (``eps`` = E[eps | x_t], ``x0`` = E[x_0 | x_t], ``v`` =
     alpha eps - sigma x0, ``score`` = grad log p_t); the net's input is x_t itself (c_in = 1, so not
-    ``edm``). ``process`` is any object with ``alpha(t)`` and ``sigma(t)``.
+    ``edm``). A row whose net outputs an energy (``energy``) gets the exact energy
+    ``-log p_t(x_t) / energy_scale`` [B] (for ``energy``: sigma-nats), whose gradient is then taken
+    by the row like a trained net's. ``process`` is any object with ``alpha(t)`` and ``sigma(t)``.
     """
 
     def __init__(self, mixture: GaussianMixture, process, parameterization: str = "eps"):
@@ -99,6 +106,9 @@ class MixtureOracle(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
+        energy_scale = param.row(self.parameterization).energy_scale
+        if energy_scale is not None:
+            return (self.mixture.energy(x, alpha, sigma) / energy_scale(alpha, sigma, 0.5)).to(x.dtype)
         score = self.mixture.score(x, alpha, sigma)
         a, s = alpha[:, None], sigma[:, None]
         x0 = (x.to(torch.float64) + s**2 * score) / a

@@ -27,6 +27,7 @@ x0      the clean data x_0      0                        1                    1
 v       ``alpha eps - sigma x0``  alpha / n              -sigma / n           1
 score   ``grad log p(x_t|x_0)``   1 / alpha              sigma^2 / alpha      1
 edm     EDM's F                 sd^2 / (s^2+sd^2) / alpha  s sd / sqrt(s^2+sd^2)  1 / (alpha sqrt(s^2+sd^2))
+energy  ``grad_x E`` (eps)      1 / alpha              -sigma / alpha       1
 ======  ======================  =======================  ===================  ===========================
 
 (v: Salimans & Ho 2022, n = 1 on a VP process; score: Tweedie, ``x_0 = (x_t + sigma^2 score) / alpha``;
@@ -35,12 +36,27 @@ edm: EDM's preconditioning on the VE-equivalent ``x_t / alpha`` at noise level `
 monotone function of it). ``edm`` has ``fixed_weight``: its c_out makes F's target unit-variance, and
 a family trains it with weight 1 on F instead of its own weighting.
 
-Adding a parameterization (the energy-based-diffusion issue adds ``energy``): write its
-``c_skip`` and ``c_out`` (and ``c_in``, ``c_noise`` where they are not 1 and t) as functions of
-``(alpha, sigma, sigma_data)``, add a :class:`Row` to :data:`TABLE`, and add its name to the
-``Literal`` of each family that offers it (:data:`DDPMParameterization`, :data:`SDEParameterization`);
-the denoiser, the loss target and weight, and the families' checks then serve it unchanged.
-Nothing else in the package names a parameterization.
+``energy`` (Salimans & Ho 2021, "Should EBMs model the energy or the score?"; Du et al. 2023,
+"Reduce, Reuse, Recycle"): the net returns one number per sample, ``E_net(x_t, t) -> [B]``, and F is
+its gradient ``grad_x E_net`` by autograd (the row's :attr:`Row.output`, :func:`energy_gradient`:
+with a graph (``create_graph``) where gradients are on, so the loss trains the energy; without
+one inside ``no_grad``, as in sampling). ``E_net`` is measured in sigma-nats, R3's units, in which
+its gradient is the noise: ``grad_x E_net = eps_hat``, so the row has eps's coefficients and the
+loss target and weights of eps. In nats ``-log p_t(x_t) = E_net / sigma + const`` (the row's
+:attr:`Row.energy_scale`, ``1 / sigma``), so ``score = -grad_x (E_net / sigma)`` and the denoiser is
+Tweedie's ``x0_hat = (x_t + sigma^2 score) / alpha = (x_t - sigma grad_x E_net) / alpha``. sigma-nats
+keep the net's gradients of unit scale at every noise level (in nats they grow as 1 / sigma).
+``c_in`` is 1: the gradient is taken with respect to the net's input, which is x_t itself.
+Every sampler serves it unchanged, since it sees only the denoiser; ``GaussianDiffusionModel.energy``
+gives the energy itself in nats (an MCMC correction's target ``exp(-E)``).
+
+Adding a parameterization: write its ``c_skip`` and ``c_out`` (and ``c_in``, ``c_noise`` where
+they are not 1 and t) as functions of ``(alpha, sigma, sigma_data)`` (and ``output`` where F is
+not the net's output itself, ``energy_scale`` where the net outputs an energy, as ``energy`` does),
+add a :class:`Row` to :data:`TABLE`, and add its name to the ``Literal`` of each family that
+offers it (:data:`DDPMParameterization`, :data:`SDEParameterization`); the denoiser, the loss
+target and weight, and the families' checks then serve it unchanged. Nothing else in the package
+names a parameterization.
 """
 
 from __future__ import annotations
@@ -75,18 +91,64 @@ def _time(t: Tensor) -> Tensor:
     return t
 
 
+def call_net(net: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    """F of every row but ``energy``: the net's output ``net(x, t, y)`` itself."""
+    return net(x, t, y)
+
+
+def check_energy(energy: Tensor, x: Tensor) -> Tensor:
+    """``energy`` as ``[B]`` (a ``[B, 1]`` output squeezed); ValueError unless the net returned one
+    number per sample of ``x``."""
+    if energy.ndim == 2 and energy.shape[1] == 1:
+        energy = energy[:, 0]
+    if energy.shape != x.shape[:1]:
+        raise ValueError(f"parameterization 'energy': the net must return one energy per sample, shape "
+                         f"[{x.shape[0]}], but returned shape {list(energy.shape)} for x of shape {list(x.shape)}; "
+                         "wrap a UNet or MLP in lightning_diffusion.EnergyHead (net: {class_path: EnergyHead, "
+                         "init_args: {net: ...}})")
+    return energy
+
+
+def energy_gradient(net: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    """F of the ``energy`` row: ``grad_x E_net(x, t, y)`` by autograd, in x's dtype.
+
+    Where gradients are on (training, the ODE likelihood's divergence) the gradient keeps its graph
+    (``create_graph``), so a loss on it trains the energy (a double backward) and an ``x`` that
+    requires grad stays in the graph; inside ``no_grad`` or ``inference_mode`` (sampling, Lightning's
+    validation loop) it is computed under ``enable_grad`` (on copies of inference tensors, which
+    autograd cannot record) and returned without a graph."""
+    keep_graph = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.enable_grad():
+        if keep_graph and x.requires_grad:
+            inputs = x
+        else:
+            inputs = _outside_inference(x.detach()).requires_grad_(True)
+        energy = check_energy(net(inputs, _outside_inference(t), _outside_inference(y)), x)
+        (gradient,) = torch.autograd.grad(energy.sum(), inputs, create_graph=keep_graph)
+    return gradient.to(x.dtype)
+
+
+def _outside_inference(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, or a copy of it where it was made under ``inference_mode`` (autograd refuses those)."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+
 @dataclass(frozen=True)
 class Row:
     """One parameterization: its coefficients as functions of ``(alpha, sigma, sigma_data)``.
 
     ``c_noise(t)`` maps the process time to the net's time input; ``fixed_weight``: trained with
-    weight 1 on F whatever the family's weighting (EDM)."""
+    weight 1 on F whatever the family's weighting (EDM); ``output(net, x, t, y)``: F from the net
+    (default the net's output; ``energy``: the gradient of its scalar); ``energy_scale``: where the
+    net outputs an energy, the nats ``-log p_t`` per unit of it (None: the net outputs no energy)."""
 
     c_skip: Coefficient
     c_out: Coefficient
     c_in: Coefficient = _one
     c_noise: Callable[[Tensor], Tensor] = _time
     fixed_weight: bool = False
+    output: Callable[..., Tensor] = call_net
+    energy_scale: Coefficient | None = None
 
     def scalings(self, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5) -> Scalings:
         """``(c_skip, c_out, c_in)`` at ``alpha``, ``sigma`` (float64 tensors of any shape)."""
@@ -106,20 +168,29 @@ def _edm_norm(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, 
 
 
 #: the table: every parameterization of a Gaussian-diffusion net, by name
+def _eps_skip(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    return 1 / alpha
+
+
+def _eps_out(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    return -sigma / alpha
+
+
 TABLE: dict[str, Row] = {
-    "eps": Row(c_skip=lambda a, s, sd: 1 / a, c_out=lambda a, s, sd: -s / a),
+    "eps": Row(c_skip=_eps_skip, c_out=_eps_out),
     "x0": Row(c_skip=_zero, c_out=_one),
     "v": Row(c_skip=lambda a, s, sd: a / (a**2 + s**2), c_out=lambda a, s, sd: -s / (a**2 + s**2)),
     "score": Row(c_skip=lambda a, s, sd: 1 / a, c_out=lambda a, s, sd: s**2 / a),
     "edm": Row(c_skip=lambda a, s, sd: sd**2 / _edm_norm(a, s, sd)[1] ** 2 / a,
                c_out=lambda a, s, sd: _edm_norm(a, s, sd)[0] * sd / _edm_norm(a, s, sd)[1],
                c_in=lambda a, s, sd: 1 / (a * _edm_norm(a, s, sd)[1]), fixed_weight=True),
+    "energy": Row(c_skip=_eps_skip, c_out=_eps_out, output=energy_gradient, energy_scale=lambda a, s, sd: 1 / s),
 }
 
 #: what a DDPM's net may predict (the type of ``DDPM(parameterization=...)``)
-DDPMParameterization = Literal["eps", "x0", "v"]
+DDPMParameterization = Literal["eps", "x0", "v", "energy"]
 #: what a ScoreSDE's net may output (the type of ``ScoreSDE(parameterization=...)``)
-SDEParameterization = Literal["eps", "score", "edm"]
+SDEParameterization = Literal["eps", "score", "edm", "energy"]
 
 
 def row(name: str) -> Row:

@@ -28,7 +28,7 @@ class DDPM(GaussianDiffusionModel):
     """Denoising diffusion probabilistic model over any data shape.
 
     The net is called as ``net(x_t, t, y)`` with ``t`` the integer step index in ``[0, T)`` as
-    float, and predicts ``eps``, ``x0`` or ``v`` (``parameterization``, a row of
+    float, and predicts ``eps``, ``x0``, ``v`` or an ``energy`` (``parameterization``, a row of
     :mod:`~lightning_diffusion.diffusion.parameterization`). The one schedule object is
     :attr:`process`, a :class:`DiscreteVP` holding the :class:`NoiseSchedule` (:attr:`schedule`) that
     the ancestral sampler and the bound use.
@@ -67,8 +67,9 @@ class DDPM(GaussianDiffusionModel):
                 with ``loss_type="hybrid"``).
             timesteps: number of diffusion steps T (Ho et al.: 1000).
             beta_schedule: ``linear`` (Ho et al.) or ``cosine`` (Nichol & Dhariwal).
-            parameterization: what the net predicts: ``eps`` (noise), ``x0`` (clean data) or
-                ``v`` (velocity, Salimans & Ho).
+            parameterization: what the net predicts: ``eps`` (noise), ``x0`` (clean data),
+                ``v`` (velocity, Salimans & Ho) or ``energy`` (one number per sample, whose gradient
+                is the noise: the net an :class:`~lightning_diffusion.EnergyHead`).
             variance: fixed reverse-process variance, used in ancestral sampling and, unless the
                 variance is learned, in the bound: ``fixedlarge`` (beta_t) or ``fixedsmall``
                 (posterior variance beta-tilde_t).
@@ -97,6 +98,10 @@ class DDPM(GaussianDiffusionModel):
         self.parameterization, self.variance = parameterization, variance
         self.loss_type, self.vlb_weight, self.min_snr_gamma = loss_type, vlb_weight, min_snr_gamma
         self.learn_sigma = loss_type == "hybrid"
+        if self.learn_sigma and param.row(parameterization).energy_scale is not None:
+            raise ValueError(f"DDPM: loss_type='hybrid' learns the variance from C more output channels, but with "
+                             f"parameterization={parameterization!r} the net outputs one energy per sample; "
+                             "use loss_type: simple")
         out_channels = getattr(net, "out_channels", None)
         if self.learn_sigma and self.data_shape is not None and isinstance(out_channels, int) \
                 and out_channels != 2 * self.data_shape[0]:
@@ -249,7 +254,9 @@ class DDPM(GaussianDiffusionModel):
                 x0_rep = x0.repeat(n, *([1] * (x.ndim - 1)))
                 noise = torch.randn(x0_rep.shape, generator=generator, device=generator.device, dtype=x.dtype)
                 x_t = schedule.q_sample(x0_rep, t, noise.to(x.device, dtype))
-                output = self.net(x_t.to(x.dtype), original_steps[t].to(x.dtype), None if y is None else y.repeat(n))
+                # the row's F of the net (its output; an energy net's gradient)
+                output = param.row(self.parameterization).output(self.net, x_t.to(x.dtype), original_steps[t].to(x.dtype),
+                                                                 None if y is None else y.repeat(n))
                 prediction, v = self.split_output(output.to(dtype), x_t)
                 mean, log_variance = self._reverse_gaussian(schedule, prediction, v, x_t, t, clip=images)
                 terms = vlb.vlb_terms(schedule, x0_rep, x_t, t, mean, log_variance, discrete=images)

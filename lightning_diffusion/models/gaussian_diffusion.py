@@ -94,13 +94,50 @@ class GaussianDiffusionModel(GenerativeModel):
         sigma = append_dims(self.process.sigma(t), like.ndim).to(like.device)
         return alpha, sigma, param.row(self.parameterization).scalings(alpha, sigma, self.sigma_data)
 
+    def _net_time(self, t: Tensor, x_t: Tensor) -> Tensor:
+        """The net's time ``c_noise(t)`` in x_t's dtype (an integer DDPM step as float32)."""
+        t_net = param.row(self.parameterization).c_noise(t)
+        return t_net.to(x_t.dtype) if t_net.is_floating_point() else t_net.float()
+
     def _run_net(self, net: Callable[..., Tensor], scalings: param.Scalings, x_t: Tensor, t: Tensor,
                  y: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """:meth:`split_output` of ``net(c_in x_t, c_noise(t), y)``; the net's time is in x_t's dtype
-        (an integer DDPM step as float32)."""
-        t_net = param.row(self.parameterization).c_noise(t)
-        t_net = t_net.to(x_t.dtype) if t_net.is_floating_point() else t_net.float()
-        return self.split_output(net(scalings.c_in.to(x_t.dtype) * x_t, t_net, y), x_t)
+        """:meth:`split_output` of F, the row's ``output`` of ``net(c_in x_t, c_noise(t), y)`` (the
+        net's output, or for ``energy`` the gradient of its scalar)."""
+        output = param.row(self.parameterization).output(net, scalings.c_in.to(x_t.dtype) * x_t,
+                                                         self._net_time(t, x_t), y)
+        return self.split_output(output, x_t)
+
+    def configure_model(self) -> None:
+        """FSDP2 sharding (:meth:`~lightning_diffusion.models.sharding.Sharded.configure_model`), refused
+        for a net that outputs an energy: its training step differentiates the net twice (``grad_x E``
+        with a graph, then the loss), and FSDP2 frees the gathered parameters after the first backward
+        (tried on torch 2.14: the second one fails on freed storage). DDP and one device train it."""
+        if getattr(self, "_device_mesh", None) is not None and param.row(self.parameterization).energy_scale is not None:
+            raise ValueError(f"{type(self).__name__}(parameterization={self.parameterization!r}): FSDP2 "
+                             "(ModelParallelStrategy) cannot train an energy net, whose training step backpropagates "
+                             "through grad_x E (a double backward); use --trainer.strategy=ddp or one device")
+        super().configure_model()
+
+    def energy(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The model's energy ``E(x_t, t) [B]`` in nats: ``-log p_t(x_t)`` up to a constant of t, with
+        ``score = -grad_x E``, at the process's time t [B] (or a scalar); float32 (or x_t's dtype if
+        wider), differentiable where gradients are on (an MCMC kernel's target ``exp(-E)``).
+
+        Only a parameterization whose net outputs an energy has one (``energy``: the net's scalar
+        ``E_net`` in sigma-nats times ``energy_scale = 1 / sigma``,
+        :mod:`~lightning_diffusion.diffusion.parameterization`); ValueError otherwise."""
+        table_row = param.row(self.parameterization)
+        if table_row.energy_scale is None:
+            raise ValueError(f"{type(self).__name__}.energy: parameterization {self.parameterization!r} has no energy "
+                             "(its net outputs a vector, not -log p_t); train with parameterization: energy and an "
+                             "energy net (lightning_diffusion.EnergyHead)")
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        alpha, sigma, c = self._coefficients(t, x_t)
+        energy = param.check_energy(self.net(c.c_in.to(x_t.dtype) * x_t, self._net_time(t, x_t), y), x_t)
+        scale = table_row.energy_scale(alpha.flatten(), sigma.flatten(), self.sigma_data)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        return energy.to(dtype) * scale.to(dtype)
 
     def denoise(self, x_t: Tensor, t: Tensor, y: Tensor | None = None,
                 net: Callable[..., Tensor] | None = None) -> Tensor:

@@ -30,8 +30,8 @@ class ScoreSDE(GaussianDiffusionModel):
     weighting), ``x_t = alpha(t) x_0 + sigma(t) eps``, and minimises
     ``lambda(t) || s_theta(x_t, t) - grad log p(x_t | x_0) ||^2`` with ``lambda = sigma^2`` (Song et
     al. 2021, eq. 7) or ``lambda = g^2`` (likelihood weighting, Song et al. 2021b). The net sees the
-    continuous time t in (0, 1] and outputs eps (``eps``), the score (``score``), or the raw output F
-    of EDM preconditioning (``edm``): rows of :mod:`~lightning_diffusion.diffusion.parameterization`,
+    continuous time t in (0, 1] and outputs eps (``eps``), the score (``score``), the raw output F
+    of EDM preconditioning (``edm``), or an energy whose gradient is eps (``energy``): rows of :mod:`~lightning_diffusion.diffusion.parameterization`,
     which also give the loss its target. With ``x0_hat`` the denoiser, ``sigma^2`` weighting is the
     x0-space weight ``SNR = alpha^2 / sigma^2`` (on the net's output ``SNR c_out^2``: 1 for eps,
     ``sigma^2`` for the score); EDM's row trains with its own weight (1 on F) whatever ``weighting``.
@@ -61,8 +61,9 @@ class ScoreSDE(GaussianDiffusionModel):
             net: ``net(x, t, y=None)`` with continuous t in (0, 1] (give our UNet/MLP ``time_scale: 1000``).
             sde: the forward process: ``VPSDE`` (default, beta 0.1..20), ``SubVPSDE`` or ``VESDE``
                 (sigma 0.01..50).
-            parameterization: what the net outputs: ``eps`` (score = -eps/sigma), ``score``, or
-                ``edm`` (EDM preconditioning with ``sigma_data``).
+            parameterization: what the net outputs: ``eps`` (score = -eps/sigma), ``score``,
+                ``edm`` (EDM preconditioning with ``sigma_data``), or ``energy`` (one number per
+                sample E, score = -grad_x E / sigma: the net an :class:`~lightning_diffusion.EnergyHead`).
             weighting: ``sigma2`` (lambda = sigma^2) or ``likelihood`` (lambda = g^2, which makes the
                 loss an upper bound on the NLL). Ignored for ``edm``, which uses EDM's weight.
             importance_sampling: with likelihood weighting, draw t with density proportional to
