@@ -67,6 +67,11 @@ class GaussianMixture:
         """Log-density [B] (nats) of ``x`` [B, D] under the marginal of ``alpha x_0 + sigma eps``."""
         return torch.logsumexp(self._noised(x, alpha, sigma)[0], dim=1)
 
+    def energy(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
+        """The exact energy ``-log p(x)`` [B] (nats, normalised: no constant left) of the marginal of
+        ``alpha x_0 + sigma eps``; differentiable in ``x``, its gradient is ``-score``."""
+        return -self.log_prob(x, alpha, sigma)
+
     def score(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """``grad_x log p(x)`` [B, D] of the noised marginal."""
         log_comp, var, alpha = self._noised(x, alpha, sigma)
@@ -96,6 +101,12 @@ class MixtureOracle(nn.Module):
         super().__init__()
         self.mixture, self.process, self.parameterization = mixture, process, parameterization
         self.register_buffer("_anchor", torch.zeros(()))  # gives the module a device/dtype
+
+    def energy(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The exact energy ``E(x_t, t) = -log p_t(x_t)`` [B] in x's dtype (the ``energy`` a model of
+        parameterization ``energy`` learns), for data [B, D] or any shape of D values per sample."""
+        alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
+        return self.mixture.energy(x.flatten(1), alpha, sigma).to(x.dtype)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
