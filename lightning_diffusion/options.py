@@ -56,6 +56,8 @@ class Choices(NamedTuple):
 
 #: an integer >= 1 (a count: steps, samples, chunks)
 PositiveInt = Annotated[int, Bound(1)]
+#: an integer >= 0 (a count that may be zero: moves per level)
+NonNegativeInt = Annotated[int, Bound(0)]
 #: a number > 0 (a step size, a tolerance, a temperature that divides)
 Positive = Annotated[float, Bound(0, above=True)]
 #: a number >= 0

@@ -56,7 +56,7 @@ def _in(module: str, *prefixes: str) -> bool:
 
 
 #: the pure-math folders (no Lightning) and what of ours each may import besides itself and errors.py
-PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "options"),
+PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "options", "mcmc"),
              "discrete": ("likelihoods", "sampling", "options"), "mcmc": ("likelihoods", "options")}
 #: modules that import nothing of ours and no Lightning, so that every layer may use them
 LEAVES = ("errors", "modes", "encodings", "paths", "sampling")

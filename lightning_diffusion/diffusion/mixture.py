@@ -104,6 +104,12 @@ class MixtureOracle(nn.Module):
         self.mixture, self.process, self.parameterization = mixture, process, parameterization
         self.register_buffer("_anchor", torch.zeros(()))  # gives the module a device/dtype
 
+    def energy(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The exact energy ``E(x_t, t) = -log p_t(x_t)`` [B] in x's dtype (the ``energy`` a model of
+        parameterization ``energy`` learns), for data [B, D] or any shape of D values per sample."""
+        alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
+        return self.mixture.energy(x.flatten(1), alpha, sigma).to(x.dtype)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         alpha, sigma = self.process.alpha(t).to(x.device), self.process.sigma(t).to(x.device)
         energy_scale = param.row(self.parameterization).energy_scale

@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 
 from lightning_diffusion.diffusion.sde import GaussianProcess
+from lightning_diffusion.mcmc.kernels import Chains, Target, per_sample
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
 from lightning_diffusion import options
-from lightning_diffusion.options import check_call, check_value, defaults_of
+from lightning_diffusion.options import NonNegativeInt, Positive, PositiveInt, check_call, check_value, defaults_of
 from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -52,6 +53,11 @@ Predictor = Literal["reverse_diffusion", "euler_maruyama"]
 DPMGrid = Literal["logsnr", "time"]
 SolverOrder = Literal[1, 2, 3]
 UniPCVariant = Literal["bh1", "bh2"]
+#: ``energy_fn(x_t, t) -> E [B]``: the energy of the noised marginal, ``E = -log p_t(x_t)`` up to a
+#: constant (nats), at the process's time ``t`` (a [B] tensor, as the denoiser gets it)
+EnergyFn = Callable[[Tensor, Tensor], Tensor]
+#: the MCMC move of :func:`annealed_mcmc`: unadjusted Langevin, Metropolis-adjusted Langevin, or HMC
+MCMCKernel = Literal["ula", "mala", "hmc"]
 LOWER_ORDER_FINAL_BELOW = 10  # DPM-Solver's reference code: lower orders in the last steps only below 10 steps
 
 
@@ -295,6 +301,16 @@ def langevin_step(den: CountedDenoiser, x: Tensor, t: float, snr: float, a2: flo
     return x + step * score + (2 * step).sqrt() * z
 
 
+def ancestral_step(process: GaussianProcess, x: Tensor, x0: Tensor, t: float, s: float, variance: str,
+                   generator: torch.Generator | None) -> Tensor:
+    """One step of :func:`ancestral` from t to s < t given x0_hat: ``x_s = mu~(x_t, x0_hat) + sqrt(var) z``
+    (``fixedsmall``: the posterior variance; ``fixedlarge``: the transition's ``v``)."""
+    step = transition(process, t, s)
+    mean = (step.a * step.sigma_s**2 / step.sigma_t**2) * x + (step.alpha_s * step.v / step.sigma_t**2) * x0
+    var = step.posterior_var if variance == "fixedsmall" else step.v
+    return mean + math.sqrt(var) * _noise(x, generator)
+
+
 # -- the samplers -----------------------------------------------------------------------------
 @torch.no_grad()
 def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *, steps: int | None = None,
@@ -316,11 +332,7 @@ def ancestral(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, 
     grid = sampler_grid("ancestral", process, steps)
     x = _prior(process, shape, generator, device)
     for t, s in zip(grid[:-1], grid[1:]):
-        step = transition(process, t, s)
-        x0 = den(x, t)
-        mean = (step.a * step.sigma_s**2 / step.sigma_t**2) * x + (step.alpha_s * step.v / step.sigma_t**2) * x0
-        var = step.posterior_var if variance == "fixedsmall" else step.v
-        x = mean + math.sqrt(var) * _noise(x, generator)
+        x = ancestral_step(process, x, den(x, t), t, s, variance, generator)
     return SamplerOutput(den(x, grid[-1]), den.nfe)
 
 
@@ -691,6 +703,91 @@ def unipc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...]
     return SamplerOutput(x, den.nfe)
 
 
+def _denoised_from_grad(process: GaussianProcess, x: Tensor, grad: Tensor, t: float,
+                        clip: tuple[float, float] | None) -> Tensor:
+    """Tweedie's x0_hat from the energy's gradient at time t: ``(x - sigma_t^2 grad E) / alpha_t``
+    (the score is ``-grad E``), clamped to ``clip``."""
+    x0 = (x - _at(process.sigma, t) ** 2 * grad) / _at(process.alpha, t)
+    return x0 if clip is None else x0.clamp(*clip)
+
+
+@torch.no_grad()
+def annealed_mcmc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
+                  steps: int | None = None, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
+                  callback: Callback | None = None, energy_fn: EnergyFn | None = None,
+                  kernel: MCMCKernel = "mala", mcmc_steps: NonNegativeInt = 2, step_scale: Positive = 0.1,
+                  leapfrog_steps: PositiveInt = 3, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
+    """MCMC-corrected ancestral sampling on an energy (Du et al. 2023, "Reduce, Reuse, Recycle":
+    annealed ULA / MALA / HMC interleaved with the reverse diffusion; their HMC is unadjusted (UHMC),
+    ours, :mod:`lightning_diffusion.mcmc`'s, has Metropolis' test).
+
+    ``energy_fn(x_t, t) -> E [B]`` is the energy of the noised marginal at the process's time t,
+    ``p_t(x) ∝ exp(-E(x, t))``; its gradient gives the score ``-grad E`` and with it the denoiser
+    ``x0_hat = (x - sigma_t^2 grad E) / alpha_t`` (Tweedie). On the grid t_0 > ... > t_{N-1} of
+    :func:`ancestral`: from the prior at t_0, each step is an ancestral step (:func:`ancestral_step`,
+    ``variance``) from t_{i-1} to t_i with x0_hat at t_{i-1}, then ``mcmc_steps`` (K) moves of
+    ``kernel`` on exp(-E(., t_i)) by :mod:`lightning_diffusion.mcmc`'s kernels; x0_hat at t_{N-1}
+    is returned. The reverse step only proposes where the next level's mass is; the moves (with
+    Metropolis' test for ``mala`` and ``hmc``) pull the samples towards p_{t_i} itself, correcting the
+    few-step reverse process's error (or, for a sum of energies, the error of summing scores).
+    ``denoise_fn`` is not called: the energy's gradient is the denoiser, so the reverse step and
+    the moves sample one and the same model.
+
+    Step size tied to the noise level: the Langevin time of a move is ``step_scale * sigma_t^2``, i.e.
+    the kernels' step ``eps = sqrt(2 step_scale) sigma_t`` (the proposal's noise std for ``ula`` and
+    ``mala``, the leapfrog step for ``hmc``), a fixed fraction of the noise's own scale at that level
+    (R3 scales its steps with the DDPM's ``beta_t``, the variance the level adds, with a constant
+    tuned per task; ``sigma_t^2`` is the variance of the level itself, which keeps the move's size
+    relative to the width of p_t at every level of any process).
+
+    Options: ``kernel`` (``mala``, default; ``ula``; ``hmc`` with ``leapfrog_steps`` leapfrog steps,
+    a fresh momentum per move), ``mcmc_steps`` K per level (default 2; 0: plain ancestral sampling
+    on the energy's denoiser), ``step_scale`` (0.1: MALA accepts about 0.75 of its moves on 784-D
+    mixture marginals, 0.45 at 0.2; 2-D points take ~1, README), ``leapfrog_steps`` (3),
+    ``variance`` (ancestral's).
+
+    ``callback`` is called once per level, after its moves, with ``{'x', 'i', 't', 'sigma',
+    'denoised', 'acceptance', 'nfe'}``: ``i`` the level index from 0, ``acceptance`` the level's
+    Metropolis acceptance rate (mean over chains and its K moves; 1.0 for ``ula`` and where no
+    move was made), ``nfe`` the evaluations so far.
+
+    ``steps``: grid points N (default 100, or the T steps of a shorter DDPM); NFE counts energy-and-gradient evaluations:
+    ``N + (N - 1) K`` (``ula``, ``mala``) or ``N + (N - 1) K leapfrog_steps`` (``hmc``).
+    """
+    check_value("kernel", kernel, MCMCKernel)
+    if energy_fn is None:
+        raise OptionError("sampler", "annealed_mcmc", "the annealed_mcmc sampler needs energy_fn, the energy E(x_t, t)",
+                          "pass energy_fn (a model with parameterization: energy passes its own)")
+    grid = sampler_grid("annealed_mcmc", process, steps)
+    x = _prior(process, shape, generator, device)
+
+    def at(t: float) -> Callable[[Tensor], Tensor]:
+        """The energy of level t as the kernels take it: a function of x alone."""
+        return lambda y: energy_fn(y, torch.full((y.shape[0],), float(t), dtype=y.dtype, device=y.device))
+
+    chains = Chains(Target(at(grid[0])), x)
+    one = per_sample(1.0, chains.x)
+    x0 = x
+    for i, t in enumerate(grid):
+        accepted, moves = chains.accepted.clone(), chains.moves
+        if i:
+            chains.x = ancestral_step(process, chains.x, x0, grid[i - 1], t, variance, generator)
+            chains.set_energy(at(t))
+            eps = math.sqrt(2 * step_scale) * _at(process.sigma, t) * one
+            if kernel == "hmc":
+                chains.hmc(mcmc_steps, eps, leapfrog_steps, one, generator)
+            else:
+                chains.langevin(mcmc_steps, eps, one, kernel == "mala", generator)
+        x0 = _denoised_from_grad(process, chains.x, chains.state[1], t, clip)
+        if callback is not None:
+            made = chains.moves - moves
+            rate = float((chains.accepted - accepted).mean()) / made if made else 1.0
+            callback({"x": chains.x, "i": i, "t": float(t), "sigma": _at(process.ratio, float(t)), "denoised": x0,
+                      "acceptance": rate, "nfe": chains.target.nfe})
+    return SamplerOutput(x0, chains.target.nfe)
+
+
 GridRule = Callable[[GaussianProcess, Any, Any, dict], list]
 
 
@@ -701,6 +798,7 @@ class SamplerEntry(NamedTuple):
     run: Callable[..., SamplerOutput]  # run(denoise_fn, process, shape, *, steps, generator, device, clip, callback, **own)
     steps: Any  # default step count: an int, a function of the process, or None (adaptive: takes no steps)
     grid: GridRule  # (process, steps, default steps, options with the sampler's defaults) -> times, checked
+    needs_energy: bool = False  # runs on the model's energy E(x_t, t) (``energy_fn``), not on the denoiser alone
 
     def __call__(self, *args: Any, **kwargs: Any) -> SamplerOutput:
         return self.run(*args, **kwargs)
@@ -715,6 +813,11 @@ def _all_steps(process: GaussianProcess) -> int:
     return int(process.t_max) + 1 if process.discrete else 1000
 
 
+def _hundred_levels(process: GaussianProcess) -> int:
+    """annealed_mcmc's default: 100 levels (each with its moves), or all T steps of a shorter DDPM."""
+    return min(100, _all_steps(process))
+
+
 #: every sampler by name, each with its default steps and grid: a new sampler is one entry
 SAMPLERS: dict[str, SamplerEntry] = {
     "ancestral": SamplerEntry(ancestral, _all_steps, uniform_grid),
@@ -725,9 +828,12 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "heun": SamplerEntry(heun, 18, _karras_steps),
     "dpm_solver": SamplerEntry(dpm_solver, 20, _solver_steps),
     "unipc": SamplerEntry(unipc, 20, _solver_steps),
+    "annealed_mcmc": SamplerEntry(annealed_mcmc, _hundred_levels, uniform_grid, needs_energy=True),
 }
 
 _COMMON = ("steps", "generator", "device", "clip", "callback")
+#: the arguments of a sampler that are no options: the common ones and the energy (a model's, never a config's)
+_ARGUMENTS = (*_COMMON, "energy_fn")
 
 
 def registered(name: str) -> SamplerEntry:
@@ -738,33 +844,38 @@ def registered(name: str) -> SamplerEntry:
 def sampler_options(name: str) -> list[str]:
     """The sampler-specific options of ``name`` (beyond steps, generator, device, clip, callback)."""
     params = inspect.signature(registered(name).run).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON]
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _ARGUMENTS]
 
 
 def check_options(name: str, process: GaussianProcess, steps: int | None = None, *, also: tuple[str, ...] = (),
-                  **options: Any) -> None:
+                  energy: bool = False, **options: Any) -> None:
     """Raise :class:`OptionError` unless sampler ``name`` can run on ``process`` with ``steps`` and
     ``options``: a known sampler, only its own options, each of the kind its signature declares
-    (:func:`~lightning_diffusion.options.check_call`), and a step count its grid allows
-    (:func:`sampler_grid`). :func:`sample` calls it; a model calls it before training to refuse a
-    callback's ``sample_options`` early. ``also``: the caller's own option names, listed with the
-    sampler's in the message about an unknown option."""
+    (:func:`~lightning_diffusion.options.check_call`), a step count its grid allows
+    (:func:`sampler_grid`), and an energy where the sampler needs one (``needs_energy``;
+    ``energy``: whether the caller has one). :func:`sample` calls it; a model calls it before
+    training to refuse a callback's ``sample_options`` early. ``also``: the caller's own option
+    names, listed with the sampler's in the message about an unknown option."""
     entry = registered(name)
+    if entry.needs_energy and not energy:
+        raise OptionError("sampler", name, f"the {name} sampler runs MCMC on the model's energy E(x_t, t), and this "
+                          "model has none", "train a model with parameterization: energy, or choose a sampler that "
+                          "needs only the denoiser (" + ", ".join(n for n, e in SAMPLERS.items() if not e.needs_energy) + ")")
     known = [*(["steps"] if entry.steps is not None else []), *also, *sampler_options(name)]
-    check_call(entry.run, options, f"the {name} sampler", skip=_COMMON, listed=known)
+    check_call(entry.run, options, f"the {name} sampler", skip=_ARGUMENTS, listed=known)
     sampler_grid(name, process, steps, **options)
 
 
 def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
            steps: int | None = None, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
-           callback: Callback | None = None,
+           callback: Callback | None = None, energy_fn: EnergyFn | None = None,
            **options: Any) -> SamplerOutput:
     """Run the sampler called ``name`` on ``denoise_fn`` over ``process``; returns ``(x, nfe)``.
 
     Args:
         name: ``ancestral``, ``ddim``, ``euler_maruyama``, ``pc``, ``ode``, ``heun``,
-            ``dpm_solver`` or ``unipc`` (the keys of :data:`SAMPLERS`).
+            ``dpm_solver``, ``unipc`` or ``annealed_mcmc`` (the keys of :data:`SAMPLERS`).
         denoise_fn: ``denoise_fn(x_t, t) -> x0_hat``, the clean-data estimate at time ``t``
             (a float tensor [B] in the process's own time).
         process: the Gaussian process ``x_t = alpha(t) x_0 + sigma(t) eps`` (an SDE, or a DDPM
@@ -776,8 +887,13 @@ def sample(name: str, denoise_fn: Denoiser, process: GaussianProcess, shape: tup
         clip: clamp x0_hat to this range at every evaluation (``(-1, 1)`` for images).
         callback: called at every network evaluation with ``{'x', 'i', 't', 'sigma', 'denoised'}``
             (:data:`Callback`); None: nothing.
+        energy_fn: ``energy_fn(x_t, t) -> E [B]``, the energy ``-log p_t(x_t)`` up to a constant
+            (nats) at time ``t`` (:data:`EnergyFn`), for a sampler that needs it (``needs_energy``:
+            ``annealed_mcmc``); the others ignore it.
         **options: the sampler's own options, by keyword (:func:`sampler_options` lists them).
     """
-    check_options(name, process, steps, **options)
-    return SAMPLERS[name](denoise_fn, process, shape, steps=steps, generator=generator, device=device,
-                          clip=clip, callback=callback, **options)
+    entry = registered(name)
+    check_options(name, process, steps, energy=energy_fn is not None, **options)
+    own = {"energy_fn": energy_fn} if entry.needs_energy else {}
+    return entry(denoise_fn, process, shape, steps=steps, generator=generator, device=device,
+                 clip=clip, callback=callback, **own, **options)

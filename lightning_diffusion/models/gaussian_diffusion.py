@@ -71,6 +71,10 @@ class GaussianDiffusionModel(GenerativeModel):
         super().__init__(**kwargs)
         self.set_conditioning(class_conditional, label_dropout)
         self.last_sample_nfe: int | None = None
+        #: the Metropolis acceptance rate of each noise level of the last ``draw_samples`` with a sampler
+        #: that runs MCMC on the energy (``annealed_mcmc``: one rate per level after the first; 1.0 for
+        #: unadjusted moves); None after any other sampler
+        self.last_sample_acceptance: list[float] | None = None
 
     #: the family's :class:`~lightning_diffusion.diffusion.sde.GaussianProcess` (DDPM: its
     #: ``DiscreteVP``; ScoreSDE: its ``sde``)
@@ -212,6 +216,14 @@ class GaussianDiffusionModel(GenerativeModel):
         steps = min(PREVIEW_MAX_STEPS, max(PREVIEW_STEPS, math.ceil(span / PREVIEW_LOGSNR_STEP - 1e-9)))
         return {"sampler": PREVIEW_SAMPLER, "steps": steps}
 
+    def sampling_energy(self, y: Tensor | None = None) -> samplers.EnergyFn | None:
+        """``energy_fn(x_t, t) -> E [B]`` for the samplers that run MCMC on the model's energy
+        (``needs_energy``: ``annealed_mcmc``): ``self.energy(x_t, t, y)`` where the
+        parameterization's row has an energy (``energy``), None otherwise, which those samplers refuse."""
+        if param.row(self.parameterization).energy_scale is None:  # the table says whether the net is an energy
+            return None
+        return lambda x_t, t: self.energy(x_t, t, y)
+
     # -- checking the options of sample() -------------------------------------------------------
     #: the default sampler of ``sample`` and its step count (None: the sampler's own default);
     #: ScoreSDE sets both from its options
@@ -240,7 +252,12 @@ class GaussianDiffusionModel(GenerativeModel):
         own = [option for option in options_of(self.sample, SAMPLE_ARGUMENTS) if option != "steps"]
         # callback is a programmatic option (a callable, never in a config): taken, not listed
         samplers.check_options(name, self.process, steps, also=(*own, *(o for o in DRIVER_OPTIONS if o != "callback")),
+                               energy=self.sampling_energy() is not None,
                                **{k: v for k, v in rest.items() if k not in DRIVER_OPTIONS})
+        guidance = options.get("guidance_scale", 1.0)
+        if samplers.registered(name).needs_energy and guidance != 1.0:
+            raise OptionError("guidance_scale", guidance, f"the {name} sampler runs on the energy of one condition "
+                              "and does not guide", "leave guidance_scale at 1.0 with this sampler")
 
     # -- the sampler driver -------------------------------------------------------------------------
     def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
@@ -259,7 +276,9 @@ class GaussianDiffusionModel(GenerativeModel):
         ``callback`` (among ``options``) is the sampler's: called at every network evaluation with
         ``{'x', 'i', 't', 'sigma', 'denoised'}`` (:class:`~lightning_diffusion.diffusion.samplers.CountedDenoiser`).
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
-        counts once, though it runs a 2B batch).
+        counts once, though it runs a 2B batch). A sampler that runs MCMC on the energy
+        (``annealed_mcmc``) gets :meth:`sampling_energy` and counts energy-and-gradient evaluations;
+        its acceptance rate per noise level goes to ``last_sample_acceptance``.
         """
         if sampler == "ode":
             self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
@@ -278,10 +297,21 @@ class GaussianDiffusionModel(GenerativeModel):
         else:
             check_precision(precision)
             denoise_fn = self.guided_denoiser(y, guidance_scale)
+        acceptance: list[float] | None = None
+        if samplers.registered(sampler).needs_energy:  # MCMC on the energy: record each level's acceptance
+            acceptance, user_callback = [], options.pop("callback", None)
+
+            def callback(step: dict) -> None:
+                if step["i"]:
+                    acceptance.append(step["acceptance"])
+                if user_callback is not None:
+                    user_callback(step)
+
+            options = {**options, "callback": callback, "energy_fn": self.sampling_energy(y)}
         with evaluating(self):
             out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
                                   generator=generator, device=self.device, clip=clip, **options)
-        self.last_sample_nfe = out.nfe
+        self.last_sample_nfe, self.last_sample_acceptance = out.nfe, acceptance
         return out.x.clamp(-1, 1) if self.is_image else out.x
 
     def _bf16_copy_of_net(self) -> torch.nn.Module | None:

@@ -204,7 +204,7 @@ class ScoreSDE(GaussianDiffusionModel):
 
         try:
             name, steps = self._sampler_steps(None, None)
-            check_options(name, self.sde, steps)
+            check_options(name, self.sde, steps, energy=self.sampling_energy() is not None)
         except OptionError as error:
             option = "sample_steps" if error.option == "steps" else error.option
             raise ValueError(f"ScoreSDE: {option}={error.value!r}: {error.problem}"
