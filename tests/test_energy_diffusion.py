@@ -151,6 +151,19 @@ def test_every_sampler_runs_on_an_energy_model(family):
         x = model.sample(5, sampler=name, steps=steps, generator=torch.Generator().manual_seed(0))
         assert x.shape == (5, 2) and torch.isfinite(x).all(), name
         assert model.last_sample_nfe and model.last_sample_nfe > 0, name
+    # the MCMC-corrected sampler runs on the model's own energy: one acceptance rate per level
+    model.sample(5, sampler="annealed_mcmc", steps=4, generator=torch.Generator().manual_seed(0))
+    acceptance = model.last_sample_acceptance
+    assert acceptance is not None and len(acceptance) >= 3 and all(0.0 <= a <= 1.0 for a in acceptance)
+
+
+def test_an_eps_model_refuses_the_energy_sampler():
+    """annealed_mcmc needs an energy: a model of another parameterization refuses it by name."""
+    from lightning_diffusion.errors import OptionError
+
+    model = DDPM(MLP(in_channels=2, hidden=8, num_layers=1), timesteps=10, data_shape=(2,))
+    with pytest.raises(OptionError, match="annealed_mcmc.*parameterization: energy"):
+        model.sample(3, sampler="annealed_mcmc")
 
 
 @pytest.mark.parametrize("family", ["ddpm", "score_sde"])
