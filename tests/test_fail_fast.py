@@ -102,7 +102,7 @@ def test_points_need_no_extractor_weights(tmp_path):
      "SampleGrid.sample_options.stpes=5: the ddim sampler has no option 'stpes' (did you mean steps?); its options "
      "are steps, sampler, guidance_scale, clip, precision, eta"),
     ({"class_path": "SampleGrid", "init_args": {"sample_options": {"sampler": "dpm++"}}},
-     "SampleGrid.sample_options.sampler='dpm++': unknown sampler 'dpm++'; choose one of ['ancestral', 'ddim', "),
+     "SampleGrid.sample_options.sampler='dpm++': unknown sampler 'dpm++'; choose one of ['ancestral', 'annealed_mcmc', 'ddim', "),
     ({"class_path": "SampleGrid", "init_args": {"guidance_scale": 3.0}},
      "SampleGrid.guidance_scale=3.0: classifier-free guidance needs a class_conditional DDPM; "
      "use guidance_scale 1.0, or train with class_conditional: true"),
