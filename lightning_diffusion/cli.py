@@ -341,8 +341,9 @@ def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
     - "unrecognized arguments: --trainer.max_stesp=5" (command line) and "Group 'trainer' does not
       accept option 'max_stesp'" (a config file): the closest options of ``parser`` (the subcommand's).
     """
-    import difflib
     import importlib
+
+    from lightning_diffusion.options import did_you_mean
 
     def key_path(end: int) -> str:
         keys = re.findall(r'Parser key "([\w.]+)"', message[:end])
@@ -356,11 +357,9 @@ def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
             names = _init_option_names(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             return None
-        close = difflib.get_close_matches(option, names, n=1)
         where = key_path(accepted.start())
-        return (f"{where}.init_args.{option}: {name} has no option {option!r}"
-                + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                + f"; its options are {', '.join(names)}")
+        return f"{where}.init_args.{option}: {name} has no option {option!r}{did_you_mean(option, names)}; " \
+               f"its options are {', '.join(names)}"
     missing = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(No module named '[\w.]+')", message)
     if missing:
         class_path, reason = missing.groups()
@@ -376,15 +375,13 @@ def _parser_error_line(message: str, parser, subcommand: str) -> str | None:
             option = arg.split("=", 1)[0]
             if not option.startswith("--"):
                 return None
-            close = difflib.get_close_matches(option, options, n=1)
-            parts.append(f"{option}: no such option" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+            parts.append(f"{option}: no such option{did_you_mean(option, options)}")
         return "; ".join(parts) + f"; {help_line}"
     group = re.fullmatch(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message.strip())
     if group:
         option = f"{group.group(1)}.{group.group(2)}"
-        close = [c[2:] for c in difflib.get_close_matches(f"--{option}", options, n=1)]
-        return (f"{option} (in a config file): no such option" + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                + f"; {help_line}")
+        suggestion = did_you_mean(f"--{option}", options).replace("mean --", "mean ")  # the config's own spelling
+        return f"{option} (in a config file): no such option{suggestion}; {help_line}"
     return None
 
 

@@ -155,11 +155,17 @@ def defaults_of(fn: Callable) -> dict[str, Any]:
     return {name: default for name, _, default in _parameters(_function(fn)) if default is not inspect.Parameter.empty}
 
 
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean X?)`` with the closest of the ``known`` names to a misspelt ``name``
+    (difflib), or ``""`` when none is close: the one suggestion of every option and parser error."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def refuse_unknown(option: str, value: Any, owner: str, known: list[str] | tuple[str, ...]) -> None:
     """Raise the :class:`OptionError` of an option ``owner`` (``VAE.sample``, ``the ddim sampler``)
     does not take, with the closest of the ``known`` names and the list of them."""
-    close = difflib.get_close_matches(option, list(known), n=1)
-    raise OptionError(option, value, f"{owner} has no option {option!r}" + (f" (did you mean {close[0]}?)" if close else ""),
+    raise OptionError(option, value, f"{owner} has no option {option!r}" + did_you_mean(option, known),
                       f"its options are {', '.join(known)}" if known else "it takes no options")
 
 
