@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_diffusion import __version__
+from lightning_diffusion.run_directory import slurm_hpc_checkpoint  # noqa: F401 - importable from here as before
 
 TRAINER_SUBCOMMANDS = {
     "fit": "Train a model (resume with --ckpt_path).",
@@ -429,15 +430,6 @@ def _logger_configs(config) -> Iterator[tuple[str, Any]]:
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if hasattr(logger, "get") and logger.get("init_args") is not None:
             yield str(logger.get("class_path", "")), logger.get("init_args")
-
-
-def slurm_hpc_checkpoint(root_dir: str | os.PathLike) -> str | None:
-    """The checkpoint Lightning restores in a SLURM job, as ``Trainer.fit(ckpt_path=None)`` does: the
-    ``hpc_ckpt_N.ckpt`` with the largest N in ``root_dir`` (the trainer's ``default_root_dir``),
-    which its auto-requeue handler writes on the requeue signal; None when there is none."""
-    found = [(int(m.group(1)), p) for p in Path(root_dir).glob("hpc_ckpt_*.ckpt")
-             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    return str(max(found)[1]) if found else None
 
 
 def _continue_slurm_job(config) -> bool:

@@ -233,6 +233,17 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(step) if isinstance(step, int) else None
 
 
+def slurm_hpc_checkpoint(root_dir: str | os.PathLike) -> str | None:
+    """The checkpoint Lightning restores in a SLURM job, as ``Trainer.fit(ckpt_path=None)`` does: the
+    ``hpc_ckpt_N.ckpt`` with the largest N in ``root_dir`` (the trainer's ``default_root_dir``),
+    which its auto-requeue handler writes on the requeue signal; None when there is none."""
+    import re
+
+    found = [(int(m.group(1)), p) for p in Path(root_dir).glob("hpc_ckpt_*.ckpt")
+             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return str(max(found)[1]) if found else None
+
+
 def resolve_last_checkpoint(trainer: L.Trainer) -> Path:
     """The checkpoint ``--ckpt_path last`` resumes, of this fit's run (:func:`checkpoint_dirs`, and
     ``hpc_ckpt_*.ckpt`` in the run directory): of ``last.ckpt`` (``last-v<n>.ckpt`` of older versions)
@@ -254,8 +265,8 @@ def resolve_last_checkpoint(trainer: L.Trainer) -> Path:
                               "run id is drawn then); give the run's id (--trainer.logger.init_args.id=ID) or the "
                               "checkpoint itself (--ckpt_path PATH)")
     found = _checkpoints_in(trainer)
-    hpc = [(int(m[1]), p) for p in found if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    last = [p for p in found if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)] + ([max(hpc)[1]] if hpc else [])
+    hpc = slurm_hpc_checkpoint(directory)
+    last = [p for p in found if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)] + ([Path(hpc)] if hpc else [])
     candidates = last or found
     readable = [(step, os.stat(p).st_mtime_ns, p) for p in candidates if (step := checkpoint_step(p)) is not None]
     folders = ", ".join(str(f) for f in checkpoint_dirs(trainer)) or str(directory)
