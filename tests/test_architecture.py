@@ -61,7 +61,7 @@ PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "option
 #: modules that import nothing of ours and no Lightning, so that every layer may use them
 LEAVES = ("errors", "modes", "encodings", "paths", "sampling")
 #: the families that are not Gaussian diffusion: none of them imports diffusion/
-NON_DIFFUSION_FAMILIES = ("vae", "hvae", "latent_variable", "ebm", "discrete_diffusion")
+NON_DIFFUSION_FAMILIES = ("vae", "hvae", "vqvae", "latent_variable", "ebm", "discrete_diffusion")
 #: the only imports of data/ from callbacks/ or metrics/, each (importer, imported): the DataModule
 #: class, to train the digits feature net on the embedded digits' split in the writer's order
 DATA_EDGES = {("lightning_diffusion.metrics.features", "lightning_diffusion.data.datamodule")}
