@@ -203,14 +203,15 @@ def test_callback_modules_import_each_other_in_one_direction():
 
 # -- the model layers ---------------------------------------------------------------------------------
 def test_model_layers():
-    from lightning_diffusion import DDPM, VAE, HierarchicalVAE, ScoreSDE
+    from lightning_diffusion import DDPM, VAE, VQVAE, HierarchicalVAE, ScoreSDE
     from lightning_diffusion.callbacks.protocol import HasTrajectory
     from lightning_diffusion.models import GaussianDiffusionModel, GenerativeModel, LatentVariableModel
     from lightning_diffusion.models.vae import LatentVariableModel as from_vae
 
     assert from_vae is LatentVariableModel
     for family, layer in ((DDPM, GaussianDiffusionModel), (ScoreSDE, GaussianDiffusionModel),
-                          (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel)):
+                          (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel),
+                          (VQVAE, LatentVariableModel)):
         assert issubclass(family, layer) and layer.__bases__ == (GenerativeModel,)
     diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_sampler_steps")
     assert not [name for name in diffusion_only if hasattr(GenerativeModel, name)]
