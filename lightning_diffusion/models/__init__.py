@@ -1,7 +1,7 @@
 """LightningModules of the model families: the thin base, one layer per kind of family, the families.
 
 ``GenerativeModel`` (base) <- ``GaussianDiffusionModel`` (gaussian_diffusion) <- ``DDPM``, ``ScoreSDE``;
-``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``;
+``GenerativeModel`` <- ``LatentVariableModel`` (latent_variable) <- ``VAE``, ``HierarchicalVAE``, ``VQVAE``;
 ``GenerativeModel`` <- ``EBM`` (ebm);
 ``GenerativeModel`` <- ``DiscreteDiffusion`` (discrete_diffusion).
 """
@@ -15,6 +15,7 @@ from lightning_diffusion.models.hvae import HierarchicalVAE
 from lightning_diffusion.models.latent_variable import LatentVariableModel
 from lightning_diffusion.models.score_sde import ScoreSDE
 from lightning_diffusion.models.vae import VAE
+from lightning_diffusion.models.vqvae import VQVAE
 
 __all__ = ["DDPM", "DiscreteDiffusion", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
-           "VAE"]
+           "VAE", "VQVAE"]
