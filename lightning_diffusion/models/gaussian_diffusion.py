@@ -60,16 +60,26 @@ class GaussianDiffusionModel(GenerativeModel):
 
     data_nets = DIFFUSION_NETS
 
-    def __init__(self, class_conditional: bool = False, label_dropout: float = 0.1, **kwargs: Any):
+    def __init__(self, class_conditional: bool = False, label_dropout: float = 0.1,
+                 label_attributes: list[int] | None = None, **kwargs: Any):
         """
         Args:
             class_conditional: feed the labels ``y`` of the batch to the net.
             label_dropout: with ``class_conditional``, the probability of replacing a label by the
-                null label -1 in training (classifier-free guidance, Ho & Salimans 2022).
+                null label -1 in training (classifier-free guidance, Ho & Salimans 2022); with
+                ``label_attributes``, of dropping each attribute, independently.
+            label_attributes: per-attribute conditioning: the class count of each attribute, whose
+                product is ``num_classes`` (``colour_digits``: ``[10, 8]``, digit and colour). The joint
+                label ``y`` is read in mixed radix, the first attribute most significant
+                (``digit * 8 + colour`` -> ``[digit, colour]``), the net gets ``[B, k]`` labels (its
+                ``num_classes`` the same list) and each column is dropped (-1) on its own, so the model
+                also learns each attribute alone (composition:
+                :func:`~lightning_diffusion.conditional_product`). ``sample(y=...)`` takes ``[B, k]`` or
+                joint labels. None: one label.
             **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
         """
         super().__init__(**kwargs)
-        self.set_conditioning(class_conditional, label_dropout)
+        self.set_conditioning(class_conditional, label_dropout, label_attributes)
         self.last_sample_nfe: int | None = None
         #: the Metropolis acceptance rate of each noise level of the last ``draw_samples`` with a sampler
         #: that runs MCMC on the energy (``annealed_mcmc``: one rate per level after the first; 1.0 for
@@ -138,6 +148,7 @@ class GaussianDiffusionModel(GenerativeModel):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         alpha, sigma, c = self._coefficients(t, x_t)
+        y = self.condition_labels(y, check=False)
         energy = param.check_energy(self.net(c.c_in.to(x_t.dtype) * x_t, self._net_time(t, x_t), y), x_t)
         scale = table_row.energy_scale(alpha.flatten(), sigma.flatten(), self.sigma_data)
         dtype = torch.promote_types(x_t.dtype, torch.float32)
@@ -151,7 +162,7 @@ class GaussianDiffusionModel(GenerativeModel):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         _, _, c = self._coefficients(t, x_t)
-        output, _ = self._run_net(self.net if net is None else net, c, x_t, t, y)
+        output, _ = self._run_net(self.net if net is None else net, c, x_t, t, self.condition_labels(y, check=False))
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         return c.c_skip.to(dtype) * x_t.to(dtype) + c.c_out.to(dtype) * output.to(dtype)
 
@@ -283,7 +294,7 @@ class GaussianDiffusionModel(GenerativeModel):
         if sampler == "ode":
             self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
         shape = (num_samples, *self.require_data_shape())
-        y = None if y is None else y.to(self.device)
+        y = None if y is None else self.condition_labels(y.to(self.device))  # joint -> [B, k] with label_attributes
         clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
         bf16_net = None
         if precision == "bf16":
