@@ -198,6 +198,8 @@ def test_guided_annealed_mcmc_is_the_composition_with_weights_w_and_1_minus_w():
     theirs = composition.sample(n, generator=torch.Generator().manual_seed(0), **options)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert model.last_sample_acceptance == pytest.approx(composition.last_sample_acceptance, abs=1e-6)
+    with pytest.raises(ValueError, match="guidance_scale=3.0 needs a class_conditional model and labels y"):
+        model.sampling_energy(None, w)  # not silently unguided
 
 
 # -- conditional_product on a tiny energy DDPM -------------------------------------------------------

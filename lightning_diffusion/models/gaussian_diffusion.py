@@ -197,10 +197,13 @@ class GaussianDiffusionModel(GenerativeModel):
         forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
         unconditional one.
         """
+        self._check_guidance(y, guidance_scale)
+        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
+
+    def _check_guidance(self, y: Tensor | None, guidance_scale: float) -> None:
         if guidance_scale != 1.0 and (not self.class_conditional or y is None):
             raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
                              "and labels y; use guidance_scale=1.0 otherwise")
-        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
 
     def preview_sample_options(self) -> dict[str, Any]:
         """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
@@ -228,6 +231,7 @@ class GaussianDiffusionModel(GenerativeModel):
         guided score of :meth:`guided_denoiser`; both energies from one call on the 2B batch ``(y, -1)``."""
         if param.row(self.parameterization).energy_scale is None:  # the table says whether the net is an energy
             return None
+        self._check_guidance(y, guidance_scale)
         return guided(lambda x_t, t, labels: self.energy(x_t, t, labels), y, guidance_scale)
 
     # -- checking the options of sample() -------------------------------------------------------
@@ -280,7 +284,8 @@ class GaussianDiffusionModel(GenerativeModel):
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
         counts once, though it runs a 2B batch). A sampler that runs MCMC on the energy
         (``annealed_mcmc``) gets :meth:`sampling_energy` and counts energy-and-gradient evaluations;
-        its acceptance rate per noise level goes to ``last_sample_acceptance``.
+        its acceptance rate per noise level goes to ``last_sample_acceptance``; with ``guidance_scale``
+        it runs on the guided energy (:meth:`sampling_energy`).
         """
         if sampler == "ode":
             self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
