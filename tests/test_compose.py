@@ -173,6 +173,8 @@ def test_a_term_without_energy_is_refused_for_the_mcmc_sampler_naming_its_parame
     assert composition.sample(8, sampler="ddim", steps=5).shape == (8, 2)  # the denoiser samplers need none
     with pytest.raises(OptionError, match="no option 'kernal'"):
         composition.sample(8, sampler="ddim", steps=5, kernal="hmc")
+    with pytest.raises(OptionError, match="precision='bf16': Composition.sample has no such option"):
+        composition.sample(8, sampler="ddim", steps=5, precision="bf16")
 
 
 # -- guidance of an energy model is a composition --------------------------------------------------
