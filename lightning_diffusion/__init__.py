@@ -63,6 +63,11 @@ _PUBLIC = {
     "ScoreSDE": "lightning_diffusion.models",
     "VAE": "lightning_diffusion.models",
     "VQVAE": "lightning_diffusion.models",
+    # composition of Gaussian-diffusion models by their energies
+    "Composition": "lightning_diffusion.models",
+    "Term": "lightning_diffusion.models",
+    "compose": "lightning_diffusion.models",
+    "conditional_product": "lightning_diffusion.models",
     # processes and schedules
     "DiscreteVP": "lightning_diffusion.diffusion.sde",
     "GaussianProcess": "lightning_diffusion.diffusion.sde",

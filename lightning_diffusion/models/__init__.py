@@ -7,6 +7,7 @@
 """
 
 from lightning_diffusion.models.base import GenerativeModel
+from lightning_diffusion.models.compose import Composition, Term, compose, conditional_product
 from lightning_diffusion.models.ddpm import DDPM
 from lightning_diffusion.models.discrete_diffusion import DiscreteDiffusion
 from lightning_diffusion.models.ebm import EBM
@@ -17,5 +18,6 @@ from lightning_diffusion.models.score_sde import ScoreSDE
 from lightning_diffusion.models.vae import VAE
 from lightning_diffusion.models.vqvae import VQVAE
 
-__all__ = ["DDPM", "DiscreteDiffusion", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
+__all__ = ["Composition", "Term", "compose", "conditional_product",
+           "DDPM", "DiscreteDiffusion", "EBM", "GaussianDiffusionModel", "GenerativeModel", "HierarchicalVAE", "LatentVariableModel", "ScoreSDE",
            "VAE", "VQVAE"]
