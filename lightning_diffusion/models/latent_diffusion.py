@@ -1,0 +1,293 @@
+"""Latent diffusion (Rombach et al. 2022) over a frozen first stage, with a bound on the data's likelihood.
+
+A trained first stage (:class:`~lightning_diffusion.models.first_stage.FirstStage`: ``VAE``, ``VQVAE``) is
+loaded strictly from its checkpoint and frozen; a prior of any family (``DDPM`` or ``ScoreSDE`` over
+continuous latents) models its latents, scaled by ``1 / std`` of the first training batch's latents
+(Rombach et al.'s ``scale_by_std``). ``bits_per_dim`` is LSGM's bound (Vahdat et al. 2021)
+
+    -log p(x) <= E_q[-log p(x | z) + log q(z | x)] - log p(z),   -log p(z) = -log p_prior(s z) - d log s,
+
+one draw of z, the prior's own estimator for ``-log p_prior`` (DDPM: VLB; ScoreSDE: ODE), in bits per
+DATA dimension. The prior's bound over the latents alone is no bound on the data's NLL: it misses the
+decoder's ``-log p(x | z)``, the encoder's entropy and the scale's log-Jacobian.
+
+The checkpoint is self-contained: the first stage's weights are part of this model's state dict
+(``first_stage.*``) and its class and hyperparameters are saved as ``first_stage_hparams``, so
+``lightning-diffusion sample`` / ``evaluate`` and a resume need no first-stage file. The copy costs the
+first stage's size once more on disk; a checkpoint that needed the first stage's file would break
+when that file moved or was retrained.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diffusion.likelihoods import nats_to_bits_per_dim
+from lightning_diffusion.models.base import GenerativeModel, full_precision
+from lightning_diffusion.models.first_stage import FirstStage
+from lightning_diffusion.modes import evaluating
+
+
+class LatentDiffusion(GenerativeModel):
+    """A prior of any family over the latents of a frozen first stage (latent diffusion, LSGM's bound).
+
+    Training: ``z ~ q(z | x)`` without gradients, then the prior's loss on ``latent_scale * z``.
+    ``sample`` draws the prior's samples (every sampler and option of the prior), divides by the scale
+    and decodes them (:meth:`FirstStage.decode_latents`: a VAE gives its decoder's mean).
+    """
+
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
+    resume_fixed_hparams = ("data_shape", "scale_by_std")
+
+    def __init__(self, first_stage_ckpt: str, prior: nn.Module, scale_by_std: bool = True,
+                 first_stage_hparams: dict[str, Any] | None = None, **kwargs: Any):
+        """
+        Args:
+            first_stage_ckpt: path of the first stage's checkpoint (a ``VAE`` / ``VQVAE`` run's ``.ckpt``),
+                loaded strictly: every key of the model, or an error naming the missing and unexpected
+                keys and the file. Its class and hyperparameters come from the checkpoint; its
+                ``data_shape`` must be the data's. It is frozen (eval mode, no gradients, not in the
+                optimizer, not averaged by EMA).
+            prior: the model of the latents, any family (``DDPM`` / ``ScoreSDE`` over continuous
+                latents), given as a nested ``class_path`` config. Its ``data_shape`` is set to the first
+                stage's ``latent_shape`` (a given one must equal it); its net must take that shape
+                (an ``MLP`` with ``in_channels = latent_dim`` for a VAE's vector latents). A
+                class-conditional prior takes the data's labels (its ``num_classes`` must be the data's).
+            scale_by_std: multiply the latents by ``1 / std`` of the first training batch's latents
+                (all ranks; Rombach et al.), kept in the checkpoint (buffer ``latent_scale``) and fixed
+                on resume; False: scale 1.
+            first_stage_hparams: the first stage's class and hyperparameters; filled in from
+                ``first_stage_ckpt`` and saved, so this model's checkpoint rebuilds the first stage
+                without that file (its weights are in this checkpoint). Leave it unset.
+            **kwargs: data facts and optimizer settings of :class:`GenerativeModel` (the optimizer
+                sees the prior's parameters only).
+        """
+        super().__init__(**kwargs)
+        self.save_hyperparameters_except("prior")
+        if first_stage_hparams is None:
+            self.first_stage, first_stage_hparams = load_first_stage(first_stage_ckpt)
+        else:  # rebuilt from this model's own checkpoint: the weights come with its state dict
+            self.first_stage = build_first_stage(first_stage_hparams, first_stage_ckpt)
+        for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
+            if hparams is not None:
+                hparams["first_stage_hparams"] = first_stage_hparams
+        self.first_stage.eval().requires_grad_(False)
+        stage_shape = getattr(self.first_stage, "data_shape", None)
+        if self.data_shape is not None and stage_shape is not None and tuple(stage_shape) != tuple(self.data_shape):
+            raise ValueError(f"LatentDiffusion: the first stage of {first_stage_ckpt} was trained on data of shape "
+                             f"{list(stage_shape)} (channels, height, width), but the data are {list(self.data_shape)}; "
+                             "train the first stage on this dataset, or choose the data it was trained on")
+        if self.data_shape is None and stage_shape is not None:
+            self.data_shape = tuple(stage_shape)
+        if getattr(self.first_stage, "latent_categories", None) is not None:
+            raise ValueError(f"LatentDiffusion: the first stage of {first_stage_ckpt} has discrete codes "
+                             f"({self.first_stage.latent_categories} categories); a prior over codes is not supported yet")
+        self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
+        self.prior = prior
+        self._fit_prior(prior)
+        self.scale_by_std = scale_by_std
+        # NaN: not estimated yet (the first training batch estimates it); a buffer, so it is in the checkpoint
+        self.register_buffer("latent_scale", torch.tensor(math.nan if scale_by_std else 1.0, dtype=torch.float64))
+
+    def _fit_prior(self, prior: nn.Module) -> None:
+        """Give the prior the latents' shape and the data's classes; refuse a prior made for others."""
+        if not isinstance(prior, GenerativeModel):
+            raise ValueError(f"LatentDiffusion: prior must be a model family (DDPM, ScoreSDE, ...), got "
+                             f"{type(prior).__name__}")
+        given = getattr(prior, "data_shape", None)
+        if given is not None and tuple(given) != self.latent_shape:
+            raise ValueError(f"LatentDiffusion: the prior's data_shape {list(given)} is not the first stage's "
+                             f"latent_shape {list(self.latent_shape)}; leave the prior's data_shape out")
+        prior.data_shape = self.latent_shape
+        classes = getattr(prior, "num_classes", None)
+        if getattr(prior, "class_conditional", False) and classes != self.num_classes:
+            raise ValueError(f"LatentDiffusion: the class-conditional prior has num_classes={classes}, but the data "
+                             f"have {self.num_classes}; set the prior's num_classes to {self.num_classes}")
+        in_channels = getattr(getattr(prior, "net", None), "in_channels", None)
+        if len(self.latent_shape) == 1 and isinstance(in_channels, int) and in_channels != self.latent_shape[0]:
+            raise ValueError(f"LatentDiffusion: the prior's net takes in_channels={in_channels}, but the latents have "
+                             f"{self.latent_shape[0]} dimensions; build it with in_channels: {self.latent_shape[0]}")
+
+    # -- the first stage stays frozen -------------------------------------------------------------
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Lightning's ``train()``/``eval()``, with the first stage kept in eval mode."""
+        super().train(mode)
+        self.first_stage.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.prior.check_net(getattr(self.prior, "net", None))
+
+    # -- facts read by the callbacks (class conditioning is the prior's) ----------------------------
+    @property
+    def class_conditional(self) -> bool:
+        """The prior's: whether it takes the labels (guidance needs it)."""
+        return bool(getattr(self.prior, "class_conditional", False))
+
+    def scale(self) -> float:
+        """The latents' scale s: the estimated one, or 1 before the first training batch estimated it
+        (a validation sanity check, sampling an untrained model)."""
+        value = float(self.latent_scale)
+        return 1.0 if math.isnan(value) else value
+
+    def estimate_scale(self, x: Tensor) -> float:
+        """Set ``latent_scale`` to ``1 / std`` of the latents of ``x`` over every rank (Rombach et al.'s
+        ``scale_by_std``: one batch), where it is not set yet; return the scale used."""
+        if not math.isnan(float(self.latent_scale)):
+            return self.scale()
+        with torch.no_grad():
+            z, _ = self.first_stage.encode_latents(x)
+            z = z.double()
+            stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), dtype=torch.float64,
+                                                                       device=z.device)])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        mean = stats[0] / stats[2]
+        std = (stats[1] / stats[2] - mean.pow(2)).clamp_min(0).sqrt()
+        if not bool(std > 0):
+            raise FloatingPointError(f"LatentDiffusion: the first batch's latents have standard deviation {float(std)}; "
+                                     "the first stage has collapsed (check its checkpoint), or set scale_by_std: false")
+        self.latent_scale.fill_(float(1 / std))
+        return self.scale()
+
+    # -- training -----------------------------------------------------------------------------------
+    def _latent_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
+        with torch.no_grad():
+            z, _ = self.first_stage.encode_latents(batch["x"], generator)
+        latent = {"x": (z * self.scale()).to(batch["x"].dtype)}
+        if "y" in batch:
+            latent["y"] = batch["y"]
+        return latent
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """The prior's loss on the scaled latents ``s z``, ``z ~ q(z | x)`` drawn without gradients."""
+        return self.prior.loss(self._latent_batch(batch, generator), generator)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.scale_by_std:
+            self.estimate_scale(batch["x"])
+        return super().training_step(batch, batch_idx)
+
+    # -- the contract: options are the prior's ------------------------------------------------------
+    def check_sample_options(self, **options: Any) -> None:
+        """The prior's :meth:`check_sample_options` (every sampler of the prior, guidance, ...)."""
+        self.prior.check_sample_options(**options)
+
+    def check_bpd_options(self, **options: Any) -> None:
+        """The prior's :meth:`check_bpd_options`: the options of its estimator of ``-log p(z)``."""
+        self.prior.check_bpd_options(**options)
+
+    def preview_sample_options(self) -> dict[str, Any]:
+        """The prior's fast sampler."""
+        return self.prior.preview_sample_options()
+
+    @property
+    def last_sample_nfe(self) -> int | None:
+        """The prior's network evaluations of the last :meth:`sample` (the decoder's one pass not counted)."""
+        return getattr(self.prior, "last_sample_nfe", None)
+
+    def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+               **options: Any) -> Tensor:
+        """``num_samples`` samples in data space (images in [-1, 1]): the prior's samples ``s z`` (its
+        sampler, steps, ``guidance_scale`` and other options, checked by the prior) divided by the scale s
+        and decoded by the first stage (a VAE: the decoder's mean)."""
+        self.check_sample_options(**options)
+        with evaluating(self):
+            z = self.prior.sample(num_samples, y=y, generator=generator, **options)
+            return self.first_stage.decode_latents(z.to(self.device) / self.scale(), generator)
+
+    def bpd_estimator(self, **options: Any) -> str:
+        """``<first stage>+<prior>``: the first stage's part (a VAE: ``elbo``, its one-draw bound) and the
+        prior's estimator of ``-log p(z)`` with these options (``vlb``, ``ode-exact``, ...)."""
+        first = getattr(self.first_stage, "bpd_estimator", None)
+        prior = getattr(self.prior, "bpd_estimator", None)
+        return f"{first() if first else 'first-stage'}+{prior(**options) if prior else 'prior'}"
+
+    @full_precision
+    def bits_per_dim(self, x: Tensor, *, y: Tensor | None = None, generator: torch.Generator | None = None,
+                     **options: Any) -> Tensor:
+        """LSGM's bound on ``-log p(x)`` of each sample, in bits per data dimension [B]:
+        ``(first_stage_nats - log p_prior(s z) - d log s) / (D ln 2)`` for one draw ``z ~ q(z | x)``, with
+        ``first_stage_nats = -log p(x | z) + log q(z | x)`` (8-bit images scored as discrete data by the
+        first stage), ``-log p_prior`` the prior's own estimate of its latents' NLL as points (DDPM: the VLB
+        with a Gaussian decoder; ScoreSDE: the ODE), d the latent's and D the data's dimensions.
+
+        Args:
+            x: data [B, ...] (images in [-1, 1] on the 8-bit grid).
+            y: labels, for a class-conditional prior (None: the unconditional prior).
+            generator: the noise of the draw of z and of the prior's estimator; None: seeded with ``val_seed``.
+            **options: the prior's ``bits_per_dim`` options (DDPM: ``steps``, ``batch_t``; ScoreSDE:
+                ``divergence``, ``steps``, ...).
+        """
+        self.check_bpd_options(**options)
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.val_seed)
+        s = self.scale()
+        with evaluating(self):
+            z, first_nats = self.first_stage.encode_latents(x, generator)
+            if y is not None and "y" in inspect.signature(self.prior.bits_per_dim).parameters:
+                options["y"] = y
+            prior_bpd = self.prior.bits_per_dim((z * s).to(x.dtype), generator=generator, **options)
+        latent_dims = math.prod(self.latent_shape)
+        prior_nats = prior_bpd.double() * latent_dims * math.log(2) - latent_dims * math.log(s)
+        return nats_to_bits_per_dim(first_nats.double() + prior_nats, x[0].numel()).to(x.dtype)
+
+
+def load_first_stage(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The first stage of the checkpoint ``path`` and its hyperparameters, every key of the state dict
+    loaded (strictly), or an error naming the file and the missing and unexpected keys."""
+    from lightning_diffusion.checkpoints import load_checkpoint
+    from lightning_diffusion.errors import CheckpointError
+
+    ckpt = load_checkpoint(path)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    stage = build_first_stage(hparams, path)
+    state = ckpt["state_dict"]
+    expected = stage.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the first stage's checkpoint does not match its class "
+                              f"{type(stage).__name__}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
+                              "give a complete checkpoint written by `lightning-diffusion fit` of that model")
+    stage.load_state_dict(state, strict=True)
+    return stage, hparams
+
+
+def build_first_stage(hparams: dict[str, Any], path: str) -> nn.Module:
+    """The first stage of class ``hparams["_class_path"]`` built from ``hparams`` (as
+    ``load_from_checkpoint`` builds it), with its initial weights; refused unless it is a
+    :class:`FirstStage`."""
+    import importlib
+
+    import lightning as L
+
+    from lightning_diffusion.checkpoints import check_class_paths
+    from lightning_diffusion.errors import CheckpointError
+
+    class_path = str(hparams.get("_class_path", ""))
+    if not class_path:
+        raise CheckpointError(f"{path}: no hyper_parameters._class_path: the first stage's checkpoint must be written "
+                              "by `lightning-diffusion fit` (or saved with its class path), to be rebuilt")
+    check_class_paths(hparams, path, "model.init_args.first_stage_ckpt")
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    # Lightning's own rebuild from hyperparameters (nested class_path configs included), on an empty
+    # state dict: the weights are loaded by the caller
+    buffer = io.BytesIO()
+    torch.save({"hyper_parameters": hparams, "state_dict": {}, "pytorch-lightning_version": L.__version__}, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stage = cls.load_from_checkpoint(buffer, map_location="cpu", strict=False, weights_only=True)
+    if not isinstance(stage, FirstStage):
+        raise CheckpointError(f"{path}: the model {class_path} is not a first stage (it has no latent_shape, "
+                              "latent_categories, encode_latents and decode_latents); use a VAE or VQVAE checkpoint")
+    return stage
