@@ -120,3 +120,103 @@ def test_a_first_stage_of_other_data_is_refused(tmp_path):
         LatentDiffusion(str(path), exact_prior(2), data_shape=(3,))
     with pytest.raises(ValueError, match=r"prior's data_shape \[3\] is not the first stage's latent_shape \[2\]"):
         LatentDiffusion(str(path), exact_prior(3), data_shape=(4,))
+
+
+# -- through the CLI: a tiny VAE first stage, then the latent config on it, then a resume -------------
+VAE_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_steps": 3, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+                "callbacks": [{"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]},
+    "model": {"class_path": "VAE", "init_args": {
+        "net": {"class_path": "ConvVAENet", "init_args": {"latent_dim": 16, "channels": [8, 16], "num_blocks": 1}},
+        "likelihood": "discretized_logistic", "lr": 1e-3, "warmup_steps": 1}},
+    "data": {"class_path": "ShardDataModule", "init_args": {"dataset": "colour_digits", "batch_size": 16,
+                                                            "batches_per_epoch": 4, "num_workers": 0}},
+}
+
+
+def fit_here(config: Path, run: Path, *extra: str) -> None:
+    from lightning_diffusion.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(config), f"--trainer.default_root_dir={run}",
+              f"--trainer.callbacks.dirpath={run}/checkpoints", *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def latent_config(path: Path, first_stage: Path | None = None, max_steps: int = 4) -> Path:
+    """configs/latent_ddpm_colour_digits.yaml, shrunk (a small MLP, 50 steps, a few training steps),
+    with EMA, LastCheckpoint, the guided SampleGrid and a Likelihood callback."""
+    config = yaml.safe_load((ROOT / "configs" / "latent_ddpm_colour_digits.yaml").read_text())
+    config["trainer"].update(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             check_val_every_n_epoch=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu")
+    callbacks = config["trainer"]["callbacks"]  # LastCheckpoint last: --trainer.callbacks.dirpath sets the last one's
+    callbacks.sort(key=lambda callback: callback["class_path"] == "LastCheckpoint")
+    for callback in callbacks:
+        if callback["class_path"] == "LastCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = 2
+        if callback["class_path"] == "SampleGrid":
+            callback["init_args"]["sample_options"] = {"sampler": "ddim", "steps": 3}
+    config["trainer"]["callbacks"].insert(0, {"class_path": "Likelihood", "init_args": {"num_batches": 1, "bpd_options": {"steps": 5}}})
+    prior = config["model"]["init_args"]["prior"]["init_args"]
+    prior["net"]["init_args"].update(hidden=32, num_layers=1)
+    prior["timesteps"] = 50
+    if first_stage is not None:
+        config["model"]["init_args"]["first_stage_ckpt"] = str(first_stage)
+    config["data"]["init_args"].update(batch_size=16, batches_per_epoch=2)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("vae")
+    (run / "vae.yaml").write_text(yaml.safe_dump(VAE_CONFIG))
+    fit_here(run / "vae.yaml", run)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path):
+    from lightning_diffusion.checkpoints import load_checkpoint
+    from lightning_diffusion.commands import load_model
+
+    config = latent_config(tmp_path / "latent.yaml", max_steps=4)
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}")
+    first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    vae = load_checkpoint(vae_checkpoint)["state_dict"]
+    scale = first["state_dict"]["latent_scale"]
+    assert torch.isfinite(scale) and 0.05 < float(scale) < 20
+    # the first stage is frozen: its weights are the VAE checkpoint's, in this checkpoint too (self-contained)
+    for key, value in vae.items():
+        assert torch.equal(first["state_dict"][f"first_stage.{key}"], value), key
+    # the optimizer and the EMA hold the prior's parameters only
+    prior_params = [k for k in first["state_dict"] if k.startswith("prior.") and "net" in k]
+    assert sum(len(g["params"]) for g in first["optimizer_states"][0]["param_groups"]) == len(prior_params)
+    ema = next(v for k, v in first["callbacks"].items() if k.startswith("EMA"))
+    assert ema["shadow"] and all(name.startswith("prior.") for name in ema["shadow"])
+    # the grid of digits x colours was drawn (guided) and a bound was logged under both parts' names
+    assert (tmp_path / "run" / "samples" / "final.png").exists()
+
+    # a resume continues with the checkpoint's scale (not re-estimated from its first batch)
+    latent_config(config, max_steps=6)
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", "--ckpt_path=last")
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 6 and torch.equal(resumed["state_dict"]["latent_scale"], scale)
+
+    # the checkpoint alone rebuilds the model (no first-stage file) and samples images
+    vae_checkpoint.rename(vae_checkpoint.with_suffix(".moved"))
+    try:
+        model, _, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    finally:
+        vae_checkpoint.with_suffix(".moved").rename(vae_checkpoint)
+    assert model.latent_scale.item() == scale.item()
+    images = model.sample(4, y=torch.tensor([0, 9, 40, 79]), guidance_scale=3.0, sampler="ddim", steps=3,
+                          generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    x = torch.rand(2, 3, 16, 16).mul(255).round().div(127.5).sub(1)
+    bpd = model.bits_per_dim(x, y=torch.tensor([1, 2]), steps=10)
+    assert bpd.shape == (2,) and torch.isfinite(bpd).all() and model.bpd_estimator(steps=10) == "elbo+vlb-respaced-10"

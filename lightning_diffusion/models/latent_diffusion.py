@@ -20,10 +20,13 @@ when that file moved or was retrained.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import io
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,8 +49,8 @@ class LatentDiffusion(GenerativeModel):
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
     resume_fixed_hparams = ("data_shape", "scale_by_std")
 
-    def __init__(self, first_stage_ckpt: str, prior: nn.Module, scale_by_std: bool = True,
-                 first_stage_hparams: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, first_stage_ckpt: str, prior: dict, scale_by_std: bool = True,
+                 first_stage_hparams: str | None = None, **kwargs: Any):
         """
         Args:
             first_stage_ckpt: path of the first stage's checkpoint (a ``VAE`` / ``VQVAE`` run's ``.ckpt``),
@@ -63,18 +66,20 @@ class LatentDiffusion(GenerativeModel):
             scale_by_std: multiply the latents by ``1 / std`` of the first training batch's latents
                 (all ranks; Rombach et al.), kept in the checkpoint (buffer ``latent_scale``) and fixed
                 on resume; False: scale 1.
-            first_stage_hparams: the first stage's class and hyperparameters; filled in from
+            first_stage_hparams: the first stage's class and hyperparameters as JSON; filled in from
                 ``first_stage_ckpt`` and saved, so this model's checkpoint rebuilds the first stage
-                without that file (its weights are in this checkpoint). Leave it unset.
+                without that file (its weights are in this checkpoint). Leave it unset. (A string, not a
+                dict: jsonargparse would build the nested net configs of a dict into objects.)
             **kwargs: data facts and optimizer settings of :class:`GenerativeModel` (the optimizer
                 sees the prior's parameters only).
         """
         super().__init__(**kwargs)
         self.save_hyperparameters_except("prior")
         if first_stage_hparams is None:
-            self.first_stage, first_stage_hparams = load_first_stage(first_stage_ckpt)
+            self.first_stage, stage_hparams = load_first_stage(first_stage_ckpt)
+            first_stage_hparams = json.dumps(stage_hparams)
         else:  # rebuilt from this model's own checkpoint: the weights come with its state dict
-            self.first_stage = build_first_stage(first_stage_hparams, first_stage_ckpt)
+            self.first_stage = build_first_stage(json.loads(first_stage_hparams), first_stage_ckpt)
         for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
             if hparams is not None:
                 hparams["first_stage_hparams"] = first_stage_hparams
@@ -90,8 +95,8 @@ class LatentDiffusion(GenerativeModel):
             raise ValueError(f"LatentDiffusion: the first stage of {first_stage_ckpt} has discrete codes "
                              f"({self.first_stage.latent_categories} categories); a prior over codes is not supported yet")
         self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
-        self.prior = prior
-        self._fit_prior(prior)
+        self.prior = build_prior(prior) if isinstance(prior, dict) else prior
+        self._fit_prior(self.prior)
         self.scale_by_std = scale_by_std
         # NaN: not estimated yet (the first training batch estimates it); a buffer, so it is in the checkpoint
         self.register_buffer("latent_scale", torch.tensor(math.nan if scale_by_std else 1.0, dtype=torch.float64))
@@ -241,15 +246,39 @@ class LatentDiffusion(GenerativeModel):
         return nats_to_bits_per_dim(first_nats.double() + prior_nats, x[0].numel()).to(x.dtype)
 
 
+def build_prior(config: dict[str, Any]) -> nn.Module:
+    """The prior of a ``{class_path, init_args}`` config (short names as in the configs), built by
+    jsonargparse as LightningCLI builds a model. Why not a ``GenerativeModel``-typed argument that
+    LightningCLI builds itself: LightningCLI hands every LightningModule it builds the top model's
+    hyperparameters and data links (``model.init_args.net...``), which a nested model does not have."""
+    from jsonargparse import ArgumentParser
+
+    import lightning_diffusion.models  # noqa: F401 - the families by their short names
+    import lightning_diffusion.nets  # noqa: F401
+
+    if "class_path" not in config:
+        raise ValueError(f"LatentDiffusion: prior must be a config with a class_path (DDPM, ScoreSDE, ...) and "
+                         f"init_args, got the keys {sorted(config)}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--prior", type=GenerativeModel)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"prior": config})).prior
+    except Exception as error:  # noqa: BLE001 - jsonargparse's message, named with the option
+        raise ValueError(f"LatentDiffusion: model.init_args.prior: {error}") from None
+
+
 def load_first_stage(path: str) -> tuple[nn.Module, dict[str, Any]]:
     """The first stage of the checkpoint ``path`` and its hyperparameters, every key of the state dict
     loaded (strictly), or an error naming the file and the missing and unexpected keys."""
     from lightning_diffusion.checkpoints import load_checkpoint
     from lightning_diffusion.errors import CheckpointError
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_args.first_stage_ckpt: {path} does not exist; train the first stage first "
+                                "(e.g. configs/vae_colour_digits.yaml) and give its <run>/checkpoints/last.ckpt")
     ckpt = load_checkpoint(path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
-    stage = build_first_stage(hparams, path)
+    stage = build_first_stage(copy.deepcopy(hparams), path)  # Lightning's rebuild turns nested configs into Namespaces
     state = ckpt["state_dict"]
     expected = stage.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
