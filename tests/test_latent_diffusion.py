@@ -220,3 +220,41 @@ def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(va
     x = torch.rand(2, 3, 16, 16).mul(255).round().div(127.5).sub(1)
     bpd = model.bits_per_dim(x, y=torch.tensor([1, 2]), steps=10)
     assert bpd.shape == (2,) and torch.isfinite(bpd).all() and model.bpd_estimator(steps=10) == "elbo+vlb-respaced-10"
+
+
+def test_the_cli_refuses_a_first_stage_checkpoint_with_a_missing_key_before_training(vae_checkpoint, tmp_path, capsys):
+    from lightning_diffusion.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(vae_checkpoint)
+    dropped = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    del ckpt["state_dict"][dropped]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(ckpt, broken)
+    config = latent_config(tmp_path / "latent.yaml", max_steps=2)
+    with pytest.raises(SystemExit) as exited:
+        fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={broken}")
+    line = capsys.readouterr().err.strip().splitlines()[-2]
+    assert exited.value.code == 1
+    assert line.startswith("lightning-diffusion fit: error: ") and str(broken) in line and f"missing keys ['{dropped}']" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_the_vae_first_stage_nats_with_a_standard_normal_prior_are_its_elbo():
+    """VAE.encode_latents: ``-log p(x | z) + log q(z | x) - log N(z; 0, I)`` averaged over draws of z is the
+    negative ELBO that VAE.bits_per_dim computes with the KL in closed form."""
+    from lightning_diffusion import VAE, ConvVAENet
+
+    torch.manual_seed(0)
+    vae = VAE(ConvVAENet(in_channels=1, image_size=8, latent_dim=4, channels=[8, 16], num_blocks=1),
+              data_shape=(1, 8, 8)).eval()
+    assert isinstance(vae, FirstStage) and vae.latent_shape == (4,) and vae.latent_categories is None
+    x = torch.randint(0, 256, (3, 1, 8, 8)).float().div(127.5).sub(1)
+    draws = 4000
+    with torch.no_grad():
+        z, nats = vae.encode_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1))
+        prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+        two_stage = ((nats - prior) / (64 * math.log(2))).view(draws, 3)
+        elbo = torch.stack([vae.bits_per_dim(x, generator=torch.Generator().manual_seed(i)) for i in range(200)]).mean(0)
+    error = two_stage.std(0) / math.sqrt(draws) + 0.01
+    assert ((two_stage.mean(0) - elbo).abs() < 4 * error).all(), (two_stage.mean(0), elbo)
+    assert vae.decode_latents(z[:2]).shape == (2, 1, 8, 8)

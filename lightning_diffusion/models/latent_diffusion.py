@@ -247,14 +247,12 @@ class LatentDiffusion(GenerativeModel):
 
 
 def build_prior(config: dict[str, Any]) -> nn.Module:
-    """The prior of a ``{class_path, init_args}`` config (short names as in the configs), built by
+    """The prior of a ``{class_path, init_args}`` config (full class paths: ``lightning_diffusion.DDPM``, whose
+    nested dict jsonargparse leaves as it is; a short name there is refused by the CLI's parser), built by
     jsonargparse as LightningCLI builds a model. Why not a ``GenerativeModel``-typed argument that
     LightningCLI builds itself: LightningCLI hands every LightningModule it builds the top model's
     hyperparameters and data links (``model.init_args.net...``), which a nested model does not have."""
     from jsonargparse import ArgumentParser
-
-    import lightning_diffusion.models  # noqa: F401 - the families by their short names
-    import lightning_diffusion.nets  # noqa: F401
 
     if "class_path" not in config:
         raise ValueError(f"LatentDiffusion: prior must be a config with a class_path (DDPM, ScoreSDE, ...) and "
