@@ -258,3 +258,29 @@ def test_the_vae_first_stage_nats_with_a_standard_normal_prior_are_its_elbo():
     error = two_stage.std(0) / math.sqrt(draws) + 0.01
     assert ((two_stage.mean(0) - elbo).abs() < 4 * error).all(), (two_stage.mean(0), elbo)
     assert vae.decode_latents(z[:2]).shape == (2, 1, 8, 8)
+
+
+def test_the_scale_is_one_over_the_latents_std_set_once_and_every_prior_sampler_decodes(tmp_path):
+    stage = ppca_stage()
+    model = LatentDiffusion(str(save_stage(stage, tmp_path / "stage.ckpt")), exact_prior(2), data_shape=(4,))
+    assert math.isnan(model.latent_scale.item()) and model.scale() == 1.0  # before the first training batch
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4000, 2, generator=g, dtype=torch.float64) @ stage.w.T + stage.mu
+         + stage.sigma * torch.randn(4000, 4, generator=g, dtype=torch.float64)).float()
+    # the aggregate posterior of exact PPCA is N(0, I), so the latents z' = c z have std c = 3
+    assert abs(model.estimate_scale(x) - 1 / stage.c) < 0.01
+    first = model.latent_scale.item()
+    model.estimate_scale(x[:10] * 5)  # set once: a later batch does not change it
+    assert model.latent_scale.item() == first
+    # the prior's samplers (its options checked by the prior), decoded: the decoder's mean W z + mu
+    cov = stage.w @ stage.w.T
+    for options in ({"sampler": "ddim", "steps": 25}, {"sampler": "heun", "steps": 15}, {}):
+        samples = model.sample(2000, generator=torch.Generator().manual_seed(4), **options).double()
+        assert (torch.cov(samples.T) - cov).abs().max() < 0.25 * cov.abs().max(), options
+        assert (samples.mean(0) - stage.mu).abs().max() < 0.15, options
+    from lightning_diffusion.errors import OptionError
+
+    with pytest.raises(OptionError, match="steps"):
+        model.sample(2, sampler="ddim", steps=0)
+    with pytest.raises(OptionError, match="guidance_scale"):
+        model.check_sample_options(guidance_scale=3.0)  # the prior is not class-conditional
