@@ -284,3 +284,56 @@ def test_the_scale_is_one_over_the_latents_std_set_once_and_every_prior_sampler_
         model.sample(2, sampler="ddim", steps=0)
     with pytest.raises(OptionError, match="guidance_scale"):
         model.check_sample_options(guidance_scale=3.0)  # the prior is not class-conditional
+
+
+class BinningStage(L.LightningModule):
+    """A test-only VQ-like first stage of points in {0, ..., 7}^2: the codes ``c = x // 2`` (K = 4,
+    deterministic: ``log q = 0``), the decoder uniform on ``{2c, 2c + 1}`` per position, so
+    ``first_stage_nats = 2 log 2`` and ``p(x) = p(c) / 4`` exactly."""
+
+    latent_categories = 4
+    latent_shape = (2,)
+
+    def __init__(self, data_shape: tuple[int, ...] = (2,)):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_shape = tuple(data_shape)
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return torch.div(x, 2, rounding_mode="floor").long(), torch.full((x.shape[0],), 2 * math.log(2))
+
+    def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return (2 * z + torch.randint(0, 2, z.shape, generator=generator)).float()
+
+
+def test_a_discrete_prior_over_codes_gives_the_two_stage_bound_of_the_codes(tmp_path):
+    from lightning_diffusion import DiscreteDiffusion, SequenceTransformer
+
+    prior = DiscreteDiffusion(SequenceTransformer(num_categories=4, max_length=2, dim=16, depth=1, heads=2, dropout=0.0),
+                              num_categories=4, corruption="uniform", timesteps=10, data_shape=(2,))
+    model = LatentDiffusion(str(save_stage(BinningStage(), tmp_path / "vq.ckpt")), prior, data_shape=(2,))
+    assert model.latent_scale.item() == 1.0 and model.bpd_estimator() == "first-stage+vlb"
+    # an enumerable toy: the codes' joint law is known, so is the data's entropy (bits per dimension)
+    table = torch.tensor([[0.4, 0.1, 0.0, 0.0], [0.05, 0.3, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    codes = torch.multinomial(table.flatten(), 512, replacement=True, generator=g)
+    c = torch.stack([codes // 4, codes % 4], 1)
+    x = (2 * c + torch.randint(0, 2, c.shape, generator=g)).float()
+    entropy = (-(table[table > 0] * table[table > 0].log2()).sum() + 2) / 2  # H(c) + 2 bits of the bins, per dim
+    optimizer = torch.optim.Adam(model.prior.parameters(), lr=3e-3)
+    model.train()
+    for step in range(150):
+        batch = torch.randint(0, 512, (64,), generator=g)
+        loss = model.loss({"x": x[batch]})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bpd = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1)).double()
+    prior_bpd = model.prior.bits_per_dim(c, generator=torch.Generator().manual_seed(1)).double()
+    # the bound composes exactly: the codes' bound (2 positions) plus the 2 bits of the bins, over 2 dimensions
+    assert torch.allclose(bpd, (prior_bpd * 2 + 2) / 2, atol=1e-5)
+    # a bound on the data's NLL: its mean over the data is no less than the data's entropy (cross-entropy >= entropy)
+    assert bpd.mean().item() >= entropy.item() - 3 * bpd.std().item() / math.sqrt(len(bpd))
+    assert bpd.mean().item() < entropy.item() + 0.6  # and the trained prior is near it
+    samples = model.sample(8, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == (8, 2) and ((samples >= 0) & (samples <= 7)).all()

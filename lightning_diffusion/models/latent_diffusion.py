@@ -49,7 +49,7 @@ class LatentDiffusion(GenerativeModel):
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
     resume_fixed_hparams = ("data_shape", "scale_by_std")
 
-    def __init__(self, first_stage_ckpt: str, prior: dict, scale_by_std: bool = True,
+    def __init__(self, first_stage_ckpt: str, prior: dict, scale_by_std: bool | None = None,
                  first_stage_hparams: str | None = None, **kwargs: Any):
         """
         Args:
@@ -59,13 +59,16 @@ class LatentDiffusion(GenerativeModel):
                 ``data_shape`` must be the data's. It is frozen (eval mode, no gradients, not in the
                 optimizer, not averaged by EMA).
             prior: the model of the latents, any family (``DDPM`` / ``ScoreSDE`` over continuous
-                latents), given as a nested ``class_path`` config. Its ``data_shape`` is set to the first
-                stage's ``latent_shape`` (a given one must equal it); its net must take that shape
-                (an ``MLP`` with ``in_channels = latent_dim`` for a VAE's vector latents). A
+                latents; ``DiscreteDiffusion`` with ``num_categories = K`` and a sequence net over the
+                codes of a VQ first stage, flattened to a sequence), given as a nested ``class_path``
+                config. Its ``data_shape`` is set to the first stage's ``latent_shape`` (codes: its
+                number of positions; a given one must equal it); its net must take that shape (an
+                ``MLP`` with ``in_channels = latent_dim`` for a VAE's vector latents). A
                 class-conditional prior takes the data's labels (its ``num_classes`` must be the data's).
             scale_by_std: multiply the latents by ``1 / std`` of the first training batch's latents
                 (all ranks; Rombach et al.), kept in the checkpoint (buffer ``latent_scale``) and fixed
-                on resume; False: scale 1.
+                on resume; False: scale 1. None (default): True for continuous latents, False for
+                codes (which are not scaled; True is refused there).
             first_stage_hparams: the first stage's class and hyperparameters as JSON; filled in from
                 ``first_stage_ckpt`` and saved, so this model's checkpoint rebuilds the first stage
                 without that file (its weights are in this checkpoint). Leave it unset. (A string, not a
@@ -91,10 +94,16 @@ class LatentDiffusion(GenerativeModel):
                              "train the first stage on this dataset, or choose the data it was trained on")
         if self.data_shape is None and stage_shape is not None:
             self.data_shape = tuple(stage_shape)
-        if getattr(self.first_stage, "latent_categories", None) is not None:
-            raise ValueError(f"LatentDiffusion: the first stage of {first_stage_ckpt} has discrete codes "
-                             f"({self.first_stage.latent_categories} categories); a prior over codes is not supported yet")
+        categories = getattr(self.first_stage, "latent_categories", None)
+        self.latent_categories = None if categories is None else int(categories)
+        if self.latent_categories is not None and scale_by_std:
+            raise ValueError(f"LatentDiffusion: scale_by_std=True, but the first stage of {first_stage_ckpt} has "
+                             f"discrete codes ({self.latent_categories} categories), which are not scaled; leave "
+                             "scale_by_std out")
+        scale_by_std = self.latent_categories is None if scale_by_std is None else scale_by_std
         self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
+        #: the prior's data: the latents, or the codes as one sequence
+        self.prior_shape = self.latent_shape if self.latent_categories is None else (math.prod(self.latent_shape),)
         self.prior = build_prior(prior) if isinstance(prior, dict) else prior
         self._fit_prior(self.prior)
         self.scale_by_std = scale_by_std
@@ -107,10 +116,17 @@ class LatentDiffusion(GenerativeModel):
             raise ValueError(f"LatentDiffusion: prior must be a model family (DDPM, ScoreSDE, ...), got "
                              f"{type(prior).__name__}")
         given = getattr(prior, "data_shape", None)
-        if given is not None and tuple(given) != self.latent_shape:
+        if given is not None and tuple(given) != self.prior_shape:
             raise ValueError(f"LatentDiffusion: the prior's data_shape {list(given)} is not the first stage's "
-                             f"latent_shape {list(self.latent_shape)}; leave the prior's data_shape out")
-        prior.data_shape = self.latent_shape
+                             f"latent_shape {list(self.prior_shape)}; leave the prior's data_shape out")
+        prior.data_shape = self.prior_shape
+        prior_categories = getattr(prior, "num_categories", None)
+        if prior_categories != self.latent_categories:
+            what = "continuous latents" if self.latent_categories is None else f"{self.latent_categories} codes"
+            raise ValueError(f"LatentDiffusion: the first stage has {what}, but the prior takes "
+                             f"{'floats' if prior_categories is None else f'{prior_categories} categories'}; use "
+                             + ("a DDPM or ScoreSDE prior" if self.latent_categories is None else
+                                f"a DiscreteDiffusion prior with num_categories: {self.latent_categories}"))
         classes = getattr(prior, "num_classes", None)
         if getattr(prior, "class_conditional", False) and classes != self.num_classes:
             raise ValueError(f"LatentDiffusion: the class-conditional prior has num_classes={classes}, but the data "
@@ -146,7 +162,7 @@ class LatentDiffusion(GenerativeModel):
     def estimate_scale(self, x: Tensor) -> float:
         """Set ``latent_scale`` to ``1 / std`` of the latents of ``x`` over every rank (Rombach et al.'s
         ``scale_by_std``: one batch), where it is not set yet; return the scale used."""
-        if not math.isnan(float(self.latent_scale)):
+        if not math.isnan(float(self.latent_scale)) or self.latent_categories is not None:
             return self.scale()
         with torch.no_grad():
             z, _ = self.first_stage.encode_latents(x)
@@ -163,11 +179,24 @@ class LatentDiffusion(GenerativeModel):
         self.latent_scale.fill_(float(1 / std))
         return self.scale()
 
+    def to_prior(self, z: Tensor, dtype: torch.dtype) -> Tensor:
+        """The prior's data from the first stage's latents: ``s z`` in ``dtype``, or the codes as int64
+        sequences [B, positions]."""
+        if self.latent_categories is not None:
+            return z.reshape(z.shape[0], -1).long()
+        return (z * self.scale()).to(dtype)
+
+    def from_prior(self, z: Tensor) -> Tensor:
+        """The first stage's latents from the prior's samples (the inverse of :meth:`to_prior`)."""
+        if self.latent_categories is not None:
+            return z.long().reshape(z.shape[0], *self.latent_shape)
+        return z / self.scale()
+
     # -- training -----------------------------------------------------------------------------------
     def _latent_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
         with torch.no_grad():
             z, _ = self.first_stage.encode_latents(batch["x"], generator)
-        latent = {"x": (z * self.scale()).to(batch["x"].dtype)}
+        latent = {"x": self.to_prior(z, batch["x"].dtype)}
         if "y" in batch:
             latent["y"] = batch["y"]
         return latent
@@ -206,8 +235,8 @@ class LatentDiffusion(GenerativeModel):
         and decoded by the first stage (a VAE: the decoder's mean)."""
         self.check_sample_options(**options)
         with evaluating(self):
-            z = self.prior.sample(num_samples, y=y, generator=generator, **options)
-            return self.first_stage.decode_latents(z.to(self.device) / self.scale(), generator)
+            z = self.prior.sample(num_samples, y=y, generator=generator, **options).to(self.device)
+            return self.first_stage.decode_latents(self.from_prior(z), generator)
 
     def bpd_estimator(self, **options: Any) -> str:
         """``<first stage>+<prior>``: the first stage's part (a VAE: ``elbo``, its one-draw bound) and the
@@ -240,7 +269,7 @@ class LatentDiffusion(GenerativeModel):
             z, first_nats = self.first_stage.encode_latents(x, generator)
             if y is not None and "y" in inspect.signature(self.prior.bits_per_dim).parameters:
                 options["y"] = y
-            prior_bpd = self.prior.bits_per_dim((z * s).to(x.dtype), generator=generator, **options)
+            prior_bpd = self.prior.bits_per_dim(self.to_prior(z, x.dtype), generator=generator, **options)
         latent_dims = math.prod(self.latent_shape)
         prior_nats = prior_bpd.double() * latent_dims * math.log(2) - latent_dims * math.log(s)
         return nats_to_bits_per_dim(first_nats.double() + prior_nats, x[0].numel()).to(x.dtype)
