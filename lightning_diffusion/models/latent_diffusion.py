@@ -239,11 +239,12 @@ class LatentDiffusion(GenerativeModel):
             return self.first_stage.decode_latents(self.from_prior(z), generator)
 
     def bpd_estimator(self, **options: Any) -> str:
-        """``<first stage>+<prior>``: the first stage's part (a VAE: ``elbo``, its one-draw bound) and the
-        prior's estimator of ``-log p(z)`` with these options (``vlb``, ``ode-exact``, ...)."""
-        first = getattr(self.first_stage, "bpd_estimator", None)
-        prior = getattr(self.prior, "bpd_estimator", None)
-        return f"{first() if first else 'first-stage'}+{prior(**options) if prior else 'prior'}"
+        """``<first stage>+<prior>``: the first stage's part (``elbo``: ``-log p(x | z) + log q(z | x)`` of
+        one draw, the ELBO's terms with the prior in place of ``N(0, I)``; ``vq``: ``-log p(x | codes)`` of
+        a deterministic encoder) and the prior's estimator of ``-log p(z)`` with these options (``vlb``,
+        ``ode-exact``, ...)."""
+        first = "elbo" if self.latent_categories is None else "vq"
+        return f"{first}+{self.prior.bpd_estimator(**options)}"
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, y: Tensor | None = None, generator: torch.Generator | None = None,
