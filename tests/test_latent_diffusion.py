@@ -172,12 +172,17 @@ def latent_config(path: Path, first_stage: Path | None = None, max_steps: int = 
     return path
 
 
-@pytest.fixture(scope="module")
-def vae_checkpoint(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("vae")
+def tiny_first_stage(run: Path) -> Path:
+    """Train :data:`VAE_CONFIG` (3 steps, in this process) into ``run``; its ``last.ckpt``."""
+    run.mkdir(parents=True, exist_ok=True)
     (run / "vae.yaml").write_text(yaml.safe_dump(VAE_CONFIG))
     fit_here(run / "vae.yaml", run)
     return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory) -> Path:
+    return tiny_first_stage(tmp_path_factory.mktemp("vae"))
 
 
 def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path):
@@ -185,8 +190,11 @@ def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(va
     from lightning_diffusion.commands import load_model
 
     config = latent_config(tmp_path / "latent.yaml", max_steps=4)
-    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}")
+    # dotted overrides into the prior's config reach it (jsonargparse hands them over beside its class_path)
+    width = "--model.init_args.prior.init_args.net.init_args.hidden=24"
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width)
     first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert first["state_dict"]["prior.net.time_embed.0.weight"].shape[0] == 24
     vae = load_checkpoint(vae_checkpoint)["state_dict"]
     scale = first["state_dict"]["latent_scale"]
     assert torch.isfinite(scale) and 0.05 < float(scale) < 20
@@ -203,7 +211,7 @@ def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(va
 
     # a resume continues with the checkpoint's scale (not re-estimated from its first batch)
     latent_config(config, max_steps=6)
-    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", "--ckpt_path=last")
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last")
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6 and torch.equal(resumed["state_dict"]["latent_scale"], scale)
 

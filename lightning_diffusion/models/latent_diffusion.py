@@ -287,12 +287,42 @@ def build_prior(config: dict[str, Any]) -> nn.Module:
     if "class_path" not in config:
         raise ValueError(f"LatentDiffusion: prior must be a config with a class_path (DDPM, ScoreSDE, ...) and "
                          f"init_args, got the keys {sorted(config)}")
+    config = _with_overrides(config)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--prior", type=GenerativeModel)
     try:
         return parser.instantiate_classes(parser.parse_object({"prior": config})).prior
     except Exception as error:  # noqa: BLE001 - jsonargparse's message, named with the option
         raise ValueError(f"LatentDiffusion: model.init_args.prior: {error}") from None
+
+
+def _with_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the command line's dotted overrides put where they belong. jsonargparse leaves a
+    ``dict`` option's nested keys to its owner: ``--model.init_args.prior.init_args.timesteps=50`` arrives
+    as the key ``timesteps`` (a string) next to ``class_path``, and would be dropped (or refused) by the
+    prior's parser. Each such key (dotted for deeper ones, ``init_args`` parts skipped) goes into
+    ``init_args``, its string value read as YAML (``50`` an int, ``[1, 2]`` a list)."""
+    import yaml
+
+    def arguments(node: dict[str, Any]) -> dict[str, Any]:
+        return node.setdefault("init_args", {}) if "class_path" in node else node
+
+    def put(node: dict[str, Any], key: str, value: Any) -> None:
+        *parents, last = [part for part in key.split(".") if part != "init_args"]
+        for part in parents:
+            node = arguments(node.setdefault(part, {}))
+        if isinstance(value, dict):  # a deeper override arrives as {'init_args.hidden': '32'} under 'net'
+            target = arguments(node.setdefault(last, {}))
+            for inner, inner_value in value.items():
+                put(target, inner, inner_value)
+        else:
+            node[last] = yaml.safe_load(value) if isinstance(value, str) else value
+
+    config = copy.deepcopy(config)
+    init_args = config.setdefault("init_args", {})
+    for key in [k for k in config if k not in ("class_path", "init_args", "dict_kwargs")]:
+        put(init_args, key, config.pop(key))
+    return config
 
 
 def load_first_stage(path: str) -> tuple[nn.Module, dict[str, Any]]:
