@@ -60,6 +60,8 @@ _PUBLIC = {
     "EBM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
     "HierarchicalVAE": "lightning_diffusion.models",
+    "FirstStage": "lightning_diffusion.models",
+    "LatentDiffusion": "lightning_diffusion.models",
     "ScoreSDE": "lightning_diffusion.models",
     "VAE": "lightning_diffusion.models",
     "VQVAE": "lightning_diffusion.models",

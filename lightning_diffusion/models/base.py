@@ -313,7 +313,8 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
 
     def configure_optimizers(self):
         """AdamW with linear warm-up over ``warmup_steps``, then a constant learning rate."""
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=self.adam_betas,
+        # only the trained parameters: a frozen part (LatentDiffusion's first stage) stays out of the optimizer
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, betas=self.adam_betas,
                                       weight_decay=self.weight_decay)
         warmup = max(self.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
