@@ -5,7 +5,9 @@
   loss over that batch (each half drawn with its rank's seed), and the same EMA averages;
 - ModelParallelStrategy (FSDP2, ``configure_model``): parameters and EMA averages are sharded
   DTensors; SampleQuality, Likelihood and ``sample`` run on the sharded model; a resume from the
-  sharded checkpoint directory ends bitwise equal to the straight run.
+  sharded checkpoint directory ends bitwise equal to the straight run;
+- the VQ-VAE's EMA codebook (buffers, not parameters: never sharded) is one codebook on every rank,
+  moved by the all-reduced statistics of the global batch, under both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from tiny import tiny_model
 from conftest import assert_ended_cleanly
 
-FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "ebm", "discrete"]
+FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "vqvae", "ebm", "discrete"]
 POINTS = ("score_sde", "ebm")
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
@@ -61,6 +63,14 @@ def test_ddp_gradients_equal_single_process_on_a_fixed_batch(tmp_path):
         if family == "discrete":  # the importance-sampling history holds both ranks' 8 terms, on each rank
             assert all(torch.equal(v, rank1["history"][k]) for k, v in rank0["history"].items())
             assert int(rank0["history"]["count"].sum()) == 16
+        if family == "vqvae":  # one EMA step on the statistics of both halves: one process's on all 16 images
+            single = rank0["reference_codebook"]
+            for name, value in rank0["codebook"].items():
+                assert torch.equal(value, rank1["codebook"][name]), f"vqvae codebook {name}: ranks differ"
+                # observed: equal to 1.2e-7 (the all-reduce sums the two halves' sums in another order)
+                torch.testing.assert_close(value, single[name], rtol=1e-5, atol=1e-6, msg=f"vqvae codebook {name}")
+            # N_k = 0.99 N_k + 0.01 n_k from N_k = 1: the counts n_k of both ranks' 16 images x 4x4 codes
+            assert float(rank0["codebook"]["cluster_size"].sum()) == pytest.approx(0.99 * 16 + 0.01 * 16 * 4 * 4)
 
 
 def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(tmp_path):
@@ -74,7 +84,7 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
         assert rank0["step"] == 4
         for name, value in rank0["params"].items():
             assert torch.equal(value, rank1["params"][name]), f"{family} {name}: ranks disagree"
-        if family in ("ddpm", "hvae", "ebm", "discrete"):  # families.RESUMED
+        if family in ("ddpm", "hvae", "ebm", "discrete", "vqvae"):  # families.RESUMED
             assert rank0["resumed_step"] == 4
             for name, value in rank0["params"].items():
                 assert torch.equal(value, rank0["resumed_params"][name]), f"{family} {name}: resume not exact"
@@ -90,6 +100,13 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
             # every rank records every rank's terms (gathered), so p_t is the same on each: 4 steps x 2 x 16
             assert all(torch.equal(rank0["history"][k], rank1["history"][k]) for k in rank0["history"])
             assert int(rank0["history"]["count"].sum()) == 4 * 2 * 16
+        if family == "vqvae":  # rank 1 built another codebook (families.OtherCodebookOnRankOne): rank 0's is
+            # broadcast before training, then the all-reduced EMA statistics and rank 0's restarts keep one
+            for name, value in rank0["codebook"].items():
+                assert torch.equal(value, rank1["codebook"][name]), f"vqvae codebook {name}: ranks differ"
+                for rank in (rank0, rank1):  # the buffers and the restart generator, from the sharded checkpoint
+                    assert torch.equal(rank["codebook"][name], rank["resumed_codebook"][name]), f"vqvae {name}"
+            assert int(rank0["codebook"]["restarts"]) > 0  # dead codes restarted at rank 0's draws
         assert any(not torch.equal(v, rank0["params"][n]) for n, v in rank0["ema"].items()), family
         # evaluation runs on the EMA averages (swapped into the sharded parameters), then swaps back
         used, evaluated = rank0["evaluated"]

@@ -199,6 +199,14 @@ class VQVAE(LatentVariableModel):
         super().on_test_epoch_end()
         self._log_code_usage("test")
 
+    def on_fit_start(self) -> None:
+        """After a resume's restore, before the sanity check and the first step: every rank takes rank
+        0's codebook (FSDP2 broadcasts no buffers;
+        :meth:`~lightning_diffusion.nets.codebook.EMACodebook.broadcast_from_rank_zero`), so the
+        all-reduced EMA updates keep one codebook on all ranks."""
+        super().on_fit_start()
+        self.codebook.broadcast_from_rank_zero()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vq_restart_rng"] = self.codebook.generator.get_state()

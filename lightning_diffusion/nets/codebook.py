@@ -80,6 +80,16 @@ class EMACodebook(nn.Module):
         return self.codebook[codes]
 
     @torch.no_grad()
+    def broadcast_from_rank_zero(self) -> None:
+        """Make rank 0's buffers every rank's (in place; nothing without a process group of more than
+        one rank). Ranks may build different codebooks (a seed per rank); DDP broadcasts buffers from
+        rank 0 when it wraps the model, FSDP2's ``fully_shard`` shards parameters and leaves buffers
+        alone (it has no ``sync_module_states``), so the codebook does it itself, once, before training."""
+        if _distributed():
+            for buffer in self.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
+    @torch.no_grad()
     def update(self, z: Tensor, codes: Tensor) -> Tensor:
         """One EMA step on the encoder outputs ``z`` [N, D] assigned ``codes`` [N]; returns the counts
         ``n_k`` [K] (float, summed over ranks) of this step."""

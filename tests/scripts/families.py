@@ -17,6 +17,7 @@ noise are the same draws).
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -53,6 +54,10 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
         model = tiny_model("hvae", net=dict(latent_channels=2, latent_resolutions=(1, 4), groups_per_resolution=(1, 1)),
                            likelihood=None, **common)
         return model, images, image_quality, {"num_importance_samples": 4}
+    if family == "vqvae":  # the EMA codebook: buffers moved by all-reduced statistics, not by gradients; a code
+        # unused on every rank for 2 steps restarts at an encoder output drawn on rank 0 and broadcast
+        model = tiny_model("vqvae", dead_code_steps=2, **common)
+        return model, images, image_quality, {}
     if family == "ebm":  # persistent CD: a replay buffer per rank, Langevin chains, quadrature log Z
         points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
         return tiny_model("ebm", **common), points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
@@ -74,6 +79,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
+class OtherCodebookOnRankOne(L.Callback):
+    """Rank 1 starts from another codebook, as with a seed per rank (``srun`` and ``seed_everything:
+    true``): FSDP2, unlike DDP, broadcasts no buffers, so the VQ-VAE must make rank 0's everyone's."""
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == 1:
+            fresh = torch.randn(pl_module.codebook.codebook.shape, generator=torch.Generator().manual_seed(1))
+            pl_module.codebook.codebook.copy_(fresh)
+            pl_module.codebook.embed_sum.copy_(fresh)
+
+
 def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
     torch.manual_seed(0)
     model, data, quality_options, bpd_options = build(family)
@@ -83,16 +99,18 @@ def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
     trainer = tiny_trainer(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                            max_steps=max_steps, enable_checkpointing=True, default_root_dir=root, limit_val_batches=0,
                            callbacks=[ema, quality, likelihood,
-                                      LastCheckpoint(dirpath=f"{root}/ck", every_n_train_steps=2)])
+                                      LastCheckpoint(dirpath=f"{root}/ck", every_n_train_steps=2),
+                                      *([OtherCodebookOnRankOne()] if family == "vqvae" else [])])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model, ema, trainer, quality.last_results, likelihood.last_results
 
 
 STEP_SEED = 1234
 # the families whose FSDP2 resume is checked (restoring is family-independent; the suite's time budget
-# takes four: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, the EBM with
-# its per-rank replay buffers, and the discrete diffusion with its importance-sampling buffers)
-RESUMED = ("ddpm", "hvae", "ebm", "discrete")
+# takes five: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, the EBM with
+# its per-rank replay buffers, the discrete diffusion with its importance-sampling buffers and the VQ-VAE
+# with its codebook buffers and restart generator)
+RESUMED = ("ddpm", "hvae", "ebm", "discrete", "vqvae")
 
 
 class FixedBatch(L.LightningDataModule):
@@ -144,6 +162,28 @@ def sampler_history(model) -> dict | None:
     return None if sampler is None else {k: v.detach().clone() for k, v in sampler.state_dict().items()}
 
 
+def codebook_state(model) -> dict | None:
+    """This rank's EMA codebook of a VQ-VAE (buffers: codebook, cluster sizes, sums, steps unused,
+    restarts) and its restart generator's state."""
+    book = getattr(model, "codebook", None)
+    if book is None:
+        return None
+    return {**{k: v.detach().clone() for k, v in book.state_dict().items()}, "rng": book.generator.get_state()}
+
+
+@contextmanager
+def single_process():
+    """The codebook's all-reduce and broadcast off: the single-process reference runs on rank 0 alone
+    (rank 1 would never join the collective)."""
+    from lightning_diffusion.nets import codebook
+
+    distributed, codebook._distributed = codebook._distributed, lambda: False
+    try:
+        yield
+    finally:
+        codebook._distributed = distributed
+
+
 def ddp_step(family: str, out: str) -> None:
     torch.manual_seed(0)
     model, data, _, _ = build(family)
@@ -159,7 +199,8 @@ def ddp_step(family: str, out: str) -> None:
                            callbacks=[grads, ema])
     trainer.fit(model, datamodule=FixedBatch(halves))
     result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum,
-              "ema": {n: full(s) for n, s in ema.shadow.items()}, "history": sampler_history(model)}
+              "ema": {n: full(s) for n, s in ema.shadow.items()}, "history": sampler_history(model),
+              "codebook": codebook_state(model)}
     if trainer.global_rank == 0:  # the single-process reference, on a fresh copy of the initial model
         torch.manual_seed(0)
         reference, _, _, _ = build(family)
@@ -174,8 +215,19 @@ def ddp_step(family: str, out: str) -> None:
             if family == "discrete":  # each rank draws t from the history it started with (gathered after)
                 reference.timestep_sampler.load_state_dict({k[len("timestep_sampler."):]: v for k, v in init.items()
                                                             if k.startswith("timestep_sampler.")})
-            losses.append(reference.training_step(half, 0))
+            if family == "vqvae":  # each rank quantizes with the codebook it started with (updated after)
+                reference.codebook.load_state_dict({k[len("codebook."):]: v for k, v in init.items()
+                                                    if k.startswith("codebook.")})
+            with single_process():
+                losses.append(reference.training_step(half, 0))
         (sum(losses) / len(losses)).backward()
+        if family == "vqvae":  # one process's EMA step on the whole batch of 16, from the initial codebook
+            reference.codebook.load_state_dict({k[len("codebook."):]: v for k, v in init.items()
+                                                if k.startswith("codebook.")})
+            with torch.no_grad(), single_process():
+                z_e, codes, _ = reference._quantize(torch.cat([h["x"] for h in halves]))
+                reference.codebook.update(z_e.movedim(1, -1).reshape(-1, z_e.shape[1]), codes.flatten())
+            result["reference_codebook"] = codebook_state(reference)
         result["reference_losses"] = [float(l) for l in losses]
         result["half_sums"] = [float(h["x"].double().sum()) for h in halves]
         result["reference"] = {n: p.grad.detach().clone() for n, p in reference.named_parameters()
@@ -187,6 +239,7 @@ def fsdp2_runs(family: str, out: str) -> None:
     model, ema, trainer, quality, likelihood = fit(family, f"{out}/{family}-straight", 4)
     straight_replay = getattr(model, "_replay", None)
     straight_history = sampler_history(model)
+    straight_codebook = codebook_state(model)
     name, largest = max(model.named_parameters(), key=lambda item: item[1].numel())
     result = {"param_type": type(largest).__name__, "shadow_type": type(ema.shadow[name]).__name__,
               "local_shape": tuple(largest.to_local().shape if hasattr(largest, "to_local") else largest.shape),
@@ -222,6 +275,8 @@ def fsdp2_runs(family: str, out: str) -> None:
             result["resumed_replay"] = {k: v.clone() for k, v in model._replay.items()}
         if family == "discrete":
             result["history"], result["resumed_history"] = straight_history, sampler_history(model)
+        if family == "vqvae":
+            result["codebook"], result["resumed_codebook"] = straight_codebook, codebook_state(model)
     torch.save(result, f"{out}/{family}-rank{trainer.global_rank}.pt")
 
 
