@@ -260,3 +260,26 @@ def test_a_model_with_an_energy_samples_and_records_acceptance_per_level(monkeyp
     monkeypatch.setattr(conditional, "sampling_energy", lambda y=None, guidance_scale=1.0: lambda x, t: energy(x, t, y))
     # guidance of an energy is an energy (E_null + w (E_y - E_null)): accepted (tests/test_compose.py checks its value)
     conditional.check_sample_options(sampler="annealed_mcmc", guidance_scale=2.0)
+
+
+def test_the_adaptation_options_flow_through_the_model_and_its_checks():
+    """``adapt`` and ``target_acceptance`` reach the sampler through ``model.sample`` and are checked by
+    ``check_sample_options`` (what a callback's ``sample_options`` goes through before training): a
+    fixed step stays fixed, a target of the user's is met, contradictions are refused by name."""
+    model = DDPM(MLP(hidden=16, num_layers=1), timesteps=50, data_shape=(2,))
+    energy = MixtureOracle(mixture(), model.process).energy
+    model.sampling_energy = lambda y=None, guidance_scale=1.0: lambda x, t: energy(x, t, y)
+    model.check_sample_options(sampler="annealed_mcmc", adapt=False, step_scale=0.3)
+    model.sample(500, sampler="annealed_mcmc", steps=30, adapt=False, step_scale=0.3,
+                 generator=torch.Generator().manual_seed(0))
+    assert model.last_sample_step_scale == [0.3] * 29
+    model.sample(500, sampler="annealed_mcmc", steps=30, target_acceptance=0.3, generator=torch.Generator().manual_seed(0))
+    window = model.last_sample_acceptance[12:25]
+    assert abs(sum(window) / len(window) - 0.3) < 0.06, window
+    for options, message in (({"adapt": False, "target_acceptance": 0.5}, "adapt=False keeps step_scale fixed"),
+                             ({"kernel": "ula", "target_acceptance": 0.5}, "kernel='ula' accepts every move"),
+                             ({"adapt": "yes"}, "adapt='yes': must be true or false")):
+        for call in (lambda: model.check_sample_options(sampler="annealed_mcmc", **options),
+                     lambda: model.sample(4, sampler="annealed_mcmc", steps=5, **options)):
+            with pytest.raises(OptionError, match=message):
+                call()

@@ -142,6 +142,20 @@ def test_a_fixed_small_step_leaves_the_product_too_narrow():
     assert errors["cov"] > 8, errors
 
 
+def test_the_adaptation_options_flow_through_composition_sample():
+    """Composition.sample passes ``adapt``/``target_acceptance`` to the sampler (a fixed step stays
+    fixed, per level in last_sample_step_scale) and refuses a contradiction by name."""
+    composition = compose([Term(oracle(A)), Term(oracle(B))])
+    composition.sample(64, sampler="annealed_mcmc", steps=6, adapt=False, step_scale=0.7)
+    assert composition.last_sample_step_scale == [0.7] * 5
+    composition.sample(64, sampler="annealed_mcmc", steps=6, step_scale=0.7)
+    assert len(set(composition.last_sample_step_scale)) == 5  # adapted: each level its own (its last move's)
+    with pytest.raises(OptionError, match="target_acceptance=0.5: kernel='ula' accepts every move"):
+        composition.sample(8, sampler="annealed_mcmc", steps=5, kernel="ula", target_acceptance=0.5)
+    composition.sample(8, sampler="ddim", steps=5)
+    assert composition.last_sample_step_scale is None
+
+
 @pytest.mark.parametrize("sampler", ["ancestral", "euler_maruyama"])
 def test_the_plain_score_sum_misses_the_product(sampler):
     """Known failure (Du et al. 2023, sec. 3): summing the diffused scores samples a distorted product.
