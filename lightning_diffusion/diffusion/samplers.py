@@ -786,7 +786,9 @@ def annealed_mcmc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[i
     end level matters, and each move is still exact: the step of a move is fixed before it, from the
     earlier moves of the whole population of B chains, so each move is a MALA/HMC kernel that leaves
     p_t invariant, whatever its step (a chain's own past enters the step only through its 1/B share
-    of the mean acceptance). This is the adaptation of adaptive sequential Monte Carlo, which tunes
+    of the mean acceptance; with very few chains, B = 1 at the extreme, that share is the whole and
+    the step follows each chain's own accept/reject history: pass ``adapt=False`` there if exactness
+    matters). This is the adaptation of adaptive sequential Monte Carlo, which tunes
     each stage's kernels from the population at the previous one (Fearnhead & Taylor 2013; Buchholz,
     Chopin & Jacob 2021, HMC within SMC). The step at the last levels lags behind (sigma_t falls fast
     there; the acceptance at the last level stays ~1), which is safe, only slower mixing.
