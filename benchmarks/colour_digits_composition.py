@@ -87,7 +87,7 @@ def main() -> None:
                         help="samplers of the product's summed score, no correction (also the joint's)")
     parser.add_argument("--kernels", nargs="*", default=["mala", "hmc"], help="annealed_mcmc kernels")
     parser.add_argument("--mcmc_steps", type=int, default=2, help="MCMC moves per noise level")
-    parser.add_argument("--step_scale", type=float, default=0.1, help="annealed_mcmc's step, in sigma_t^2")
+    parser.add_argument("--step_scale", type=float, default=0.1, help="annealed_mcmc's first step, in sigma_t^2 (then adapted to the acceptance)")
     parser.add_argument("--max_pairs", type=int, help="only the first this many pairs of each group (a quick check)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

@@ -16,6 +16,8 @@ energy distance between two exact draws is about 0.0015):
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -118,7 +120,7 @@ def acceptance(step_scale: float, kernel: str = "mala") -> list[float]:
     mix, process = mixture(), VPSDE()
     sample("annealed_mcmc", None, process, (1000, 2), steps=10, mcmc_steps=2, step_scale=step_scale, kernel=kernel,
            energy_fn=MixtureOracle(mix, process).energy, generator=torch.Generator().manual_seed(0),
-           callback=seen.append)
+           callback=seen.append, adapt=False)  # the kernels' own acceptance at a fixed step
     assert [s["i"] for s in seen] == list(range(10)) and seen[0]["acceptance"] == 1.0  # no moves at the prior
     return [s["acceptance"] for s in seen[1:]]
 
@@ -132,6 +134,39 @@ def test_mala_acceptance_tends_to_one_at_small_steps_and_falls_as_they_grow():
 
 def test_ula_reports_acceptance_one():
     assert acceptance(1.0, "ula") == [1.0] * 9
+
+
+def adapted(kernel: str, step_scale: float, levels: int = 30, **options) -> list[dict]:
+    seen: list[dict] = []
+    mix, process = mixture(), VPSDE()
+    sample("annealed_mcmc", None, process, (1000, 2), steps=levels, kernel=kernel, step_scale=step_scale,
+           energy_fn=MixtureOracle(mix, process).energy, generator=torch.Generator().manual_seed(0),
+           callback=seen.append, **options)
+    return seen[1:]
+
+
+@pytest.mark.parametrize(("kernel", "target"), [("mala", 0.57), ("hmc", 0.65)])
+def test_the_step_adapts_to_the_kernels_optimal_acceptance_from_any_start(kernel, target):
+    """By default the step follows the acceptance (Robbins-Monro on log step_scale). On 30 levels, from a
+    first step_scale of 1e-4 (acceptance ~1 at a fixed step) or 30 (< 0.3 at a fixed step): the
+    acceptance of levels 15-24 is the kernel's optimum (MALA 0.57, HMC 0.65) within 0.05, both starts
+    reach the same step there (within 20%; measured: 1.2-1.6 sigma_t^2 for MALA, 1.1-1.3 for HMC), and
+    the step, in units of sigma_t^2, grows at the last levels (p_t is much wider than sigma_t there:
+    measured 3x). A target of the user's own (0.3) is met too."""
+    runs = {start: adapted(kernel, start) for start in (1e-4, 30.0)}
+    for start, levels in runs.items():
+        window = [level["acceptance"] for level in levels[15:25]]
+        assert abs(sum(window) / len(window) - target) < 0.05, (start, window)
+        scales = [level["step_scale"] for level in levels]
+        assert scales[-1] > 2 * scales[20], scales
+        sigma = [float(VPSDE().sigma(torch.tensor(level["t"]))) for level in levels]
+        assert all(abs(level["step_size"] - (2 * level["step_scale"]) ** 0.5 * s) < 1e-6 for level, s in zip(levels, sigma))
+    for i in range(15, 25):
+        assert abs(math.log(runs[1e-4][i]["step_scale"] / runs[30.0][i]["step_scale"])) < math.log(1.2), i
+    fixed = adapted(kernel, 30.0, adapt=False)
+    assert max(level["acceptance"] for level in fixed[:24]) < 0.3 and {level["step_scale"] for level in fixed} == {30.0}
+    own = adapted(kernel, 1.0, target_acceptance=0.3)[15:25]
+    assert abs(sum(level["acceptance"] for level in own) / len(own) - 0.3) < 0.05
 
 
 # -- (c) NFE --------------------------------------------------------------------------------------
@@ -169,6 +204,12 @@ def test_default_steps():
     ({"leapfrog_steps": 0}, r"leapfrog_steps=0: must be an integer >= 1"),
     ({"leapfrog": 3}, r"no option 'leapfrog' \(did you mean leapfrog_steps\?\)"),
     ({"energy_fn": None}, r"energy_fn=None: the annealed_mcmc sampler has no option 'energy_fn'"),
+    ({"adapt": 1}, r"adapt=1: must be true or false"),
+    ({"target_acceptance": 0.0}, r"target_acceptance=0.0: must be a number in \(0, 1\]"),
+    ({"target_acceptance": 1.0}, r"target_acceptance=1.0: must be below 1"),
+    ({"target_acceptance": 0.5, "kernel": "ula"}, r"target_acceptance=0.5: kernel='ula' accepts every move.*use "
+                                                  r"kernel='mala' or 'hmc'"),
+    ({"target_acceptance": 0.5, "adapt": False}, r"target_acceptance=0.5: adapt=False keeps step_scale fixed"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(OptionError, match=message):
@@ -177,9 +218,10 @@ def test_bad_options_are_refused_by_name(options, message):
 
 def test_good_options_are_accepted():
     samplers.check_options("annealed_mcmc", VPSDE(), 10, energy=True, kernel="hmc", mcmc_steps=0, step_scale=0.3,
-                           leapfrog_steps=2, variance="fixedlarge")
+                           leapfrog_steps=2, variance="fixedlarge", adapt=True, target_acceptance=0.7)
+    samplers.check_options("annealed_mcmc", VPSDE(), 10, energy=True, kernel="ula", adapt=False)
     assert samplers.sampler_options("annealed_mcmc") == ["kernel", "mcmc_steps", "step_scale", "leapfrog_steps",
-                                                          "variance"]
+                                                          "variance", "adapt", "target_acceptance"]
 
 
 def test_a_sampler_that_needs_an_energy_is_refused_without_one():
@@ -205,13 +247,39 @@ def test_a_model_with_an_energy_samples_and_records_acceptance_per_level(monkeyp
     model.check_sample_options(sampler="annealed_mcmc", mcmc_steps=2, kernel="mala")
     seen = []
     x = model.sample(64, sampler="annealed_mcmc", steps=10, mcmc_steps=2, step_scale=1e-4, callback=seen.append,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), adapt=False)
     assert x.shape == (64, 2) and model.last_sample_nfe == 10 + 9 * 2 and len(seen) == 10
     assert len(model.last_sample_acceptance) == 9 and min(model.last_sample_acceptance) > 0.98
+    assert model.last_sample_step_scale == [1e-4] * 9
+    model.sample(64, sampler="annealed_mcmc", steps=10, step_scale=1e-4, generator=torch.Generator().manual_seed(0))
+    assert model.last_sample_step_scale[-1] > 10 * model.last_sample_step_scale[0] > 1e-3  # adapted (default)
     model.sample(4, sampler="ddim", steps=5)
-    assert model.last_sample_acceptance is None
+    assert model.last_sample_acceptance is None and model.last_sample_step_scale is None
     conditional = DDPM(MLP(hidden=16, num_layers=1, num_classes=3), timesteps=10, data_shape=(2,), num_classes=3,
                        class_conditional=True)
     monkeypatch.setattr(conditional, "sampling_energy", lambda y=None, guidance_scale=1.0: lambda x, t: energy(x, t, y))
     # guidance of an energy is an energy (E_null + w (E_y - E_null)): accepted (tests/test_compose.py checks its value)
     conditional.check_sample_options(sampler="annealed_mcmc", guidance_scale=2.0)
+
+
+def test_the_adaptation_options_flow_through_the_model_and_its_checks():
+    """``adapt`` and ``target_acceptance`` reach the sampler through ``model.sample`` and are checked by
+    ``check_sample_options`` (what a callback's ``sample_options`` goes through before training): a
+    fixed step stays fixed, a target of the user's is met, contradictions are refused by name."""
+    model = DDPM(MLP(hidden=16, num_layers=1), timesteps=50, data_shape=(2,))
+    energy = MixtureOracle(mixture(), model.process).energy
+    model.sampling_energy = lambda y=None, guidance_scale=1.0: lambda x, t: energy(x, t, y)
+    model.check_sample_options(sampler="annealed_mcmc", adapt=False, step_scale=0.3)
+    model.sample(500, sampler="annealed_mcmc", steps=30, adapt=False, step_scale=0.3,
+                 generator=torch.Generator().manual_seed(0))
+    assert model.last_sample_step_scale == [0.3] * 29
+    model.sample(500, sampler="annealed_mcmc", steps=30, target_acceptance=0.3, generator=torch.Generator().manual_seed(0))
+    window = model.last_sample_acceptance[12:25]
+    assert abs(sum(window) / len(window) - 0.3) < 0.06, window
+    for options, message in (({"adapt": False, "target_acceptance": 0.5}, "adapt=False keeps step_scale fixed"),
+                             ({"kernel": "ula", "target_acceptance": 0.5}, "kernel='ula' accepts every move"),
+                             ({"adapt": "yes"}, "adapt='yes': must be true or false")):
+        for call in (lambda: model.check_sample_options(sampler="annealed_mcmc", **options),
+                     lambda: model.sample(4, sampler="annealed_mcmc", steps=5, **options)):
+            with pytest.raises(OptionError, match=message):
+                call()

@@ -40,7 +40,8 @@ from lightning_diffusion.diffusion.sde import GaussianProcess
 from lightning_diffusion.mcmc.kernels import Chains, Target, per_sample
 from lightning_diffusion.errors import OptionError  # noqa: F401 - raised here, and importable from here as before
 from lightning_diffusion import options
-from lightning_diffusion.options import NonNegativeInt, Positive, PositiveInt, check_call, check_value, defaults_of
+from lightning_diffusion.options import (Fraction, NonNegativeInt, Positive, PositiveInt, check_call, check_value,
+                                        defaults_of)
 from lightning_diffusion.sampling import SamplerOutput
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -58,6 +59,13 @@ UniPCVariant = Literal["bh1", "bh2"]
 EnergyFn = Callable[[Tensor, Tensor], Tensor]
 #: the MCMC move of :func:`annealed_mcmc`: unadjusted Langevin, Metropolis-adjusted Langevin, or HMC
 MCMCKernel = Literal["ula", "mala", "hmc"]
+#: the acceptance rate :func:`annealed_mcmc` adapts its step to by default: MALA's optimum 0.574
+#: (Roberts & Rosenthal 1998) and HMC's 0.65 (Neal 2011, sec. 4.4; Beskos et al. 2013: 0.651);
+#: ULA accepts every move and has nothing to adapt on
+TARGET_ACCEPTANCE: dict[str, float] = {"mala": 0.57, "hmc": 0.65}
+#: the Robbins-Monro gain of the step adaptation: log step_scale += ADAPT_GAIN * (acceptance - target)
+#: after each move (acceptance 1 at the target 0.57 grows the step by e^0.43 = 1.5x a move)
+ADAPT_GAIN = 1.0
 LOWER_ORDER_FINAL_BELOW = 10  # DPM-Solver's reference code: lower orders in the last steps only below 10 steps
 
 
@@ -711,13 +719,33 @@ def _denoised_from_grad(process: GaussianProcess, x: Tensor, grad: Tensor, t: fl
     return x0 if clip is None else x0.clamp(*clip)
 
 
+def adapted_acceptance(kernel: str, adapt: bool, target_acceptance: float | None) -> float | None:
+    """The acceptance rate :func:`annealed_mcmc` adapts its step to (None: no adaptation): ``target_acceptance``,
+    or the kernel's optimum (:data:`TARGET_ACCEPTANCE`); an :class:`OptionError` where the options contradict
+    each other (a target for ULA, which accepts every move; a target with ``adapt=False``; a target of 1,
+    which no step > 0 reaches)."""
+    if target_acceptance is not None:
+        if kernel == "ula":
+            raise OptionError("target_acceptance", target_acceptance, "kernel='ula' accepts every move, so there is no "
+                              "acceptance to adapt its step to", "use kernel='mala' or 'hmc', or drop target_acceptance")
+        if not adapt:
+            raise OptionError("target_acceptance", target_acceptance, "adapt=False keeps step_scale fixed, so no "
+                              "acceptance is targeted", "drop target_acceptance, or set adapt: true")
+        if target_acceptance >= 1:
+            raise OptionError("target_acceptance", target_acceptance, "must be below 1 (only a step of 0 accepts "
+                              "every move)", "e.g. 0.57 for MALA, 0.65 for HMC")
+        return float(target_acceptance)
+    return TARGET_ACCEPTANCE.get(kernel) if adapt else None
+
+
 @torch.no_grad()
 def annealed_mcmc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[int, ...], *,
                   steps: int | None = None, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu", clip: tuple[float, float] | None = None,
                   callback: Callback | None = None, energy_fn: EnergyFn | None = None,
                   kernel: MCMCKernel = "mala", mcmc_steps: NonNegativeInt = 2, step_scale: Positive = 0.1,
-                  leapfrog_steps: PositiveInt = 3, variance: AncestralVariance = "fixedsmall") -> SamplerOutput:
+                  leapfrog_steps: PositiveInt = 3, variance: AncestralVariance = "fixedsmall",
+                  adapt: bool = True, target_acceptance: Fraction | None = None) -> SamplerOutput:
     """MCMC-corrected ancestral sampling on an energy (Du et al. 2023, "Reduce, Reuse, Recycle":
     annealed ULA / MALA / HMC interleaved with the reverse diffusion; their HMC is unadjusted (UHMC),
     ours, :mod:`lightning_diffusion.mcmc`'s, has Metropolis' test).
@@ -736,21 +764,49 @@ def annealed_mcmc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[i
 
     Step size tied to the noise level: the Langevin time of a move is ``step_scale * sigma_t^2``, i.e.
     the kernels' step ``eps = sqrt(2 step_scale) sigma_t`` (the proposal's noise std for ``ula`` and
-    ``mala``, the leapfrog step for ``hmc``), a fixed fraction of the noise's own scale at that level
+    ``mala``, the leapfrog step for ``hmc``), a fraction of the noise's own scale at that level
     (R3 scales its steps with the DDPM's ``beta_t``, the variance the level adds, with a constant
     tuned per task; ``sigma_t^2`` is the variance of the level itself, which keeps the move's size
     relative to the width of p_t at every level of any process).
 
+    Step adaptation (``adapt``, default on for ``mala`` and ``hmc``): no single ``step_scale`` suits
+    every level (p_t is about N(0, sigma_t^2) at high noise, where a large scale is mostly rejected,
+    and much wider than sigma_t near t = 0, where a small one barely moves: on the product of two
+    2-D mixtures a fixed 0.1 leaves the covariance 13 standard errors off, README), so ``step_scale``
+    is only the first level's and the step follows the acceptance: after every move,
+    ``log step_scale += ADAPT_GAIN * (a - target_acceptance)`` with ``a`` that move's acceptance rate
+    over the batch's chains (Robbins-Monro on the log step, Andrieu & Thoms 2008, sec. 5), carried
+    from level to level in units of ``sigma_t^2`` so the schedule still follows the noise.
+    ``target_acceptance`` defaults to the kernel's optimum, :data:`TARGET_ACCEPTANCE` (MALA 0.57,
+    Roberts & Rosenthal 1998; HMC 0.65, Neal 2011); ``ula`` accepts every move and is not adapted.
+
+    Adapting while sampling makes the chain non-stationary (its kernel changes from move to move), and
+    an adaptive chain can in general lose its target (Andrieu & Thoms 2008, sec. 2; Roberts & Rosenthal
+    2009 ask for diminishing adaptation). Here no chain is run to stationarity, only the law at the
+    end level matters, and each move is still exact: the step of a move is fixed before it, from the
+    earlier moves of the whole population of B chains, so each move is a MALA/HMC kernel that leaves
+    p_t invariant, whatever its step (a chain's own past enters the step only through its 1/B share
+    of the mean acceptance; with very few chains, B = 1 at the extreme, that share is the whole and
+    the step follows each chain's own accept/reject history: pass ``adapt=False`` there if exactness
+    matters). This is the adaptation of adaptive sequential Monte Carlo, which tunes
+    each stage's kernels from the population at the previous one (Fearnhead & Taylor 2013; Buchholz,
+    Chopin & Jacob 2021, HMC within SMC). The step at the last levels lags behind (sigma_t falls fast
+    there; the acceptance at the last level stays ~1), which is safe, only slower mixing.
+    ``adapt=False`` keeps ``step_scale`` fixed at every level (the kernels' own acceptance then says
+    whether it suits).
+
     Options: ``kernel`` (``mala``, default; ``ula``; ``hmc`` with ``leapfrog_steps`` leapfrog steps,
     a fresh momentum per move), ``mcmc_steps`` K per level (default 2; 0: plain ancestral sampling
-    on the energy's denoiser), ``step_scale`` (0.1: MALA accepts about 0.75 of its moves on 784-D
-    mixture marginals, 0.45 at 0.2; 2-D points take ~1, README), ``leapfrog_steps`` (3),
-    ``variance`` (ancestral's).
+    on the energy's denoiser), ``step_scale`` (0.1: the first level's, or every level's with
+    ``adapt=False``), ``leapfrog_steps`` (3), ``variance`` (ancestral's), ``adapt`` (True),
+    ``target_acceptance`` (None: the kernel's optimum; a rate in (0, 1), ``mala``/``hmc`` only).
 
     ``callback`` is called once per level, after its moves, with ``{'x', 'i', 't', 'sigma',
-    'denoised', 'acceptance', 'nfe'}``: ``i`` the level index from 0, ``acceptance`` the level's
-    Metropolis acceptance rate (mean over chains and its K moves; 1.0 for ``ula`` and where no
-    move was made), ``nfe`` the evaluations so far.
+    'denoised', 'acceptance', 'step_scale', 'step_size', 'nfe'}``: ``i`` the level index from 0,
+    ``acceptance`` the level's Metropolis acceptance rate (mean over chains and its K moves; 1.0 for
+    ``ula`` and where no move was made), ``step_scale`` the step of the level's last move in units
+    of sigma_t^2 and ``step_size`` the same in data units (``sqrt(2 step_scale) sigma_t``), ``nfe``
+    the evaluations so far.
 
     ``steps``: grid points N (default 100, or the T steps of a shorter DDPM); NFE counts energy-and-gradient evaluations:
     ``N + (N - 1) K`` (``ula``, ``mala``) or ``N + (N - 1) K leapfrog_steps`` (``hmc``).
@@ -766,25 +822,31 @@ def annealed_mcmc(denoise_fn: Denoiser, process: GaussianProcess, shape: tuple[i
         """The energy of level t as the kernels take it: a function of x alone."""
         return lambda y: energy_fn(y, torch.full((y.shape[0],), float(t), dtype=y.dtype, device=y.device))
 
+    target = adapted_acceptance(kernel, adapt, target_acceptance)
     chains = Chains(Target(at(grid[0])), x)
     one = per_sample(1.0, chains.x)
-    x0 = x
+    x0, scale = x, float(step_scale)
     for i, t in enumerate(grid):
-        accepted, moves = chains.accepted.clone(), chains.moves
+        accepted, moves, used = chains.accepted.clone(), chains.moves, scale
         if i:
             chains.x = ancestral_step(process, chains.x, x0, grid[i - 1], t, variance, generator)
             chains.set_energy(at(t))
-            eps = math.sqrt(2 * step_scale) * _at(process.sigma, t) * one
-            if kernel == "hmc":
-                chains.hmc(mcmc_steps, eps, leapfrog_steps, one, generator)
-            else:
-                chains.langevin(mcmc_steps, eps, one, kernel == "mala", generator)
+            for _ in range(mcmc_steps):  # one move at a time: the step of each follows the last one's acceptance
+                used, before = scale, chains.accepted.clone()
+                eps = math.sqrt(2 * used) * _at(process.sigma, t) * one
+                if kernel == "hmc":
+                    chains.hmc(1, eps, leapfrog_steps, one, generator)
+                else:
+                    chains.langevin(1, eps, one, kernel == "mala", generator)
+                if target is not None:
+                    scale *= math.exp(ADAPT_GAIN * (float((chains.accepted - before).mean()) - target))  # on log scale
         x0 = _denoised_from_grad(process, chains.x, chains.state[1], t, clip)
         if callback is not None:
             made = chains.moves - moves
             rate = float((chains.accepted - accepted).mean()) / made if made else 1.0
             callback({"x": chains.x, "i": i, "t": float(t), "sigma": _at(process.ratio, float(t)), "denoised": x0,
-                      "acceptance": rate, "nfe": chains.target.nfe})
+                      "acceptance": rate, "step_scale": used, "step_size": math.sqrt(2 * used) * _at(process.sigma, t),
+                      "nfe": chains.target.nfe})
     return SamplerOutput(x0, chains.target.nfe)
 
 
@@ -799,6 +861,7 @@ class SamplerEntry(NamedTuple):
     steps: Any  # default step count: an int, a function of the process, or None (adaptive: takes no steps)
     grid: GridRule  # (process, steps, default steps, options with the sampler's defaults) -> times, checked
     needs_energy: bool = False  # runs on the model's energy E(x_t, t) (``energy_fn``), not on the denoiser alone
+    check: Callable[[dict], None] | None = None  # refuses combinations of options (all of them, defaults filled in)
 
     def __call__(self, *args: Any, **kwargs: Any) -> SamplerOutput:
         return self.run(*args, **kwargs)
@@ -828,7 +891,8 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "heun": SamplerEntry(heun, 18, _karras_steps),
     "dpm_solver": SamplerEntry(dpm_solver, 20, _solver_steps),
     "unipc": SamplerEntry(unipc, 20, _solver_steps),
-    "annealed_mcmc": SamplerEntry(annealed_mcmc, _hundred_levels, uniform_grid, needs_energy=True),
+    "annealed_mcmc": SamplerEntry(annealed_mcmc, _hundred_levels, uniform_grid, needs_energy=True,
+                                  check=lambda o: adapted_acceptance(o["kernel"], o["adapt"], o["target_acceptance"])),
 }
 
 _COMMON = ("steps", "generator", "device", "clip", "callback")
@@ -863,6 +927,8 @@ def check_options(name: str, process: GaussianProcess, steps: int | None = None,
                           "needs only the denoiser (" + ", ".join(n for n, e in SAMPLERS.items() if not e.needs_energy) + ")")
     known = [*(["steps"] if entry.steps is not None else []), *also, *sampler_options(name)]
     check_call(entry.run, options, f"the {name} sampler", skip=_ARGUMENTS, listed=known)
+    if entry.check is not None:
+        entry.check({**defaults_of(entry.run), **options})
     sampler_grid(name, process, steps, **options)
 
 

@@ -65,6 +65,8 @@ class Composition:
             sampler's evaluation of the composition counts ``len(terms)``).
         last_sample_acceptance: the Metropolis acceptance rate per noise level of the last
             :meth:`sample` with ``annealed_mcmc`` (None after any other sampler).
+        last_sample_step_scale: the step per noise level of that sample, in units of sigma_t^2 (as
+            adapted to the target acceptance; None after any other sampler).
     """
 
     def __init__(self, terms: Sequence[Term]):
@@ -92,6 +94,7 @@ class Composition:
         self.process = first.model.process
         self.last_sample_nfe: int | None = None
         self.last_sample_acceptance: list[float] | None = None
+        self.last_sample_step_scale: list[float] | None = None
 
     @property
     def weights(self) -> list[float]:
@@ -190,7 +193,8 @@ class Composition:
                 images, none for points) and ``callback``.
 
         Sets ``last_sample_nfe`` (each term's network evaluation counted) and, for ``annealed_mcmc``,
-        ``last_sample_acceptance`` (one rate per level after the first).
+        ``last_sample_acceptance`` (one rate per level after the first) and ``last_sample_step_scale``
+        (each level's adapted step).
         """
         self.check_sample_options(sampler=sampler, steps=steps, **options)
         first = self.terms[0].model
@@ -205,9 +209,11 @@ class Composition:
         clip = options.pop("clip", (-1.0, 1.0) if first.is_image else None)
         models = list({id(term.model): term.model for term in self.terms}.values())
         energy_fn = self.energy if samplers.registered(name).needs_energy else None
-        out, acceptance = run_sampler(name, self.denoise, energy_fn, self.process, shape, models, steps=steps,
-                                      generator=generator, device=first.device, clip=clip, **options)
+        out, acceptance, step_scale = run_sampler(name, self.denoise, energy_fn, self.process, shape, models,
+                                                  steps=steps, generator=generator, device=first.device, clip=clip,
+                                                  **options)
         self.last_sample_nfe, self.last_sample_acceptance = out.nfe * len(self.terms), acceptance
+        self.last_sample_step_scale = step_scale
         return out.x.clamp(-1, 1) if first.is_image else out.x
 
 

@@ -86,6 +86,9 @@ class GaussianDiffusionModel(GenerativeModel):
         #: that runs MCMC on the energy (``annealed_mcmc``: one rate per level after the first; 1.0 for
         #: unadjusted moves); None after any other sampler
         self.last_sample_acceptance: list[float] | None = None
+        #: the step of each noise level of the last such draw, in units of sigma_t^2 (``step_scale``, as
+        #: adapted to the target acceptance; the kernels' step is sqrt(2 step_scale) sigma_t); None otherwise
+        self.last_sample_step_scale: list[float] | None = None
 
     #: the family's :class:`~lightning_diffusion.diffusion.sde.GaussianProcess` (DDPM: its
     #: ``DiscreteVP``; ScoreSDE: its ``sde``)
@@ -295,7 +298,8 @@ class GaussianDiffusionModel(GenerativeModel):
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
         counts once, though it runs a 2B batch). A sampler that runs MCMC on the energy
         (``annealed_mcmc``) gets :meth:`sampling_energy` and counts energy-and-gradient evaluations;
-        its acceptance rate per noise level goes to ``last_sample_acceptance``; with ``guidance_scale``
+        its acceptance rate per noise level goes to ``last_sample_acceptance`` and its (adapted) step per
+        level to ``last_sample_step_scale``; with ``guidance_scale``
         it runs on the guided energy (:meth:`sampling_energy`).
         """
         if sampler == "ode":
@@ -316,9 +320,9 @@ class GaussianDiffusionModel(GenerativeModel):
             check_precision(precision)
             denoise_fn = self.guided_denoiser(y, guidance_scale)
         energy_fn = self.sampling_energy(y, guidance_scale) if samplers.registered(sampler).needs_energy else None
-        out, acceptance = run_sampler(sampler, denoise_fn, energy_fn, process, shape, [self], steps=steps,
-                                      generator=generator, device=self.device, clip=clip, **options)
-        self.last_sample_nfe, self.last_sample_acceptance = out.nfe, acceptance
+        out, acceptance, step_scale = run_sampler(sampler, denoise_fn, energy_fn, process, shape, [self], steps=steps,
+                                                  generator=generator, device=self.device, clip=clip, **options)
+        self.last_sample_nfe, self.last_sample_acceptance, self.last_sample_step_scale = out.nfe, acceptance, step_scale
         return out.x.clamp(-1, 1) if self.is_image else out.x
 
     def _bf16_copy_of_net(self) -> torch.nn.Module | None:
@@ -359,20 +363,23 @@ class GaussianDiffusionModel(GenerativeModel):
 
 
 def run_sampler(sampler: str, denoise_fn: samplers.Denoiser, energy_fn: samplers.EnergyFn | None, process,
-                shape: tuple[int, ...], modules: list[torch.nn.Module], **options: Any) -> tuple[samplers.SamplerOutput, list[float] | None]:
+                shape: tuple[int, ...], modules: list[torch.nn.Module],
+                **options: Any) -> tuple[samplers.SamplerOutput, list[float] | None, list[float] | None]:
     """Run sampler ``sampler`` on ``denoise_fn`` (and, for a sampler that runs MCMC on the energy,
     ``energy_fn``) over ``process`` with ``modules`` (the nets it evaluates) in eval mode: the one
     driver of :meth:`GaussianDiffusionModel.draw_samples` and of a
     :class:`~lightning_diffusion.models.compose.Composition`. Returns the sampler's output and, for
-    an MCMC sampler (``annealed_mcmc``), the acceptance rate of each level after the first (else
-    None); the user's ``callback`` (in ``options``) still sees every step."""
+    an MCMC sampler (``annealed_mcmc``), the acceptance rate and the step (``step_scale``, adapted) of
+    each level after the first (else None, None); the user's ``callback`` (in ``options``) still sees every step."""
     acceptance: list[float] | None = None
-    if samplers.registered(sampler).needs_energy:  # MCMC on the energy: record each level's acceptance
-        acceptance, user_callback = [], options.pop("callback", None)
+    step_scale: list[float] | None = None
+    if samplers.registered(sampler).needs_energy:  # MCMC on the energy: record each level's acceptance and step
+        acceptance, step_scale, user_callback = [], [], options.pop("callback", None)
 
         def callback(step: dict) -> None:
             if step["i"]:
                 acceptance.append(step["acceptance"])
+                step_scale.append(step["step_scale"])
             if user_callback is not None:
                 user_callback(step)
 
@@ -381,7 +388,7 @@ def run_sampler(sampler: str, denoise_fn: samplers.Denoiser, energy_fn: samplers
         for module in modules:
             stack.enter_context(evaluating(module))
         out = samplers.sample(sampler, denoise_fn, process, shape, **options)
-    return out, acceptance
+    return out, acceptance, step_scale
 
 
 def check_precision(precision: str) -> None:
