@@ -4,20 +4,14 @@ unequal-weight Gaussian mixture with separated modes of different widths (log Z 
 independent true sample within 2x; a MALA chain from the base keeps the base's mode weights and does
 not; SMC's log Z is 0 within its reported standard error (2-D and 16-D)."""
 
-import math
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_ebm import MixtureEnergy  # noqa: E402  (E = -log p_mix + c: log Z = -c exactly)
-
-from lightning_diffusion import mcmc  # noqa: E402
-from lightning_diffusion.diffusion.mixture import GaussianMixture  # noqa: E402
-from lightning_diffusion.metrics.quality import energy_distance  # noqa: E402
-from lightning_diffusion.models.ebm import EBM  # noqa: E402
+from test_ebm import MixtureEnergy  # E = -log p_mix + c: log Z = -c exactly
+from lightning_diffusion import mcmc
+from lightning_diffusion.diffusion.mixture import GaussianMixture
+from lightning_diffusion.metrics.quality import energy_distance
+from lightning_diffusion.models.ebm import EBM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
