@@ -110,6 +110,8 @@ def smc(energy: Energy, base: GaussianBase, num_particles: int, *, step_size: fl
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be a fraction in [0, 1], got {ess_threshold}")
     _check_transition(transition, step_size, moves_per_beta)
+    if moves_per_beta < 1:
+        raise ValueError(f"moves_per_beta must be >= 1 (SMC moves its particles at every temperature), got {moves_per_beta}")
     if not step_jitter >= 1.0:
         raise ValueError(f"step_jitter must be >= 1 (the ratio of the largest to the smallest step), got {step_jitter}")
     log_jitter = math.log(step_jitter)
