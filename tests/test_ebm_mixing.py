@@ -115,3 +115,16 @@ def test_parallel_tempering_sampler_and_sampler_options():
         model.sample(4, sampler="smc", init="buffer")
     with pytest.raises(ValueError, match="cannot run the CD negatives"):
         EBM(MixtureEnergy(mixture, 0.0), data_shape=(2,), sampler="smc")
+
+
+def test_sample_logs_the_swap_rates_and_smc_log_z(caplog):
+    """sample() logs parallel tempering's swap rates and SMC's log Z at INFO; a chain sampler clears
+    the diagnostics of the call before."""
+    mixture = _mixture(2)
+    model, _ = _model(mixture, 2)
+    with caplog.at_level("INFO", logger="lightning_diffusion.models.ebm"):
+        model.sample(64, sampler="parallel_tempering", steps=5, replicas=3, generator=torch.Generator().manual_seed(0))
+        model.sample(64, steps=5, generator=torch.Generator().manual_seed(0))
+    assert "swap rates [" in caplog.text and "log Z " in caplog.text, caplog.text
+    model.sample(8, sampler="mala", steps=2)
+    assert model.last_sample_diagnostics is None

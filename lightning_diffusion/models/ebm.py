@@ -97,9 +97,6 @@ def _smc(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float, 
     model.last_sample_diagnostics = {"sampler": "smc", "log_z": out.log_z + model._chain_log_det(), "stderr": out.stderr,
                                      "ess": out.ess, "resampled": out.resampled, "acceptance": out.acceptance,
                                      "step_size": out.step_size}
-    _log.info("EBM.sample(sampler='smc'): %d temperatures, %d resamplings over %d islands, final acceptance %.2f, "
-              "log Z %.4f +- %.4f nats", steps, int(out.resampled.sum()), islands, float(out.acceptance[-1]),
-              model.last_sample_diagnostics["log_z"], out.stderr)
     return mcmc.MCMCResult(out.x[pick], torch.full((x.shape[0],), float("nan")), float(out.acceptance.mean()), float("nan"),
                            out.nfe)
 
@@ -109,7 +106,7 @@ def _parallel_tempering(model: EBM, energy: Callable, x: Tensor, steps: int, ste
     """Parallel tempering (:func:`~lightning_diffusion.mcmc.parallel_tempering`): ``replicas``
     temperatures ``geometric_ladder(1, max_temperature)``, every replica of chain b starting at
     ``x[b]``, ``steps`` rounds of a MALA move and a swap; returns the T = 1 replica. The swap rates
-    per neighbour pair are logged and kept in ``model.last_sample_diagnostics``."""
+    per neighbour pair are kept in ``model.last_sample_diagnostics`` (:meth:`EBM.sample` logs them)."""
     from lightning_diffusion import mcmc
 
     ladder = mcmc.geometric_ladder(1.0, max_temperature, replicas)
@@ -117,10 +114,18 @@ def _parallel_tempering(model: EBM, energy: Callable, x: Tensor, steps: int, ste
                                   steps=steps, grad_clip=model.chain_grad_clip, generator=generator)
     model.last_sample_diagnostics = {"sampler": "parallel_tempering", "temperatures": ladder,
                                      "swap_rate": out.swap_rate, "acceptance": out.acceptance}
-    _log.info("EBM.sample(sampler='parallel_tempering'): temperatures %s, swap rates %s, acceptance %s",
-              [round(t, 3) for t in ladder], [round(r, 3) for r in out.swap_rate.tolist()],
-              [round(a, 3) for a in out.acceptance.tolist()])
     return mcmc.MCMCResult(out.x, out.energy, float(out.acceptance[0]), out.grad_norm, out.nfe)
+
+
+def _summary(diagnostics: dict[str, Any]) -> str:
+    """One line of a sampler's diagnostics: numbers rounded, tensors as lists (SMC's history summed up)."""
+    if diagnostics["sampler"] == "smc":
+        return (f"log Z {diagnostics['log_z']:.4f} +- {diagnostics['stderr']:.4f} nats, "
+                f"{int(diagnostics['resampled'].sum())} island resamplings over {len(diagnostics['ess'])} temperatures, "
+                f"final acceptance {float(diagnostics['acceptance'][-1]):.2f}")
+    return (f"temperatures {[round(t, 3) for t in diagnostics['temperatures']]}, swap rates "
+            f"{[round(r, 3) for r in diagnostics['swap_rate'].tolist()]}, acceptance "
+            f"{[round(a, 3) for a in diagnostics['acceptance'].tolist()]}")
 
 
 #: the EBM's samplers by name: a new sampler is one entry
@@ -167,7 +172,7 @@ class EBM(GenerativeModel):
     #: the energy net for each kind of data, named by :meth:`~lightning_diffusion.models.base.GenerativeModel.check_net`
     data_nets = {"images": ("EnergyConvNet", "EnergyConvNet"), "points": ("EnergyMLP", "EnergyMLP")}
     #: what the last :meth:`sample` learnt besides the samples (``smc``: log Z, stderr, ESS history;
-    #: ``parallel_tempering``: swap rates); None before a call of those samplers
+    #: ``parallel_tempering``: swap rates); None after any other sampler
     last_sample_diagnostics: dict[str, Any] | None = None
 
     def __init__(
@@ -566,7 +571,10 @@ class EBM(GenerativeModel):
                 start = self._replay["x"][pick]
             else:
                 start = self.base().sample(num_samples, generator).to(self.base_mean)
+            self.last_sample_diagnostics = None
             x = self._mcmc(start, steps or self.sample_steps, generator, own, **override).x
+        if self.last_sample_diagnostics is not None:
+            _log.info("EBM.sample(sampler=%r): %s", override["sampler"], _summary(self.last_sample_diagnostics))
         return x.clamp(-1, 1) if self.is_image else x
 
     def log_partition(self, generator: torch.Generator | None = None) -> tuple[float, float, str]:
