@@ -8,6 +8,10 @@ every ``--every`` steps (not counted in the budget). Targets (issue 12): the bes
 0.05 bits/dim of the floor, every mode's weight within 0.125 +- 0.03.
 
     python benchmarks/bench_ebm_toy2d.py [--seconds 180] [--json benchmarks/results/cpu_ebm_toy2d.json]
+
+Then log Z of the best model by AIS (``--ais``) and by SMC (``--smc``: resampling, adapted steps,
+its stderr from ``--smc_islands`` independent populations) against quadrature, per number of
+temperatures, 5 seeds each.
 """
 
 from __future__ import annotations
@@ -65,10 +69,12 @@ def run(name: str, seconds: float, every: int, batch: int, hidden: int, lr: floa
             "curve": curve, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in OBJECTIVES[name].items()}}
 
 
-def ais_sweep(model, distributions: list[int], chains: int, seeds: int, step_size: float) -> list[dict]:
-    """AIS log Z of a trained 2-D model against its quadrature log Z, per number of intermediate
-    distributions: the mean error over ``seeds`` runs (forward AIS errs low), the spread of the
-    estimate, the reported standard error and the CPU time of one run."""
+def ais_sweep(model, distributions: list[int], chains: int, seeds: int, step_size: float,
+              method: str = "ais", islands: int = 8) -> list[dict]:
+    """AIS (``method="ais"``) or SMC (``"smc"``: resampling at ESS < 0.5, adapted steps, ``islands``
+    populations for the stderr) log Z of a trained 2-D model against its quadrature log Z, per number
+    of intermediate distributions: the mean error over ``seeds`` runs (both err low in expectation),
+    the spread of the estimate, the reported standard error and the CPU time of one run."""
     from lightning_diffusion import mcmc
 
     exact = model.log_partition()[0]
@@ -76,11 +82,16 @@ def ais_sweep(model, distributions: list[int], chains: int, seeds: int, step_siz
     for k in distributions:
         estimates, stderrs, start = [], [], time.process_time()
         for seed in range(seeds):
-            out = mcmc.ais(model.energy, model.base(), chains, step_size=step_size, betas=k, generator=torch.Generator().manual_seed(seed))
+            generator = torch.Generator().manual_seed(seed)
+            if method == "smc":
+                out = mcmc.smc(model.energy, model.base(), chains, step_size=step_size, betas=k, islands=islands,
+                               generator=generator)
+            else:
+                out = mcmc.ais(model.energy, model.base(), chains, step_size=step_size, betas=k, generator=generator)
             estimates.append(out.log_z)
             stderrs.append(out.stderr)
         errors = torch.tensor(estimates) - exact
-        rows.append({"distributions": k, "chains": chains, "mean_error": float(errors.mean()),
+        rows.append({"method": method, "distributions": k, "chains": chains, "mean_error": float(errors.mean()),
                      "rmse": float(errors.pow(2).mean().sqrt()), "spread": float(errors.std()),
                      "mean_stderr": sum(stderrs) / seeds, "cpu_s": round((time.process_time() - start) / seeds, 2)})
     return rows
@@ -96,7 +107,10 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--ais", nargs="*", type=int, default=[10, 30, 100, 300, 1000, 3000],
                         help="AIS intermediate distributions to sweep on the best model (none: skip)")
-    parser.add_argument("--ais_chains", type=int, default=256)
+    parser.add_argument("--ais_chains", type=int, default=256, help="AIS chains, and SMC particles")
+    parser.add_argument("--smc", nargs="*", type=int, default=[10, 30, 100, 300, 1000, 3000],
+                        help="SMC temperatures to sweep on the best model, same particles and initial step (none: skip)")
+    parser.add_argument("--smc_islands", type=int, default=8, help="SMC's independent populations (its stderr)")
     parser.add_argument("--ais_step", type=float, default=0.1, help="MALA step of the AIS transitions (data units)")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args()
@@ -108,13 +122,17 @@ def main() -> None:
         print(f"{r['objective']:10} {r['steps']:7d} {r['cpu_s']:6.0f} {r['bpd']:9.3f} {r['floor']:7.3f} {r['gap']:7.3f} "
               f"{r['max_weight_error']:14.3f}")
     sweep = []
-    if args.ais:
-        best = min(range(len(runs)), key=lambda i: results[i]["bpd"])
-        sweep = ais_sweep(runs[best][0], args.ais, args.ais_chains, seeds=5, step_size=args.ais_step)
-        print(f"\nAIS log Z of the {results[best]['objective']} model against quadrature ({args.ais_chains} chains, "
-              f"MALA step {args.ais_step}, 5 seeds)")
+    best = min(range(len(runs)), key=lambda i: results[i]["bpd"])
+    for method, ladder in (("ais", args.ais), ("smc", args.smc)):
+        if not ladder:
+            continue
+        rows = ais_sweep(runs[best][0], ladder, args.ais_chains, seeds=5, step_size=args.ais_step, method=method,
+                         islands=args.smc_islands)
+        sweep += rows
+        print(f"\n{method.upper()} log Z of the {results[best]['objective']} model against quadrature ({args.ais_chains} "
+              f"chains, MALA step {args.ais_step}, 5 seeds)")
         print(f"{'distributions':>13} {'mean error':>11} {'rmse':>7} {'spread':>7} {'stderr':>7} {'CPU s':>6}")
-        for row in sweep:
+        for row in rows:
             print(f"{row['distributions']:13d} {row['mean_error']:11.4f} {row['rmse']:7.4f} {row['spread']:7.4f} "
                   f"{row['mean_stderr']:7.4f} {row['cpu_s']:6.2f}")
     if args.json:

@@ -101,7 +101,7 @@ def test_whitened_chains_serve_spreads_100x_apart():
         model.fit_base(fit)
         log_z, stderr, _ = model.log_partition(torch.Generator().manual_seed(0))
         errors[whiten] = (log_z - exact, stderr)
-        x = model.sample(4000, steps=200, generator=torch.Generator().manual_seed(1))
+        x = model.sample(4000, sampler="mala", steps=200, generator=torch.Generator().manual_seed(1))
         ratio = (x.double().var(0) / std.double() ** 2).flatten()
         if whiten:
             assert torch.all((ratio - 1).abs() < 0.15), ratio

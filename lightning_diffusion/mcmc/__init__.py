@@ -8,6 +8,8 @@ in nats), for any data shape.
 - log Z (:mod:`.ais`): `ais` (a stochastic lower bound) and `reverse_ais` (BDMC's upper bound from
   exact samples) from a `GaussianBase` (`gaussian_base` fits one to data); and for 2-D energies
   (:mod:`.quadrature`) `grid_log_z` and `log_density_grid` by quadrature on a box.
+- Samples with their mode weights (:mod:`.smc`): `smc`, sequential Monte Carlo along AIS's path
+  (resampling, adapted MALA/HMC moves), with log Z and its standard error from independent islands.
 
 A model calls these with its energy net (``lambda x: net(x)``, or ``net(x, sigma)`` for
 `annealed_langevin`) and its ``torch.Generator``.
@@ -19,10 +21,11 @@ from lightning_diffusion.mcmc.annealing import (TemperingResult, annealed_langev
                                                 parallel_tempering, simulated_annealing)
 from lightning_diffusion.mcmc.kernels import (Energy, MCMCResult, decoupled_langevin, decoupled_temperature,
                                               energy_and_grad, hmc, langevin, mala)
+from lightning_diffusion.mcmc.smc import SMCResult, smc, systematic_resample
 from lightning_diffusion.mcmc.quadrature import DensityGrid, box_around, grid_log_z, log_density_grid
 
 __all__ = ["AISResult", "DensityGrid", "Energy", "GaussianBase", "MCMCResult", "TemperingResult", "ais",
            "annealed_langevin", "box_around", "decoupled_langevin", "decoupled_temperature", "effective_sample_size",
            "energy_and_grad", "gaussian_base", "geometric_ladder", "grid_log_z", "hmc", "langevin",
            "log_density_grid", "log_mean_exp", "mala", "parallel_tempering", "reverse_ais", "sigmoid_betas",
-           "simulated_annealing"]
+           "simulated_annealing", "SMCResult", "smc", "systematic_resample"]

@@ -142,6 +142,25 @@ class _Path:
         eq, gq = energy_and_grad(self.base.energy, x)
         return self.combine((None, None, e, eq, g, gq))
 
+    def log_weight_increment(self, state: tuple, beta: float) -> Tensor:
+        """``log f_beta(x) - log f_self.beta(x) = -(beta - self.beta) (E - E_q)(x)`` [B] float64 (x's state)."""
+        return -(beta - self.beta) * (state[2] - state[3]).to(torch.float64)
+
+    def move(self, x: Tensor, state: tuple, transition: str, eps: Tensor, leapfrog_steps: int,
+             generator: torch.Generator | None) -> tuple[Tensor, tuple, Tensor]:
+        """One MALA (noise std ``eps`` [B]) or HMC (``leapfrog_steps`` of size ``eps``) move leaving
+        ``f_self.beta`` invariant: (x, state, accepted [B])."""
+        if transition == "mala":
+            return langevin_move(self, x, state, eps**2 / 2, eps, per_sample(1.0, x), True, generator)
+        return hmc_move(self, x, state, eps, leapfrog_steps, per_sample(1.0, x), generator)
+
+
+def _check_transition(transition: str, step_size: float, steps_per_beta: int) -> None:
+    if transition not in ("mala", "hmc"):
+        raise ValueError(f"transition must be 'mala' or 'hmc', got {transition!r}")
+    _check_positive(step_size, "step_size")
+    _check_steps(steps_per_beta, "steps_per_beta")
+
 
 def _betas(betas: int | Sequence[float] | Tensor) -> list[float]:
     if isinstance(betas, int):
@@ -157,28 +176,22 @@ def _anneal(energy: Energy, base: GaussianBase, x: Tensor, betas: list[float], s
             generator: torch.Generator | None) -> tuple[Tensor, Tensor, float, int]:
     """Run x through the bridges at ``betas`` (either direction): ``log_w += -(b_t - b_{t-1}) (E - E_q)(x)``,
     then the transitions at b_t for every t but the last. Returns (log_w [N] float64, x, acceptance, nfe)."""
-    if transition not in ("mala", "hmc"):
-        raise ValueError(f"transition must be 'mala' or 'hmc', got {transition!r}")
-    _check_positive(step_size, "step_size")
-    _check_steps(steps_per_beta, "steps_per_beta")
+    _check_transition(transition, step_size, steps_per_beta)
     path = _Path(Target(energy, grad_clip), base)
     x = x.detach()
     path.beta = betas[0]
     state = path(x)
     log_w = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     accepted, moves = torch.zeros_like(log_w), 0
-    eps, one = per_sample(step_size, x), per_sample(1.0, x)
+    eps = per_sample(step_size, x)
     for t in range(1, len(betas)):
-        log_w -= (betas[t] - betas[t - 1]) * (state[2] - state[3]).to(torch.float64)
+        log_w += path.log_weight_increment(state, betas[t])
         if t == len(betas) - 1:
             break
         path.beta = betas[t]
         state = path.combine(state)
         for _ in range(steps_per_beta):
-            if transition == "mala":
-                x, state, acc = langevin_move(path, x, state, eps**2 / 2, eps, one, True, generator)
-            else:
-                x, state, acc = hmc_move(path, x, state, eps, leapfrog_steps, one, generator)
+            x, state, acc = path.move(x, state, transition, eps, leapfrog_steps, generator)
             accepted += acc.to(torch.float64)
             moves += 1
     acceptance = float(accepted.mean() / moves) if moves else 1.0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import functools
+import logging
 from typing import Annotated, Any, Callable, Literal, NamedTuple
 
 import torch
@@ -37,8 +38,11 @@ from torch.nn import functional as F
 from lightning_diffusion.models.base import GenerativeModel, full_precision
 from lightning_diffusion.models.rng_state import gather_per_rank
 from lightning_diffusion.modes import evaluating
-from lightning_diffusion.options import Choices, Positive, PositiveInt, check_number, registered
+from lightning_diffusion.errors import OptionError
+from lightning_diffusion.options import Bound, Choices, Positive, PositiveInt, check_number, refuse_unknown, registered
 from lightning_diffusion.seeds import derived_seed
+
+_log = logging.getLogger(__name__)
 
 Objective = Literal["cd", "nce", "dsm"]
 #: where ``sample`` starts its chains
@@ -48,10 +52,15 @@ SampleInit = Annotated[Literal["base", "buffer"], Choices("'base' (fresh chains 
 
 class ChainSampler(NamedTuple):
     """An MCMC sampler of the EBM (:data:`CHAIN_SAMPLERS`): ``run(model, energy, x, steps, step_size,
-    generator)`` and the model option that sets its step, named when its chains diverge."""
+    generator, **options)`` and the model option that sets its step, named when its chains diverge;
+    ``options``: the :meth:`EBM.sample` options that are this sampler's own (passed to ``run`` when
+    given; another sampler refuses them); ``chains``: whether it runs chains from given states (the CD
+    negatives, ``init="buffer"``) rather than drawing its own start from the base."""
 
     run: Callable[..., Any]
     step_option: str
+    options: tuple[str, ...] = ()
+    chains: bool = True
 
 
 def _langevin(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float,
@@ -71,12 +80,67 @@ def _decoupled(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: f
                                    steps=steps, grad_clip=model.chain_grad_clip, generator=generator)
 
 
+def _smc(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float, generator: torch.Generator | None,
+         islands: int = 8, ess_threshold: float = 0.5, moves_per_temperature: int = 1):
+    """Sequential Monte Carlo from the base along AIS's path (:func:`~lightning_diffusion.mcmc.smc`)
+    with ``steps`` temperatures, then ``len(x)`` unweighted samples by systematic resampling of the
+    final weights; ``x`` gives only the number (the particles start at the base's own draws).
+    ``model.last_sample_diagnostics``: log Z, its stderr, the ESS and resampling history."""
+    from lightning_diffusion import mcmc
+
+    size = max(2, math.ceil(x.shape[0] / islands))
+    out = mcmc.smc(energy, model._chain_base(), islands * size, step_size=step_size, betas=steps,
+                   moves_per_beta=moves_per_temperature, ess_threshold=ess_threshold, islands=islands,
+                   grad_clip=model.chain_grad_clip, generator=generator)
+    pick = mcmc.systematic_resample(out.log_weights[None], generator)[0]
+    pick = pick[torch.randperm(pick.numel(), generator=generator, device=pick.device)[:x.shape[0]]]
+    model.last_sample_diagnostics = {"sampler": "smc", "log_z": out.log_z + model._chain_log_det(), "stderr": out.stderr,
+                                     "ess": out.ess, "resampled": out.resampled, "acceptance": out.acceptance,
+                                     "step_size": out.step_size}
+    return mcmc.MCMCResult(out.x[pick], torch.full((x.shape[0],), float("nan")), float(out.acceptance.mean()), float("nan"),
+                           out.nfe)
+
+
+def _parallel_tempering(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float,
+                        generator: torch.Generator | None, replicas: int = 8, max_temperature: float = 20.0):
+    """Parallel tempering (:func:`~lightning_diffusion.mcmc.parallel_tempering`): ``replicas``
+    temperatures ``geometric_ladder(1, max_temperature)``, every replica of chain b starting at
+    ``x[b]``, ``steps`` rounds of a MALA move and a swap; returns the T = 1 replica. The swap rates
+    per neighbour pair are kept in ``model.last_sample_diagnostics`` (:meth:`EBM.sample` logs them)."""
+    from lightning_diffusion import mcmc
+
+    ladder = mcmc.geometric_ladder(1.0, max_temperature, replicas)
+    out = mcmc.parallel_tempering(energy, x.expand(replicas, *x.shape).contiguous(), ladder, step_size=step_size,
+                                  steps=steps, grad_clip=model.chain_grad_clip, generator=generator)
+    model.last_sample_diagnostics = {"sampler": "parallel_tempering", "temperatures": ladder,
+                                     "swap_rate": out.swap_rate, "acceptance": out.acceptance}
+    return mcmc.MCMCResult(out.x, out.energy, float(out.acceptance[0]), out.grad_norm, out.nfe)
+
+
+def _summary(diagnostics: dict[str, Any]) -> str:
+    """One line of a sampler's diagnostics: numbers rounded, tensors as lists (SMC's history summed up)."""
+    if diagnostics["sampler"] == "smc":
+        return (f"log Z {diagnostics['log_z']:.4f} +- {diagnostics['stderr']:.4f} nats, "
+                f"{int(diagnostics['resampled'].sum())} island resamplings over {len(diagnostics['ess'])} temperatures, "
+                f"final acceptance {float(diagnostics['acceptance'][-1]):.2f}")
+    return (f"temperatures {[round(t, 3) for t in diagnostics['temperatures']]}, swap rates "
+            f"{[round(r, 3) for r in diagnostics['swap_rate'].tolist()]}, acceptance "
+            f"{[round(a, 3) for a in diagnostics['acceptance'].tolist()]}")
+
+
 #: the EBM's samplers by name: a new sampler is one entry
 CHAIN_SAMPLERS: dict[str, ChainSampler] = {
     "langevin": ChainSampler(_langevin, "step_size"),
     "mala": ChainSampler(functools.partial(_langevin, metropolis=True), "step_size"),
     "decoupled": ChainSampler(_decoupled, "decoupled_step_size"),
+    "smc": ChainSampler(_smc, "step_size", ("islands", "ess_threshold", "moves_per_temperature"), chains=False),
+    "parallel_tempering": ChainSampler(_parallel_tempering, "step_size", ("replicas", "max_temperature")),
 }
+#: the default of :meth:`EBM.sample`: draws the model's distribution with its mode weights (a chain
+#: from the base keeps the base's mode weights: README, Energy-based models)
+DEFAULT_SAMPLE_SAMPLER = "smc"
+#: :meth:`EBM.sample`'s options that every sampler takes
+SAMPLE_COMMON_OPTIONS = ("steps", "init", "sampler", "step_size")
 #: the registry's names, as the CLI's type of ``EBM(sampler=...)``
 SamplerName = Literal[tuple(CHAIN_SAMPLERS)]
 
@@ -107,6 +171,9 @@ class EBM(GenerativeModel):
 
     #: the energy net for each kind of data, named by :meth:`~lightning_diffusion.models.base.GenerativeModel.check_net`
     data_nets = {"images": ("EnergyConvNet", "EnergyConvNet"), "points": ("EnergyMLP", "EnergyMLP")}
+    #: what the last :meth:`sample` learnt besides the samples (``smc``: log Z, stderr, ESS history;
+    #: ``parallel_tempering``: swap rates); None after any other sampler
+    last_sample_diagnostics: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -178,6 +245,10 @@ class EBM(GenerativeModel):
             raise ValueError(f"EBM: objective={objective!r}; choose cd, nce or dsm")
         if sampler not in CHAIN_SAMPLERS:
             raise ValueError(f"EBM: sampler={sampler!r}; choose one of {list(CHAIN_SAMPLERS)}")
+        if not CHAIN_SAMPLERS[sampler].chains and objective == "cd":
+            raise ValueError(f"EBM: sampler={sampler!r} draws its own start from the base, so it cannot run the CD "
+                             "negatives' chains; choose langevin, mala, decoupled or parallel_tempering (sample() "
+                             "uses smc by default whatever this option says)")
         for name, value, least, integer in (("step_size", step_size, 0, False), ("mcmc_steps", mcmc_steps, 1, True),
                                             ("buffer_size", buffer_size, 1, True), ("noise_ratio", noise_ratio, 0, False),
                                             ("sample_steps", sample_steps, 1, True), ("ais_chains", ais_chains, 2, True),
@@ -279,15 +350,27 @@ class EBM(GenerativeModel):
             self._chain_rng = torch.Generator(device=self.device).manual_seed(self.chain_seed(self.global_rank))
         return self._chain_rng
 
-    def _mcmc(self, x: Tensor, steps: int, generator: torch.Generator | None = None, **override: Any):
+    def _mcmc(self, x: Tensor, steps: int, generator: torch.Generator | None = None, options: dict[str, Any] | None = None,
+              **override: Any):
+        """Run ``override["sampler"]`` (default ``self.sampler``) from ``x`` with its own ``options``."""
         sampler = CHAIN_SAMPLERS[override.get("sampler", self.sampler)]
         step_size = override.get("step_size", self.step_size)
         energy, to_x = self.energy, None
         if self.whiten_chains:
             base, energy, to_x = self._whitened()
             x = base._whiten(x).reshape(x.shape)
-        out = sampler.run(self, energy, x, steps, step_size, generator)
+        out = sampler.run(self, energy, x, steps, step_size, generator, **(options or {}))
         return out if to_x is None else out._replace(x=to_x(out.x))
+
+    def _chain_base(self):
+        """The base in the chains' coordinates: N(0, I) with ``whiten_chains``, else :meth:`base`."""
+        from lightning_diffusion.mcmc import GaussianBase
+
+        return GaussianBase(torch.zeros_like(self.base_mean), std=1.0) if self.whiten_chains else self.base()
+
+    def _chain_log_det(self) -> float:
+        """``log Z_x - log Z_chains`` (nats): ``log det L`` with ``whiten_chains`` (x = mean + L z), else 0."""
+        return float(self.base()._log_det_half) if self.whiten_chains else 0.0
 
     def _whitened(self):
         """``(base, E(x(z)), x(z))`` for chains in the base's whitened coordinates, ``x = mean + L z``
@@ -422,21 +505,63 @@ class EBM(GenerativeModel):
 
     # -- the contract ------------------------------------------------------------------------------
     def check_option_rules(self, options: dict[str, Any]) -> None:
-        """``sampler``: one of :data:`CHAIN_SAMPLERS`."""
-        if options.get("sampler") is not None:
-            registered(CHAIN_SAMPLERS, options["sampler"], "EBM sampler")
+        """``sampler``: one of :data:`CHAIN_SAMPLERS` (default :data:`DEFAULT_SAMPLE_SAMPLER`); each
+        sampler's own options (``islands``, ``replicas``, ...) only with that sampler; ``init="buffer"``
+        only with a sampler that runs chains from given states."""
+        name = options.get("sampler") or self._default_sampler(options.get("init", "base"))
+        entry = registered(CHAIN_SAMPLERS, name, "EBM sampler")
+        for option, value in options.items():
+            owners = [n for n, e in CHAIN_SAMPLERS.items() if option in e.options]
+            if value is not None and owners and option not in entry.options:
+                refuse_unknown(option, value, f"the {name} sampler", list(SAMPLE_COMMON_OPTIONS + entry.options))
+        if options.get("init") == "buffer" and not entry.chains:
+            raise OptionError("init", "buffer", f"the {name} sampler draws its own start from the base",
+                              "use init='base', or a chain sampler (sampler='mala', 'langevin', 'parallel_tempering')")
+
+    def _default_sampler(self, init: str) -> str:
+        """:meth:`sample`'s sampler when none is named: ``smc`` from the base; from the buffer the
+        model's chain sampler (the buffer's states are its chains' states, which it continues)."""
+        return self.sampler if init == "buffer" else DEFAULT_SAMPLE_SAMPLER
 
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                steps: PositiveInt | None = None, init: SampleInit = "base", sampler: str | None = None,
-               step_size: Positive | None = None, **options: Any) -> Tensor:
-        """``num_samples`` samples of exp(-E) by the configured MCMC (``sampler``, ``step_size``
-        override it), ``steps`` (default ``sample_steps``) steps from fresh chains at the base
-        (``init="base"``) or from replay-buffer states (``init="buffer"``, ``cd`` after training);
-        images are clipped to [-1, 1]."""
-        self.check_sample_options(steps=steps, init=init, sampler=sampler, step_size=step_size, **options)
+               step_size: Positive | None = None, islands: PositiveInt | None = None,
+               ess_threshold: Annotated[float, Bound(0, 1)] | None = None, moves_per_temperature: PositiveInt | None = None,
+               replicas: PositiveInt | None = None, max_temperature: Positive | None = None,
+               **options: Any) -> Tensor:
+        """``num_samples`` samples of exp(-E); images are clipped to [-1, 1].
+
+        Args:
+            sampler: one of :data:`CHAIN_SAMPLERS`; default ``smc`` (:data:`DEFAULT_SAMPLE_SAMPLER`),
+                which draws the model's distribution with its mode weights (with ``init="buffer"``:
+                the model's ``sampler``, continuing the buffer's chains). ``langevin``, ``mala``,
+                ``decoupled``: chains of ``steps`` steps from the base or the buffer (each chain stays in
+                the mode nearest its start). ``parallel_tempering``: ``replicas`` chains per sample at
+                ``geometric_ladder(1, max_temperature)``, ``steps`` rounds, the T = 1 chain returned.
+                The model's ``sampler`` option is the CD negatives' MCMC, not this default.
+            steps: ``smc``: the number of temperatures of AIS's sigmoid schedule (each with
+                ``moves_per_temperature`` MALA moves, adapted step); chain samplers: MCMC steps;
+                ``parallel_tempering``: rounds of a move and a swap. Default ``sample_steps``.
+            init: ``base`` (fresh chains) or ``buffer`` (replay-buffer states; chain samplers only).
+            step_size: the (initial, for ``smc``) MALA step; default the model's ``step_size``.
+            islands: ``smc``: independent populations, for log Z's standard error (default 8).
+            ess_threshold: ``smc``: resample a population when its ESS falls below this fraction (0.5).
+            moves_per_temperature: ``smc``: MALA moves at each temperature (1).
+            replicas: ``parallel_tempering``: temperatures in the ladder (8).
+            max_temperature: ``parallel_tempering``: the hottest temperature (20).
+
+        ``last_sample_diagnostics`` afterwards: ``smc``'s log Z (nats, in data units), its stderr, the
+        ESS and resampling history; ``parallel_tempering``'s swap rates (also logged).
+        """
+        own = {k: v for k, v in (("islands", islands), ("ess_threshold", ess_threshold),
+                                 ("moves_per_temperature", moves_per_temperature), ("replicas", replicas),
+                                 ("max_temperature", max_temperature)) if v is not None}
+        self.check_sample_options(steps=steps, init=init, sampler=sampler, step_size=step_size, **own, **options)
         if y is not None:
             raise ValueError("EBM is unconditional: sample(y=...) is not supported")
-        override = {k: v for k, v in (("sampler", sampler), ("step_size", step_size)) if v is not None}
+        override = {"sampler": sampler or self._default_sampler(init)}
+        if step_size is not None:
+            override["step_size"] = step_size
         with evaluating(self):
             if init == "buffer":
                 if self._replay is None:
@@ -446,7 +571,10 @@ class EBM(GenerativeModel):
                 start = self._replay["x"][pick]
             else:
                 start = self.base().sample(num_samples, generator).to(self.base_mean)
-            x = self._mcmc(start, steps or self.sample_steps, generator, **override).x
+            self.last_sample_diagnostics = None
+            x = self._mcmc(start, steps or self.sample_steps, generator, own, **override).x
+        if self.last_sample_diagnostics is not None:
+            _log.info("EBM.sample(sampler=%r): %s", override["sampler"], _summary(self.last_sample_diagnostics))
         return x.clamp(-1, 1) if self.is_image else x
 
     def log_partition(self, generator: torch.Generator | None = None) -> tuple[float, float, str]:
