@@ -34,6 +34,10 @@ LINKS = (
     ("data.num_channels", "model.init_args.net.init_args.in_channels"),
     ("data.image_size", "model.init_args.net.init_args.image_size"),
     ("data.num_classes", "model.init_args.net.init_args.num_classes"),
+    # a net inside a wrapper (EnergyHead's net: parameterization energy) gets them as a bare net does
+    ("data.num_channels", "model.init_args.net.init_args.net.init_args.in_channels"),
+    ("data.image_size", "model.init_args.net.init_args.net.init_args.image_size"),
+    ("data.num_classes", "model.init_args.net.init_args.net.init_args.num_classes"),
     # categorical data (None for float data); dropped for a model or net that has no such argument
     ("data.num_categories", "model.init_args.num_categories"),
     ("data.num_categories", "model.init_args.net.init_args.num_categories"),
