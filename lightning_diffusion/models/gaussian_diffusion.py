@@ -13,8 +13,9 @@ training times (:meth:`GaussianDiffusionModel.training_times`) and weights them
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -117,20 +118,35 @@ class GaussianDiffusionModel(GenerativeModel):
                  y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """:meth:`split_output` of F, the row's ``output`` of ``net(c_in x_t, c_noise(t), y)`` (the
         net's output, or for ``energy`` the gradient of its scalar)."""
-        output = param.row(self.parameterization).output(net, scalings.c_in.to(x_t.dtype) * x_t,
-                                                         self._net_time(t, x_t), y)
+        with self._gathered_through_the_energy_gradient():
+            output = param.row(self.parameterization).output(net, scalings.c_in.to(x_t.dtype) * x_t,
+                                                             self._net_time(t, x_t), y)
         return self.split_output(output, x_t)
 
-    def configure_model(self) -> None:
-        """FSDP2 sharding (:meth:`~lightning_diffusion.models.sharding.Sharded.configure_model`), refused
-        for a net that outputs an energy: its training step differentiates the net twice (``grad_x E``
-        with a graph, then the loss), and FSDP2 frees the gathered parameters after the first backward
-        (tried on torch 2.14: the second one fails on freed storage). DDP and one device train it."""
-        if getattr(self, "_device_mesh", None) is not None and param.row(self.parameterization).energy_scale is not None:
-            raise ValueError(f"{type(self).__name__}(parameterization={self.parameterization!r}): FSDP2 "
-                             "(ModelParallelStrategy) cannot train an energy net, whose training step backpropagates "
-                             "through grad_x E (a double backward); use --trainer.strategy=ddp or one device")
-        super().configure_model()
+    @contextlib.contextmanager
+    def _gathered_through_the_energy_gradient(self) -> Iterator[None]:
+        """Under FSDP2, while an energy net's training step takes ``grad_x E`` with a graph: keep the
+        gathered parameters after that first backward, which the loss's backward goes through again.
+
+        FSDP2 reshards (frees the gathered parameters) at the end of every backward, the inner
+        ``autograd.grad`` too, and the loss's backward then fails on freed storage (torch 2.14:
+        "RuntimeError: The tensor has a non-zero number of elements, but its data is not allocated
+        yet"). Its own switch ``set_reshard_after_backward(False)`` skips that reshard for the inner
+        backward only; set back at once, the loss's backward reshards as usual and reduce-scatters
+        the gradients. Only in training with gradients on, where that second backward follows:
+        sampling and evaluation (no graph) reshard after their one backward."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)] \
+            if self.training and torch.is_grad_enabled() and param.row(self.parameterization).energy_scale is not None \
+            else []
+        for unit in units:
+            unit.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_reshard_after_backward(True, recurse=False)
 
     def energy(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The model's energy ``E(x_t, t) [B]`` in nats: ``-log p_t(x_t)`` up to a constant of t, with
