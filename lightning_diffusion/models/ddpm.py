@@ -17,7 +17,6 @@ from lightning_diffusion.diffusion.schedules import BetaSchedule, NoiseSchedule,
 from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
 from lightning_diffusion.models.base import full_precision
-from lightning_diffusion.mcmc.ais import Transition
 from lightning_diffusion.models.gaussian_diffusion import AIS_ESTIMATOR, AIS_OPTIONS, GaussianDiffusionModel, uniform_steps
 from lightning_diffusion.modes import evaluating
 from lightning_diffusion.options import Positive, PositiveInt
@@ -210,9 +209,9 @@ class DDPM(GaussianDiffusionModel):
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: PositiveInt = 100,
-                     estimator: Literal["vlb", "ais"] = "vlb", num_dequantizations: PositiveInt = 1,
+                     estimator: str = "vlb", num_dequantizations: PositiveInt = 1,
                      ais_chains: PositiveInt | None = None, ais_steps: PositiveInt | None = None,
-                     ais_step_size: Positive | None = None, ais_transition: Transition | None = None,
+                     ais_step_size: Positive | None = None, ais_transition: str | None = None,
                      generator: torch.Generator | None = None, y: Tensor | None = None, **options: Any) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,6 +25,7 @@ from lightning_diffusion.diffusion import parameterization as param
 from lightning_diffusion.diffusion import samplers
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.errors import OptionError
+from lightning_diffusion.mcmc.ais import Transition
 from lightning_diffusion.models.base import SAMPLE_ARGUMENTS, GenerativeModel, data_noise
 from lightning_diffusion.models.guidance import guided
 from lightning_diffusion.modes import evaluating
@@ -265,6 +267,15 @@ class GaussianDiffusionModel(GenerativeModel):
             raise OptionError("estimator", "ais", f"AIS on the t -> 0 energy needs an energy; {type(self).__name__}"
                               f"(parameterization={self.parameterization!r}) has none",
                               "train with parameterization: energy (an EnergyHead net), or leave estimator out")
+        # estimator and ais_transition are plain str, not Literal: which choices a model takes depends on it
+        # ("ais" needs an energy) and on the estimator (ais_transition is AIS's alone)
+        if estimator not in self.bpd_estimator_options:
+            raise OptionError("estimator", estimator, "unknown estimator",
+                              f"choose one of {', '.join(map(repr, self.bpd_estimator_options))}")
+        transitions = typing.get_args(Transition)
+        if options.get("ais_transition") is not None and options["ais_transition"] not in transitions:
+            raise OptionError("ais_transition", options["ais_transition"], "unknown AIS transition",
+                              f"choose one of {', '.join(map(repr, transitions))}")
         defaults, own = defaults_of(self.bits_per_dim), self.bpd_estimator_options.get(estimator, ())
         for other, names in self.bpd_estimator_options.items():
             for name in names:
@@ -291,7 +302,7 @@ class GaussianDiffusionModel(GenerativeModel):
             - x[0].numel() * torch.log(alpha).to(torch.promote_types(x.dtype, torch.float32))
 
     def ais_log_partition(self, base_data: Tensor, *, chains: int, steps: int, step_size: float | None,
-                          transition: str, generator: torch.Generator | None, y: Tensor | None = None):
+                          transition: str, generator: torch.Generator | None):
         """Forward AIS (:func:`lightning_diffusion.mcmc.ais`) of ``log Z_0 = log ∫ exp(-E_0(x)) dx``
         (:meth:`ais_energy`, nats) from the diagonal Gaussian fitted to ``base_data`` [N >= 2, ...]
         (:func:`~lightning_diffusion.mcmc.gaussian_base`): ``chains`` chains through ``steps``
@@ -299,7 +310,7 @@ class GaussianDiffusionModel(GenerativeModel):
         (None: ``sigma_min / alpha_min``, the std of the t_min blur) at each. Returns the
         :class:`~lightning_diffusion.mcmc.AISResult`: ``log_z`` is a stochastic *lower* bound of log
         Z_0 (so an NLL from it errs low, optimistic) and ``stderr`` its Monte Carlo standard error
-        (not the bias). ``y``: one label for every chain of a class-conditional model, or None."""
+        (not the bias). A class-conditional model is scored unconditionally (the null label)."""
         from lightning_diffusion import mcmc
 
         if base_data.shape[0] < 2:
@@ -308,9 +319,8 @@ class GaussianDiffusionModel(GenerativeModel):
         if step_size is None:
             t = self.ais_time.reshape(1)
             step_size = float(self.process.sigma(t) / self.process.alpha(t))
-        labels = None if y is None else y.reshape(1).expand(chains).to(base_data.device)
         base = mcmc.gaussian_base(base_data.float())
-        return mcmc.ais(lambda x: self.ais_energy(x, labels), base, chains, step_size=step_size, betas=steps,
+        return mcmc.ais(self.ais_energy, base, chains, step_size=step_size, betas=steps,
                         transition=transition, generator=generator)
 
     def ais_bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, ais_chains: int | None = None,

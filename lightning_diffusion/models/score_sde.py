@@ -16,7 +16,6 @@ from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.errors import OptionError
 from lightning_diffusion.models.base import full_precision
-from lightning_diffusion.mcmc.ais import Transition
 from lightning_diffusion.models.gaussian_diffusion import AIS_ESTIMATOR, AIS_OPTIONS, GaussianDiffusionModel
 from lightning_diffusion.modes import evaluating
 from lightning_diffusion.options import Positive, PositiveInt
@@ -231,9 +230,9 @@ class ScoreSDE(GaussianDiffusionModel):
     @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
                      divergence: likelihood.Divergence | None = None, rtol: Positive = 1e-5, atol: Positive = 1e-5,
-                     steps: PositiveInt | None = None, estimator: Literal["ode", "ais"] = "ode",
+                     steps: PositiveInt | None = None, estimator: str = "ode",
                      ais_chains: PositiveInt | None = None, ais_steps: PositiveInt | None = None,
-                     ais_step_size: Positive | None = None, ais_transition: Transition | None = None,
+                     ais_step_size: Positive | None = None, ais_transition: str | None = None,
                      generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 
