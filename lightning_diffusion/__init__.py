@@ -5,7 +5,7 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 
     from lightning_diffusion import DDPM, ScoreSDE, VPSDE, EMA, SampleQuality, ShardDataModule
 
-- Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE`, the energy-based
+- Models (LightningModules): `DDPM`, `ScoreSDE`, `VAE`, `HierarchicalVAE`, `VQVAE`, the energy-based
   `EBM`, `DiscreteDiffusion` (categorical data: uniform or absorbing corruption) and their base
   `GenerativeModel`.
 - Processes and schedules (pure math, no Lightning): the SDEs `VPSDE`, `SubVPSDE`, `VESDE`, their
@@ -35,7 +35,7 @@ The public API is exactly the names in ``__all__``, importable from the top leve
 - Multi-process runs: `end_process_group`, the orderly end of a DDP / FSDP2 / SLURM run (every rank
   leaves the process group together; the ``lightning-diffusion`` command calls it).
 - Networks (plain ``nn.Module``s with ``net(x, t, y=None) -> Tensor`` shaped like ``x``): `UNet`,
-  `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`; energy nets
+  `MLP`, and the VAE nets `ConvVAENet`, `MLPVAENet`, `LadderVAENet`, `ConvVQNet` (VQ-VAE); energy nets
   (``net(x) -> E [B]``) `EnergyMLP`, `EnergyConvNet` and the wrapper `ScalarEnergy`; `EnergyHead`, the
   noise-conditional energy ``net(x, t, y=None) -> E [B]`` of a UNet or MLP (parameterization ``energy``); categorical
   nets (``net(x_t, t, y=None) -> logits [B, *x_t.shape[1:], K]``) `CategoricalUNet` and
@@ -60,8 +60,16 @@ _PUBLIC = {
     "EBM": "lightning_diffusion.models",
     "GenerativeModel": "lightning_diffusion.models",
     "HierarchicalVAE": "lightning_diffusion.models",
+    "FirstStage": "lightning_diffusion.models",
+    "LatentDiffusion": "lightning_diffusion.models",
     "ScoreSDE": "lightning_diffusion.models",
     "VAE": "lightning_diffusion.models",
+    "VQVAE": "lightning_diffusion.models",
+    # composition of Gaussian-diffusion models by their energies
+    "Composition": "lightning_diffusion.models",
+    "Term": "lightning_diffusion.models",
+    "compose": "lightning_diffusion.models",
+    "conditional_product": "lightning_diffusion.models",
     # processes and schedules
     "DiscreteVP": "lightning_diffusion.diffusion.sde",
     "GaussianProcess": "lightning_diffusion.diffusion.sde",
@@ -117,6 +125,7 @@ _PUBLIC = {
     # networks
     "CategoricalUNet": "lightning_diffusion.nets",
     "ConvVAENet": "lightning_diffusion.nets",
+    "ConvVQNet": "lightning_diffusion.nets",
     "EnergyConvNet": "lightning_diffusion.nets",
     "EnergyHead": "lightning_diffusion.nets",
     "EnergyMLP": "lightning_diffusion.nets",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _get_module_type, _InstantiatorFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_diffusion import __version__
@@ -119,6 +119,14 @@ class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in LINKS:
             parser.link_arguments(source, target, apply_on="instantiate")
+
+    def _add_instantiators(self) -> None:
+        """LightningCLI's instantiators, with the model's dropping the data links into a ``net`` the model
+        does not have (:class:`_ModelInstantiator`: LatentDiffusion's nets are its prior's and first stage's)."""
+        self.parser.add_instantiator(_ModelInstantiator(cli=self, key="model"), _get_module_type(self._model_class),
+                                     subclasses=self.subclass_mode_model)
+        self.parser.add_instantiator(_InstantiatorFn(cli=self, key="data"), _get_module_type(self._datamodule_class),
+                                     subclasses=self.subclass_mode_data)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line: LightningCLI's own version parses the checkpoint's hyperparameters
@@ -287,6 +295,31 @@ def _wrapped_net(config) -> bool:
         return bool(config["model.init_args.net.init_args.net.class_path"])
     except (KeyError, TypeError, AttributeError):
         return False
+
+
+class _ModelInstantiator(_InstantiatorFn):
+    """Lightning's instantiator of the model (its hyperparameters from the config and the applied data
+    links), skipping a link whose target's parent is not in the model's config: ``LINKS`` into
+    ``model.init_args.net`` for a model without a ``net`` (LatentDiffusion), which Lightning's
+    ``_set_dict_nested`` would refuse with an assertion."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        self.cli._dump_config()
+        config = self.cli.config_dump.get(self.key, {})
+        init_args = config.get("init_args", config) if isinstance(config, dict) else {}
+        kept = {}
+        for key, value in applied_instantiation_links.items():
+            parts = key.split(".")[1:]
+            parts = parts[1:] if parts[:1] == ["init_args"] else parts
+            node, present = init_args, True
+            for part in parts[:-1]:
+                if not isinstance(node, dict) or part not in node:
+                    present = False
+                    break
+                node = node[part]
+            if present or not key.startswith(f"{self.key}."):
+                kept[key] = value
+        return super().__call__(class_type, *args, applied_instantiation_links=kept, **kwargs)
 
 
 def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ DataLoader workers import, uses it, and so do ``models/`` and ``callbacks/`` wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,3 +98,73 @@ def split_colour_digit_label(label: Any, num_colours: int = len(COLOURS)) -> tup
     """``(digit, colour)`` of joint labels (ints, numpy arrays or tensors): the inverse of
     :func:`colour_digit_label`."""
     return label // num_colours, label % num_colours
+
+
+def attribute_labels(label: torch.Tensor, sizes: Sequence[int], check: bool = True) -> torch.Tensor:
+    """Per-attribute labels ``[B, k]`` (int64) of joint labels ``[B]`` in mixed radix ``sizes``
+    ``[n_0, .., n_{k-1}]``, the first attribute the most significant digit:
+    ``joint = ((a_0 n_1 + a_1) n_2 + a_2) ...``; so with ``[10, 8]`` a ``colour_digits`` label
+    ``digit * 8 + colour`` becomes ``[digit, colour]`` (:func:`split_colour_digit_label`). A joint
+    label -1 (null) becomes all -1; labels already ``[B, k]`` are returned as they are (int64).
+    ValueError for a joint label outside ``[-1, prod(sizes))`` or a column outside ``[-1, n_i)``
+    (``check=False`` skips these range checks, which cost a device synchronisation each)."""
+    sizes = [int(n) for n in sizes]
+    if label.ndim == 2 and label.shape[1] == len(sizes):
+        out = label.long()
+    elif label.ndim == 1:
+        total = math.prod(sizes)
+        if check and label.numel() and (int(label.min()) < -1 or int(label.max()) >= total):
+            raise ValueError(f"joint labels must be in [-1, {total - 1}] for label_attributes {sizes}, got "
+                             f"{int(label.min())} .. {int(label.max())}")
+        columns, rest = [], label.long().clamp(min=0)
+        for n in reversed(sizes):
+            columns.append(rest % n)
+            rest = rest // n
+        out = torch.where((label == -1)[:, None], -1, torch.stack(columns[::-1], dim=1))
+        return out
+    else:
+        raise ValueError(f"labels for label_attributes {sizes} must be joint [B] or per attribute [B, {len(sizes)}], "
+                         f"got shape {tuple(label.shape)}")
+    for i, n in enumerate(sizes):
+        if check and out.numel() and (int(out[:, i].min()) < -1 or int(out[:, i].max()) >= n):
+            raise ValueError(f"labels column {i} must be in [-1, {n - 1}] (label_attributes {sizes}; -1 = dropped), "
+                             f"got {int(out[:, i].min())} .. {int(out[:, i].max())}")
+    return out
+
+
+#: held-out (digit, colour) pairs of ``colour_digits`` by preset name. ``diagonals16``: the 16 pairs on
+#: two shifted diagonals, ``(c, c)`` and ``((c + 5) % 10, c)`` for every colour c in 0..7: two per
+#: colour, one or two per digit, so every digit is still seen in at least 6 colours and every colour
+#: with 8 digits
+HELD_OUT_PRESETS: dict[str, tuple[tuple[int, int], ...]] = {
+    "diagonals16": tuple(sorted({(c, c) for c in range(8)} | {((c + 5) % 10, c) for c in range(8)})),
+}
+
+
+def held_out_pairs(held_out: str | Sequence[Sequence[int]] | None, num_digits: int = 10,
+                   num_colours: int = len(COLOURS)) -> list[tuple[int, int]]:
+    """The (digit, colour) pairs ``held_out`` names, sorted: a preset of :data:`HELD_OUT_PRESETS` or the
+    pairs themselves ([[digit, colour], ...]); ``[]`` for None. ValueError for an unknown preset, a
+    pair out of range, or a choice that leaves a digit or a colour unseen in training."""
+    if held_out is None:
+        return []
+    if isinstance(held_out, str):
+        if held_out not in HELD_OUT_PRESETS:
+            raise ValueError(f"colour_digits: held_out {held_out!r} is not a preset; choose one of "
+                             f"{sorted(HELD_OUT_PRESETS)} or give the pairs [[digit, colour], ...]")
+        return sorted(HELD_OUT_PRESETS[held_out])
+    pairs = []
+    for pair in held_out:
+        if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair) \
+                or not (0 <= pair[0] < num_digits and 0 <= pair[1] < num_colours):
+            raise ValueError(f"colour_digits: held_out pair {list(pair)} is not a [digit, colour] with digit in 0..{num_digits - 1} "
+                             f"and colour in 0..{num_colours - 1}")
+        pairs.append((int(pair[0]), int(pair[1])))
+    pairs = sorted(set(pairs))
+    unseen_digits = [d for d in range(num_digits) if sum(p[0] == d for p in pairs) == num_colours]
+    unseen_colours = [c for c in range(num_colours) if sum(p[1] == c for p in pairs) == num_digits]
+    if unseen_digits or unseen_colours:
+        raise ValueError(f"colour_digits: held_out leaves digits {unseen_digits} and colours "
+                         f"{[COLOUR_NAMES[c] for c in unseen_colours]} unseen in training (every pair of them held out); "
+                         "hold out fewer pairs so that every digit and every colour is still seen")
+    return pairs

@@ -61,7 +61,7 @@ PURE_MATH = {"likelihoods": (), "diffusion": ("likelihoods", "sampling", "option
 #: modules that import nothing of ours and no Lightning, so that every layer may use them
 LEAVES = ("errors", "modes", "encodings", "paths", "sampling")
 #: the families that are not Gaussian diffusion: none of them imports diffusion/
-NON_DIFFUSION_FAMILIES = ("vae", "hvae", "latent_variable", "ebm", "discrete_diffusion")
+NON_DIFFUSION_FAMILIES = ("vae", "hvae", "vqvae", "latent_variable", "ebm", "discrete_diffusion")
 #: the only imports of data/ from callbacks/ or metrics/, each (importer, imported): the DataModule
 #: class, to train the digits feature net on the embedded digits' split in the writer's order
 DATA_EDGES = {("lightning_diffusion.metrics.features", "lightning_diffusion.data.datamodule")}
@@ -203,14 +203,15 @@ def test_callback_modules_import_each_other_in_one_direction():
 
 # -- the model layers ---------------------------------------------------------------------------------
 def test_model_layers():
-    from lightning_diffusion import DDPM, VAE, HierarchicalVAE, ScoreSDE
+    from lightning_diffusion import DDPM, VAE, VQVAE, HierarchicalVAE, ScoreSDE
     from lightning_diffusion.callbacks.protocol import HasTrajectory
     from lightning_diffusion.models import GaussianDiffusionModel, GenerativeModel, LatentVariableModel
     from lightning_diffusion.models.vae import LatentVariableModel as from_vae
 
     assert from_vae is LatentVariableModel
     for family, layer in ((DDPM, GaussianDiffusionModel), (ScoreSDE, GaussianDiffusionModel),
-                          (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel)):
+                          (VAE, LatentVariableModel), (HierarchicalVAE, LatentVariableModel),
+                          (VQVAE, LatentVariableModel)):
         assert issubclass(family, layer) and layer.__bases__ == (GenerativeModel,)
     diffusion_only = ("denoise", "guided_denoiser", "draw_samples", "sample_trajectory", "_sampler_steps")
     assert not [name for name in diffusion_only if hasattr(GenerativeModel, name)]

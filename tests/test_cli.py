@@ -98,7 +98,8 @@ def test_every_config_parses(capsys):
         model = config["model"]["class_path"]
         assert model in ("lightning_diffusion.DDPM", "lightning_diffusion.ScoreSDE", "lightning_diffusion.VAE",
                          "lightning_diffusion.HierarchicalVAE", "lightning_diffusion.EBM",
-                         "lightning_diffusion.DiscreteDiffusion"), path.name
+                         "lightning_diffusion.DiscreteDiffusion", "lightning_diffusion.VQVAE",
+                         "lightning_diffusion.LatentDiffusion"), path.name
         if "cifar10" in path.name and model != "lightning_diffusion.HierarchicalVAE":  # Ho et al.'s UNet: our defaults
             assert config["model"]["init_args"]["net"]["init_args"]["model_channels"] == 128
         if path.name == "hvae_cifar10.yaml":  # VDVAE's depth

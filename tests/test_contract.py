@@ -29,6 +29,7 @@ CASES = {
                   {HasTrajectory}),
     "vae": (lambda: tiny_model("vae"), {}, {"num_importance_samples": 2}, {Reconstructs}),
     "hvae": (lambda: tiny_model("hvae"), {}, {}, {Reconstructs}),
+    "vqvae": (lambda: tiny_model("vqvae"), {}, {"chunk_rows": 2}, {Reconstructs}),
     "ebm": (lambda: tiny_model("ebm"), {"steps": 3}, {}, {HasDensity}),
     "discrete": (lambda: tiny_model("discrete"), {"steps": 4}, {}, set()),
     "discrete_text": (lambda: tiny_model("discrete", net=dict(sequence=True), num_categories=5, data_shape=(6,)),

@@ -192,8 +192,16 @@ def test_every_config_trains_under_ddp(config, tmp_path):
     from conftest import ROOT, run_cli
 
     path = ROOT / "configs" / config
+    extra = []
+    if "latent" in config:  # a first stage first: the tiny VAE of test_latent_diffusion, one process
+        from test_latent_diffusion import tiny_first_stage
+
+        extra = [f"--model.init_args.first_stage_ckpt={tiny_first_stage(tmp_path / 'first_stage')}",
+                 "--model.init_args.prior.init_args.timesteps=50"]
     run_cli("fit", "--config", str(path), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            *_ddp_overrides(path), separate_process=True, timeout=900)
-    ckpt = next(tmp_path.rglob("last.ckpt"))
+            *_ddp_overrides(path), *extra, separate_process=True, timeout=900)
+    ckpt = next(p for p in tmp_path.rglob("last.ckpt") if "first_stage" not in str(p))
     assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    if "latent" in config:  # the scale of the first batch, all-reduced over both ranks' batches
+        assert torch.isfinite(torch.load(ckpt, weights_only=False)["state_dict"]["latent_scale"])

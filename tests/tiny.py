@@ -19,8 +19,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from lightning_diffusion import (DDPM, EBM, MLP, VAE, CategoricalUNet, ConvVAENet, DiscreteDiffusion, EnergyMLP,
-                                 HierarchicalVAE, LadderVAENet, ScoreSDE, SequenceTransformer, UNet)
+from lightning_diffusion import (DDPM, EBM, MLP, VAE, VQVAE, CategoricalUNet, ConvVAENet, ConvVQNet, DiscreteDiffusion,
+                                 EnergyMLP, HierarchicalVAE, LadderVAENet, ScoreSDE, SequenceTransformer, UNet)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,8 @@ FAMILIES: dict[str, tuple[Callable[..., nn.Module], type, dict[str, Any]]] = {
     "score_sde": (tiny_unet, ScoreSDE, dict(data_shape=(1, 8, 8))),
     "vae": (_vae_net, VAE, dict(data_shape=(1, 8, 8), likelihood="discretized_logistic")),
     "hvae": (_ladder_net, HierarchicalVAE, dict(data_shape=(1, 8, 8), likelihood="discretized_logistic")),
+    "vqvae": (lambda **o: ConvVQNet(**{**dict(in_channels=1, image_size=8, code_dim=4, channels=[16, 32]), **o}), VQVAE,
+              dict(data_shape=(1, 8, 8), num_codes=16)),
     "ebm": (lambda **o: EnergyMLP(**{**dict(in_channels=2, hidden=32, num_layers=2), **o}), EBM,
             dict(data_shape=(2,), step_size=0.05, mcmc_steps=3, buffer_size=64, sample_steps=4, quadrature_points=51)),
     "discrete": (_categorical_net, DiscreteDiffusion,

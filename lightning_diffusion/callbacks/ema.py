@@ -39,13 +39,14 @@ def ema_decay(step: int, decay: float = 0.9999, inv_gamma: float = 1.0, power: f
 
 
 def averaged_parameters(module: nn.Module) -> dict[str, Tensor]:
-    """The parameters the EMA averages: every floating-point parameter, by its qualified name
+    """The parameters the EMA averages: every trained (``requires_grad``; not LatentDiffusion's frozen first
+    stage) floating-point parameter, by its qualified name
     (buffers, e.g. a schedule's constants, are not trained and are left alone).
 
     Under FSDP2 these are the sharded parameters: FSDP2 leaves the root unit's parameters
     unsharded after a forward without backward (sampling, evaluation), so that is undone first."""
     reshard(module)
-    return {name: p for name, p in module.named_parameters() if p.dtype.is_floating_point}
+    return {name: p for name, p in module.named_parameters() if p.dtype.is_floating_point and p.requires_grad}
 
 
 def reshard(module: nn.Module) -> None:

@@ -41,7 +41,7 @@ class SampleGrid(L.Callback):
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 0, seed: int = 0,
                  num_reference: int = 2000, nrow: int | None = None, guidance_scale: float = 1.0,
                  sample_options: dict[str, Any] | None = None, preview_sampler: bool = True,
-                 min_size: int = GRID_MIN_SIZE):
+                 min_size: int = GRID_MIN_SIZE, labels: list[int] | None = None):
         """
         Args:
             num_samples: samples per grid (images) or per scatter plot (points).
@@ -57,6 +57,9 @@ class SampleGrid(L.Callback):
                 nearest-neighbour enlargement (each sample pixel an exact k x k block; 100 digits of
                 8 x 8: 91 px natively, 546 px at 512); 0 keeps the native size. Scatter plots of
                 points are not affected.
+            labels: the class labels to sample, in grid order (repeated to ``num_samples``), e.g. the
+                held-out (digit, colour) pairs of a composition run as joint labels ``digit * 8 + colour``;
+                None: every class in turn (:func:`class_labels`). Needs a class-conditional model.
         """
         super().__init__()
         if num_samples < 1:
@@ -73,6 +76,11 @@ class SampleGrid(L.Callback):
         self.preview_sampler, self.min_size = preview_sampler, min_size
         self.last_path: Path | None = None
         self.last_sample_options: dict[str, Any] | None = None  # what the last grid was sampled with
+        if labels is not None and (not labels or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                     for v in labels)):
+            raise ValueError(f"SampleGrid: labels must be a non-empty list of class labels >= 0 (or None: every "
+                             f"class in turn), got {labels}")
+        self.labels = None if labels is None else list(labels)
 
     def options(self, pl_module: L.LightningModule) -> dict[str, Any]:
         """The options the grid samples with (:func:`~lightning_diffusion.callbacks.common.sampling_options`)."""
@@ -80,6 +88,14 @@ class SampleGrid(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before training: the model must take ``sample_options`` (:func:`check_model_options`)."""
+        if stage == "fit" and self.labels is not None:
+            num_classes = getattr(pl_module, "num_classes", None)
+            if not getattr(pl_module, "class_conditional", False) or num_classes is None:
+                raise ValueError(f"SampleGrid: labels={self.labels} need a class-conditional model (class_conditional: "
+                                 "true, labelled data); drop SampleGrid.labels")
+            if max(self.labels) >= num_classes:
+                raise ValueError(f"SampleGrid: labels={self.labels} has {max(self.labels)}, but the model has "
+                                 f"{num_classes} classes (0 .. {num_classes - 1})")
         if stage == "fit":
             check_model_options(pl_module, "SampleGrid.sample_options", self.options(pl_module),
                                 written_as={"guidance_scale": "SampleGrid.guidance_scale"}
@@ -101,7 +117,11 @@ class SampleGrid(L.Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with torch.no_grad(), evaluation_weights(trainer, pl_module):
-            labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
+            if self.labels is None:
+                labels = class_labels(pl_module, self.num_samples, device=pl_module.device)
+            else:  # the given labels, repeated to num_samples
+                given = torch.tensor(self.labels, dtype=torch.long, device=pl_module.device)
+                labels = given[torch.arange(self.num_samples, device=pl_module.device) % len(given)]
             self.last_sample_options = self.options(pl_module)
             extra = {} if labels is None else {"y": labels}
             x = pl_module.sample(self.num_samples, generator=generator, **self.last_sample_options, **extra)

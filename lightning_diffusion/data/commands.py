@@ -67,18 +67,20 @@ def words(*, out: str, lists: tuple[WordListName, ...] = ("nouns", "adjectives",
 
 
 def colour_digits(*, out: str, image_size: ColourDigitsSize = 16, colours_per_image: int | None = None,
-                  shard_size: int = 512, fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
+                  held_out: str | list[tuple[int, int]] | None = None, shard_size: int = 512, fractions: Fractions = (0.8, 0.1, 0.1), seed: int = 0) -> None:
     """The 8x8 digits upsampled and tinted with 8 named colours, RGB; label digit * 8 + colour.
 
     Args:
         out: output directory for the shards and index.json (required).
         image_size: 16 (default) or 32 pixels (bicubic upsampling before tinting), or 8 (native).
         colours_per_image: distinct colours each digit image is drawn in, 1 .. 8 (default: all 8).
+        held_out: (digit, colour) pairs left out of the train split (kept in val/test): a preset
+            (diagonals16: 16 of the 80) or [[digit, colour], ...]; default none.
         shard_size: samples per tar shard.
         fractions: train/val/test fractions (sum to 1).
         seed: seed of the colour draw and of the deterministic split.
     """
-    _write(sources.colour_digits(image_size, colours_per_image, seed), out, shard_size, fractions, seed)
+    _write(sources.colour_digits(image_size, colours_per_image, seed, held_out), out, shard_size, fractions, seed)
 
 
 def toy2d(*, out: str, name: Toy2DName = "gaussians8", num_points: int = 20000, radius: float = 2.0,

@@ -138,6 +138,10 @@ def write_shards(
             "val": (train_pool, parts["val"]),
             "test": (test_pool, np.arange(len(test_pool))),
         }
+    if source.train_excluded_labels:  # held out of training entirely (composition); val and test keep them
+        pool, indices = assignment["train"]
+        excluded = set(source.train_excluded_labels)
+        assignment["train"] = (pool, np.asarray([i for i in indices if pool[int(i)][1] not in excluded], dtype=np.int64))
 
     shape, dtype = None, None
     splits: dict[str, Any] = {}
@@ -179,7 +183,9 @@ def write_shards(
         "dtype": "uint8" if source.kind == "image" else dtype if source.kind == "sequence" else "float32",
         "num_classes": None if source.classes is None else len(source.classes),
         "classes": source.classes,
-        "split": {"fractions": list(fractions), "seed": seed, "shard_size": shard_size},
+        "split": {"fractions": list(fractions), "seed": seed, "shard_size": shard_size,
+                  **({"train_excluded_labels": sorted(source.train_excluded_labels)}
+                     if source.train_excluded_labels else {})},
         "extra": source.extra,
         "splits": splits,
     }
@@ -322,6 +328,8 @@ EMBEDDED: dict[str, tuple[Any, dict[str, Any], int]] = {
     "binary_digits": (binary_digits, {"image_size": 8}, 256),
     "colour_digits": (colour_digits, {"image_size": 16}, 512),
     "colour_digits32": (colour_digits, {"image_size": 32}, 512),
+    # 8x8, the 16 (digit, colour) pairs of the diagonals16 preset held out of training: composition
+    "colour_digits8_held_out": (colour_digits, {"image_size": 8, "held_out": "diagonals16"}, 512),
     "gaussians8": (toy2d, {"name": "gaussians8"}, 4000),
     "moons": (toy2d, {"name": "moons"}, 4000),
     "swissroll": (toy2d, {"name": "swissroll"}, 4000),

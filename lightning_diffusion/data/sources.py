@@ -30,7 +30,7 @@ import numpy as np
 # the encodings (text, colour-digit labels and colours) live in encodings.py, shared with the models and
 # metrics; importable from here as before
 from lightning_diffusion.encodings import (ALPHABET, COLOUR_NAMES, COLOURS, PAD, colour_digit_label,  # noqa: F401
-                                           decode_text, encode_text, split_colour_digit_label)
+                                           decode_text, encode_text, held_out_pairs, split_colour_digit_label)
 
 ImageSize = Literal[8, 16, 32]
 Toy2DName = Literal["gaussians8", "moons", "swissroll", "checkerboard"]
@@ -53,6 +53,8 @@ class Source:
             ``levels``); None for 8-bit images and points.
         levels: images with ``num_categories``: the 8-bit value category k is stored as.
         alphabet: sequences: the character of each category, ``alphabet[k]`` (pad/end symbol first).
+        train_excluded_labels: labels whose samples the writer leaves out of the train split (kept in
+            val and test), recorded in the index under ``split``; None: none left out.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Source:
     num_categories: int | None = None
     levels: list[int] | None = None
     alphabet: str | None = None
+    train_excluded_labels: list[int] | None = None
 
 
 class _ArrayPool(Sequence):
@@ -165,7 +168,8 @@ def tint(grey: np.ndarray, rgb: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.rint(grey.astype(np.float64) * rgb).astype(np.uint8)
 
 
-def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | None = None, seed: int = 0) -> Source:
+def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | None = None, seed: int = 0,
+                  held_out: str | Sequence[Sequence[int]] | None = None) -> Source:
     """scikit-learn's 8x8 digits upsampled to ``image_size`` pixels and tinted with named colours
     (:data:`COLOURS`): RGB uint8 images of a digit in one colour on black.
 
@@ -180,8 +184,15 @@ def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | No
             before it is tinted (8: native).
         colours_per_image: distinct colours each digit image is drawn in, 1 .. 8; None: all 8.
         seed: seed of the colour draw (used only when ``colours_per_image`` < 8).
+        held_out: (digit, colour) pairs left out of the training split entirely (they stay in val
+            and test, to evaluate composition on): a preset of
+            :data:`~lightning_diffusion.encodings.HELD_OUT_PRESETS` (``diagonals16``: 16 of the 80,
+            two per colour) or the pairs ``[[digit, colour], ...]``; None: none. Recorded in the index
+            (``params.held_out``, ``extra.held_out_pairs``, ``split.train_excluded_labels``). A pair out of
+            range, or a choice leaving a digit or a colour unseen, is refused (ValueError).
     """
     num_colours = len(COLOURS)
+    pairs = held_out_pairs(held_out, 10, num_colours)
     if image_size not in ColourDigitsSize.__args__:
         raise ValueError(f"colour_digits: image_size must be one of {list(ColourDigitsSize.__args__)}, got {image_size}")
     k = num_colours if colours_per_image is None else colours_per_image
@@ -197,12 +208,15 @@ def colour_digits(image_size: ColourDigitsSize = 16, colours_per_image: int | No
     x = tint(grey[image_index], np.asarray([rgb for _, rgb in COLOURS])[colour])
     return Source(
         name="colour_digits",
-        params={"image_size": image_size, "colours_per_image": k, "seed": seed},
+        params={"image_size": image_size, "colours_per_image": k, "seed": seed,
+                **({"held_out": held_out if isinstance(held_out, str) else [list(p) for p in pairs]} if pairs else {})},
         kind="image",
         pools={"all": _ArrayPool(x, colour_digit_label(digit[image_index], colour).astype(np.int64))},
         classes=[f"{d}-{name}" for d in range(10) for name in COLOUR_NAMES],
         extra={"colours": {name: list(rgb) for name, rgb in COLOURS}, "num_digits": 10, "num_colours": num_colours,
-               "label": "digit * num_colours + colour"},
+               "label": "digit * num_colours + colour",
+               **({"held_out_pairs": [list(p) for p in pairs]} if pairs else {})},
+        train_excluded_labels=[int(colour_digit_label(d, c, num_colours)) for d, c in pairs] or None,
     )
 
 

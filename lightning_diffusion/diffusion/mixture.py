@@ -47,6 +47,29 @@ class GaussianMixture:
         weights = 0.5 + torch.rand(num_modes, generator=g, dtype=torch.float64)
         return cls(means, torch.full((num_modes,), std), weights)
 
+    def product(self, other: "GaussianMixture") -> "GaussianMixture":
+        """The normalised product ``p(x) q(x) / Z``, itself an isotropic mixture: each pair of
+        components ``N(m_a, s_a^2 I) N(m_b, s_b^2 I) = N(m_a; m_b, (s_a^2 + s_b^2) I) N(m, s^2 I)``
+        with ``1 / s^2 = 1 / s_a^2 + 1 / s_b^2`` and ``m = s^2 (m_a / s_a^2 + m_b / s_b^2)``, of weight
+        ``w_a w_b N(m_a; m_b, (s_a^2 + s_b^2) I)`` (normalised here; their sum is Z)."""
+        var_a, var_b = self.stds[:, None] ** 2, other.stds[None, :] ** 2  # [Ka, 1], [1, Kb]
+        var = 1 / (1 / var_a + 1 / var_b)  # [Ka, Kb]
+        means = var[..., None] * (self.means[:, None, :] / var_a[..., None] + other.means[None, :, :] / var_b[..., None])
+        overlap = self._pair_log_overlap(other)
+        log_w = self.weights.log()[:, None] + other.weights.log()[None, :] + overlap
+        return GaussianMixture(means.reshape(-1, self.dim), var.sqrt().reshape(-1), (log_w - log_w.max()).exp().reshape(-1))
+
+    def log_normaliser_of_product(self, other: "GaussianMixture") -> Tensor:
+        """``log Z = log integral p(x) q(x) dx`` (a float64 scalar) of :meth:`product`."""
+        return torch.logsumexp((self.weights.log()[:, None] + other.weights.log()[None, :]
+                                + self._pair_log_overlap(other)).flatten(), 0)
+
+    def _pair_log_overlap(self, other: "GaussianMixture") -> Tensor:
+        """``log N(m_a; m_b, (s_a^2 + s_b^2) I)`` [Ka, Kb]: the integral of the product of two components."""
+        var = self.stds[:, None] ** 2 + other.stds[None, :] ** 2
+        diff2 = (self.means[:, None, :] - other.means[None, :, :]).pow(2).sum(-1)
+        return -0.5 * self.dim * torch.log(2 * math.pi * var) - diff2 / (2 * var)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """n points [n, D] (float64) and their components [n]."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)

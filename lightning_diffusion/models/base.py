@@ -11,13 +11,16 @@ discrete-diffusion family.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from lightning_diffusion.encodings import attribute_labels
 from lightning_diffusion.models.rng_state import RngStateInCheckpoint, gather_per_rank  # noqa: F401 - importable from here as before
 from lightning_diffusion.models.sharding import Sharded
+from lightning_diffusion.nets.embedding import ClassEmbedding
 from lightning_diffusion.options import check_call, check_number
 from lightning_diffusion.seeds import derived_seed
 
@@ -116,6 +119,7 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
         A net declares what it takes in ``data_kind`` (``"points"``: ``[B, D]``, ``"images"``:
         ``[B, C, H, W]``); nets without it (a user's) are not checked. Run in :meth:`setup`, not
         in ``__init__``: LightningCLI would bury an error of ``__init__`` in its own message."""
+        self._check_label_embedding(net)
         kind, data = getattr(net, "data_kind", None), _data_kind(self.data_shape)
         if kind is None or data is None or kind == data or data not in self.data_nets:
             return
@@ -125,6 +129,20 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
         name, class_path = self.data_nets[data]
         raise ValueError(f"{type(self).__name__}: the net {type(net).__name__} takes {takes}, but the data are "
                          f"{described}: use {name} (class_path: {class_path})")
+
+    def _check_label_embedding(self, net: Any) -> None:
+        """Refuse a net whose label embedding (a
+        :class:`~lightning_diffusion.nets.embedding.ClassEmbedding` anywhere in it, e.g. inside an
+        EnergyHead) does not take the labels this model feeds it: per attribute with
+        ``label_attributes`` (its ``num_classes`` the same list), one label otherwise."""
+        attributes = getattr(self, "label_attributes", None)
+        for module in net.modules() if isinstance(net, torch.nn.Module) else ():
+            if isinstance(module, ClassEmbedding) and isinstance(module.num_classes, list) != (attributes is not None) \
+                    or isinstance(module, ClassEmbedding) and attributes is not None and module.num_classes != attributes:
+                raise ValueError(f"{type(self).__name__}: label_attributes={attributes} but the net's label embedding "
+                                 f"has num_classes={module.num_classes}; give the net num_classes: "
+                                 f"{attributes if attributes is not None else self.num_classes} (one count per attribute "
+                                 "with label_attributes, the number of classes without)")
 
     # -- checking sampling and likelihood options before they are used ------------------------
     def check_sample_options(self, **options: Any) -> None:
@@ -169,11 +187,12 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
         """Negative log-likelihood (or its bound) of each sample of ``x``, in bits per dimension."""
         raise NotImplementedError
 
-    def set_conditioning(self, class_conditional: bool, label_dropout: float) -> None:
+    def set_conditioning(self, class_conditional: bool, label_dropout: float,
+                         label_attributes: list[int] | None = None) -> None:
         """Check and set ``class_conditional`` (feed the batch's labels to the net: needs
-        ``num_classes``) and ``label_dropout`` (a probability), the attributes that
-        :meth:`training_labels` and :meth:`check_guidance` read; every class-conditional family's
-        ``__init__`` calls it."""
+        ``num_classes``), ``label_dropout`` (a probability) and ``label_attributes`` (per-attribute
+        labels: :meth:`condition_labels`), the attributes that :meth:`training_labels` and
+        :meth:`check_guidance` read; every class-conditional family's ``__init__`` calls it."""
         name = type(self).__name__
         if class_conditional and self.num_classes is None:
             raise ValueError(f"{name}: class_conditional=True needs num_classes (labelled data)")
@@ -181,7 +200,32 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
                 or not 0 <= label_dropout <= 1:
             raise ValueError(f"{name}: label_dropout={label_dropout!r} must be a probability in [0, 1] "
                              "(Ho & Salimans use 0.1 or 0.2)")
+        if label_attributes is not None:
+            sizes = list(label_attributes)
+            if not class_conditional:
+                raise ValueError(f"{name}: label_attributes={sizes} splits the labels the net is conditioned on, but "
+                                 "class_conditional is false; set class_conditional: true (or drop label_attributes)")
+            if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+                raise ValueError(f"{name}: label_attributes={sizes} must list one class count >= 1 per attribute "
+                                 "(colour_digits: [10, 8], digit and colour)")
+            if self.num_classes is not None and math.prod(sizes) != self.num_classes:
+                raise ValueError(f"{name}: label_attributes={sizes} has {math.prod(sizes)} joint classes, but the data "
+                                 f"have num_classes={self.num_classes}; the product of the counts must be the number "
+                                 "of classes (colour_digits: [10, 8] for 80)")
+            label_attributes = sizes
         self.class_conditional, self.label_dropout = class_conditional, label_dropout
+        self.label_attributes = label_attributes
+
+    def condition_labels(self, y: Tensor | None, check: bool = True) -> Tensor | None:
+        """The labels the net takes: ``y`` itself, or with ``label_attributes`` ``[n_0, n_1, ...]`` the
+        per-attribute labels ``[B, k]`` of joint labels ``[B]`` (mixed radix, the first attribute
+        most significant: ``colour_digits``' ``digit * 8 + colour`` with ``[10, 8]`` is
+        ``[digit, colour]``; :func:`~lightning_diffusion.encodings.attribute_labels`); ``[B, k]``
+        labels pass as they are, -1 in a column is that attribute dropped. ``check``: range-check
+        the labels (a device synchronisation)."""
+        if y is None or getattr(self, "label_attributes", None) is None:
+            return y
+        return attribute_labels(y, self.label_attributes, check=check)
 
     def check_guidance(self, guidance_scale: float) -> None:
         """Raise :class:`~lightning_diffusion.errors.OptionError` unless ``guidance_scale`` is a number,
@@ -204,7 +248,7 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
             return None
         if "y" not in batch:
             raise KeyError(f"{type(self).__name__}: class_conditional=True but the batch has no key 'y'")
-        y = batch["y"]
+        y = self.condition_labels(batch["y"], check=False)  # per attribute: each column dropped on its own
         if self.training and self.label_dropout > 0:
             drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
             y = torch.where(drop, torch.full_like(y, -1), y)
@@ -269,7 +313,8 @@ class GenerativeModel(RngStateInCheckpoint, Sharded):
 
     def configure_optimizers(self):
         """AdamW with linear warm-up over ``warmup_steps``, then a constant learning rate."""
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=self.adam_betas,
+        # only the trained parameters: a frozen part (LatentDiffusion's first stage) stays out of the optimizer
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, betas=self.adam_betas,
                                       weight_decay=self.weight_decay)
         warmup = max(self.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

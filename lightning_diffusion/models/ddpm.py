@@ -45,7 +45,7 @@ class DDPM(GaussianDiffusionModel):
     """
 
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
-    resume_fixed_hparams = ("data_shape", "timesteps", "beta_schedule", "parameterization", "class_conditional")
+    resume_fixed_hparams = ("data_shape", "timesteps", "beta_schedule", "parameterization", "class_conditional", "label_attributes")
 
     def __init__(
         self,

@@ -70,16 +70,26 @@ class GaussianDiffusionModel(GenerativeModel):
 
     data_nets = DIFFUSION_NETS
 
-    def __init__(self, class_conditional: bool = False, label_dropout: float = 0.1, **kwargs: Any):
+    def __init__(self, class_conditional: bool = False, label_dropout: float = 0.1,
+                 label_attributes: list[int] | None = None, **kwargs: Any):
         """
         Args:
             class_conditional: feed the labels ``y`` of the batch to the net.
             label_dropout: with ``class_conditional``, the probability of replacing a label by the
-                null label -1 in training (classifier-free guidance, Ho & Salimans 2022).
+                null label -1 in training (classifier-free guidance, Ho & Salimans 2022); with
+                ``label_attributes``, of dropping each attribute, independently.
+            label_attributes: per-attribute conditioning: the class count of each attribute, whose
+                product is ``num_classes`` (``colour_digits``: ``[10, 8]``, digit and colour). The joint
+                label ``y`` is read in mixed radix, the first attribute most significant
+                (``digit * 8 + colour`` -> ``[digit, colour]``), the net gets ``[B, k]`` labels (its
+                ``num_classes`` the same list) and each column is dropped (-1) on its own, so the model
+                also learns each attribute alone (composition:
+                :func:`~lightning_diffusion.conditional_product`). ``sample(y=...)`` takes ``[B, k]`` or
+                joint labels. None: one label.
             **kwargs: data facts and optimizer settings of :class:`GenerativeModel`.
         """
         super().__init__(**kwargs)
-        self.set_conditioning(class_conditional, label_dropout)
+        self.set_conditioning(class_conditional, label_dropout, label_attributes)
         self.last_sample_nfe: int | None = None
         #: the Metropolis acceptance rate of each noise level of the last ``draw_samples`` with a sampler
         #: that runs MCMC on the energy (``annealed_mcmc``: one rate per level after the first; 1.0 for
@@ -166,6 +176,7 @@ class GaussianDiffusionModel(GenerativeModel):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         alpha, sigma, c = self._coefficients(t, x_t)
+        y = self.condition_labels(y, check=False)
         energy = param.check_energy(self.net(c.c_in.to(x_t.dtype) * x_t, self._net_time(t, x_t), y), x_t)
         scale = table_row.energy_scale(alpha.flatten(), sigma.flatten(), self.sigma_data)
         dtype = torch.promote_types(x_t.dtype, torch.float32)
@@ -179,7 +190,7 @@ class GaussianDiffusionModel(GenerativeModel):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         _, _, c = self._coefficients(t, x_t)
-        output, _ = self._run_net(self.net if net is None else net, c, x_t, t, y)
+        output, _ = self._run_net(self.net if net is None else net, c, x_t, t, self.condition_labels(y, check=False))
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         return c.c_skip.to(dtype) * x_t.to(dtype) + c.c_out.to(dtype) * output.to(dtype)
 
@@ -224,10 +235,13 @@ class GaussianDiffusionModel(GenerativeModel):
         forward pass of the 2B batch ``(y, -1)``. ``w = 1`` is the conditional model, ``w = 0`` the
         unconditional one.
         """
+        self._check_guidance(y, guidance_scale)
+        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
+
+    def _check_guidance(self, y: Tensor | None, guidance_scale: float) -> None:
         if guidance_scale != 1.0 and (not self.class_conditional or y is None):
             raise ValueError(f"{type(self).__name__}.sample: guidance_scale={guidance_scale} needs a class_conditional model "
                              "and labels y; use guidance_scale=1.0 otherwise")
-        return guided(lambda x_t, t, labels: self.denoise(x_t, t, labels, net), y, guidance_scale)
 
     def preview_sample_options(self) -> dict[str, Any]:
         """The callbacks' fast default: ``{sampler: dpm_solver, steps: S}``, S = 20 network calls on a
@@ -244,13 +258,19 @@ class GaussianDiffusionModel(GenerativeModel):
         steps = min(PREVIEW_MAX_STEPS, max(PREVIEW_STEPS, math.ceil(span / PREVIEW_LOGSNR_STEP - 1e-9)))
         return {"sampler": PREVIEW_SAMPLER, "steps": steps}
 
-    def sampling_energy(self, y: Tensor | None = None) -> samplers.EnergyFn | None:
+    def sampling_energy(self, y: Tensor | None = None, guidance_scale: float = 1.0) -> samplers.EnergyFn | None:
         """``energy_fn(x_t, t) -> E [B]`` for the samplers that run MCMC on the model's energy
         (``needs_energy``: ``annealed_mcmc``): ``self.energy(x_t, t, y)`` where the
-        parameterization's row has an energy (``energy``), None otherwise, which those samplers refuse."""
+        parameterization's row has an energy (``energy``), None otherwise, which those samplers refuse.
+
+        With ``guidance_scale = w != 1``, classifier-free guidance of the energy, itself an energy:
+        ``E(x_t | null) + w (E(x_t | y) - E(x_t | null))`` (the composition of the terms ``(y, w)`` and
+        ``(null, 1 - w)``, :func:`~lightning_diffusion.models.compose.compose`), whose gradient is the
+        guided score of :meth:`guided_denoiser`; both energies from one call on the 2B batch ``(y, -1)``."""
         if param.row(self.parameterization).energy_scale is None:  # the table says whether the net is an energy
             return None
-        return lambda x_t, t: self.energy(x_t, t, y)
+        self._check_guidance(y, guidance_scale)
+        return guided(lambda x_t, t, labels: self.energy(x_t, t, labels), y, guidance_scale)
 
     # -- the second likelihood estimator of an energy model: AIS on the t -> 0 energy ----------
     #: ``{estimator: its own options of bits_per_dim}``: given at a value other than its default with
@@ -386,10 +406,6 @@ class GaussianDiffusionModel(GenerativeModel):
         samplers.check_options(name, self.process, steps, also=(*own, *(o for o in DRIVER_OPTIONS if o != "callback")),
                                energy=self.sampling_energy() is not None,
                                **{k: v for k, v in rest.items() if k not in DRIVER_OPTIONS})
-        guidance = options.get("guidance_scale", 1.0)
-        if samplers.registered(name).needs_energy and guidance != 1.0:
-            raise OptionError("guidance_scale", guidance, f"the {name} sampler runs on the energy of one condition "
-                              "and does not guide", "leave guidance_scale at 1.0 with this sampler")
 
     # -- the sampler driver -------------------------------------------------------------------------
     def draw_samples(self, sampler: str, process, num_samples: int, *, y: Tensor | None = None,
@@ -410,12 +426,13 @@ class GaussianDiffusionModel(GenerativeModel):
         The number of network evaluations is stored in ``last_sample_nfe`` (a guided evaluation
         counts once, though it runs a 2B batch). A sampler that runs MCMC on the energy
         (``annealed_mcmc``) gets :meth:`sampling_energy` and counts energy-and-gradient evaluations;
-        its acceptance rate per noise level goes to ``last_sample_acceptance``.
+        its acceptance rate per noise level goes to ``last_sample_acceptance``; with ``guidance_scale``
+        it runs on the guided energy (:meth:`sampling_energy`).
         """
         if sampler == "ode":
             self.require_fixed_steps("sample(sampler='ode')", "a fixed-step sampler (ddim, heun, dpm_solver, ...)")
         shape = (num_samples, *self.require_data_shape())
-        y = None if y is None else y.to(self.device)
+        y = None if y is None else self.condition_labels(y.to(self.device))  # joint -> [B, k] with label_attributes
         clip = options.pop("clip", (-1.0, 1.0) if self.is_image else None)
         bf16_net = None
         if precision == "bf16":
@@ -429,20 +446,9 @@ class GaussianDiffusionModel(GenerativeModel):
         else:
             check_precision(precision)
             denoise_fn = self.guided_denoiser(y, guidance_scale)
-        acceptance: list[float] | None = None
-        if samplers.registered(sampler).needs_energy:  # MCMC on the energy: record each level's acceptance
-            acceptance, user_callback = [], options.pop("callback", None)
-
-            def callback(step: dict) -> None:
-                if step["i"]:
-                    acceptance.append(step["acceptance"])
-                if user_callback is not None:
-                    user_callback(step)
-
-            options = {**options, "callback": callback, "energy_fn": self.sampling_energy(y)}
-        with evaluating(self):
-            out = samplers.sample(sampler, denoise_fn, process, shape, steps=steps,
-                                  generator=generator, device=self.device, clip=clip, **options)
+        energy_fn = self.sampling_energy(y, guidance_scale) if samplers.registered(sampler).needs_energy else None
+        out, acceptance = run_sampler(sampler, denoise_fn, energy_fn, process, shape, [self], steps=steps,
+                                      generator=generator, device=self.device, clip=clip, **options)
         self.last_sample_nfe, self.last_sample_acceptance = out.nfe, acceptance
         return out.x.clamp(-1, 1) if self.is_image else out.x
 
@@ -481,6 +487,32 @@ class GaussianDiffusionModel(GenerativeModel):
         if self.is_image:
             frames = [f.clamp(-1, 1) for f in frames]
         return torch.stack(frames)
+
+
+def run_sampler(sampler: str, denoise_fn: samplers.Denoiser, energy_fn: samplers.EnergyFn | None, process,
+                shape: tuple[int, ...], modules: list[torch.nn.Module], **options: Any) -> tuple[samplers.SamplerOutput, list[float] | None]:
+    """Run sampler ``sampler`` on ``denoise_fn`` (and, for a sampler that runs MCMC on the energy,
+    ``energy_fn``) over ``process`` with ``modules`` (the nets it evaluates) in eval mode: the one
+    driver of :meth:`GaussianDiffusionModel.draw_samples` and of a
+    :class:`~lightning_diffusion.models.compose.Composition`. Returns the sampler's output and, for
+    an MCMC sampler (``annealed_mcmc``), the acceptance rate of each level after the first (else
+    None); the user's ``callback`` (in ``options``) still sees every step."""
+    acceptance: list[float] | None = None
+    if samplers.registered(sampler).needs_energy:  # MCMC on the energy: record each level's acceptance
+        acceptance, user_callback = [], options.pop("callback", None)
+
+        def callback(step: dict) -> None:
+            if step["i"]:
+                acceptance.append(step["acceptance"])
+            if user_callback is not None:
+                user_callback(step)
+
+        options = {**options, "callback": callback, "energy_fn": energy_fn}
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(evaluating(module))
+        out = samplers.sample(sampler, denoise_fn, process, shape, **options)
+    return out, acceptance
 
 
 def check_precision(precision: str) -> None:

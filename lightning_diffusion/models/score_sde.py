@@ -38,7 +38,7 @@ class ScoreSDE(GaussianDiffusionModel):
     """
 
     #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
-    resume_fixed_hparams = ("data_shape", "sde", "parameterization", "sigma_data", "class_conditional")
+    resume_fixed_hparams = ("data_shape", "sde", "parameterization", "sigma_data", "class_conditional", "label_attributes")
 
     def __init__(
         self,

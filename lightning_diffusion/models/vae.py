@@ -92,6 +92,30 @@ class VAE(LatentVariableModel):
             z = temperature * torch.randn(num_samples, self.latent_dim, generator=generator, device=self.device)
             return self._decode_to_data(self._decoder_params(z), decoder, generator)
 
+    # -- the first-stage interface (models/first_stage.py): LatentDiffusion over this VAE ------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(latent_dim,)``: one sample's latent."""
+        return (self.latent_dim,)
+
+    #: continuous latents
+    latent_categories = None
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(z, nats [B])``: ``z ~ q(z | x)`` [B, latent_dim] and ``-log p(x | z) + log q(z | x)`` in nats,
+        ``p(x | z)`` the decoder likelihood as :meth:`bits_per_dim` scores it (8-bit images as discrete
+        data), so that ``-log p(x) <= nats - log p(z)`` for any prior ``p(z)`` (LSGM, Vahdat et al. 2021).
+        With ``p(z) = N(0, I)`` this is the negative ELBO of one draw (its KL by Monte Carlo)."""
+        mean, logvar = self._encode(x)
+        z = dist.diagonal_gaussian_sample(mean, logvar, generator)
+        log_px = self.likelihood.log_prob(x, self._decoder_params(z))
+        return z, -log_px + dist.diagonal_gaussian_log_prob(z, mean, logvar)
+
+    def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The decoder's mean ``E[x | z]`` in data space (images in [-1, 1]) for latents z [B, latent_dim]:
+        a point summary, as latent diffusion decodes; ``generator`` is not used."""
+        return self.likelihood.mean(self._decoder_params(z))
+
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:
         """Decode ``z ~ q(z | x)``: the decoder's mean (or a sample with ``decoder="sample"``), data space."""
         with evaluating(self):

@@ -8,6 +8,6 @@ from lightning_diffusion.nets.energy import EnergyConvNet, EnergyMLP, ScalarEner
 from lightning_diffusion.nets.energy_head import EnergyHead
 from lightning_diffusion.nets.mlp import MLP
 from lightning_diffusion.nets.unet import UNet
-from lightning_diffusion.nets.vae import ConvVAENet, LadderVAENet, MLPVAENet
+from lightning_diffusion.nets.vae import ConvVAENet, ConvVQNet, LadderVAENet, MLPVAENet
 
-__all__ = ["CategoricalUNet", "SequenceTransformer", "MLP", "EnergyConvNet", "EnergyMLP", "EnergyHead", "ScalarEnergy", "ConvVAENet", "LadderVAENet", "MLPVAENet", "UNet", "timestep_embedding"]
+__all__ = ["CategoricalUNet", "SequenceTransformer", "MLP", "EnergyConvNet", "EnergyMLP", "EnergyHead", "ScalarEnergy", "ConvVAENet", "ConvVQNet", "LadderVAENet", "MLPVAENet", "UNet", "timestep_embedding"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,23 +45,47 @@ class ClassEmbedding(nn.Module):
     Row ``num_classes`` of the table is the null label. It is used for every sample when
     ``y`` is None and for the entries of ``y`` equal to -1 (label dropout).
 
+    With a list of class counts ``[n_0, n_1, ...]`` (per-attribute labels, e.g. ``[10, 8]`` for the
+    digit and the colour of ``colour_digits``), ``y`` is ``[B, k]``: column i is attribute i's label
+    in ``0 .. n_i - 1`` or -1 (that attribute dropped), and the embedding is the sum of one table
+    per attribute, each with its own null row ``n_i``. So dropping one attribute keeps the other's
+    embedding: the net learns ``E(x | digit)``, ``E(x | colour)`` and ``E(x)`` besides the joint one.
+
     Args:
-        num_classes: number of real classes; labels are ``0 .. num_classes - 1``.
+        num_classes: number of real classes (labels ``0 .. num_classes - 1``); or one count per
+            attribute (labels ``[B, len(num_classes)]``).
         dim: size of the embedding.
     """
 
-    def __init__(self, num_classes: int, dim: int) -> None:
+    def __init__(self, num_classes: int | Sequence[int], dim: int) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, dim)
+        self.num_classes = num_classes if isinstance(num_classes, int) else [int(n) for n in num_classes]
+        if isinstance(self.num_classes, int):
+            self.table = nn.Embedding(num_classes + 1, dim)  # the single-label path: unchanged state dict
+        else:
+            if not self.num_classes or min(self.num_classes) < 1:
+                raise ValueError(f"ClassEmbedding: num_classes as a list needs one count >= 1 per attribute, "
+                                 f"got {num_classes}")
+            self.tables = nn.ModuleList(nn.Embedding(n + 1, dim) for n in self.num_classes)
 
     def forward(self, y: Tensor | None, batch_size: int) -> Tensor:
-        """Embed integer labels ``y`` of shape ``[batch_size]`` (or None) to ``[batch_size, dim]``."""
+        """Embed integer labels ``y`` of shape ``[batch_size]`` (``[batch_size, k]`` with a list of
+        ``k`` class counts), or None (all null), to ``[batch_size, dim]``."""
+        if isinstance(self.num_classes, int):
+            if y is None:
+                labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
+            else:
+                labels = torch.where(y == -1, self.num_classes, y).long()
+            return self.table(labels)
+        device = self.tables[0].weight.device
         if y is None:
-            labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
-        else:
-            labels = torch.where(y == -1, self.num_classes, y).long()
-        return self.table(labels)
+            y = torch.full((batch_size, len(self.tables)), -1, dtype=torch.long, device=device)
+        if y.ndim != 2 or y.shape[1] != len(self.tables):
+            raise ValueError(f"ClassEmbedding(num_classes={self.num_classes}): labels y must be [B, {len(self.tables)}] "
+                             f"(one column per attribute, -1 = dropped), got shape {tuple(y.shape)}; a model with "
+                             "label_attributes converts joint labels")
+        return sum(table(torch.where(y[:, i] == -1, n, y[:, i]).long())
+                   for i, (table, n) in enumerate(zip(self.tables, self.num_classes)))
 
 
 def check_unconditional(y: Tensor | None) -> None:

@@ -39,7 +39,9 @@ class MLP(nn.Module):
         time_embed_dim: size of the sinusoidal time embedding, mapped by a 2-layer MLP to ``hidden``.
         num_classes: number of classes for class conditioning; None builds an unconditional
             net. With classes, an extra "null" label (used for ``y=None`` and ``y == -1``)
-            supports classifier-free guidance.
+            supports classifier-free guidance. A list of class counts (e.g. ``[10, 8]``) takes
+            per-attribute labels ``y [B, k]``, one embedding per attribute summed
+            (:class:`~lightning_diffusion.nets.embedding.ClassEmbedding`).
         time_scale: factor applied to ``t`` before the sinusoidal embedding, e.g. 1000 for
             continuous times in [0, 1]; 1 for integer DDPM steps.
         dropout: dropout probability inside the residual blocks.
@@ -55,7 +57,7 @@ class MLP(nn.Module):
         hidden: int = 256,
         num_layers: int = 4,
         time_embed_dim: int = 128,
-        num_classes: int | None = None,
+        num_classes: int | list[int] | None = None,
         time_scale: float = 1.0,
         dropout: float = 0.0,
         out_channels: int | None = None,

@@ -143,7 +143,9 @@ class UNet(nn.Module):
         num_heads: attention heads in each self-attention block.
         num_classes: number of classes for class conditioning; None builds an unconditional
             net. With classes, an extra "null" label (used for ``y=None`` and ``y == -1``)
-            supports classifier-free guidance.
+            supports classifier-free guidance. A list of class counts (e.g. ``[10, 8]``) takes
+            per-attribute labels ``y [B, k]``, one embedding per attribute summed
+            (:class:`~lightning_diffusion.nets.embedding.ClassEmbedding`).
         time_scale: factor applied to ``t`` before the sinusoidal embedding, e.g. 1000 for
             continuous times in [0, 1]; 1 for integer DDPM steps.
         resample_with_conv: use convolutions in the down/upsampling layers (else average
@@ -163,7 +165,7 @@ class UNet(nn.Module):
         attention_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
         num_heads: int = 1,
-        num_classes: int | None = None,
+        num_classes: int | list[int] | None = None,
         time_scale: float = 1.0,
         resample_with_conv: bool = True,
     ) -> None:

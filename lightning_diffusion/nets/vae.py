@@ -81,6 +81,35 @@ def _check_image_size(name: str, image_size: int, levels: int) -> int:
     return image_size // factor
 
 
+def _conv_encoder(in_channels: int, image_size: int, channels: list[int], num_blocks: int) -> list[nn.Module]:
+    """The convolutional encoder trunk of :class:`ConvVAENet` and :class:`ConvVQNet`: conv3x3 to
+    ``channels[0]``, then per level ``num_blocks`` bottleneck blocks and a stride-2 conv to the next
+    level's width; ends at ``channels[-1]`` maps of ``image_size / 2^(levels - 1)`` pixels."""
+    scale = math.sqrt(1.0 / max(1, num_blocks * len(channels)))
+    enc: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1)]
+    res = image_size
+    for i, width in enumerate(channels):
+        enc += [BottleneckBlock(width, max(width // 4, 8), width, res, out_scale=scale) for _ in range(num_blocks)]
+        if i + 1 < len(channels):
+            enc.append(nn.Conv2d(width, channels[i + 1], 3, stride=2, padding=1))
+            res //= 2
+    return enc
+
+
+def _conv_decoder(bottom: int, channels: list[int], num_blocks: int, out_features: int) -> list[nn.Module]:
+    """The mirror of :func:`_conv_encoder`, from ``channels[-1]`` maps of ``bottom`` pixels: blocks,
+    nearest-neighbour upsampling, ending in ``out_features`` GELU features at full resolution."""
+    scale = math.sqrt(1.0 / max(1, num_blocks * len(channels)))
+    dec: list[nn.Module] = []
+    res = bottom
+    for i, width in reversed(list(enumerate(channels))):
+        dec += [BottleneckBlock(width, max(width // 4, 8), width, res, out_scale=scale) for _ in range(num_blocks)]
+        if i > 0:
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, channels[i - 1], 3, padding=1)]
+            res *= 2
+    return [*dec, nn.GELU(), nn.Conv2d(channels[0], out_features, 3, padding=1), nn.GELU()]
+
+
 class ConvVAENet(nn.Module):
     """Convolutional encoder/decoder of a single-latent VAE for images ``[B, C, H, W]``.
 
@@ -109,25 +138,11 @@ class ConvVAENet(nn.Module):
         self.in_channels, self.image_size, self.latent_dim = in_channels, image_size, latent_dim
         self.bottom = _check_image_size("ConvVAENet", image_size, len(channels))
         self.out_features = out_features or channels[0]
-        scale = math.sqrt(1.0 / max(1, num_blocks * len(channels)))
-        enc: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1)]
-        res = image_size
-        for i, width in enumerate(channels):
-            enc += [BottleneckBlock(width, max(width // 4, 8), width, res, out_scale=scale) for _ in range(num_blocks)]
-            if i + 1 < len(channels):
-                enc.append(nn.Conv2d(width, channels[i + 1], 3, stride=2, padding=1))
-                res //= 2
-        self.encoder = nn.Sequential(*enc, nn.GELU(), nn.Flatten(),
-                                     nn.Linear(channels[-1] * self.bottom**2, 2 * latent_dim))
+        self.encoder = nn.Sequential(*_conv_encoder(in_channels, image_size, channels, num_blocks), nn.GELU(),
+                                     nn.Flatten(), nn.Linear(channels[-1] * self.bottom**2, 2 * latent_dim))
         self.z_in = nn.Linear(latent_dim, channels[-1] * self.bottom**2)
         self.bottom_channels = channels[-1]
-        dec: list[nn.Module] = []
-        for i, width in reversed(list(enumerate(channels))):
-            dec += [BottleneckBlock(width, max(width // 4, 8), width, res, out_scale=scale) for _ in range(num_blocks)]
-            if i > 0:
-                dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, channels[i - 1], 3, padding=1)]
-                res *= 2
-        self.decoder = nn.Sequential(*dec, nn.GELU(), nn.Conv2d(channels[0], self.out_features, 3, padding=1), nn.GELU())
+        self.decoder = nn.Sequential(*_conv_decoder(self.bottom, channels, num_blocks, self.out_features))
 
     def encode(self, x: Tensor) -> Tensor:
         """Images [B, C, H, W] -> [B, 2 * latent_dim]: posterior mean and raw log-variance."""
@@ -140,6 +155,53 @@ class ConvVAENet(nn.Module):
         """Latents [B, latent_dim] -> features [B, out_features, H, W]."""
         h = self.z_in(z).view(z.shape[0], self.bottom_channels, self.bottom, self.bottom)
         return self.decoder(h)
+
+
+class ConvVQNet(nn.Module):
+    """Convolutional encoder/decoder of a VQ-VAE (van den Oord et al. 2017) for images ``[B, C, H, W]``:
+    the trunks of :class:`ConvVAENet` (bottleneck blocks, stride-2 convs down, nearest-neighbour
+    upsampling back), but the latent is a grid: ``encode(x) -> [B, code_dim, h, w]`` (a 1x1 conv
+    after the trunk, no flattening) and ``decode(e) -> [B, out_features, H, W]`` from a grid of code
+    vectors, ``h = w = image_size / 2^(len(channels) - 1)``. It knows no codebook: the model
+    quantizes (:class:`~lightning_diffusion.models.vqvae.VQVAE`).
+
+    Args:
+        in_channels: image channels C (linked from the data by the CLI).
+        image_size: image height = width (linked by the CLI); divisible by ``2^(len(channels) - 1)``.
+        code_dim: dimension D of a code vector (the codebook's width).
+        channels: widths of the levels, from full resolution down.
+        num_blocks: bottleneck blocks per level in the encoder and in the decoder.
+        out_features: channels of the decoder's output features (default ``channels[0]``).
+    """
+
+    data_kind = "images"  #: what the net takes: images [B, C, H, W]
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, code_dim: int = 32,
+                 channels: Sequence[int] = (32, 64), num_blocks: int = 1, out_features: int | None = None) -> None:
+        super().__init__()
+        channels = list(channels)
+        if not channels:
+            raise ValueError("ConvVQNet: `channels` needs at least one width")
+        if code_dim < 1:
+            raise ValueError(f"ConvVQNet: code_dim must be >= 1, got {code_dim}")
+        self.in_channels, self.image_size, self.code_dim = in_channels, image_size, code_dim
+        self.latent_size = _check_image_size("ConvVQNet", image_size, len(channels))
+        self.out_features = out_features or channels[0]
+        self.encoder = nn.Sequential(*_conv_encoder(in_channels, image_size, channels, num_blocks), nn.GELU(),
+                                     nn.Conv2d(channels[-1], code_dim, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(code_dim, channels[-1], 1),
+                                     *_conv_decoder(self.latent_size, channels, num_blocks, self.out_features))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images [B, C, H, W] -> the encoder's vectors [B, code_dim, h, w] (before quantization)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size:
+            raise ValueError(f"ConvVQNet: expected images [B, {self.in_channels}, {self.image_size}, {self.image_size}] "
+                             f"(in_channels, image_size), got {tuple(x.shape)}")
+        return self.encoder(x)
+
+    def decode(self, e: Tensor) -> Tensor:
+        """Code vectors [B, code_dim, h, w] -> features [B, out_features, H, W]."""
+        return self.decoder(e)
 
 
 class MLPVAENet(nn.Module):

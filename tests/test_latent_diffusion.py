@@ -1,0 +1,347 @@
+"""LatentDiffusion against ground truth and through the CLI: with an exact first stage (probabilistic
+PCA's linear-Gaussian encoder and decoder) and an exact prior, the two-stage bound is the data's exact
+NLL; a first-stage checkpoint with a missing key is refused naming it and the file before training; the
+latent scale is in the checkpoint and unchanged by a resume; the first stage stays frozen."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lightning_diffusion import LatentDiffusion, ScoreSDE, VPSDE
+from lightning_diffusion.diffusion.mixture import GaussianMixture, MixtureOracle
+from lightning_diffusion.errors import CheckpointError
+from lightning_diffusion.models.first_stage import FirstStage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LinearGaussianStage(L.LightningModule):
+    """A test-only exact first stage of probabilistic-PCA data ``x = W z + mu + sigma eps``, ``z ~ N(0, I)``:
+    the latent is ``z' = c z``, the encoder the exact posterior ``q(z' | x)`` (full covariance) and the
+    decoder ``p(x | z') = N(W z' / c + mu, sigma^2 I)``, so ``log p(x) = log p(x | z') + log p(z') - log q(z' | x)``
+    for every z' with ``p(z') = N(0, c^2 I)``."""
+
+    latent_categories = None
+
+    def __init__(self, weight: list, mu: list, sigma: float, c: float, data_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.register_buffer("w", torch.tensor(weight, dtype=torch.float64))
+        self.register_buffer("mu", torch.tensor(mu, dtype=torch.float64))
+        self.sigma, self.c = sigma, c
+        self.data_shape = (self.w.shape[0],)
+        self.latent_shape = (self.w.shape[1],)
+
+    def posterior(self, x: Tensor) -> torch.distributions.MultivariateNormal:
+        w, d = self.w, self.w.shape[1]
+        m = w.T @ w + self.sigma ** 2 * torch.eye(d, dtype=w.dtype)
+        m_inv = torch.linalg.inv(m)
+        mean = (x.double() - self.mu) @ w @ m_inv.T
+        return torch.distributions.MultivariateNormal(self.c * mean, self.c ** 2 * self.sigma ** 2 * m_inv)
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        q = self.posterior(x)
+        eps = torch.randn(q.mean.shape, generator=generator, dtype=torch.float64)
+        z = q.mean + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        decoder = torch.distributions.Normal(z / self.c @ self.w.T + self.mu, self.sigma)
+        return z, -decoder.log_prob(x.double()).sum(1) + q.log_prob(z)
+
+    def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return z.double() / self.c @ self.w.T + self.mu
+
+    def data_log_prob(self, x: Tensor) -> Tensor:
+        cov = self.w @ self.w.T + self.sigma ** 2 * torch.eye(self.w.shape[0], dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.mu, cov).log_prob(x.double())
+
+
+def save_stage(stage: L.LightningModule, path: Path, drop: str | None = None) -> Path:
+    """A checkpoint of ``stage`` as ``lightning-diffusion fit`` writes one (its class path in the
+    hyperparameters), without the key ``drop``."""
+    state = {k: v for k, v in stage.state_dict().items() if k != drop}
+    hparams = {**stage.hparams, "_class_path": f"{type(stage).__module__}.{type(stage).__qualname__}"}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+def ppca_stage() -> LinearGaussianStage:
+    g = torch.Generator().manual_seed(0)
+    return LinearGaussianStage(weight=torch.randn(4, 2, generator=g).tolist(), mu=[0.5, -1.0, 0.0, 2.0],
+                               sigma=0.3, c=3.0)
+
+
+def exact_prior(dim: int) -> ScoreSDE:
+    """A ScoreSDE whose score is N(0, I)'s exactly (the one-component mixture's oracle)."""
+    mix = GaussianMixture(torch.zeros(1, dim, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    prior = ScoreSDE(nn.Identity(), sde=VPSDE(), parameterization="score", data_shape=(dim,))
+    prior.net = MixtureOracle(mix, prior.sde, "score")
+    return prior
+
+
+def test_a_linear_gaussian_stage_is_a_first_stage():
+    assert isinstance(ppca_stage(), FirstStage)
+
+
+def test_two_stage_bound_equals_the_exact_nll_with_an_exact_first_stage_and_prior(tmp_path):
+    stage = ppca_stage()
+    model = LatentDiffusion(str(save_stage(stage, tmp_path / "stage.ckpt")), exact_prior(2), data_shape=(4,))
+    model.latent_scale.fill_(1 / stage.c)  # the latents' exact scale: s z' ~ N(0, I), which the prior is
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    x = (z @ stage.w.T + stage.mu + stage.sigma * torch.randn(200, 4, generator=g, dtype=torch.float64)).float()
+    bpd = model.bits_per_dim(x, divergence="exact", generator=torch.Generator().manual_seed(2)).double()
+    exact = -stage.data_log_prob(x) / (4 * math.log(2))
+    # every draw of z gives the exact NLL (the encoder is the exact posterior): only the ODE's error remains
+    assert abs(bpd.mean().item() - exact.mean().item()) < 0.005
+    assert (bpd - exact).abs().max().item() < 0.03
+    assert model.bpd_estimator(divergence="exact") == "elbo+ode-exact"
+    # the prior's number alone (bits per latent dimension of s z) is not the data's NLL
+    prior_only = model.prior.bits_per_dim((stage.encode_latents(x, torch.Generator().manual_seed(2))[0] / stage.c).float(),
+                                          divergence="exact")
+    assert abs(prior_only.mean().item() - exact.mean().item()) > 0.3
+
+
+def test_a_first_stage_checkpoint_with_a_missing_key_is_refused_naming_the_key_and_the_file(tmp_path):
+    path = save_stage(ppca_stage(), tmp_path / "stage.ckpt", drop="mu")
+    with pytest.raises(CheckpointError) as error:
+        LatentDiffusion(str(path), exact_prior(2), data_shape=(4,))
+    assert "missing keys ['mu']" in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_first_stage_of_other_data_is_refused(tmp_path):
+    path = save_stage(ppca_stage(), tmp_path / "stage.ckpt")
+    with pytest.raises(ValueError, match=r"trained on data of shape \[4\].*the data are \[3\]"):
+        LatentDiffusion(str(path), exact_prior(2), data_shape=(3,))
+    with pytest.raises(ValueError, match=r"prior's data_shape \[3\] is not the first stage's latent_shape \[2\]"):
+        LatentDiffusion(str(path), exact_prior(3), data_shape=(4,))
+
+
+# -- through the CLI: a tiny VAE first stage, then the latent config on it, then a resume -------------
+VAE_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_steps": 3, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+                "callbacks": [{"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]},
+    "model": {"class_path": "VAE", "init_args": {
+        "net": {"class_path": "ConvVAENet", "init_args": {"latent_dim": 32, "channels": [8, 16], "num_blocks": 1}},
+        "likelihood": "discretized_logistic", "lr": 1e-3, "warmup_steps": 1}},
+    "data": {"class_path": "ShardDataModule", "init_args": {"dataset": "colour_digits", "batch_size": 16,
+                                                            "batches_per_epoch": 4, "num_workers": 0}},
+}
+
+
+def fit_here(config: Path, run: Path, *extra: str) -> None:
+    from lightning_diffusion.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(config), f"--trainer.default_root_dir={run}",
+              f"--trainer.callbacks.dirpath={run}/checkpoints", *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def latent_config(path: Path, first_stage: Path | None = None, max_steps: int = 4) -> Path:
+    """configs/latent_ddpm_colour_digits.yaml, shrunk (a small MLP, 50 steps, a few training steps),
+    with EMA, LastCheckpoint, the guided SampleGrid and a Likelihood callback."""
+    config = yaml.safe_load((ROOT / "configs" / "latent_ddpm_colour_digits.yaml").read_text())
+    config["trainer"].update(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             check_val_every_n_epoch=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu")
+    callbacks = config["trainer"]["callbacks"]  # LastCheckpoint last: --trainer.callbacks.dirpath sets the last one's
+    callbacks.sort(key=lambda callback: callback["class_path"] == "LastCheckpoint")
+    for callback in callbacks:
+        if callback["class_path"] == "LastCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = 2
+        if callback["class_path"] == "SampleGrid":
+            callback["init_args"]["sample_options"] = {"sampler": "ddim", "steps": 3}
+    config["trainer"]["callbacks"].insert(0, {"class_path": "Likelihood", "init_args": {"num_batches": 1, "bpd_options": {"steps": 5}}})
+    prior = config["model"]["init_args"]["prior"]["init_args"]
+    prior["net"]["init_args"].update(hidden=32, num_layers=1)
+    prior["timesteps"] = 50
+    if first_stage is not None:
+        config["model"]["init_args"]["first_stage_ckpt"] = str(first_stage)
+    config["data"]["init_args"].update(batch_size=16, batches_per_epoch=2)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_first_stage(run: Path) -> Path:
+    """Train :data:`VAE_CONFIG` (3 steps, in this process) into ``run``; its ``last.ckpt``."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "vae.yaml").write_text(yaml.safe_dump(VAE_CONFIG))
+    fit_here(run / "vae.yaml", run)
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory) -> Path:
+    return tiny_first_stage(tmp_path_factory.mktemp("vae"))
+
+
+def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path):
+    from lightning_diffusion.checkpoints import load_checkpoint
+    from lightning_diffusion.commands import load_model
+
+    config = latent_config(tmp_path / "latent.yaml", max_steps=4)
+    # dotted overrides into the prior's config reach it (jsonargparse hands them over beside its class_path)
+    width = "--model.init_args.prior.init_args.net.init_args.hidden=24"
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width)
+    first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert first["state_dict"]["prior.net.time_embed.0.weight"].shape[0] == 24
+    vae = load_checkpoint(vae_checkpoint)["state_dict"]
+    scale = first["state_dict"]["latent_scale"]
+    assert torch.isfinite(scale) and 0.05 < float(scale) < 20
+    # the first stage is frozen: its weights are the VAE checkpoint's, in this checkpoint too (self-contained)
+    for key, value in vae.items():
+        assert torch.equal(first["state_dict"][f"first_stage.{key}"], value), key
+    # the optimizer and the EMA hold the prior's parameters only
+    prior_params = [k for k in first["state_dict"] if k.startswith("prior.") and "net" in k]
+    assert sum(len(g["params"]) for g in first["optimizer_states"][0]["param_groups"]) == len(prior_params)
+    ema = next(v for k, v in first["callbacks"].items() if k.startswith("EMA"))
+    assert ema["shadow"] and all(name.startswith("prior.") for name in ema["shadow"])
+    # the grid of digits x colours was drawn (guided) and a bound was logged under both parts' names
+    assert (tmp_path / "run" / "samples" / "final.png").exists()
+
+    # a resume continues with the checkpoint's scale (not re-estimated from its first batch)
+    latent_config(config, max_steps=6)
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last")
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 6 and torch.equal(resumed["state_dict"]["latent_scale"], scale)
+
+    # the checkpoint alone rebuilds the model (no first-stage file) and samples images
+    vae_checkpoint.rename(vae_checkpoint.with_suffix(".moved"))
+    try:
+        model, _, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    finally:
+        vae_checkpoint.with_suffix(".moved").rename(vae_checkpoint)
+    assert model.latent_scale.item() == scale.item()
+    images = model.sample(4, y=torch.tensor([0, 9, 40, 79]), guidance_scale=3.0, sampler="ddim", steps=3,
+                          generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    x = torch.rand(2, 3, 16, 16).mul(255).round().div(127.5).sub(1)
+    bpd = model.bits_per_dim(x, y=torch.tensor([1, 2]), steps=10)
+    assert bpd.shape == (2,) and torch.isfinite(bpd).all() and model.bpd_estimator(steps=10) == "elbo+vlb-respaced-10"
+
+
+def test_the_cli_refuses_a_first_stage_checkpoint_with_a_missing_key_before_training(vae_checkpoint, tmp_path, capsys):
+    from lightning_diffusion.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(vae_checkpoint)
+    dropped = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    del ckpt["state_dict"][dropped]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(ckpt, broken)
+    config = latent_config(tmp_path / "latent.yaml", max_steps=2)
+    with pytest.raises(SystemExit) as exited:
+        fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={broken}")
+    line = capsys.readouterr().err.strip().splitlines()[-2]
+    assert exited.value.code == 1
+    assert line.startswith("lightning-diffusion fit: error: ") and str(broken) in line and f"missing keys ['{dropped}']" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_the_vae_first_stage_nats_with_a_standard_normal_prior_are_its_elbo():
+    """VAE.encode_latents: ``-log p(x | z) + log q(z | x) - log N(z; 0, I)`` averaged over draws of z is the
+    negative ELBO that VAE.bits_per_dim computes with the KL in closed form."""
+    from lightning_diffusion import VAE, ConvVAENet
+
+    torch.manual_seed(0)
+    vae = VAE(ConvVAENet(in_channels=1, image_size=8, latent_dim=4, channels=[8, 16], num_blocks=1),
+              data_shape=(1, 8, 8)).eval()
+    assert isinstance(vae, FirstStage) and vae.latent_shape == (4,) and vae.latent_categories is None
+    x = torch.randint(0, 256, (3, 1, 8, 8)).float().div(127.5).sub(1)
+    draws = 4000
+    with torch.no_grad():
+        z, nats = vae.encode_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1))
+        prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+        two_stage = ((nats - prior) / (64 * math.log(2))).view(draws, 3)
+        elbo = torch.stack([vae.bits_per_dim(x, generator=torch.Generator().manual_seed(i)) for i in range(200)]).mean(0)
+    error = two_stage.std(0) / math.sqrt(draws) + 0.01
+    assert ((two_stage.mean(0) - elbo).abs() < 4 * error).all(), (two_stage.mean(0), elbo)
+    assert vae.decode_latents(z[:2]).shape == (2, 1, 8, 8)
+
+
+def test_the_scale_is_one_over_the_latents_std_set_once_and_every_prior_sampler_decodes(tmp_path):
+    stage = ppca_stage()
+    model = LatentDiffusion(str(save_stage(stage, tmp_path / "stage.ckpt")), exact_prior(2), data_shape=(4,))
+    assert math.isnan(model.latent_scale.item()) and model.scale() == 1.0  # before the first training batch
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4000, 2, generator=g, dtype=torch.float64) @ stage.w.T + stage.mu
+         + stage.sigma * torch.randn(4000, 4, generator=g, dtype=torch.float64)).float()
+    # the aggregate posterior of exact PPCA is N(0, I), so the latents z' = c z have std c = 3
+    assert abs(model.estimate_scale(x) - 1 / stage.c) < 0.01
+    first = model.latent_scale.item()
+    model.estimate_scale(x[:10] * 5)  # set once: a later batch does not change it
+    assert model.latent_scale.item() == first
+    # the prior's samplers (its options checked by the prior), decoded: the decoder's mean W z + mu
+    cov = stage.w @ stage.w.T
+    for options in ({"sampler": "ddim", "steps": 25}, {"sampler": "heun", "steps": 15}, {}):
+        samples = model.sample(2000, generator=torch.Generator().manual_seed(4), **options).double()
+        assert (torch.cov(samples.T) - cov).abs().max() < 0.25 * cov.abs().max(), options
+        assert (samples.mean(0) - stage.mu).abs().max() < 0.15, options
+    from lightning_diffusion.errors import OptionError
+
+    with pytest.raises(OptionError, match="steps"):
+        model.sample(2, sampler="ddim", steps=0)
+    with pytest.raises(OptionError, match="guidance_scale"):
+        model.check_sample_options(guidance_scale=3.0)  # the prior is not class-conditional
+
+
+class BinningStage(L.LightningModule):
+    """A test-only VQ-like first stage of points in {0, ..., 7}^2: the codes ``c = x // 2`` (K = 4,
+    deterministic: ``log q = 0``), the decoder uniform on ``{2c, 2c + 1}`` per position, so
+    ``first_stage_nats = 2 log 2`` and ``p(x) = p(c) / 4`` exactly."""
+
+    latent_categories = 4
+    latent_shape = (2,)
+
+    def __init__(self, data_shape: tuple[int, ...] = (2,)):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_shape = tuple(data_shape)
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return torch.div(x, 2, rounding_mode="floor").long(), torch.full((x.shape[0],), 2 * math.log(2))
+
+    def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return (2 * z + torch.randint(0, 2, z.shape, generator=generator)).float()
+
+
+def test_a_discrete_prior_over_codes_gives_the_two_stage_bound_of_the_codes(tmp_path):
+    from lightning_diffusion import DiscreteDiffusion, SequenceTransformer
+
+    prior = DiscreteDiffusion(SequenceTransformer(num_categories=4, max_length=2, dim=16, depth=1, heads=2, dropout=0.0),
+                              num_categories=4, corruption="uniform", timesteps=10, data_shape=(2,))
+    model = LatentDiffusion(str(save_stage(BinningStage(), tmp_path / "vq.ckpt")), prior, data_shape=(2,))
+    assert model.latent_scale.item() == 1.0 and model.bpd_estimator() == "vq+vlb"
+    # an enumerable toy: the codes' joint law is known, so is the data's entropy (bits per dimension)
+    table = torch.tensor([[0.4, 0.1, 0.0, 0.0], [0.05, 0.3, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    codes = torch.multinomial(table.flatten(), 512, replacement=True, generator=g)
+    c = torch.stack([codes // 4, codes % 4], 1)
+    x = (2 * c + torch.randint(0, 2, c.shape, generator=g)).float()
+    entropy = (-(table[table > 0] * table[table > 0].log2()).sum() + 2) / 2  # H(c) + 2 bits of the bins, per dim
+    optimizer = torch.optim.Adam(model.prior.parameters(), lr=3e-3)
+    model.train()
+    for step in range(150):
+        batch = torch.randint(0, 512, (64,), generator=g)
+        loss = model.loss({"x": x[batch]})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bpd = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1)).double()
+    prior_bpd = model.prior.bits_per_dim(c, generator=torch.Generator().manual_seed(1)).double()
+    # the bound composes exactly: the codes' bound (2 positions) plus the 2 bits of the bins, over 2 dimensions
+    assert torch.allclose(bpd, (prior_bpd * 2 + 2) / 2, atol=1e-5)
+    # a bound on the data's NLL: its mean over the data is no less than the data's entropy (cross-entropy >= entropy)
+    assert bpd.mean().item() >= entropy.item() - 3 * bpd.std().item() / math.sqrt(len(bpd))
+    assert bpd.mean().item() < entropy.item() + 0.6  # and the trained prior is near it
+    samples = model.sample(8, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == (8, 2) and ((samples >= 0) & (samples <= 7)).all()
