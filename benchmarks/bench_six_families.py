@@ -56,6 +56,7 @@ interrupted run keeps what it finished. ``--num_test N`` scores only the first N
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -197,6 +198,7 @@ def fid(model, options: dict[str, Any], args, datamodule) -> dict[str, Any]:
     sampled = {"seconds": 0.0, "nfe": None}
     original = model.sample
 
+    @functools.wraps(original)  # sample's signature stays readable: check_sample_options reads its options from it
     def timed(*a, **kw):
         start = time.perf_counter()
         out = original(*a, **kw)

@@ -39,6 +39,16 @@ LINKS = (
     ("data.num_categories", "model.init_args.net.init_args.num_categories"),
 )
 
+#: the same data facts into a net inside a wrapper net (``EnergyHead(net=UNet)``: parameterization
+#: energy), added to the parser only when the config's net has a ``net`` of its own
+#: (:func:`_wrapped_net`): jsonargparse applies a link into a path the config lacks all the same, and
+#: Lightning's saved hyperparameters then have no place for it (``Expected key ... to be in data``)
+WRAPPED_NET_LINKS = (
+    ("data.num_channels", "model.init_args.net.init_args.net.init_args.in_channels"),
+    ("data.image_size", "model.init_args.net.init_args.net.init_args.image_size"),
+    ("data.num_classes", "model.init_args.net.init_args.net.init_args.num_classes"),
+)
+
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI with our models and DataModule by short name and data facts linked into the model.
@@ -128,6 +138,11 @@ class DiffusionCLI(LightningCLI):
         """Resuming ``fit`` from a checkpoint continues its W&B run: the run id stored in the
         checkpoint becomes the id of every WandbLogger that was given none. In a SLURM job a requeued
         job continues its run (see :func:`_continue_slurm_job`)."""
+        if _wrapped_net(self.config[self.subcommand]):
+            subcommands = self.parser._subcommands_action
+            parser = subcommands._name_parser_map[self.subcommand] if subcommands else self.parser
+            for source, target in WRAPPED_NET_LINKS:
+                parser.link_arguments(source, target, apply_on="instantiate")
         self._explicit_links = _explicit_link_values(self.config[self.subcommand], self._args)
         if self.subcommand != "fit":
             return
@@ -273,6 +288,15 @@ class _Shape:
         self.shape = shape
 
 
+def _wrapped_net(config) -> bool:
+    """Whether the config's model net wraps a net of its own (``model.init_args.net.init_args.net``
+    with a ``class_path``), which :data:`WRAPPED_NET_LINKS` then reach."""
+    try:
+        return bool(config["model.init_args.net.init_args.net.class_path"])
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 class _ModelInstantiator(_InstantiatorFn):
     """Lightning's instantiator of the model (its hyperparameters from the config and the applied data
     links), skipping a link whose target's parent is not in the model's config: ``LINKS`` into
@@ -308,7 +332,7 @@ def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    for _, target in LINKS:
+    for _, target in (*LINKS, *WRAPPED_NET_LINKS):
         owner, _, name = target.rpartition(".init_args.")
         try:
             class_path, value = config[f"{owner}.class_path"], config[target]
@@ -329,7 +353,7 @@ def _check_links(explicit: dict[str, Any], datamodule) -> None:
     from lightning_diffusion.errors import LinkConflictError
     from lightning_diffusion.resume import plain
 
-    for source, target in LINKS:
+    for source, target in (*LINKS, *WRAPPED_NET_LINKS):
         if target not in explicit or not hasattr(datamodule, source.split(".", 1)[1]):
             continue
         data_value = getattr(datamodule, source.split(".", 1)[1])

@@ -238,15 +238,6 @@ def test_energy_model_fits_through_the_cli(tmp_path):
     assert "val/loss" in (run / "metrics.csv").read_text()  # validated (under inference_mode) after the epoch
 
 
-def test_fsdp2_is_refused_for_an_energy_net():
-    """Under ModelParallelStrategy (a device mesh) ``configure_model`` refuses an energy net, naming
-    DDP; an eps model gets no such refusal (its sharding is tested in test_distributed.py)."""
-    model = _energy_model("ddpm")
-    model._device_mesh = object()  # what Lightning's ModelParallelStrategy sets before configure_model
-    with pytest.raises(ValueError, match="FSDP2.*double backward.*strategy=ddp"):
-        model.configure_model()
-
-
 def test_validation_under_inference_mode():
     """Lightning validates under ``torch.inference_mode``, where autograd records nothing: the energy
     row still takes its gradient there (on copies), so ``validate`` logs a finite val/loss and the

@@ -17,9 +17,9 @@ from lightning_diffusion.diffusion.schedules import BetaSchedule, NoiseSchedule,
 from lightning_diffusion.diffusion.samplers import check_steps
 from lightning_diffusion.diffusion.sde import DiscreteVP
 from lightning_diffusion.models.base import full_precision
-from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel, uniform_steps
+from lightning_diffusion.models.gaussian_diffusion import AIS_ESTIMATOR, AIS_OPTIONS, GaussianDiffusionModel, uniform_steps
 from lightning_diffusion.modes import evaluating
-from lightning_diffusion.options import PositiveInt
+from lightning_diffusion.options import Positive, PositiveInt
 
 LossType = Literal["simple", "hybrid"]
 
@@ -198,13 +198,20 @@ class DDPM(GaussianDiffusionModel):
             check_steps(steps, steps, 1, timesteps, f" (the respaced bound of a DDPM of {timesteps} timesteps)")
 
     # -- likelihood ----------------------------------------------------------------------------
-    def bpd_estimator(self, *, steps: int | None = None, **_: Any) -> str:
-        """Name of what :meth:`bits_per_dim` returns with these options: ``vlb`` (the full bound)
-        or ``vlb-respaced-S``."""
+    bpd_estimator_options = {"vlb": ("steps", "batch_t"), "ais": AIS_OPTIONS}
+
+    def bpd_estimator(self, *, steps: int | None = None, estimator: str = "vlb", **_: Any) -> str:
+        """Name of what :meth:`bits_per_dim` returns with these options: ``vlb`` (the full bound),
+        ``vlb-respaced-S``, or ``ais-energy-t0`` (``estimator="ais"``)."""
+        if estimator == "ais":
+            return AIS_ESTIMATOR
         return "vlb" if steps is None else f"vlb-respaced-{steps}"
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, steps: int | None = None, batch_t: PositiveInt = 100,
+                     estimator: str = "vlb", num_dequantizations: PositiveInt = 1,
+                     ais_chains: PositiveInt | None = None, ais_steps: PositiveInt | None = None,
+                     ais_step_size: Positive | None = None, ais_transition: str | None = None,
                      generator: torch.Generator | None = None, y: Tensor | None = None, **options: Any) -> Tensor:
         """The variational bound ``L_vlb = L_T + sum_{t=1}^{T-1} L_t + L_0`` of each sample, in bits/dim [B].
 
@@ -233,8 +240,23 @@ class DDPM(GaussianDiffusionModel):
             generator: source of the noise; None draws it from a generator seeded with
                 ``val_seed``, so repeated calls give the same number.
             y: labels for a class-conditional model (None: the unconditional model).
+            estimator: ``vlb`` (the bound above) or, for ``parameterization: energy``, ``ais``: the NLL
+                of the t -> 0 energy with AIS's log Z
+                (:meth:`~lightning_diffusion.models.gaussian_diffusion.GaussianDiffusionModel.ais_bits_per_dim`:
+                errs low), where ``num_dequantizations`` (8-bit images) and the ``ais_*`` options
+                apply: ``ais_chains`` chains, ``ais_steps`` distributions, ``ais_step_size`` (data
+                units; None: sigma_min / alpha_min), ``ais_transition`` (``mala``/``hmc``); None: 64,
+                500, sigma_min / alpha_min, ``mala``.
         """
-        self.check_bpd_options(steps=steps, batch_t=batch_t, **options)  # an unknown option: OptionError
+        self.check_bpd_options(steps=steps, batch_t=batch_t, estimator=estimator, num_dequantizations=num_dequantizations,
+                               ais_chains=ais_chains, ais_steps=ais_steps, ais_step_size=ais_step_size,
+                               ais_transition=ais_transition, **options)  # an unknown option: OptionError
+        if estimator == "ais":
+            if y is not None:
+                raise ValueError("DDPM.bits_per_dim(estimator='ais') scores the unconditional energy; leave y out")
+            return self.ais_bits_per_dim(x, num_dequantizations=num_dequantizations, ais_chains=ais_chains,
+                                         ais_steps=ais_steps, ais_step_size=ais_step_size,
+                                         ais_transition=ais_transition, generator=generator)
         schedule = self.schedule if steps is None else self.schedule.respaced(steps)
         images = self._is_image(x)
         if images and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):

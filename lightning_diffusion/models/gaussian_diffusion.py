@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -24,10 +25,11 @@ from lightning_diffusion.diffusion import parameterization as param
 from lightning_diffusion.diffusion import samplers
 from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.errors import OptionError
+from lightning_diffusion.mcmc.ais import Transition
 from lightning_diffusion.models.base import SAMPLE_ARGUMENTS, GenerativeModel, data_noise
 from lightning_diffusion.models.guidance import guided
 from lightning_diffusion.modes import evaluating
-from lightning_diffusion.options import check_call, options_of
+from lightning_diffusion.options import check_call, defaults_of, options_of
 
 #: the arithmetic of the net while sampling (``sample(..., precision=...)``)
 SAMPLE_PRECISIONS = ("32", "bf16")
@@ -35,6 +37,13 @@ SAMPLE_PRECISIONS = ("32", "bf16")
 #: options of ``sample`` that the sampler driver (:meth:`GaussianDiffusionModel.draw_samples`) takes
 #: itself; the rest go to the sampler
 DRIVER_OPTIONS = ("clip", "precision", "callback")
+
+#: what ``bpd_estimator`` names ``bits_per_dim(estimator="ais")``: AIS on the t -> 0 energy
+AIS_ESTIMATOR = "ais-energy-t0"
+#: the options of ``bits_per_dim(estimator="ais")`` and the values their None stands for (64 chains
+#: through 500 distributions, one MALA move of step None = sigma_min / alpha_min at each)
+AIS_DEFAULTS: dict[str, Any] = {"ais_chains": 64, "ais_steps": 500, "ais_step_size": None, "ais_transition": "mala"}
+AIS_OPTIONS = (*AIS_DEFAULTS, "num_dequantizations")
 
 #: the net a diffusion family uses for each kind of data: (name, class_path)
 DIFFUSION_NETS = {"images": ("UNet", "UNet"), "points": ("MLP", "lightning_diffusion.MLP")}
@@ -89,6 +98,9 @@ class GaussianDiffusionModel(GenerativeModel):
         #: the step of each noise level of the last such draw, in units of sigma_t^2 (``step_scale``, as
         #: adapted to the target acceptance; the kernels' step is sqrt(2 step_scale) sigma_t); None otherwise
         self.last_sample_step_scale: list[float] | None = None
+        #: what the last ``bits_per_dim(estimator="ais")`` found: log Z_0 and its standard error (nats),
+        #: ``stderr_bpd`` (the bits/dim it adds), the ESS, MALA's acceptance and the NFE; None before
+        self.last_ais: dict[str, float] | None = None
 
     #: the family's :class:`~lightning_diffusion.diffusion.sde.GaussianProcess` (DDPM: its
     #: ``DiscreteVP``; ScoreSDE: its ``sde``)
@@ -121,20 +133,35 @@ class GaussianDiffusionModel(GenerativeModel):
                  y: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """:meth:`split_output` of F, the row's ``output`` of ``net(c_in x_t, c_noise(t), y)`` (the
         net's output, or for ``energy`` the gradient of its scalar)."""
-        output = param.row(self.parameterization).output(net, scalings.c_in.to(x_t.dtype) * x_t,
-                                                         self._net_time(t, x_t), y)
+        with self._gathered_through_the_energy_gradient():
+            output = param.row(self.parameterization).output(net, scalings.c_in.to(x_t.dtype) * x_t,
+                                                             self._net_time(t, x_t), y)
         return self.split_output(output, x_t)
 
-    def configure_model(self) -> None:
-        """FSDP2 sharding (:meth:`~lightning_diffusion.models.sharding.Sharded.configure_model`), refused
-        for a net that outputs an energy: its training step differentiates the net twice (``grad_x E``
-        with a graph, then the loss), and FSDP2 frees the gathered parameters after the first backward
-        (tried on torch 2.14: the second one fails on freed storage). DDP and one device train it."""
-        if getattr(self, "_device_mesh", None) is not None and param.row(self.parameterization).energy_scale is not None:
-            raise ValueError(f"{type(self).__name__}(parameterization={self.parameterization!r}): FSDP2 "
-                             "(ModelParallelStrategy) cannot train an energy net, whose training step backpropagates "
-                             "through grad_x E (a double backward); use --trainer.strategy=ddp or one device")
-        super().configure_model()
+    @contextlib.contextmanager
+    def _gathered_through_the_energy_gradient(self) -> Iterator[None]:
+        """Under FSDP2, while an energy net's training step takes ``grad_x E`` with a graph: keep the
+        gathered parameters after that first backward, which the loss's backward goes through again.
+
+        FSDP2 reshards (frees the gathered parameters) at the end of every backward, the inner
+        ``autograd.grad`` too, and the loss's backward then fails on freed storage (torch 2.14:
+        "RuntimeError: The tensor has a non-zero number of elements, but its data is not allocated
+        yet"). Its own switch ``set_reshard_after_backward(False)`` skips that reshard for the inner
+        backward only; set back at once, the loss's backward reshards as usual and reduce-scatters
+        the gradients. Only in training with gradients on, where that second backward follows:
+        sampling and evaluation (no graph) reshard after their one backward."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)] \
+            if self.training and torch.is_grad_enabled() and param.row(self.parameterization).energy_scale is not None \
+            else []
+        for unit in units:
+            unit.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_reshard_after_backward(True, recurse=False)
 
     def energy(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The model's energy ``E(x_t, t) [B]`` in nats: ``-log p_t(x_t)`` up to a constant of t, with
@@ -247,6 +274,110 @@ class GaussianDiffusionModel(GenerativeModel):
             return None
         self._check_guidance(y, guidance_scale)
         return guided(lambda x_t, t, labels: self.energy(x_t, t, labels), y, guidance_scale)
+
+    # -- the second likelihood estimator of an energy model: AIS on the t -> 0 energy ----------
+    #: ``{estimator: its own options of bits_per_dim}``: given at a value other than its default with
+    #: another estimator, an option is refused (:meth:`check_bpd_options`), never silently unused.
+    #: A family lists its default estimator's options; ``ais`` is :meth:`ais_bits_per_dim`'s
+    bpd_estimator_options: dict[str, tuple[str, ...]] = {"ais": AIS_OPTIONS}
+
+    def check_bpd_options(self, **options: Any) -> None:
+        """Also refuse ``estimator="ais"`` for a model without an energy, and an option of one
+        estimator (:attr:`bpd_estimator_options`) given with another."""
+        super().check_bpd_options(**options)
+        estimator = options.get("estimator") or defaults_of(self.bits_per_dim).get("estimator")
+        if estimator == "ais" and param.row(self.parameterization).energy_scale is None:
+            raise OptionError("estimator", "ais", f"AIS on the t -> 0 energy needs an energy; {type(self).__name__}"
+                              f"(parameterization={self.parameterization!r}) has none",
+                              "train with parameterization: energy (an EnergyHead net), or leave estimator out")
+        # estimator and ais_transition are plain str, not Literal: which choices a model takes depends on it
+        # ("ais" needs an energy) and on the estimator (ais_transition is AIS's alone)
+        if estimator not in self.bpd_estimator_options:
+            raise OptionError("estimator", estimator, "unknown estimator",
+                              f"choose one of {', '.join(map(repr, self.bpd_estimator_options))}")
+        transitions = typing.get_args(Transition)
+        if options.get("ais_transition") is not None and options["ais_transition"] not in transitions:
+            raise OptionError("ais_transition", options["ais_transition"], "unknown AIS transition",
+                              f"choose one of {', '.join(map(repr, transitions))}")
+        defaults, own = defaults_of(self.bits_per_dim), self.bpd_estimator_options.get(estimator, ())
+        for other, names in self.bpd_estimator_options.items():
+            for name in names:
+                if other != estimator and name not in own and name in options \
+                        and options[name] is not None and options[name] != defaults.get(name):
+                    raise OptionError(name, options[name], f"is an option of estimator={other!r}, not of "
+                                      f"estimator={estimator!r}", f"leave it out, or give estimator: {other}")
+
+    @property
+    def ais_time(self) -> Tensor:
+        """t_min of the process, the time of the energy AIS integrates (a DDPM's step 0, a ScoreSDE's
+        ``t_eps``), as a 0-d tensor of the process's time type."""
+        return torch.tensor(int(self.process.t_min)) if self.process.discrete else \
+            torch.tensor(float(self.process.t_min), dtype=torch.float64)
+
+    def ais_energy(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``E_0(x) = E(alpha_min x, t_min) - D log alpha_min`` [B] in nats, up to a constant: the
+        model's energy of clean data x, where ``x_{t_min} / alpha_min`` (the data under the smallest
+        noise the model knows, std ``sigma_min / alpha_min``: 0.01 for a linear DDPM, 1e-3 on the VP
+        SDE) has density ``alpha^D p_{t_min}(alpha x)``. Differentiable in x."""
+        t = self.ais_time.to(x.device)
+        alpha = self.process.alpha(t.reshape(1)).to(x.device)
+        return self.energy(alpha.to(x.dtype) * x, t.expand(x.shape[0]), y) \
+            - x[0].numel() * torch.log(alpha).to(torch.promote_types(x.dtype, torch.float32))
+
+    def ais_log_partition(self, base_data: Tensor, *, chains: int, steps: int, step_size: float | None,
+                          transition: str, generator: torch.Generator | None):
+        """Forward AIS (:func:`lightning_diffusion.mcmc.ais`) of ``log Z_0 = log ∫ exp(-E_0(x)) dx``
+        (:meth:`ais_energy`, nats) from the diagonal Gaussian fitted to ``base_data`` [N >= 2, ...]
+        (:func:`~lightning_diffusion.mcmc.gaussian_base`): ``chains`` chains through ``steps``
+        sigmoid-spaced distributions, one ``transition`` move (``mala`` or ``hmc``) of ``step_size``
+        (None: ``sigma_min / alpha_min``, the std of the t_min blur) at each. Returns the
+        :class:`~lightning_diffusion.mcmc.AISResult`: ``log_z`` is a stochastic *lower* bound of log
+        Z_0 (so an NLL from it errs low, optimistic) and ``stderr`` its Monte Carlo standard error
+        (not the bias). A class-conditional model is scored unconditionally (the null label)."""
+        from lightning_diffusion import mcmc
+
+        if base_data.shape[0] < 2:
+            raise ValueError(f"{type(self).__name__}.bits_per_dim(estimator='ais') fits its Gaussian base to the "
+                             f"batch: give at least 2 samples, got {base_data.shape[0]}")
+        if step_size is None:
+            t = self.ais_time.reshape(1)
+            step_size = float(self.process.sigma(t) / self.process.alpha(t))
+        base = mcmc.gaussian_base(base_data.float())
+        return mcmc.ais(self.ais_energy, base, chains, step_size=step_size, betas=steps,
+                        transition=transition, generator=generator)
+
+    def ais_bits_per_dim(self, x: Tensor, *, num_dequantizations: int = 1, ais_chains: int | None = None,
+                         ais_steps: int | None = None, ais_step_size: float | None = None,
+                         ais_transition: str | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``bits_per_dim(estimator="ais")``: ``(E_0(x) + log Z_0) / (D ln 2)`` [B] with log Z_0 from
+        one AIS run (:meth:`ais_log_partition`; None options take :data:`AIS_DEFAULTS`), kept with the
+        bits/dim it adds in ``last_ais`` (``log_z``, ``stderr`` in nats; ``stderr_bpd``). 8-bit images
+        are uniformly dequantized (``num_dequantizations`` draws, averaged) and scored as discrete data
+        (+7 bits/dim), as the EBM family does; points get their continuous NLL. AIS's log Z is a
+        stochastic lower bound, so the NLL errs *low* by AIS's bias plus a Monte Carlo error of about
+        ``stderr_bpd``; run more ``ais_steps`` until it stops rising."""
+        from lightning_diffusion import likelihoods
+
+        given = {"ais_chains": ais_chains, "ais_steps": ais_steps, "ais_step_size": ais_step_size,
+                 "ais_transition": ais_transition}
+        chosen = {k: AIS_DEFAULTS[k] if v is None else v for k, v in given.items()}
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.val_seed)
+        num_dims = x[0].numel()
+        with evaluating(self):
+            draws = [likelihoods.dequantize(x, generator) if self.is_image else x
+                     for _ in range(num_dequantizations if self.is_image else 1)]
+            result = self.ais_log_partition(draws[0], chains=chosen["ais_chains"], steps=chosen["ais_steps"],
+                                            step_size=chosen["ais_step_size"], transition=chosen["ais_transition"],
+                                            generator=generator)
+            with torch.no_grad():
+                nll = torch.stack([self.ais_energy(data).double() for data in draws]).mean(0) + result.log_z
+        self.last_ais = {"log_z": result.log_z, "stderr": result.stderr, "ess": result.ess,
+                         "acceptance": result.acceptance, "nfe": result.nfe,
+                         "stderr_bpd": result.stderr / (num_dims * math.log(2))}
+        bpd = likelihoods.bits_per_dim_discrete(nll, num_dims) if self.is_image else \
+            likelihoods.nats_to_bits_per_dim(nll, num_dims)
+        return bpd.to(x.dtype)
 
     # -- checking the options of sample() -------------------------------------------------------
     #: the default sampler of ``sample`` and its step count (None: the sampler's own default);

@@ -16,7 +16,7 @@ from lightning_diffusion.diffusion.schedules import append_dims
 from lightning_diffusion.diffusion.sde import VPSDE, GaussianProcess
 from lightning_diffusion.errors import OptionError
 from lightning_diffusion.models.base import full_precision
-from lightning_diffusion.models.gaussian_diffusion import GaussianDiffusionModel
+from lightning_diffusion.models.gaussian_diffusion import AIS_ESTIMATOR, AIS_OPTIONS, GaussianDiffusionModel
 from lightning_diffusion.modes import evaluating
 from lightning_diffusion.options import Positive, PositiveInt
 
@@ -210,11 +210,16 @@ class ScoreSDE(GaussianDiffusionModel):
             raise ValueError(f"ScoreSDE: {option}={error.value!r}: {error.problem}"
                              + (f"; {error.advice}" if error.advice else "")) from None
 
-    def bpd_estimator(self, *, divergence: str | None = None, **_: Any) -> str:
+    bpd_estimator_options = {"ode": ("divergence", "rtol", "atol", "steps", "num_dequantizations"), "ais": AIS_OPTIONS}
+
+    def bpd_estimator(self, *, divergence: str | None = None, estimator: str = "ode", **_: Any) -> str:
         """Name of what :meth:`bits_per_dim` returns with these options: the probability-flow ODE
         likelihood with the divergence it uses, ``ode-exact``, ``ode-hutchinson-rademacher`` or
         ``ode-hutchinson-gaussian``; ``auto`` is resolved on D = prod(``data_shape``) (or, without
-        a data_shape, the D of the last ``bits_per_dim`` call; ``ode`` when neither is known)."""
+        a data_shape, the D of the last ``bits_per_dim`` call; ``ode`` when neither is known); with
+        ``estimator="ais"``, ``ais-energy-t0``."""
+        if estimator == "ais":
+            return AIS_ESTIMATOR
         divergence = divergence or self.likelihood_divergence
         num_dims = math.prod(self.data_shape) if self.data_shape is not None else self._last_likelihood_dims
         if divergence == "auto" and num_dims is None:
@@ -225,7 +230,9 @@ class ScoreSDE(GaussianDiffusionModel):
     @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
                      divergence: likelihood.Divergence | None = None, rtol: Positive = 1e-5, atol: Positive = 1e-5,
-                     steps: PositiveInt | None = None,
+                     steps: PositiveInt | None = None, estimator: str = "ode",
+                     ais_chains: PositiveInt | None = None, ais_steps: PositiveInt | None = None,
+                     ais_step_size: Positive | None = None, ais_transition: str | None = None,
                      generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """Negative log-likelihood [B] in bits/dim through the probability-flow ODE.
 
@@ -236,9 +243,20 @@ class ScoreSDE(GaussianDiffusionModel):
         ``likelihood_divergence``, ``auto``) is exact for D = ``x[0].numel()`` <= 16 and Hutchinson
         (Rademacher) above; :meth:`bpd_estimator` names the one used. The NFE of the last call is in
         ``self.last_likelihood_nfe``, the divergence used in ``self.last_likelihood_divergence``.
+
+        ``estimator="ais"`` (``parameterization: energy``) scores the t -> 0 energy with AIS's log Z
+        instead (:meth:`~lightning_diffusion.models.gaussian_diffusion.GaussianDiffusionModel.ais_bits_per_dim`:
+        errs low), with ``num_dequantizations`` and the ``ais_*`` options (``ais_chains`` chains,
+        ``ais_steps`` distributions, ``ais_step_size`` in data units, ``ais_transition`` ``mala`` or
+        ``hmc``; None: 64, 500, sigma_min / alpha_min, ``mala``); the ODE's options are then refused.
         """
         self.check_bpd_options(num_dequantizations=num_dequantizations, divergence=divergence, rtol=rtol, atol=atol,
-                               steps=steps, **options)
+                               steps=steps, estimator=estimator, ais_chains=ais_chains, ais_steps=ais_steps,
+                               ais_step_size=ais_step_size, ais_transition=ais_transition, **options)
+        if estimator == "ais":
+            return self.ais_bits_per_dim(x, num_dequantizations=num_dequantizations, ais_chains=ais_chains,
+                                         ais_steps=ais_steps, ais_step_size=ais_step_size,
+                                         ais_transition=ais_transition, generator=generator)
         if steps is None:
             self.require_fixed_steps("bits_per_dim(steps=None)", "steps=N (a fixed rk4 grid; Likelihood's "
                                      "bpd_options: {steps: N})")

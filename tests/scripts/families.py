@@ -7,7 +7,7 @@ train 2 steps, resume from that directory and train 2 more. Every rank writes ``
 the parameter and EMA types and local shapes (sharded?), full parameters and EMA averages of both
 runs, the evaluation callbacks' results, a sample batch, and the global steps.
 
-``python families.py ddp OUT FAMILY...``: one DDP step on a fixed global batch of 16 (8 per rank)
+``python families.py ddp OUT FAMILY...``: one DDP step (``FAMILY-fsdp2``: one FSDP2 step) on a fixed global batch of 16 (8 per rank)
 with EMA. Every rank writes ``OUT/<family>-ddp-rank<r>.pt`` with its all-reduced gradients and EMA
 averages; rank zero adds the single-process reference: the gradient of the mean of the two halves'
 losses, each half drawn with the same seed as its rank (so dropout, label dropout and the training
@@ -24,10 +24,10 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_diffusion import EMA, MLP, LastCheckpoint, Likelihood, SampleQuality, ShardDataModule, evaluation_weights
+from lightning_diffusion import EMA, MLP, EnergyHead, LastCheckpoint, Likelihood, SampleQuality, ShardDataModule, evaluation_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny models and trainer
-from tiny import tiny_model, tiny_trainer  # noqa: E402
+from tiny import tiny_model, tiny_trainer, tiny_unet  # noqa: E402
 
 
 def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
@@ -40,6 +40,10 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
     if family == "ddpm":
         model = tiny_model("ddpm", net=dict(attention_resolutions=(4,), dropout=0.1, num_classes=10), timesteps=50,
                            **conditional, **common)
+        return model, images, {**image_quality, "sample_options": {"sampler": "ddim", "steps": 3}}, {"steps": 3}
+    if family == "energy":  # the energy parameterization: the loss backpropagates through grad_x E (double backward)
+        model = tiny_model("ddpm", net=EnergyHead(tiny_unet(attention_resolutions=(4,), dropout=0.1, num_classes=10)),
+                           timesteps=50, parameterization="energy", **conditional, **common)
         return model, images, {**image_quality, "sample_options": {"sampler": "ddim", "steps": 3}}, {"steps": 3}
     if family == "score_sde":
         points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
@@ -107,10 +111,10 @@ def fit(family: str, root: str, max_steps: int, ckpt_path: str | None = None):
 
 STEP_SEED = 1234
 # the families whose FSDP2 resume is checked (restoring is family-independent; the suite's time budget
-# takes five: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, the EBM with
-# its per-rank replay buffers, the discrete diffusion with its importance-sampling buffers and the VQ-VAE
-# with its codebook buffers and restart generator)
-RESUMED = ("ddpm", "hvae", "ebm", "discrete", "vqvae")
+# takes six: the UNet DDPM, the ladder HVAE with its registered bottom_up/top_down, the EBM with
+# its per-rank replay buffers, the discrete diffusion with its importance-sampling buffers, the VQ-VAE
+# with its codebook buffers and restart generator, and the energy DDPM (a double backward under FSDP2))
+RESUMED = ("ddpm", "hvae", "ebm", "discrete", "vqvae", "energy")
 
 
 class FixedBatch(L.LightningDataModule):
@@ -135,7 +139,8 @@ class Grads(L.Callback):
         self.loss = float(outputs["loss"])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        # full(): a sharded (FSDP2) gradient is a DTensor, gathered here
+        self.grads = {n: full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
 def fixed_halves(family: str) -> list[dict]:
@@ -185,17 +190,21 @@ def single_process():
 
 
 def ddp_step(family: str, out: str) -> None:
+    """One step of ``family`` on the fixed batch under DDP, or, for ``FAMILY-fsdp2``, under FSDP2
+    (ModelParallelStrategy: the gradients gathered from their shards)."""
+    name, sharded = family.removesuffix("-fsdp2"), family.endswith("-fsdp2")
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
     torch.manual_seed(0)
-    model, data, _, _ = build(family)
+    model, data, _, _ = build(name)
     model.grad_clip = None
     with torch.no_grad():  # zero-initialised output layers would leave every gradient but theirs at zero
         for p in model.parameters():
             if not p.any():
                 p.normal_(0.0, 0.02)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    halves = fixed_halves(family)
+    halves = fixed_halves(name)
     grads, ema = Grads(), EMA(decay=0.5)
-    trainer = tiny_trainer(devices=2, strategy="ddp", max_steps=1, limit_val_batches=0, use_distributed_sampler=False,
+    trainer = tiny_trainer(devices=2, strategy=strategy, max_steps=1, limit_val_batches=0, use_distributed_sampler=False,
                            callbacks=[grads, ema])
     trainer.fit(model, datamodule=FixedBatch(halves))
     result = {"grads": grads.grads, "loss": grads.loss, "batch_sum": grads.batch_sum,
@@ -203,7 +212,7 @@ def ddp_step(family: str, out: str) -> None:
               "codebook": codebook_state(model)}
     if trainer.global_rank == 0:  # the single-process reference, on a fresh copy of the initial model
         torch.manual_seed(0)
-        reference, _, _, _ = build(family)
+        reference, _, _, _ = build(name)
         reference.load_state_dict(init)
         reference.train()
         losses = []
@@ -252,7 +261,8 @@ def fsdp2_runs(family: str, out: str) -> None:
         result["evaluated"] = (used, {n: full(p) for n, p in model.named_parameters()})
     result["after_evaluation"] = {n: full(p) for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(1)
-    options = {"ddpm": {"sampler": "ddim", "steps": 3}, "score_sde": {"sampler": "euler_maruyama", "steps": 4},
+    options = {"ddpm": {"sampler": "ddim", "steps": 3}, "energy": {"sampler": "ddim", "steps": 3},
+               "score_sde": {"sampler": "euler_maruyama", "steps": 4},
                "discrete": {"steps": 4}}
     y = torch.arange(6) % 10 if getattr(model, "class_conditional", False) else None
     result["samples"] = model.sample(6, y=y, generator=g, **options.get(family, {})).detach()
