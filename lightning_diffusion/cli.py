@@ -118,7 +118,24 @@ class DiffusionCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in LINKS:
-            parser.link_arguments(source, target, apply_on="instantiate")
+            parser.link_arguments(source, target, self._link_value(target), apply_on="instantiate")
+
+    def _link_value(self, target: str) -> Callable[[Any], Any] | None:
+        """The function that turns a data fact into the value of the link ``target`` (None: as is): a
+        net's ``num_classes`` becomes the model's ``label_attributes`` (per-attribute label sizes,
+        e.g. [10, 8] for digit and colour) where the config gives them, since the net then embeds each
+        attribute on its own; :func:`_net_num_classes` checks that they factor the data's classes."""
+        if not target.endswith(".net.init_args.num_classes"):
+            return None
+        return lambda num_classes: _net_num_classes(num_classes, self._label_attributes())
+
+    def _label_attributes(self) -> list[int] | None:
+        """The model's ``label_attributes`` in the parsed config (None where not given)."""
+        try:
+            value = self.config[self.subcommand]["model.init_args.label_attributes"]
+        except (KeyError, TypeError, AttributeError):
+            return None
+        return None if value is None else [int(size) for size in value]
 
     def _add_instantiators(self) -> None:
         """LightningCLI's instantiators, with the model's dropping the data links into a ``net`` the model
@@ -142,7 +159,7 @@ class DiffusionCLI(LightningCLI):
             subcommands = self.parser._subcommands_action
             parser = subcommands._name_parser_map[self.subcommand] if subcommands else self.parser
             for source, target in WRAPPED_NET_LINKS:
-                parser.link_arguments(source, target, apply_on="instantiate")
+                parser.link_arguments(source, target, self._link_value(target), apply_on="instantiate")
         self._explicit_links = _explicit_link_values(self.config[self.subcommand], self._args)
         if self.subcommand != "fit":
             return
@@ -173,7 +190,7 @@ class DiffusionCLI(LightningCLI):
             for value in hparams.values():
                 _drop_unaccepted_init_args(value)
         _drop_unaccepted_model_links(self.model, self.datamodule)
-        _check_links(self._explicit_links, self.datamodule)
+        _check_links(self._explicit_links, self.datamodule, self._label_attributes())
         ckpt_path = self.config[self.subcommand].get("ckpt_path")  # a requeued SLURM job's is set by now
         if self.subcommand == "fit" and (ckpt_path == "last" or (ckpt_path is None and self._resume_newest)):
             ckpt_path = self._resume_last(required=ckpt_path == "last")
@@ -347,9 +364,27 @@ def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_links(explicit: dict[str, Any], datamodule) -> None:
+def _net_num_classes(num_classes: int | None, label_attributes: list[int] | None) -> int | list[int] | None:
+    """The ``num_classes`` of a net for data with ``num_classes`` labels: ``label_attributes`` (the
+    per-attribute sizes) where given, else the data's. LinkConflictError where the attributes do not
+    factor the data's classes (their product must equal it: joint label = mixed-radix digits)."""
+    import math
+
+    from lightning_diffusion.errors import LinkConflictError
+
+    if num_classes is None or label_attributes is None:
+        return num_classes
+    if math.prod(label_attributes) != num_classes:
+        raise LinkConflictError(f"--model.init_args.label_attributes={label_attributes} (product "
+                                f"{math.prod(label_attributes)}), but the data have data.num_classes={num_classes}: "
+                                "the attributes' sizes must multiply to the data's number of classes")
+    return list(label_attributes)
+
+
+def _check_links(explicit: dict[str, Any], datamodule, label_attributes: list[int] | None = None) -> None:
     """Refuse an explicit value of a linked option that differs from the data's (the link would
-    silently replace it)."""
+    silently replace it); a net's ``num_classes`` is compared with the model's ``label_attributes``
+    where those are given (:func:`_net_num_classes`)."""
     from lightning_diffusion.errors import LinkConflictError
     from lightning_diffusion.resume import plain
 
@@ -357,6 +392,8 @@ def _check_links(explicit: dict[str, Any], datamodule) -> None:
         if target not in explicit or not hasattr(datamodule, source.split(".", 1)[1]):
             continue
         data_value = getattr(datamodule, source.split(".", 1)[1])
+        if target.endswith(".net.init_args.num_classes"):
+            data_value = _net_num_classes(data_value, label_attributes)
         if data_value is not None and plain(explicit[target]) != plain(data_value):
             raise LinkConflictError(
                 f"--{target}={plain(explicit[target])!r}, but the data have {source}={plain(data_value)!r}: "

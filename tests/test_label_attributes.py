@@ -184,3 +184,20 @@ def test_ebm_diffusion_colour_digits_config_trains_and_grids_the_held_out_pairs(
     assert (run / "samples" / "final.png").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     pairs = torch.tensor(HELD_OUT_PRESETS["diagonals16"])
     assert torch.equal(drawn[-1], torch.cat([pairs, pairs]))
+
+
+def test_the_net_gets_label_attributes_from_the_link_and_a_wrong_factorisation_is_refused(tmp_path):
+    """The data's ``num_classes`` (80 joint colour-digit labels) reaches the UNet inside EnergyHead as
+    the model's ``label_attributes`` [10, 8]; attributes whose product is not 80 are refused before
+    training, naming both options."""
+    import yaml
+
+    common = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    run_cli("fit", "--config", "configs/ebm_diffusion_colour_digits.yaml", *common, "--trainer.logger.init_args.version=a")
+    hparams = yaml.unsafe_load((tmp_path / "ebm_diffusion_colour_digits" / "a" / "hparams.yaml").read_text())
+    assert hparams["net"]["init_args"]["net"]["init_args"]["num_classes"] == [10, 8]
+    result = run_cli("fit", "--config", "configs/ebm_diffusion_colour_digits.yaml", *common,
+                     "--trainer.logger.init_args.version=b", "--model.init_args.label_attributes=[10, 7]", check=False)
+    assert result.returncode != 0
+    assert "label_attributes=[10, 7]" in result.stderr and "data.num_classes=80" in result.stderr, result.stderr
+    assert not (tmp_path / "ebm_diffusion_colour_digits" / "b" / "checkpoints").exists()

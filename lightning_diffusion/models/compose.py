@@ -16,7 +16,7 @@ the MCMC moves of ``annealed_mcmc`` at each level are what pull the samples to i
 # No `from __future__ import annotations`: Term's fields must be evaluated types for the API reference
 # (as in diffusion/samplers.py).
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -102,8 +102,9 @@ class Composition:
         return [float(term.weight) for term in self.terms]
 
     # -- the terms' outputs, one net call per model ---------------------------------------------------
-    def _per_term(self, method: str, x_t: Tensor, t: Tensor) -> list[Tensor]:
-        """``model.<method>(x_t, t, y)`` of every term, in term order. The terms of one model whose
+    def _per_term(self, method: Callable[[GaussianDiffusionModel], Callable[..., Tensor]], x_t: Tensor, t: Tensor) -> list[Tensor]:
+        """``method(model)(x_t, t, y)`` of every term (``method`` picks the model's bound method, e.g.
+        its ``denoise``), in term order. The terms of one model whose
         labels are all given (of one shape) go through it in one call on the batch of their copies of
         ``x_t`` (as classifier-free guidance's 2B batch); other terms one call each."""
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
@@ -115,12 +116,12 @@ class Composition:
             model = self.terms[indices[0]].model
             ys = [self._labels(i, x_t) for i in indices]
             if len(indices) > 1 and all(y is not None and y.shape == ys[0].shape for y in ys):
-                both = getattr(model, method)(torch.cat([x_t] * len(ys)), torch.cat([t] * len(ys)), torch.cat(ys))
+                both = method(model)(torch.cat([x_t] * len(ys)), torch.cat([t] * len(ys)), torch.cat(ys))
                 for i, part in zip(indices, both.chunk(len(ys))):
                     outputs[i] = part
             else:
                 for i, y in zip(indices, ys):
-                    outputs[i] = getattr(model, method)(x_t, t, y)
+                    outputs[i] = method(model)(x_t, t, y)
         return outputs  # type: ignore[return-value]
 
     def _labels(self, i: int, x_t: Tensor) -> Tensor | None:
@@ -146,7 +147,7 @@ class Composition:
             raise ValueError(f"Composition.energy: term {missing[0]}'s {type(term.model).__name__} has parameterization "
                              f"{term.model.parameterization!r}, which has no energy; compose models trained with "
                              "parameterization: energy")
-        return sum(w * e for w, e in zip(self.weights, self._per_term("energy", x_t, t)))
+        return sum(w * e for w, e in zip(self.weights, self._per_term(lambda model: model.energy, x_t, t)))
 
     def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The x0_hat whose score is ``sum_i w_i score_i``: with ``score_i = (alpha x0_i - x_t) / sigma^2``,
@@ -154,7 +155,7 @@ class Composition:
         :func:`combine_denoised`), at the process's time t [B] (or a scalar), float32 or wider."""
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         alpha = append_dims(self.process.alpha(t), x_t.ndim).to(x_t.device)
-        return combine_denoised(self._per_term("denoise", x_t, t), self.weights, x_t, alpha)
+        return combine_denoised(self._per_term(lambda model: model.denoise, x_t, t), self.weights, x_t, alpha)
 
     # -- sampling ------------------------------------------------------------------------------------
     def check_sample_options(self, sampler: str | None = None, steps: int | None = None, **options: Any) -> None:
