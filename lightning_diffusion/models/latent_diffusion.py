@@ -21,7 +21,6 @@ when that file moved or was retrained.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import io
 import math
@@ -104,7 +103,7 @@ class LatentDiffusion(GenerativeModel):
         self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
         #: the prior's data: the latents, or the codes as one sequence
         self.prior_shape = self.latent_shape if self.latent_categories is None else (math.prod(self.latent_shape),)
-        self.prior = build_prior(prior) if isinstance(prior, dict) else prior
+        self.prior = build_prior(prior, self.prior_shape) if isinstance(prior, dict) else prior
         self._fit_prior(self.prior)
         self.scale_by_std = scale_by_std
         # NaN: not estimated yet (the first training batch estimates it); a buffer, so it is in the checkpoint
@@ -257,7 +256,8 @@ class LatentDiffusion(GenerativeModel):
 
         Args:
             x: data [B, ...] (images in [-1, 1] on the 8-bit grid).
-            y: labels, for a class-conditional prior (None: the unconditional prior).
+            y: labels [B], for a class-conditional prior: the bound on ``-log p(x | y)`` (-1 or None: the
+                unconditional prior's, ``-log p(x)``); an unconditional prior ignores them.
             generator: the noise of the draw of z and of the prior's estimator; None: seeded with ``val_seed``.
             **options: the prior's ``bits_per_dim`` options (DDPM: ``steps``, ``batch_t``; ScoreSDE:
                 ``divergence``, ``steps``, ...).
@@ -268,7 +268,7 @@ class LatentDiffusion(GenerativeModel):
         s = self.scale()
         with evaluating(self):
             z, first_nats = self.first_stage.encode_latents(x, generator)
-            if y is not None and "y" in inspect.signature(self.prior.bits_per_dim).parameters:
+            if y is not None and self.class_conditional:  # the bound of p(x | y); an unconditional prior's of p(x)
                 options["y"] = y
             prior_bpd = self.prior.bits_per_dim(self.to_prior(z, x.dtype), generator=generator, **options)
         latent_dims = math.prod(self.latent_shape)
@@ -276,8 +276,10 @@ class LatentDiffusion(GenerativeModel):
         return nats_to_bits_per_dim(first_nats.double() + prior_nats, x[0].numel()).to(x.dtype)
 
 
-def build_prior(config: dict[str, Any]) -> nn.Module:
-    """The prior of a ``{class_path, init_args}`` config (full class paths: ``lightning_diffusion.DDPM``, whose
+def build_prior(config: dict[str, Any], data_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The prior of a ``{class_path, init_args}`` config (its ``data_shape`` ``data_shape`` where the config
+    leaves it out: a family that needs it at construction, ``DiscreteDiffusion``, gets the latents' or
+    codes' shape) (full class paths: ``lightning_diffusion.DDPM``, whose
     nested dict jsonargparse leaves as it is; a short name there is refused by the CLI's parser), built by
     jsonargparse as LightningCLI builds a model. Why not a ``GenerativeModel``-typed argument that
     LightningCLI builds itself: LightningCLI hands every LightningModule it builds the top model's
@@ -288,6 +290,8 @@ def build_prior(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"LatentDiffusion: prior must be a config with a class_path (DDPM, ScoreSDE, ...) and "
                          f"init_args, got the keys {sorted(config)}")
     config = _with_overrides(config)
+    if data_shape is not None and config["init_args"].get("data_shape") is None:
+        config["init_args"]["data_shape"] = list(data_shape)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--prior", type=GenerativeModel)
     try:
