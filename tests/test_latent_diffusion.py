@@ -345,3 +345,103 @@ def test_a_discrete_prior_over_codes_gives_the_two_stage_bound_of_the_codes(tmp_
     assert bpd.mean().item() < entropy.item() + 0.6  # and the trained prior is near it
     samples = model.sample(8, generator=torch.Generator().manual_seed(2))
     assert samples.shape == (8, 2) and ((samples >= 0) & (samples <= 7)).all()
+
+
+def test_a_class_conditional_discrete_prior_scores_and_samples_each_label_exactly(tmp_path):
+    """LatentDiffusion with a class-conditional DiscreteDiffusion prior over the codes of the binning stage, its
+    net the label table (test_discrete_diffusion.LabelTableNet: codes i.i.d. ``pi_y = softmax(table[y])``).
+    bits_per_dim(x, y) is the exact two-stage bound of each sample's own label (T = 1 absorbing: the prior's
+    bound is ``-log p(c | y)`` itself; T = 3 with 2 timesteps per net call: the ratio of two labels' numbers on
+    the same draws of x_t), y = None (and an unconditional prior) the null row's; guided sampling draws each
+    code from ``softmax(w log pi_y + (1 - w) log pi_null)`` (classifier-free guidance in log space)."""
+    from lightning_diffusion import DiscreteDiffusion
+    from test_discrete_diffusion import LabelTableNet, label_table
+
+    classes, table = 3, label_table(3, 4, seed=5)
+    log_pi = torch.log_softmax(table, -1).double()
+    stage = str(save_stage(BinningStage(), tmp_path / "vq.ckpt"))
+
+    def model(timesteps: int, conditional: bool = True) -> LatentDiffusion:
+        prior = DiscreteDiffusion(LabelTableNet(table), num_categories=4, corruption="absorbing", timesteps=timesteps,
+                                  loss="vlb", num_classes=classes, class_conditional=conditional, bpd_chunk=2,
+                                  data_shape=(2,))
+        return LatentDiffusion(stage, prior, data_shape=(2,), num_classes=classes)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 8, (5, 2), generator=g).float()
+    c, y = torch.div(x, 2, rounding_mode="floor").long(), torch.tensor([2, 0, 1, -1, 1])
+    exact = (-log_pi[y][torch.arange(5)[:, None], c].sum(1) + 2 * math.log(2)) / (2 * math.log(2))
+    one = model(1)
+    assert one.class_conditional and one.bpd_estimator() == "vq+vlb"
+    torch.testing.assert_close(one.bits_per_dim(x, y=y).double(), exact, atol=1e-5, rtol=0)
+    null = (-log_pi[-1][c].sum(1) + 2 * math.log(2)) / (2 * math.log(2))
+    torch.testing.assert_close(one.bits_per_dim(x).double(), null, atol=1e-5, rtol=0)
+    # an unconditional prior (the null row at every call) ignores the labels
+    torch.testing.assert_close(model(1, conditional=False).bits_per_dim(x, y=y).double(), null, atol=1e-5, rtol=0)
+
+    three = model(3)
+    constant = torch.tensor([[0.0, 1.0], [2.0, 3.0], [6.0, 7.0]])  # codes (0, 0), (1, 1), (3, 3)
+    codes = torch.tensor([0, 1, 3])
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([2, -1, 0])
+    bits = [three.bits_per_dim(constant, y=labels, generator=torch.Generator().manual_seed(1)).double() * 2 - 2
+            for labels in (a, b)]  # the prior's nats / ln 2 (2 positions), the bins' 2 bits taken off
+    torch.testing.assert_close(bits[0] / bits[1], log_pi[a, codes] / log_pi[b, codes], atol=1e-5, rtol=1e-5)
+
+    n, w = 4000, 2.5
+    samples = one.sample(n, y=torch.full((n,), 1), guidance_scale=w, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == (n, 2) and one.last_sample_nfe == 1
+    observed = torch.bincount(torch.div(samples, 2, rounding_mode="floor").long().flatten(), minlength=4).double()
+    expected = torch.softmax(w * log_pi[1] + (1 - w) * log_pi[-1], 0) * 2 * n
+    from test_discrete_math import chi2_z
+
+    assert chi2_z(observed, expected)[2] < 3.5, (observed, expected)
+    # the guidance changes the law: the conditional model's own law is far from these counts
+    assert chi2_z(observed, torch.exp(log_pi[1]) * 2 * n)[2] > 10
+
+
+def test_latent_discrete_config_fits_on_a_vq_first_stage_and_draws_the_guided_grid(tmp_path):
+    """configs/vqvae_colour_digits.yaml trained 3 steps through the CLI, then
+    configs/latent_discrete_colour_digits.yaml (shrunk: a small transformer, few sampling steps) for 3 steps on
+    its checkpoint: the prior is the class-conditional absorbing DiscreteDiffusion over the 16 codes, the bound
+    is named vq+masked-elbo and finite, the guided digits x colours grid is drawn, and the checkpoint alone
+    samples images of guided labels."""
+    from lightning_diffusion import DiscreteDiffusion
+    from lightning_diffusion.commands import load_model
+    from conftest import fit_run
+
+    stage = fit_run(tmp_path, "vqvae_colour_digits", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+                    "--data.init_args.batch_size=16", "--trainer.limit_val_batches=0",
+                    "--trainer.enable_progress_bar=false",
+                    '--trainer.callbacks=[{"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]')
+    vq = stage / "checkpoints" / "last.ckpt"
+    assert vq.is_file()
+    config = yaml.safe_load((ROOT / "configs" / "latent_discrete_colour_digits.yaml").read_text())
+    config["trainer"].update(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             check_val_every_n_epoch=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu")
+    callbacks = config["trainer"]["callbacks"]
+    callbacks.sort(key=lambda callback: callback["class_path"] == "LastCheckpoint")
+    for callback in callbacks:
+        if callback["class_path"] == "LastCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = 3
+        if callback["class_path"] == "SampleGrid":
+            callback["init_args"]["sample_options"] = {"steps": 4}
+    callbacks.insert(0, {"class_path": "Likelihood", "init_args": {"num_batches": 1}})
+    prior = config["model"]["init_args"]["prior"]["init_args"]
+    prior["net"]["init_args"].update(dim=32, depth=1, heads=2)
+    prior["elbo_samples"] = 4
+    config["model"]["init_args"]["first_stage_ckpt"] = str(vq)
+    config["data"]["init_args"].update(batch_size=16, batches_per_epoch=2)
+    path = tmp_path / "latent_discrete.yaml"
+    path.write_text(yaml.safe_dump(config))
+    fit_here(path, tmp_path / "run")
+    run = tmp_path / "run"
+    assert (run / "samples" / "final.png").exists()
+    model, _, _ = load_model(run / "checkpoints" / "last.ckpt")
+    assert isinstance(model.prior, DiscreteDiffusion) and model.prior.data_shape == (16,)
+    assert model.class_conditional and model.latent_scale.item() == 1.0 and model.bpd_estimator() == "vq+masked-elbo"
+    x = torch.randint(0, 256, (3, 3, 16, 16)).float().div(127.5).sub(1)
+    bpd = model.bits_per_dim(x, y=torch.tensor([0, 41, 79]))
+    assert bpd.shape == (3,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    images = model.sample(3, y=torch.tensor([0, 41, 79]), guidance_scale=3.0, steps=4,
+                          generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 16, 16) and images.min() >= -1 and images.max() <= 1

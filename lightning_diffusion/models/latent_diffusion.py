@@ -201,8 +201,15 @@ class LatentDiffusion(GenerativeModel):
         return latent
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """The prior's loss on the scaled latents ``s z``, ``z ~ q(z | x)`` drawn without gradients."""
-        return self.prior.loss(self._latent_batch(batch, generator), generator)
+        """The prior's loss on the scaled latents ``s z``, ``z ~ q(z | x)`` drawn without gradients; what the
+        prior logs of its terms (a DiscreteDiffusion's ``train/elbo``, ...) is logged in this model's hook."""
+        latent = self._latent_batch(batch, generator)
+        # Lightning's log() takes the hook's name from the module that logs: the prior runs inside this one's
+        saved, self.prior._current_fx_name = self.prior._current_fx_name, self._current_fx_name
+        try:
+            return self.prior.loss(latent, generator)
+        finally:
+            self.prior._current_fx_name = saved
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.scale_by_std:
