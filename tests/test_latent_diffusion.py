@@ -185,7 +185,7 @@ def vae_checkpoint(tmp_path_factory) -> Path:
     return tiny_first_stage(tmp_path_factory.mktemp("vae"))
 
 
-def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path):
+def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path, capsys):
     from lightning_diffusion.checkpoints import load_checkpoint
     from lightning_diffusion.commands import load_model
 
@@ -209,11 +209,31 @@ def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(va
     # the grid of digits x colours was drawn (guided) and a bound was logged under both parts' names
     assert (tmp_path / "run" / "samples" / "final.png").exists()
 
-    # a resume continues with the checkpoint's scale (not re-estimated from its first batch)
+    # a resume that changes what the weights mean is refused before training, naming the option: a prior's
+    # fixed option (its own resume_fixed_hparams: the same shapes, so only the rule can tell), its net's width,
+    # another first-stage file (its weights would be ignored: the checkpoint's are used)
     latent_config(config, max_steps=6)
-    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last")
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(vae_checkpoint.read_bytes())
+    for change, named in ((("--model.init_args.prior.init_args.beta_schedule=cosine",),
+                           "model.init_args.prior.init_args.beta_schedule: 'linear' in the checkpoint, 'cosine' now"),
+                          (("--model.init_args.prior.init_args.net.init_args.hidden=16",),
+                           "model.init_args.prior.init_args.net.init_args.hidden: 24 in the checkpoint, 16 now"),
+                          ((f"--model.init_args.first_stage_ckpt={other}",),
+                           f"model.init_args.first_stage_ckpt: '{vae_checkpoint}' in the checkpoint, '{other}' now")):
+        first_stage = () if "first_stage_ckpt" in change[0] else (f"--model.init_args.first_stage_ckpt={vae_checkpoint}",)
+        width_now = () if "hidden" in change[0] else (width,)
+        with pytest.raises(SystemExit) as exited:
+            fit_here(config, tmp_path / "run", *first_stage, *width_now, *change, "--ckpt_path=last")
+        assert exited.value.code == 1 and named in capsys.readouterr().err, change
+        assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    # a resume continues with the checkpoint's scale (not re-estimated from its first batch); a change of
+    # the prior's label dropout (no weight's meaning) applies
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last",
+             "--model.init_args.prior.init_args.label_dropout=0.2")
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6 and torch.equal(resumed["state_dict"]["latent_scale"], scale)
+    assert resumed["hyper_parameters"]["prior"]["init_args"]["label_dropout"] == 0.2
 
     # the checkpoint alone rebuilds the model (no first-stage file) and samples images
     vae_checkpoint.rename(vae_checkpoint.with_suffix(".moved"))
@@ -445,3 +465,38 @@ def test_latent_discrete_config_fits_on_a_vq_first_stage_and_draws_the_guided_gr
     images = model.sample(3, y=torch.tensor([0, 41, 79]), guidance_scale=3.0, steps=4,
                           generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+
+def test_a_tiny_latent_model_fits_with_every_callback(tmp_path):
+    """tests/tiny.py's LatentDiffusion (a class-conditional DDPM prior over a tiny VAE written to tmp_path) in a
+    2-epoch fit on the digits with EMA, SampleGrid (guided), SampleQuality, Likelihood, WandbSamples (CSV) and
+    LastCheckpoint: the bound is logged under the two-stage estimator's name, the quality of guided samples
+    in the JSON lines, the grid and the checkpoint written; EMA averages the prior alone."""
+    import json
+
+    from lightning_diffusion import EMA, LastCheckpoint, Likelihood, SampleGrid, SampleQuality, ShardDataModule, WandbSamples
+    from tiny import tiny_latent_model, tiny_trainer
+
+    torch.manual_seed(0)
+    model = tiny_latent_model(tmp_path, num_classes=10, class_conditional=True, warmup_steps=1)
+    assert (tmp_path / "first_stage.ckpt").is_file() and model.latent_shape == (4,)
+    sample_options = {"sampler": "ddim", "steps": 3}
+    callbacks = [EMA(decay=0.9),
+                 SampleGrid(num_samples=10, guidance_scale=2.0, sample_options=sample_options),
+                 SampleQuality(num_samples=20, extractor="digits", batch_size=20, every_n_epochs=1, metrics=["fid"],
+                               sample_options={**sample_options, "guidance_scale": 2.0}),
+                 Likelihood(every_n_epochs=1, num_batches=1, bpd_options={"steps": 4}),
+                 WandbSamples(every_n_epochs=0, num_samples=4, sample_options=sample_options),
+                 LastCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2)]
+    trainer = tiny_trainer(max_epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="q"), callbacks=callbacks,
+                           limit_val_batches=1, default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(model, datamodule=ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2))
+    run = tmp_path / "q" / "version_0"
+    bpd = [json.loads(line) for line in (run / "metrics" / "likelihood.jsonl").read_text().splitlines()]
+    # (large: the DDPM prior's Gaussian decoder at t = 0 is narrow, and 4 steps of an untrained net miss the latents)
+    assert bpd[-1]["estimator"] == "elbo+vlb-respaced-4" and 0 < bpd[-1]["bpd"] < math.inf
+    quality = [json.loads(line) for line in (run / "metrics" / "sample_quality.jsonl").read_text().splitlines()]
+    assert len(quality) == 2 and quality[-1]["weights"] == "ema" and quality[-1]["fid"] > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and list(tmp_path.rglob("final.png"))
+    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+    assert ema.state_dict()["shadow"] and all(name.startswith("prior.") for name in ema.state_dict()["shadow"])

@@ -45,8 +45,10 @@ class LatentDiffusion(GenerativeModel):
     and decodes them (:meth:`FirstStage.decode_latents`: a VAE gives its decoder's mean).
     """
 
-    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
-    resume_fixed_hparams = ("data_shape", "scale_by_std")
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them (the
+    #: first stage's file and hyperparameters too: its weights are this checkpoint's, so another file given on
+    #: resume would be silently ignored); the prior's own are refused by its rules (:attr:`resume_nested_models`)
+    resume_fixed_hparams = ("data_shape", "scale_by_std", "first_stage_ckpt", "first_stage_hparams")
 
     def __init__(self, first_stage_ckpt: str, prior: dict, scale_by_std: bool | None = None,
                  first_stage_hparams: str | None = None, **kwargs: Any):
@@ -82,9 +84,12 @@ class LatentDiffusion(GenerativeModel):
             first_stage_hparams = json.dumps(stage_hparams)
         else:  # rebuilt from this model's own checkpoint: the weights come with its state dict
             self.first_stage = build_first_stage(json.loads(first_stage_hparams), first_stage_ckpt)
+        prior_config = _with_overrides(prior) if isinstance(prior, dict) else None
         for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
             if hparams is not None:
                 hparams["first_stage_hparams"] = first_stage_hparams
+                if prior_config is not None and "prior" in hparams:  # the command line's overrides in place
+                    hparams["prior"] = copy.deepcopy(prior_config)
         self.first_stage.eval().requires_grad_(False)
         stage_shape = getattr(self.first_stage, "data_shape", None)
         if self.data_shape is not None and stage_shape is not None and tuple(stage_shape) != tuple(self.data_shape):
@@ -103,7 +108,7 @@ class LatentDiffusion(GenerativeModel):
         self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
         #: the prior's data: the latents, or the codes as one sequence
         self.prior_shape = self.latent_shape if self.latent_categories is None else (math.prod(self.latent_shape),)
-        self.prior = build_prior(prior, self.prior_shape) if isinstance(prior, dict) else prior
+        self.prior = build_prior(prior_config, self.prior_shape) if prior_config is not None else prior
         self._fit_prior(self.prior)
         self.scale_by_std = scale_by_std
         # NaN: not estimated yet (the first training batch estimates it); a buffer, so it is in the checkpoint
@@ -134,6 +139,12 @@ class LatentDiffusion(GenerativeModel):
         if len(self.latent_shape) == 1 and isinstance(in_channels, int) and in_channels != self.latent_shape[0]:
             raise ValueError(f"LatentDiffusion: the prior's net takes in_channels={in_channels}, but the latents have "
                              f"{self.latent_shape[0]} dimensions; build it with in_channels: {self.latent_shape[0]}")
+
+    @property
+    def resume_nested_models(self) -> dict[str, nn.Module]:
+        """The option holding the prior's config, whose changes on resume the prior's own rules judge
+        (:func:`~lightning_diffusion.resume.is_fixed`: its class, its ``resume_fixed_hparams``, its net)."""
+        return {"prior": self.prior}
 
     # -- the first stage stays frozen -------------------------------------------------------------
     def train(self, mode: bool = True) -> "LatentDiffusion":
