@@ -134,7 +134,8 @@ def test_the_discrete_time_bound_of_a_class_conditional_model_is_each_sample_s_o
     at T = 1 the bound is the decoder term alone, exactly ``-sum_i log2 softmax(table[y])[x_i] / L``; at T = 4
     its expectation is the same number, and with the same draws of x_t (same generator, the masks do not
     depend on y) a sample of constant category c scores ``m log(1 / pi_y(c))`` with one mask factor m, so two
-    labels' numbers have the exact ratio ``log pi_a(c) / log pi_b(c)``."""
+    labels' numbers have the exact ratio ``log pi_a(c) / log pi_b(c)`` (in continuous time too: the masked
+    ELBO's draws are the same, only the cross-entropy of the masked positions changes)."""
     k, length, classes = 3, 4, 3
     table = label_table(classes, k)
     log_pi = torch.log_softmax(table, -1).double()
@@ -163,6 +164,13 @@ def test_the_discrete_time_bound_of_a_class_conditional_model_is_each_sample_s_o
     many = many.view(100, 6)
     z = (many.mean(0) - exact) / (many.std(0) / 10)
     assert float(z.abs().max()) < 4.5, (many.mean(0), exact)
+    # continuous time (the masked ELBO at stratified times, rows = B): the same exact ratio on the same draws
+    masked = DiscreteDiffusion(LabelTableNet(table), num_categories=k, corruption="absorbing", timesteps=0,
+                               loss="masked_elbo", data_shape=(length,), num_classes=classes, class_conditional=True,
+                               elbo_samples=8)
+    bits_a, bits_b = (masked.bits_per_dim(constant, y=labels, generator=torch.Generator().manual_seed(4)).double()
+                      for labels in (a, b))
+    torch.testing.assert_close(bits_a / bits_b, log_pi[a, c] / log_pi[b, c], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="not class_conditional"):
         model(4, conditional=False).bits_per_dim(x, y=y)
     with pytest.raises(ValueError, match="5 labels for 6 samples"):
