@@ -54,7 +54,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_six_families import add_scoring_args, fmt_time  # noqa: E402 - the shared scoring code
+from bench_six_families import (  # the shared scoring code (benchmarks/ on sys.path)
+    add_scoring_args,
+    fmt_time,
+)
 
 #: config -> bench_six_families family, in training order (the VAE first: the latent model needs it)
 CONFIGS: dict[str, str] = {
@@ -102,7 +105,7 @@ def start_training(config: str, args: argparse.Namespace, workdir: Path) -> dict
     if config in FIRST_STAGE:
         cmd.append(f"--model.init_args.first_stage_ckpt={checkpoint(workdir, FIRST_STAGE[config])}")
     print(f"[train {config}] {minutes:g} min, {args.threads} thread(s)", flush=True)
-    log = open(workdir / f"{config}.train.log", "w")
+    log = open(workdir / f"{config}.train.log", "w")  # noqa: SIM115 - open while the run lasts; closed by finish_training
     proc = subprocess.Popen(cmd, env=env_with_threads(args.threads), cwd=workdir, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     return {"config": config, "proc": proc, "log": log, "start": time.perf_counter(), "minutes": minutes,
@@ -178,7 +181,7 @@ def scoring_flags(args: argparse.Namespace) -> list[str]:
     parser = argparse.ArgumentParser()
     add_scoring_args(parser)
     flags = []
-    for action in parser._actions:  # noqa: SLF001 - argparse's own list of the options it defined
+    for action in parser._actions:  # argparse's own list of the options it defined
         if not action.option_strings or action.dest in ("help", "threads"):
             continue
         value = getattr(args, action.dest)
@@ -202,7 +205,7 @@ def start_scoring(config: str, args: argparse.Namespace, workdir: Path, flags: l
     cmd = [sys.executable, str(HERE / "bench_six_families.py"), "--ckpt", f"{CONFIGS[config]}={ckpt}",
            f"--threads={args.threads}", *flags, "--json", str(workdir / f"{config}.scoring.json")]
     print(f"[score {config}] {' '.join(cmd[2:])}", flush=True)
-    log = open(workdir / f"{config}.score.log", "w")
+    log = open(workdir / f"{config}.score.log", "w")  # noqa: SIM115 - open while the run lasts; closed by finish_scoring
     proc = subprocess.Popen(cmd, env=env_with_threads(args.threads), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
     return {"config": config, "proc": proc, "log": log, "start": time.perf_counter()}
