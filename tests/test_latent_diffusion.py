@@ -500,3 +500,33 @@ def test_a_tiny_latent_model_fits_with_every_callback(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and list(tmp_path.rglob("final.png"))
     ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
     assert ema.state_dict()["shadow"] and all(name.startswith("prior.") for name in ema.state_dict()["shadow"])
+
+
+def test_grey_digits_latent_config_fits_on_the_vae_digits_config_named_from_the_command_line(tmp_path):
+    """configs/vae_digits.yaml, then configs/latent_ddpm_digits.yaml (the latent row of
+    bench_families_budget) on it, 3 steps each through the CLI, the first stage's path given on the
+    command line: the checkpoint carries the VAE's weights unchanged, a 16-dimensional latent, and gives
+    images and a finite two-stage bound under its name."""
+    from conftest import fit_run
+
+    from lightning_diffusion.checkpoints import load_checkpoint
+    from lightning_diffusion.commands import load_model
+
+    small = ("--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3", "--data.init_args.batch_size=16",
+             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false")
+    vae_run = fit_run(tmp_path, "vae_digits", *small)
+    vae_ckpt = vae_run / "checkpoints" / "last.ckpt"
+    run = fit_run(tmp_path, "latent_ddpm_digits", *small, f"--model.init_args.first_stage_ckpt={vae_ckpt}",
+                  "--model.init_args.prior.init_args.timesteps=50",
+                  "--trainer.callbacks.init_args.sample_options={sampler: ddim, steps: 3}")
+    latent = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert latent["global_step"] == 3 and latent["hyper_parameters"]["first_stage_ckpt"] == str(vae_ckpt)
+    for key, value in load_checkpoint(vae_ckpt)["state_dict"].items():
+        assert torch.equal(latent["state_dict"][f"first_stage.{key}"], value), key
+    model, _, _ = load_model(run / "checkpoints" / "last.ckpt")
+    assert tuple(model.latent_shape) == (16,) and tuple(model.data_shape) == (1, 8, 8)
+    images = model.sample(2, sampler="ddim", steps=3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    x = torch.randint(0, 256, (2, 1, 8, 8)).div(127.5).sub(1)
+    bpd = model.bits_per_dim(x, steps=5)
+    assert torch.isfinite(bpd).all() and model.bpd_estimator(steps=5) == "elbo+vlb-respaced-5"

@@ -154,3 +154,20 @@ def test_colour_digits_configs_fit_and_reload(tmp_path):
     vae = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert isinstance(vae.net, ConvVAENet) and vae.data_shape == (3, 16, 16)
     assert vae.sample(2).shape == (2, 3, 16, 16) and (run / "samples" / "final.png").is_file()
+
+
+def test_grey_digits_config_fits_and_its_bound_pays_the_uniform_prior(tmp_path):
+    """configs/vqvae_digits.yaml (the VQ-VAE row of bench_families_budget) 3 steps through the CLI: a 4x4
+    grid of 64 codes over the 1x8x8 digits, so the uniform prior costs exactly 16 log2(64) / 64 = 1.5
+    bits/dim, and every image's bound exceeds it by the decoder's -log2 p(x | codes) > 0."""
+    run = fit_run(tmp_path, "vqvae_digits", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+                  "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1",
+                  "--data.init_args.batch_size=16")
+    model = VQVAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert isinstance(model.net, ConvVQNet) and model.data_shape == (1, 8, 8) and model.latent_shape == (4, 4)
+    assert model.num_codes == 64 and model.bpd_estimator() == "vq-uniform-prior"
+    assert model.prior_nats / (64 * math.log(2)) == pytest.approx(1.5, abs=1e-12)
+    x = torch.randint(0, 256, (4, 1, 8, 8)).div(127.5).sub(1)
+    bpd = model.bits_per_dim(x)
+    assert bpd.shape == (4,) and (bpd > 1.5).all() and torch.isfinite(bpd).all()
+    assert model.sample(3).shape == (3, 1, 8, 8) and (run / "samples" / "final.png").is_file()
