@@ -189,7 +189,9 @@ def _ddp_overrides(config: Path) -> list[str]:
         args += ["--model.init_args.timesteps=50"]  # >= the configs' DDIM steps
     if model == "ScoreSDE":
         args += ["--model.init_args.sample_steps=3"]
-    if model == "EBM":
+    if model == "EBM" and text["model"]["init_args"].get("objective") == "recovery":  # no buffer: refused there
+        args += ["--model.init_args.recovery_steps=2", "--model.init_args.quadrature_points=51"]
+    elif model == "EBM":
         args += ["--model.init_args.sample_steps=3", "--model.init_args.mcmc_steps=2",
                  "--model.init_args.buffer_size=32", "--model.init_args.quadrature_points=51"]
     if model == "DiscreteDiffusion":  # timesteps stays (T = 1000: the process the config defines); fewer

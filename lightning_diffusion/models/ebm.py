@@ -456,12 +456,15 @@ class EBM(GenerativeModel):
         worst = float(torch.stack([e.detach().abs().max() for e in energies if e.numel()]).max()) \
             if any(e.numel() for e in energies) else 0.0
         if not math.isfinite(worst) or worst > self.max_energy:
+            what = "net(y, t)" if self.ladder is not None else "E"
             raise FloatingPointError(
-                f"EBM: the energies diverged at global step {self.global_step} (max |E| = {worst:.4g} > "
+                f"EBM: the energies diverged at global step {self.global_step} (max |{what}| = {worst:.4g} > "
                 f"max_energy={self.max_energy:g}); the parameters before this step are intact "
                 f"({self._checkpoint_note()}). Lower "
-                "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
-                "spectral_norm in the net")
+                + ("model.lr or model.recovery_step_factor, set model.chain_grad_clip, or set model.spectral_norm"
+                   if self.ladder is not None else
+                   "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
+                   "spectral_norm in the net"))
 
     def chain_seed(self, rank: int) -> int:
         """The seed of rank ``rank``'s training generator: from the run's seed (``torch.initial_seed()``,
