@@ -51,15 +51,15 @@ class ExactLevelEnergy(nn.Module):
 
     data_kind = "points"
 
-    def __init__(self, ladder, step_factor: float):
+    def __init__(self, ladder, step_factor: float, mean: torch.Tensor = MEAN):
         super().__init__()
-        self.ladder, self.step_factor = ladder, step_factor
+        self.ladder, self.step_factor, self.mean = ladder, step_factor, mean
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(self, y, t):
         t = t.long()
         c = self.ladder.y_scale[t].to(y)[:, None]
-        m = self.ladder.signal[t].to(y)[:, None] * MEAN.to(y)
+        m = self.ladder.signal[t].to(y)[:, None] * self.mean.to(y)
         v = (self.ladder.signal[t] ** 2 * VAR + self.ladder.noise[t] ** 2).to(y)
         s2 = (self.step_factor * self.ladder.langevin_step[t]).to(y) ** 2
         return s2 * (y - c * m).pow(2).sum(1) / (2 * c[:, 0] ** 2 * v) + 0 * self.dummy
@@ -95,6 +95,35 @@ def test_conditional_chains_match_the_bayes_posterior(level):
     se = math.sqrt(1 / precision / n)
     assert torch.all((x.mean(0) - mean.double()).abs() < 4 * se), (x.mean(0), mean, se)
     assert torch.all((x.var(0) * precision - 1).abs() < 4 * math.sqrt(2 / n) + 0.02), (x.var(0), 1 / precision)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_bits_per_dim_of_the_exact_energy_is_the_lowest_levels_nll(dim):
+    """With the exact level energies plugged in, ``bits_per_dim`` is the exact NLL of x_0 ~ N(abar_0 m,
+    (abar_0^2 v + sigmabar_0^2) I), whatever the energy's constant: 2-D points by quadrature
+    (``exact-quadrature-level0``, to 1e-3 bits/dim), 3-D points by AIS (``ais-logZ-level0``, at the
+    default AIS step, the lowest level's Langevin step in data units: within 4 standard errors of
+    log Z + 0.05 nats)."""
+    torch.manual_seed(0)
+    ladder = mcmc.recovery_ladder(6)
+    mean = torch.tensor([0.7, -0.4, 0.2])[:dim]
+    b = 0.05
+    model = EBM(ExactLevelEnergy(ladder, b, mean), objective="recovery", data_shape=(dim,), recovery_step_factor=b,
+                quadrature_points=801, ais_chains=512, ais_steps=300)
+    data = mean + 0.3 * torch.randn(2000, dim)
+    model.fit_base(data)
+    m0, v0 = ladder.signal[0].item() * mean, ladder.signal[0].item() ** 2 * VAR + ladder.noise[0].item() ** 2
+    x = data[:200]
+    exact = ((x - m0).pow(2).sum(1) / (2 * v0) + dim / 2 * math.log(2 * math.pi * v0)) / (dim * math.log(2))
+    bits = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1))
+    log_z, stderr, method = model.log_partition()
+    if dim == 2:
+        assert model.bpd_estimator() == "exact-quadrature-level0" and method == "quadrature"
+        torch.testing.assert_close(bits.double(), exact.double(), atol=1e-3, rtol=0)
+    else:
+        assert model.bpd_estimator() == "ais-logZ-level0" and method == "ais"
+        gap = float((bits - exact).mean()) * dim * math.log(2)  # nats: log Z's error
+        assert abs(gap) < 4 * stderr + 0.05, (gap, stderr)
 
 
 def _mixture_points(n: int, seed: int) -> torch.Tensor:

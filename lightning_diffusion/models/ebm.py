@@ -266,7 +266,8 @@ class EBM(GenerativeModel):
             sample_steps: MCMC steps of :meth:`sample` from fresh chains.
             ais_chains: AIS chains for ``log Z`` of data that are not 2-D points.
             ais_steps: intermediate distributions of the AIS path.
-            ais_step_size: MALA step of the AIS transitions; None: ``step_size``.
+            ais_step_size: MALA step of the AIS transitions; None: ``step_size`` (``recovery``: the
+                lowest level's Langevin step ``s_0 / a_1`` in data units).
             quadrature_points: grid points per axis of the quadrature ``log Z`` (2-D points).
             max_energy: the divergence guard's bound on ``|E|`` (nats).
             whiten_chains: run every chain (CD negatives, :meth:`sample`, AIS) in the base's whitened
@@ -783,11 +784,19 @@ class EBM(GenerativeModel):
                 if self.whiten_chains:  # AIS for z = L^-1 (x - mean) from N(0, I); log Z_x = log Z_z + log det L
                     white, energy, _ = self._whitened()
                     base, log_det = mcmc.GaussianBase(torch.zeros_like(self.base_mean), std=1.0), float(white._log_det_half)
-                out = mcmc.ais(energy, base, self.ais_chains, step_size=self.ais_step_size or self.step_size,
+                out = mcmc.ais(energy, base, self.ais_chains, step_size=self.ais_step_size or self._ais_default_step(),
                                betas=self.ais_steps, generator=generator)
                 result = (out.log_z + log_det, out.stderr, "ais")
         self._log_z_cache = (key, result)
         return result
+
+    def _ais_default_step(self) -> float:
+        """AIS's MALA step when ``ais_step_size`` is None: ``step_size``; for ``recovery`` the lowest
+        level's Langevin step in data units, ``s_0 / a_1`` (the scale its energy ``net / s_0^2`` was
+        trained at: a step of ``step_size`` may be far off it)."""
+        if self.ladder is None:
+            return self.step_size
+        return float(self.recovery_step_factor * self.ladder.langevin_step[0] / self.ladder.y_scale[0])
 
     def density_grid(self, bounds: tuple[tuple[float, float], tuple[float, float]], num: int = 201):
         """The normalised log density ``-E - log Z`` of 2-D points on a ``num`` x ``num`` grid over
