@@ -28,7 +28,8 @@ FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "vqvae", "ebm", "discrete"]
 POINTS = ("score_sde", "ebm")
 #: and a DDPM of parameterization energy (its loss backpropagates through grad_x E: a double backward),
 #: whose one-step gradients are also checked under FSDP2 ("energy-fsdp2")
-DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2"]
+#: and the EBM's recovery objective (one DDP step: the per-rank Langevin negatives of each level's conditional)
+DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2", "ebm_recovery"]
 FSDP2_FAMILIES = [*FAMILIES, "energy"]
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
