@@ -22,7 +22,8 @@ more Likelihood, the AIS one), as a user's run would; the steps reached are repo
     python benchmarks/bench_ebm_diffusion_digits.py --minutes 20 --threads 2 \\
         --json benchmarks/results/cpu_ebm_diffusion_digits.json
 
-A smoke test: ``--minutes 0.3 --fid_samples 50 --num_test 20 --vlb_steps 10 --ais_steps 20``.
+On a machine shared with other work, ``--side_by_side --threads 1`` trains both at once, so the load
+slows both alike (the JSON records ``side_by_side``). A smoke test: ``--minutes 0.3 --fid_samples 50 --num_test 20 --vlb_steps 10 --ais_steps 20``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ CONFIGS = {"ddpm": "ddpm_digits", "energy": "ebm_diffusion_digits"}
 SAMPLE_OPTIONS = {"sampler": "ddim", "steps": 50}
 
 
-def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time; the run's facts."""
+def start(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Launch ``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time (a subprocess)."""
     seconds = max(1, round(args.minutes * 60))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -58,16 +59,35 @@ def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> di
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads) if args.threads else os.environ.get("OMP_NUM_THREADS", "")}
     env = {k: v for k, v in env.items() if v != ""}
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"[{name}] fit failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    log = open(workdir / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return {"name": name, "config": config, "proc": proc, "log": log, "start": time.perf_counter(), "max_time": max_time}
+
+
+def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Wait for a run launched by :func:`start`; its facts (checkpoint, steps reached, wall time)."""
+    name, config = job["name"], job["config"]
+    returncode = job["proc"].wait()
+    wall = time.perf_counter() - job["start"]
+    job["log"].close()
+    if returncode:
+        tail = (workdir / f"{name}.log").read_text()[-4000:]
+        raise SystemExit(f"[{name}] fit failed ({returncode}):\n{tail}")
     ckpt = workdir / "runs" / config / "bench" / "checkpoints" / "last.ckpt"
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     print(f"[{name}] {step} steps in {wall / 60:.2f} min (process wall, imports included)", flush=True)
     return {"config": config, "checkpoint": str(ckpt), "global_step": step, "process_wall_s": wall,
-            "max_time": max_time}
+            "max_time": job["max_time"]}
+
+
+def train_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Both configs for the same wall time: one after the other (each alone), or with
+    ``--side_by_side`` both at once (each on ``--threads`` threads), so that whatever else shares the
+    machine slows both alike."""
+    if args.side_by_side:
+        jobs = [start(name, config, args, workdir) for name, config in CONFIGS.items()]
+        return {job["name"]: finish(job, workdir) for job in jobs}
+    return {name: finish(start(name, config, args, workdir), workdir) for name, config in CONFIGS.items()}
 
 
 def evaluate(name: str, run: dict[str, Any], x: torch.Tensor, args: argparse.Namespace, fid_data) -> dict[str, Any]:
@@ -119,6 +139,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, required=True, help="training wall time of each model (minutes)")
     p.add_argument("--threads", type=int, default=0, help="threads of training and evaluation (0: leave as is)")
+    p.add_argument("--side_by_side", action="store_true", help="train both at once, each on --threads threads "
+                   "(a machine shared with other work then slows both alike)")
     p.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise and of sampling")
     p.add_argument("--num_test", type=int, default=None, help="score only the first N test images (smoke tests)")
     p.add_argument("--bpd_batch_size", type=int, default=60, help="test images per bound call")
@@ -146,9 +168,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_ebm_diffusion_"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"benchmark": "bench_ebm_diffusion_digits", "minutes": args.minutes,
-                               "threads": torch.get_num_threads(), "seed": args.seed, "sample_options": SAMPLE_OPTIONS,
+                               "threads": torch.get_num_threads(), "side_by_side": args.side_by_side, "seed": args.seed, "sample_options": SAMPLE_OPTIONS,
                                "runs": {}}
-    trained = {name: train(name, config, args, workdir) for name, config in CONFIGS.items()}  # one after the other
+    trained = train_all(args, workdir)
     x = test_split(False, args.num_test)
     results["num_test"] = len(x)
     fid_data = ShardDataModule("digits", batch_size=256, num_workers=0)

@@ -7,7 +7,8 @@ checkpoint's, and
 
 - a change the checkpoint's weights cannot be loaded into, or would mean something else under
   (a net width, the parameterization, the number of timesteps: the family's
-  ``GenerativeModel.resume_fixed_hparams``, every net argument but ``dropout``, and anything that
+  ``GenerativeModel.resume_fixed_hparams``, every net argument but ``dropout``, the same rules inside
+  the config of a nested model (``resume_nested_models``: LatentDiffusion's prior), and anything that
   changes a parameter's name or shape), refuses the resume before training with
   :class:`~lightning_diffusion.errors.ResumeConflictError`, listing each such option with its old
   and new value;
@@ -51,9 +52,12 @@ def plain(value: Any) -> Any:
     return value
 
 
-def is_fixed(key: str, fixed_hparams: frozenset[str] | None) -> bool:
+def is_fixed(key: str, fixed_hparams: frozenset[str] | None, nested: Mapping[str, Any] | None = None) -> bool:
     """Whether a change of option ``key`` (flattened, e.g. ``net.init_args.hidden``) must refuse a
-    resume. ``fixed_hparams`` None (a model not of our families): only a changed class is."""
+    resume. ``fixed_hparams`` None (a model not of our families): only a changed class is. ``nested``:
+    the model's options that hold a nested model's config (``{"prior": the prior}`` of LatentDiffusion,
+    ``resume_nested_models``), each checked by that model's own rules: its class, and its init_args as its
+    ``resume_fixed_hparams`` and net say."""
     head, _, rest = key.partition(".")
     if key in ("_class_path", "class_path"):
         return True
@@ -63,6 +67,11 @@ def is_fixed(key: str, fixed_hparams: frozenset[str] | None) -> bool:
         return True
     if head == "net":
         return rest == "class_path" or rest.rpartition(".")[2] not in NET_CHANGEABLE
+    if nested and head in nested:
+        inner = nested[head]
+        names = getattr(inner, "resume_fixed_hparams", None)
+        return is_fixed(rest.removeprefix("init_args."), None if names is None else frozenset(names),
+                        getattr(inner, "resume_nested_models", None))
     return False
 
 
@@ -96,7 +105,8 @@ def check_resume(model: Any, new_hparams: Mapping[str, Any], checkpoint: Mapping
     changes = compare(new_hparams, old) if old else {}
     fixed_names = getattr(model, "resume_fixed_hparams", None)
     fixed = None if fixed_names is None else frozenset(fixed_names)
-    refused = {k: v for k, v in changes.items() if is_fixed(k, fixed)}
+    nested = getattr(model, "resume_nested_models", None)
+    refused = {k: v for k, v in changes.items() if is_fixed(k, fixed, nested)}
     state = checkpoint.get("state_dict")
     shapes = state_dict_mismatch(model.state_dict(), state) if isinstance(state, Mapping) else []
     if refused or shapes:

@@ -12,7 +12,7 @@ import typing
 
 import pytest
 import torch
-from tiny import UserModule, tiny_model
+from tiny import UserModule, tiny_latent_model, tiny_model
 
 from lightning_diffusion.callbacks.common import sampling_options
 from lightning_diffusion.callbacks.protocol import (GenerativeModule, HasDensity, HasTrajectory, NamesEstimator,
@@ -34,6 +34,7 @@ CASES = {
     "discrete": (lambda: tiny_model("discrete"), {"steps": 4}, {}, set()),
     "discrete_text": (lambda: tiny_model("discrete", net=dict(sequence=True), num_categories=5, data_shape=(6,)),
                       {"steps": 4}, {}, set()),
+    "latent": (lambda: tiny_latent_model(), {"sampler": "ddim", "steps": 3}, {"steps": 4}, set()),
     "user": (UserModule, {}, {}, set()),
 }
 OPTIONAL = (Reconstructs, HasTrajectory, HasDensity)

@@ -104,6 +104,79 @@ def test_more_draws_per_term_narrow_the_per_sample_bound_around_its_exact_value(
             model.bits_per_dim(X[:2], draws=bad)
 
 
+class LabelTableNet(nn.Module):
+    """A class-conditional net whose x0 logits are one row of a table per label, the same at every position,
+    time and x_t: ``logits[b, i] = table[y_b]`` (row -1, the last, for the null label and y = None). Under
+    absorbing diffusion it is the exact denoiser of data whose positions are i.i.d. ``softmax(table[y])``."""
+
+    data_kind = "sequences"
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.num_categories = table.shape[1]
+        self.table = nn.Parameter(table.clone())
+
+    def forward(self, x_t, t, y=None):
+        rows = torch.full((x_t.shape[0],), -1) if y is None else y
+        assert rows.shape == (x_t.shape[0],), (rows.shape, x_t.shape)
+        return self.table[rows].view(x_t.shape[0], *([1] * (x_t.dim() - 1)), -1).expand(*x_t.shape, -1)
+
+
+def label_table(classes: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random logits [classes + 1, k]: one row per label, the last the null label's."""
+    return 1.5 * torch.randn(classes + 1, k, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_discrete_time_bound_of_a_class_conditional_model_is_each_sample_s_own_label_s():
+    """bits_per_dim(x, y) scores each sample under its own label, also when the bound stacks several timesteps
+    per net call (bpd_chunk x B rows: the labels must follow their samples). Ground truth of the label-table net
+    (positions i.i.d. softmax(table[y]) under absorbing diffusion, linear schedule, so q(x_T) is the mask):
+    at T = 1 the bound is the decoder term alone, exactly ``-sum_i log2 softmax(table[y])[x_i] / L``; at T = 4
+    its expectation is the same number, and with the same draws of x_t (same generator, the masks do not
+    depend on y) a sample of constant category c scores ``m log(1 / pi_y(c))`` with one mask factor m, so two
+    labels' numbers have the exact ratio ``log pi_a(c) / log pi_b(c)`` (in continuous time too: the masked
+    ELBO's draws are the same, only the cross-entropy of the masked positions changes)."""
+    k, length, classes = 3, 4, 3
+    table = label_table(classes, k)
+    log_pi = torch.log_softmax(table, -1).double()
+
+    def model(timesteps: int, conditional: bool = True) -> DiscreteDiffusion:
+        return DiscreteDiffusion(LabelTableNet(table), num_categories=k, corruption="absorbing", timesteps=timesteps,
+                                 loss="vlb", data_shape=(length,), num_classes=classes,
+                                 class_conditional=conditional, bpd_chunk=3)
+
+    x = torch.randint(0, k, (6, length), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, -1, 2, 0])
+    exact = -log_pi[y][torch.arange(6)[:, None], x].sum(1) / (length * math.log(2))
+    torch.testing.assert_close(model(1).bits_per_dim(x, y=y).double(), exact, atol=1e-5, rtol=0)
+    unconditional = -log_pi[-1][x].sum(1) / (length * math.log(2))  # y = None: the null label's row
+    torch.testing.assert_close(model(1).bits_per_dim(x).double(), unconditional, atol=1e-5, rtol=0)
+
+    four = model(4)  # T = 4, bpd_chunk = 3: net calls of 3 B rows, then B rows
+    c = torch.tensor([0, 1, 2])
+    constant = c[:, None].expand(3, length)
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([1, 2, -1])
+    bits_a = four.bits_per_dim(constant, y=a, generator=torch.Generator().manual_seed(2)).double()
+    bits_b = four.bits_per_dim(constant, y=b, generator=torch.Generator().manual_seed(2)).double()
+    torch.testing.assert_close(bits_a / bits_b, log_pi[a, c] / log_pi[b, c], atol=1e-5, rtol=1e-5)
+    # unbiased for the exact value: the mean of 600 samples' one-draw numbers within 4.5 standard errors
+    many = four.bits_per_dim(x.repeat(100, 1), y=y.repeat(100), generator=torch.Generator().manual_seed(3)).double()
+    many = many.view(100, 6)
+    z = (many.mean(0) - exact) / (many.std(0) / 10)
+    assert float(z.abs().max()) < 4.5, (many.mean(0), exact)
+    # continuous time (the masked ELBO at stratified times, rows = B): the same exact ratio on the same draws
+    masked = DiscreteDiffusion(LabelTableNet(table), num_categories=k, corruption="absorbing", timesteps=0,
+                               loss="masked_elbo", data_shape=(length,), num_classes=classes, class_conditional=True,
+                               elbo_samples=8)
+    bits_a, bits_b = (masked.bits_per_dim(constant, y=labels, generator=torch.Generator().manual_seed(4)).double()
+                      for labels in (a, b))
+    torch.testing.assert_close(bits_a / bits_b, log_pi[a, c] / log_pi[b, c], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not class_conditional"):
+        model(4, conditional=False).bits_per_dim(x, y=y)
+    with pytest.raises(ValueError, match="5 labels for 6 samples"):
+        four.bits_per_dim(x, y=y[:5])
+
+
 @pytest.mark.parametrize("corruption,timesteps,loss", [("absorbing", 0, "masked_elbo"), ("uniform", 50, "hybrid")])
 def test_training_lowers_the_bound_towards_the_entropy_and_samples_the_data(corruption, timesteps, loss):
     """A small SequenceTransformer on an enumerable Markov chain (K = 3, L = 4), 150 Adam steps: the bound on

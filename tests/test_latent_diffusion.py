@@ -185,7 +185,7 @@ def vae_checkpoint(tmp_path_factory) -> Path:
     return tiny_first_stage(tmp_path_factory.mktemp("vae"))
 
 
-def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path):
+def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(vae_checkpoint, tmp_path, capsys):
     from lightning_diffusion.checkpoints import load_checkpoint
     from lightning_diffusion.commands import load_model
 
@@ -209,11 +209,31 @@ def test_latent_config_fits_on_a_vae_first_stage_and_a_resume_keeps_the_scale(va
     # the grid of digits x colours was drawn (guided) and a bound was logged under both parts' names
     assert (tmp_path / "run" / "samples" / "final.png").exists()
 
-    # a resume continues with the checkpoint's scale (not re-estimated from its first batch)
+    # a resume that changes what the weights mean is refused before training, naming the option: a prior's
+    # fixed option (its own resume_fixed_hparams: the same shapes, so only the rule can tell), its net's width,
+    # another first-stage file (its weights would be ignored: the checkpoint's are used)
     latent_config(config, max_steps=6)
-    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last")
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(vae_checkpoint.read_bytes())
+    for change, named in ((("--model.init_args.prior.init_args.beta_schedule=cosine",),
+                           "model.init_args.prior.init_args.beta_schedule: 'linear' in the checkpoint, 'cosine' now"),
+                          (("--model.init_args.prior.init_args.net.init_args.hidden=16",),
+                           "model.init_args.prior.init_args.net.init_args.hidden: 24 in the checkpoint, 16 now"),
+                          ((f"--model.init_args.first_stage_ckpt={other}",),
+                           f"model.init_args.first_stage_ckpt: '{vae_checkpoint}' in the checkpoint, '{other}' now")):
+        first_stage = () if "first_stage_ckpt" in change[0] else (f"--model.init_args.first_stage_ckpt={vae_checkpoint}",)
+        width_now = () if "hidden" in change[0] else (width,)
+        with pytest.raises(SystemExit) as exited:
+            fit_here(config, tmp_path / "run", *first_stage, *width_now, *change, "--ckpt_path=last")
+        assert exited.value.code == 1 and named in capsys.readouterr().err, change
+        assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    # a resume continues with the checkpoint's scale (not re-estimated from its first batch); a change of
+    # the prior's label dropout (no weight's meaning) applies
+    fit_here(config, tmp_path / "run", f"--model.init_args.first_stage_ckpt={vae_checkpoint}", width, "--ckpt_path=last",
+             "--model.init_args.prior.init_args.label_dropout=0.2")
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6 and torch.equal(resumed["state_dict"]["latent_scale"], scale)
+    assert resumed["hyper_parameters"]["prior"]["init_args"]["label_dropout"] == 0.2
 
     # the checkpoint alone rebuilds the model (no first-stage file) and samples images
     vae_checkpoint.rename(vae_checkpoint.with_suffix(".moved"))
@@ -345,3 +365,138 @@ def test_a_discrete_prior_over_codes_gives_the_two_stage_bound_of_the_codes(tmp_
     assert bpd.mean().item() < entropy.item() + 0.6  # and the trained prior is near it
     samples = model.sample(8, generator=torch.Generator().manual_seed(2))
     assert samples.shape == (8, 2) and ((samples >= 0) & (samples <= 7)).all()
+
+
+def test_a_class_conditional_discrete_prior_scores_and_samples_each_label_exactly(tmp_path):
+    """LatentDiffusion with a class-conditional DiscreteDiffusion prior over the codes of the binning stage, its
+    net the label table (test_discrete_diffusion.LabelTableNet: codes i.i.d. ``pi_y = softmax(table[y])``).
+    bits_per_dim(x, y) is the exact two-stage bound of each sample's own label (T = 1 absorbing: the prior's
+    bound is ``-log p(c | y)`` itself; T = 3 with 2 timesteps per net call: the ratio of two labels' numbers on
+    the same draws of x_t), y = None (and an unconditional prior) the null row's; guided sampling draws each
+    code from ``softmax(w log pi_y + (1 - w) log pi_null)`` (classifier-free guidance in log space)."""
+    from lightning_diffusion import DiscreteDiffusion
+    from test_discrete_diffusion import LabelTableNet, label_table
+
+    classes, table = 3, label_table(3, 4, seed=5)
+    log_pi = torch.log_softmax(table, -1).double()
+    stage = str(save_stage(BinningStage(), tmp_path / "vq.ckpt"))
+
+    def model(timesteps: int, conditional: bool = True) -> LatentDiffusion:
+        prior = DiscreteDiffusion(LabelTableNet(table), num_categories=4, corruption="absorbing", timesteps=timesteps,
+                                  loss="vlb", num_classes=classes, class_conditional=conditional, bpd_chunk=2,
+                                  data_shape=(2,))
+        return LatentDiffusion(stage, prior, data_shape=(2,), num_classes=classes)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 8, (5, 2), generator=g).float()
+    c, y = torch.div(x, 2, rounding_mode="floor").long(), torch.tensor([2, 0, 1, -1, 1])
+    exact = (-log_pi[y][torch.arange(5)[:, None], c].sum(1) + 2 * math.log(2)) / (2 * math.log(2))
+    one = model(1)
+    assert one.class_conditional and one.bpd_estimator() == "vq+vlb"
+    torch.testing.assert_close(one.bits_per_dim(x, y=y).double(), exact, atol=1e-5, rtol=0)
+    null = (-log_pi[-1][c].sum(1) + 2 * math.log(2)) / (2 * math.log(2))
+    torch.testing.assert_close(one.bits_per_dim(x).double(), null, atol=1e-5, rtol=0)
+    # an unconditional prior (the null row at every call) ignores the labels
+    torch.testing.assert_close(model(1, conditional=False).bits_per_dim(x, y=y).double(), null, atol=1e-5, rtol=0)
+
+    three = model(3)
+    constant = torch.tensor([[0.0, 1.0], [2.0, 3.0], [6.0, 7.0]])  # codes (0, 0), (1, 1), (3, 3)
+    codes = torch.tensor([0, 1, 3])
+    a, b = torch.tensor([0, 1, 2]), torch.tensor([2, -1, 0])
+    bits = [three.bits_per_dim(constant, y=labels, generator=torch.Generator().manual_seed(1)).double() * 2 - 2
+            for labels in (a, b)]  # the prior's nats / ln 2 (2 positions), the bins' 2 bits taken off
+    torch.testing.assert_close(bits[0] / bits[1], log_pi[a, codes] / log_pi[b, codes], atol=1e-5, rtol=1e-5)
+
+    n, w = 4000, 2.5
+    samples = one.sample(n, y=torch.full((n,), 1), guidance_scale=w, generator=torch.Generator().manual_seed(2))
+    assert samples.shape == (n, 2) and one.last_sample_nfe == 1
+    observed = torch.bincount(torch.div(samples, 2, rounding_mode="floor").long().flatten(), minlength=4).double()
+    expected = torch.softmax(w * log_pi[1] + (1 - w) * log_pi[-1], 0) * 2 * n
+    from test_discrete_math import chi2_z
+
+    assert chi2_z(observed, expected)[2] < 3.5, (observed, expected)
+    # the guidance changes the law: the conditional model's own law is far from these counts
+    assert chi2_z(observed, torch.exp(log_pi[1]) * 2 * n)[2] > 10
+
+
+def test_latent_discrete_config_fits_on_a_vq_first_stage_and_draws_the_guided_grid(tmp_path):
+    """configs/vqvae_colour_digits.yaml trained 3 steps through the CLI, then
+    configs/latent_discrete_colour_digits.yaml (shrunk: a small transformer, few sampling steps) for 3 steps on
+    its checkpoint: the prior is the class-conditional absorbing DiscreteDiffusion over the 16 codes, the bound
+    is named vq+masked-elbo and finite, the guided digits x colours grid is drawn, and the checkpoint alone
+    samples images of guided labels."""
+    from lightning_diffusion import DiscreteDiffusion
+    from lightning_diffusion.commands import load_model
+    from conftest import fit_run
+
+    stage = fit_run(tmp_path, "vqvae_colour_digits", "--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3",
+                    "--data.init_args.batch_size=16", "--trainer.limit_val_batches=0",
+                    "--trainer.enable_progress_bar=false",
+                    '--trainer.callbacks=[{"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 3}}]')
+    vq = stage / "checkpoints" / "last.ckpt"
+    assert vq.is_file()
+    config = yaml.safe_load((ROOT / "configs" / "latent_discrete_colour_digits.yaml").read_text())
+    config["trainer"].update(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             check_val_every_n_epoch=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu")
+    callbacks = config["trainer"]["callbacks"]
+    callbacks.sort(key=lambda callback: callback["class_path"] == "LastCheckpoint")
+    for callback in callbacks:
+        if callback["class_path"] == "LastCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = 3
+        if callback["class_path"] == "SampleGrid":
+            callback["init_args"]["sample_options"] = {"steps": 4}
+    callbacks.insert(0, {"class_path": "Likelihood", "init_args": {"num_batches": 1}})
+    prior = config["model"]["init_args"]["prior"]["init_args"]
+    prior["net"]["init_args"].update(dim=32, depth=1, heads=2)
+    prior["elbo_samples"] = 4
+    config["model"]["init_args"]["first_stage_ckpt"] = str(vq)
+    config["data"]["init_args"].update(batch_size=16, batches_per_epoch=2)
+    path = tmp_path / "latent_discrete.yaml"
+    path.write_text(yaml.safe_dump(config))
+    fit_here(path, tmp_path / "run")
+    run = tmp_path / "run"
+    assert (run / "samples" / "final.png").exists()
+    model, _, _ = load_model(run / "checkpoints" / "last.ckpt")
+    assert isinstance(model.prior, DiscreteDiffusion) and model.prior.data_shape == (16,)
+    assert model.class_conditional and model.latent_scale.item() == 1.0 and model.bpd_estimator() == "vq+masked-elbo"
+    x = torch.randint(0, 256, (3, 3, 16, 16)).float().div(127.5).sub(1)
+    bpd = model.bits_per_dim(x, y=torch.tensor([0, 41, 79]))
+    assert bpd.shape == (3,) and torch.isfinite(bpd).all() and (bpd > 0).all()
+    images = model.sample(3, y=torch.tensor([0, 41, 79]), guidance_scale=3.0, steps=4,
+                          generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+
+
+def test_a_tiny_latent_model_fits_with_every_callback(tmp_path):
+    """tests/tiny.py's LatentDiffusion (a class-conditional DDPM prior over a tiny VAE written to tmp_path) in a
+    2-epoch fit on the digits with EMA, SampleGrid (guided), SampleQuality, Likelihood, WandbSamples (CSV) and
+    LastCheckpoint: the bound is logged under the two-stage estimator's name, the quality of guided samples
+    in the JSON lines, the grid and the checkpoint written; EMA averages the prior alone."""
+    import json
+
+    from lightning_diffusion import EMA, LastCheckpoint, Likelihood, SampleGrid, SampleQuality, ShardDataModule, WandbSamples
+    from tiny import tiny_latent_model, tiny_trainer
+
+    torch.manual_seed(0)
+    model = tiny_latent_model(tmp_path, num_classes=10, class_conditional=True, warmup_steps=1)
+    assert (tmp_path / "first_stage.ckpt").is_file() and model.latent_shape == (4,)
+    sample_options = {"sampler": "ddim", "steps": 3}
+    callbacks = [EMA(decay=0.9),
+                 SampleGrid(num_samples=10, guidance_scale=2.0, sample_options=sample_options),
+                 SampleQuality(num_samples=20, extractor="digits", batch_size=20, every_n_epochs=1, metrics=["fid"],
+                               sample_options={**sample_options, "guidance_scale": 2.0}),
+                 Likelihood(every_n_epochs=1, num_batches=1, bpd_options={"steps": 4}),
+                 WandbSamples(every_n_epochs=0, num_samples=4, sample_options=sample_options),
+                 LastCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2)]
+    trainer = tiny_trainer(max_epochs=2, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="q"), callbacks=callbacks,
+                           limit_val_batches=1, default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(model, datamodule=ShardDataModule("digits", batch_size=16, num_workers=0, batches_per_epoch=2))
+    run = tmp_path / "q" / "version_0"
+    bpd = [json.loads(line) for line in (run / "metrics" / "likelihood.jsonl").read_text().splitlines()]
+    # (large: the DDPM prior's Gaussian decoder at t = 0 is narrow, and 4 steps of an untrained net miss the latents)
+    assert bpd[-1]["estimator"] == "elbo+vlb-respaced-4" and 0 < bpd[-1]["bpd"] < math.inf
+    quality = [json.loads(line) for line in (run / "metrics" / "sample_quality.jsonl").read_text().splitlines()]
+    assert len(quality) == 2 and quality[-1]["weights"] == "ema" and quality[-1]["fid"] > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and list(tmp_path.rglob("final.png"))
+    ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+    assert ema.state_dict()["shadow"] and all(name.startswith("prior.") for name in ema.state_dict()["shadow"])

@@ -150,3 +150,40 @@ def test_last_checkpoint_survives_a_crash_during_its_write(tmp_path, monkeypatch
     intact = torch.load(tmp_path / "last.ckpt", weights_only=False)  # the old file, complete
     assert intact["global_step"] == 4
     assert torch.equal(intact["state_dict"]["lin.weight"], good["state_dict"]["lin.weight"])
+
+
+def test_latent_diffusion_s_prior_options_are_judged_by_the_prior_s_own_rules_on_resume():
+    """LatentDiffusion's ``prior`` option holds a model's config: on resume a change of the prior's class, of its
+    resume_fixed_hparams (timesteps, beta_schedule, ...) or of its net's width is refused naming the option as
+    given on the command line, a change of its dropout or label dropout applies; the first stage's file is fixed."""
+    from lightning_diffusion.errors import ResumeConflictError
+    from lightning_diffusion.resume import check_resume
+    from tiny import tiny_latent_model
+
+    model = tiny_latent_model()
+    net = {"class_path": "lightning_diffusion.MLP", "init_args": {"in_channels": 4, "hidden": 16, "dropout": 0.0}}
+    prior = {"class_path": "lightning_diffusion.DDPM",
+             "init_args": {"timesteps": 20, "beta_schedule": "linear", "label_dropout": 0.1, "net": net}}
+    old = {**model.hparams, "prior": prior}
+    checkpoint = {"hyper_parameters": old, "state_dict": model.state_dict()}
+
+    def prior_with(**init_args):
+        out = yaml.safe_load(yaml.safe_dump(prior))
+        for key, value in init_args.items():
+            *parents, last = key.split("__")
+            node = out["init_args"]
+            for part in parents:
+                node = node[part]["init_args"]
+            node[last] = value
+        return out
+
+    for new_prior, named in ((prior_with(timesteps=40), "model.init_args.prior.init_args.timesteps: 20 in the checkpoint"),
+                             (prior_with(beta_schedule="cosine"), "model.init_args.prior.init_args.beta_schedule:"),
+                             (prior_with(net__hidden=32), "model.init_args.prior.init_args.net.init_args.hidden: 16"),
+                             ({**prior, "class_path": "lightning_diffusion.ScoreSDE"}, "model.init_args.prior.class_path:")):
+        with pytest.raises(ResumeConflictError, match=named):
+            check_resume(model, {**old, "prior": new_prior}, checkpoint, "last.ckpt")
+    changes = check_resume(model, {**old, "prior": prior_with(label_dropout=0.2, net__dropout=0.1)}, checkpoint, "last.ckpt")
+    assert sorted(changes) == ["prior.init_args.label_dropout", "prior.init_args.net.init_args.dropout"]
+    with pytest.raises(ResumeConflictError, match="model.init_args.first_stage_ckpt:"):
+        check_resume(model, {**old, "first_stage_ckpt": "elsewhere.ckpt"}, checkpoint, "last.ckpt")

@@ -3,7 +3,8 @@ Trainer, a config shrinker and a user's own minimal LightningModule.
 
 ``tiny_model(family, net=..., **overrides)`` builds one of :data:`FAMILIES` on its tiny net (8 x 8
 one-channel images, or 2-D points for the EBM); ``net`` is a dict of overrides of the tiny net's
-arguments or a net of your own, ``overrides`` go to the model. ``tiny_trainer(**overrides)`` is a CPU
+arguments or a net of your own, ``overrides`` go to the model. ``tiny_latent_model()`` is latent
+diffusion: a tiny DDPM prior over a tiny VAE first stage written to a checkpoint. ``tiny_trainer(**overrides)`` is a CPU
 Trainer without logger, checkpointing, progress bar, model summary or sanity check. ``shrink_config``
 writes a packaged config with a few settings replaced. Only the public API (``lightning_diffusion``
 and its documented module paths) is used here, so refactors inside the package do not break it.
@@ -20,7 +21,8 @@ import yaml
 from torch import Tensor, nn
 
 from lightning_diffusion import (DDPM, EBM, MLP, VAE, VQVAE, CategoricalUNet, ConvVAENet, ConvVQNet, DiscreteDiffusion,
-                                 EnergyMLP, HierarchicalVAE, LadderVAENet, ScoreSDE, SequenceTransformer, UNet)
+                                 EnergyMLP, HierarchicalVAE, LadderVAENet, LatentDiffusion, ScoreSDE,
+                                 SequenceTransformer, UNet)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +68,39 @@ FAMILIES: dict[str, tuple[Callable[..., nn.Module], type, dict[str, Any]]] = {
                  dict(num_categories=256, data_shape=(1, 8, 8), corruption="absorbing", timesteps=20, loss="hybrid",
                       bpd_chunk=8, sample_steps=4)),
 }
+
+
+#: the tiny first stage of latent diffusion: a VAE of 8 x 8 one-channel images with 4 latent dimensions
+TINY_STAGE = dict(in_channels=1, image_size=8, latent_dim=4, channels=[8, 16], num_blocks=1)
+
+
+def tiny_first_stage(path: Path, seed: int = 0) -> Path:
+    """Write a tiny VAE first stage (:data:`TINY_STAGE`, its initial weights drawn with ``seed``) to ``path`` as
+    ``lightning-diffusion fit`` writes a checkpoint: its class path and its net's config in the
+    hyperparameters (LightningCLI's instantiator rebuilds the net), the weights in the state dict."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = VAE(ConvVAENet(**TINY_STAGE), data_shape=(1, 8, 8), likelihood="discretized_logistic")
+    hparams = {**vae.hparams, "_class_path": "lightning_diffusion.VAE",
+               "_instantiator": "lightning.pytorch.cli.instantiate_module",
+               "net": {"class_path": "lightning_diffusion.ConvVAENet", "init_args": dict(TINY_STAGE)}}
+    torch.save({"state_dict": vae.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": L.__version__}, path)
+    return path
+
+
+def tiny_latent_model(directory: Path | None = None, **overrides: Any) -> LatentDiffusion:
+    """A tiny LatentDiffusion: a DDPM prior (an MLP, T = 20) over the 4 latents of :func:`tiny_first_stage`,
+    written into ``directory`` (None: a temporary one, removed once the model is built: the model holds
+    the first stage's weights); ``overrides`` go to the prior (``class_conditional=True``, ...)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as temporary:
+        path = tiny_first_stage(Path(directory or temporary) / "first_stage.ckpt")
+        classes = overrides.get("num_classes")
+        net = MLP(in_channels=4, hidden=16, num_layers=1, time_embed_dim=16, num_classes=classes)
+        prior = DDPM(net, **{**dict(data_shape=(4,), timesteps=20), **overrides})
+        return LatentDiffusion(str(path), prior, data_shape=(1, 8, 8), num_classes=classes)
 
 
 def tiny_net(family: str, **overrides: Any) -> nn.Module:

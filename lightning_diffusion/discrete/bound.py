@@ -67,8 +67,9 @@ def variational_bound(process: CategoricalProcess, denoiser: Denoiser, x0: Tenso
 
     The sum over t is exact; the draws of x_t make the per-sample number scatter around the bound (its
     mean over draws is the bound): more ``draws`` shrink that scatter as ``1 / sqrt(draws)`` at ``draws``
-    times the cost. ``chunk`` timesteps go through the denoiser together (rows ``chunk * B``), so memory
-    is bounded. Returns ``prior`` [B], ``diffusion`` (sum of KL_t, t = 2..T) [B], ``decoder``
+    times the cost. ``chunk`` timesteps go through the denoiser together (rows ``chunk * B``, row
+    ``j * B + b`` the j-th timestep of sample b: a denoiser with per-sample labels repeats them whole), so
+    memory is bounded. Returns ``prior`` [B], ``diffusion`` (sum of KL_t, t = 2..T) [B], ``decoder``
     (-log p(x0 | x1)) [B], ``steps`` [B, T] (column t-1 holds L_{t-1}: decoder first) and ``total`` [B] =
     prior + diffusion + decoder.
     """

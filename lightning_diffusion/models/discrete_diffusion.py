@@ -317,6 +317,18 @@ class DiscreteDiffusion(GenerativeModel):
             x = categories_from_images(x, self.num_categories)
         return self.categories(x, "x")
 
+    def bpd_labels(self, y: Tensor | None, batch_size: int) -> Tensor | None:
+        """The labels of :meth:`bits_per_dim`: ``y`` [B] on the model's device, refused unless the model is
+        ``class_conditional`` and there is one label per sample."""
+        if y is None:
+            return None
+        if not self.class_conditional:
+            raise ValueError("DiscreteDiffusion.bits_per_dim(y=...): the model is not class_conditional; leave y out")
+        if y.shape[0] != batch_size:
+            raise ValueError(f"DiscreteDiffusion.bits_per_dim: y has {y.shape[0]} labels for {batch_size} samples; "
+                             "give one label per sample")
+        return self.condition_labels(y.to(self.device).long())
+
     @full_precision
     def bits_per_dim(self, x: Tensor, *, generator: torch.Generator | None = None, y: Tensor | None = None,
                      draws: PositiveInt = 1, **options: Any) -> Tensor:
@@ -331,11 +343,13 @@ class DiscreteDiffusion(GenerativeModel):
         Args:
             x: int64 categories [B, ...] or images as floats in [-1, 1].
             generator: fixes the draws of x_t (and of t in continuous time).
-            y: class labels [B] of a class-conditional model.
+            y: class labels [B] of a class-conditional model (the bound of ``p(x | y)``; -1: the null label,
+                the unconditional model); None: the unconditional model.
             draws: x_t draws per term (an integer >= 1)."""
         self.check_bpd_options(draws=draws, **options)
         x0 = self.data_categories(x.to(self.device))
-        denoiser = lambda x_t, t: self.logits(x_t, t, y)  # noqa: E731
+        y = self.bpd_labels(y, x0.shape[0])
+        denoiser = lambda x_t, t: self.logits(x_t, t, None if y is None else row_labels(y, x_t.shape[0]))  # noqa: E731
         with evaluating(self):
             if not self.process.continuous:
                 nats = bound.variational_bound(self.process, denoiser, x0, generator=generator,
@@ -349,3 +363,12 @@ class DiscreteDiffusion(GenerativeModel):
                     nats += bound.masked_elbo(self.process, denoiser, x0, t=t.to(x0.device), generator=generator).double()
                 nats = nats / n
         return nats_to_bits_per_dim(nats, self.dims).float()
+
+
+def row_labels(y: Tensor, rows: int) -> Tensor:
+    """The labels ``y`` [B, ...] of the samples for ``rows`` rows of the bound's net calls: the discrete-time
+    bound stacks ``rows / B`` timesteps of the batch, row ``j * B + b`` holding sample b
+    (:func:`~lightning_diffusion.discrete.bound.variational_bound`), so ``y`` repeats whole."""
+    if rows % y.shape[0]:
+        raise ValueError(f"DiscreteDiffusion: {rows} rows of x_t for {y.shape[0]} labels")
+    return y.repeat(rows // y.shape[0], *([1] * (y.dim() - 1)))

@@ -21,7 +21,6 @@ when that file moved or was retrained.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import io
 import math
@@ -46,8 +45,10 @@ class LatentDiffusion(GenerativeModel):
     and decodes them (:meth:`FirstStage.decode_latents`: a VAE gives its decoder's mean).
     """
 
-    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them
-    resume_fixed_hparams = ("data_shape", "scale_by_std")
+    #: options whose change makes the checkpoint's weights mean something else: a resume refuses them (the
+    #: first stage's file and hyperparameters too: its weights are this checkpoint's, so another file given on
+    #: resume would be silently ignored); the prior's own are refused by its rules (:attr:`resume_nested_models`)
+    resume_fixed_hparams = ("data_shape", "scale_by_std", "first_stage_ckpt", "first_stage_hparams")
 
     def __init__(self, first_stage_ckpt: str, prior: dict, scale_by_std: bool | None = None,
                  first_stage_hparams: str | None = None, **kwargs: Any):
@@ -83,9 +84,12 @@ class LatentDiffusion(GenerativeModel):
             first_stage_hparams = json.dumps(stage_hparams)
         else:  # rebuilt from this model's own checkpoint: the weights come with its state dict
             self.first_stage = build_first_stage(json.loads(first_stage_hparams), first_stage_ckpt)
+        prior_config = _with_overrides(prior) if isinstance(prior, dict) else None
         for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
             if hparams is not None:
                 hparams["first_stage_hparams"] = first_stage_hparams
+                if prior_config is not None and "prior" in hparams:  # the command line's overrides in place
+                    hparams["prior"] = copy.deepcopy(prior_config)
         self.first_stage.eval().requires_grad_(False)
         stage_shape = getattr(self.first_stage, "data_shape", None)
         if self.data_shape is not None and stage_shape is not None and tuple(stage_shape) != tuple(self.data_shape):
@@ -104,7 +108,7 @@ class LatentDiffusion(GenerativeModel):
         self.latent_shape = tuple(int(n) for n in self.first_stage.latent_shape)
         #: the prior's data: the latents, or the codes as one sequence
         self.prior_shape = self.latent_shape if self.latent_categories is None else (math.prod(self.latent_shape),)
-        self.prior = build_prior(prior) if isinstance(prior, dict) else prior
+        self.prior = build_prior(prior_config, self.prior_shape) if prior_config is not None else prior
         self._fit_prior(self.prior)
         self.scale_by_std = scale_by_std
         # NaN: not estimated yet (the first training batch estimates it); a buffer, so it is in the checkpoint
@@ -135,6 +139,12 @@ class LatentDiffusion(GenerativeModel):
         if len(self.latent_shape) == 1 and isinstance(in_channels, int) and in_channels != self.latent_shape[0]:
             raise ValueError(f"LatentDiffusion: the prior's net takes in_channels={in_channels}, but the latents have "
                              f"{self.latent_shape[0]} dimensions; build it with in_channels: {self.latent_shape[0]}")
+
+    @property
+    def resume_nested_models(self) -> dict[str, nn.Module]:
+        """The option holding the prior's config, whose changes on resume the prior's own rules judge
+        (:func:`~lightning_diffusion.resume.is_fixed`: its class, its ``resume_fixed_hparams``, its net)."""
+        return {"prior": self.prior}
 
     # -- the first stage stays frozen -------------------------------------------------------------
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -202,8 +212,15 @@ class LatentDiffusion(GenerativeModel):
         return latent
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """The prior's loss on the scaled latents ``s z``, ``z ~ q(z | x)`` drawn without gradients."""
-        return self.prior.loss(self._latent_batch(batch, generator), generator)
+        """The prior's loss on the scaled latents ``s z``, ``z ~ q(z | x)`` drawn without gradients; what the
+        prior logs of its terms (a DiscreteDiffusion's ``train/elbo``, ...) is logged in this model's hook."""
+        latent = self._latent_batch(batch, generator)
+        # Lightning's log() takes the hook's name from the module that logs: the prior runs inside this one's
+        saved, self.prior._current_fx_name = self.prior._current_fx_name, self._current_fx_name
+        try:
+            return self.prior.loss(latent, generator)
+        finally:
+            self.prior._current_fx_name = saved
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.scale_by_std:
@@ -257,7 +274,8 @@ class LatentDiffusion(GenerativeModel):
 
         Args:
             x: data [B, ...] (images in [-1, 1] on the 8-bit grid).
-            y: labels, for a class-conditional prior (None: the unconditional prior).
+            y: labels [B], for a class-conditional prior: the bound on ``-log p(x | y)`` (-1 or None: the
+                unconditional prior's, ``-log p(x)``); an unconditional prior ignores them.
             generator: the noise of the draw of z and of the prior's estimator; None: seeded with ``val_seed``.
             **options: the prior's ``bits_per_dim`` options (DDPM: ``steps``, ``batch_t``; ScoreSDE:
                 ``divergence``, ``steps``, ...).
@@ -268,7 +286,7 @@ class LatentDiffusion(GenerativeModel):
         s = self.scale()
         with evaluating(self):
             z, first_nats = self.first_stage.encode_latents(x, generator)
-            if y is not None and "y" in inspect.signature(self.prior.bits_per_dim).parameters:
+            if y is not None and self.class_conditional:  # the bound of p(x | y); an unconditional prior's of p(x)
                 options["y"] = y
             prior_bpd = self.prior.bits_per_dim(self.to_prior(z, x.dtype), generator=generator, **options)
         latent_dims = math.prod(self.latent_shape)
@@ -276,8 +294,10 @@ class LatentDiffusion(GenerativeModel):
         return nats_to_bits_per_dim(first_nats.double() + prior_nats, x[0].numel()).to(x.dtype)
 
 
-def build_prior(config: dict[str, Any]) -> nn.Module:
-    """The prior of a ``{class_path, init_args}`` config (full class paths: ``lightning_diffusion.DDPM``, whose
+def build_prior(config: dict[str, Any], data_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """The prior of a ``{class_path, init_args}`` config (its ``data_shape`` ``data_shape`` where the config
+    leaves it out: a family that needs it at construction, ``DiscreteDiffusion``, gets the latents' or
+    codes' shape) (full class paths: ``lightning_diffusion.DDPM``, whose
     nested dict jsonargparse leaves as it is; a short name there is refused by the CLI's parser), built by
     jsonargparse as LightningCLI builds a model. Why not a ``GenerativeModel``-typed argument that
     LightningCLI builds itself: LightningCLI hands every LightningModule it builds the top model's
@@ -288,6 +308,8 @@ def build_prior(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"LatentDiffusion: prior must be a config with a class_path (DDPM, ScoreSDE, ...) and "
                          f"init_args, got the keys {sorted(config)}")
     config = _with_overrides(config)
+    if data_shape is not None and config["init_args"].get("data_shape") is None:
+        config["init_args"]["data_shape"] = list(data_shape)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--prior", type=GenerativeModel)
     try:
