@@ -19,8 +19,9 @@ it. The top level (``t = L - 1``) has no Gaussian factor and ``a = 1``: it is th
 so ``E(a_1 x, 0)`` is the energy of the marginal of ``x_0`` (the data with noise of std sigma_0).
 
 The Langevin step of level t is ``s_t = b sigma_{t+1} sqrt(sigmabar_t / sigmabar_0)`` with
-``sigmabar_t`` the std of ``x_t`` given the data (the reference code's ``c_t^2 = sigmabar_t /
-sigmabar_0``; the paper's text writes ``s_t = b sigma_t``), ``b^2 = 2e-4`` and K = 30 steps.
+``sigmabar_t`` the std of ``x_t`` given the data (the reference code's rule, ``s_t^2 = b^2 sigma_{t+1}^2
+c_t^2`` with ``c_t^2 = sigmabar_t / sigmabar_0``: ``b sigma`` scaled up at the noisier levels),
+``b^2 = 2e-4`` and K = 30 steps.
 """
 
 # No `from __future__ import annotations`: the NamedTuple's fields must be evaluated types (pdoc).
