@@ -255,8 +255,8 @@ def _tiny_config(path: Path, steps: int) -> Path:
 
 def test_config_fits_through_the_cli_and_resumes_exactly(tmp_path):
     """``fit --config ebm_recovery_digits`` (tiny): 3 steps write last.ckpt and samples/final.png; then
-    4 steps straight and 2 + resume + 2 end with bitwise equal parameters, EMA averages, Adam moments
-    and training generator."""
+    4 steps straight and 2 + resume + 2 end with bitwise equal parameters (spectral norm's vectors
+    included), Adam moments and training generator."""
     def fit(run: Path, steps: int, *extra: str):
         config = _tiny_config(tmp_path / f"c{steps}.yaml", steps)
         run_cli("fit", "--config", str(config), f"--trainer.default_root_dir={run}", *extra, cwd=tmp_path)
@@ -272,8 +272,6 @@ def test_config_fits_through_the_cli_and_resumes_exactly(tmp_path):
     assert straight["global_step"] == resumed["global_step"] == 4
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    ema_a, ema_b = (next(v for k, v in c["callbacks"].items() if k.startswith("EMA"))["shadow"] for c in (straight, resumed))
-    assert ema_a and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     (rng_a,), (rng_b,) = straight["ebm_replay_buffers"], resumed["ebm_replay_buffers"]
