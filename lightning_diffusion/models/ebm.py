@@ -828,7 +828,9 @@ class EBM(GenerativeModel):
         for 2-D points (``exact-quadrature-level0``). The density scored is the model's of ``x_0``, the
         data with Gaussian noise of std sigmabar_0 = 0.01 added, a proper density of the (dequantized)
         data; it is exact only as far as the short-run conditionals made ``E(., 0)`` the marginal's
-        energy away from the data too (AIS explores where training never went)."""
+        energy away from the data too (AIS explores where training never went). That energy is steep
+        (``net / s_0^2``), and AIS from the base may need far more than ``ais_steps=1000`` to approach
+        log Z: a result below 0 bits/dim for 8-bit images is AIS's error, not the model's."""
         from lightning_diffusion import likelihoods
 
         self.check_bpd_options(num_dequantizations=num_dequantizations, **options)
