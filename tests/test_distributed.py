@@ -28,7 +28,8 @@ FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "vqvae", "ebm", "discrete"]
 POINTS = ("score_sde", "ebm")
 #: and a DDPM of parameterization energy (its loss backpropagates through grad_x E: a double backward),
 #: whose one-step gradients are also checked under FSDP2 ("energy-fsdp2")
-DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2"]
+#: and the EBM's recovery objective (one DDP step: the per-rank Langevin negatives of each level's conditional)
+DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2", "ebm_recovery"]
 FSDP2_FAMILIES = [*FAMILIES, "energy"]
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
@@ -189,7 +190,9 @@ def _ddp_overrides(config: Path) -> list[str]:
         args += ["--model.init_args.timesteps=50"]  # >= the configs' DDIM steps
     if model == "ScoreSDE":
         args += ["--model.init_args.sample_steps=3"]
-    if model == "EBM":
+    if model == "EBM" and text["model"]["init_args"].get("objective") == "recovery":  # no buffer: refused there
+        args += ["--model.init_args.recovery_steps=2", "--model.init_args.quadrature_points=51"]
+    elif model == "EBM":
         args += ["--model.init_args.sample_steps=3", "--model.init_args.mcmc_steps=2",
                  "--model.init_args.buffer_size=32", "--model.init_args.quadrature_points=51"]
     if model == "DiscreteDiffusion":  # timesteps stays (T = 1000: the process the config defines); fewer

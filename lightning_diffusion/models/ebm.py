@@ -1,5 +1,6 @@
-"""The energy-based model ``p(x) = exp(-E(x)) / Z``, trained by contrastive divergence, NCE or
-denoising score matching, sampled with true Langevin/MALA, scored with a named ``log Z``.
+"""The energy-based model ``p(x) = exp(-E(x)) / Z``, trained by contrastive divergence, NCE,
+denoising score matching or diffusion recovery likelihood, sampled with true Langevin/MALA, scored
+with a named ``log Z``.
 
 The energy net is any ``nn.Module`` mapping ``x [B, ...]`` to ``E [B]`` (nats):
 :class:`~lightning_diffusion.nets.energy.EnergyMLP`, :class:`~lightning_diffusion.nets.energy.EnergyConvNet`
@@ -18,6 +19,13 @@ Objectives (``objective``):
   learned parameter (``normalizer``), which estimates ``log Z`` at the optimum.
 - ``dsm``: denoising score matching (Vincent 2011) of the score ``-grad E``:
   ``sigma^2 ||-grad E(x + sigma eps) + eps / sigma||^2 / 2`` at noise levels ``dsm_sigmas``.
+- ``recovery``: diffusion recovery likelihood (Gao et al. 2021; :mod:`lightning_diffusion.mcmc.recovery`):
+  a ladder of ``recovery_levels`` noise levels, one energy per level ``E(y, t) = net(y, t) / s_t^2``
+  (the net conditioned on the level; ``s_t`` the level's Langevin step, the reference code's
+  parameterization, so the net's output stays O(1) at every level), trained by maximum likelihood of
+  each level's conditional EBM ``p(x_t | x_{t+1})``, with ``recovery_steps`` short-run Langevin steps
+  from ``x_{t+1}`` as the negatives. ``sample`` walks the ladder down from N(0, I);
+  ``bits_per_dim`` scores the lowest level's marginal energy ``E(a_1 x, 0)``.
 
 The *base* is the Gaussian fitted to the first training batch (over every rank): a full covariance
 for points, per-dimension for images. Fresh chains start from it, NCE contrasts with it, and AIS
@@ -44,7 +52,13 @@ from lightning_diffusion.seeds import derived_seed
 
 _log = logging.getLogger(__name__)
 
-Objective = Literal["cd", "nce", "dsm"]
+Objective = Literal["cd", "nce", "dsm", "recovery"]
+#: the options of ``objective="recovery"`` alone, and the options it refuses away from their defaults
+RECOVERY_OPTIONS = ("recovery_levels", "recovery_steps", "recovery_step_factor", "recovery_loss_rescale")
+NOT_RECOVERY_OPTIONS = ("mcmc_steps", "buffer_size", "reinit_prob", "short_run", "energy_l2", "noise_ratio",
+                        "dsm_sigmas", "whiten_chains", "base_tilt")
+#: the model samplers (the training negatives' MCMC) that the recovery objective takes
+RECOVERY_CHAIN_SAMPLERS = ("langevin", "mala")
 #: where ``sample`` starts its chains
 SampleInit = Annotated[Literal["base", "buffer"], Choices("'base' (fresh chains from the base) or 'buffer' "
                                                           "(replay-buffer states, objective cd after training)")]
@@ -117,6 +131,20 @@ def _parallel_tempering(model: EBM, energy: Callable, x: Tensor, steps: int, ste
     return mcmc.MCMCResult(out.x, out.energy, float(out.acceptance[0]), out.grad_norm, out.nfe)
 
 
+def _recovery(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float,
+              generator: torch.Generator | None):
+    """The recovery ladder walked down (:func:`~lightning_diffusion.mcmc.recovery_sample`): ``x_L ~
+    N(0, I)``, then at each level ``t = L - 1, ..., 0`` ``steps`` Langevin (the model's ``sampler``
+    ``mala``: MALA) steps on the conditional EBM from the level above's sample; ``step_size`` is the
+    factor ``b`` of the steps ``s_t``. ``x`` gives only the number and shape."""
+    from lightning_diffusion import mcmc
+
+    top = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mcmc.recovery_sample(model.level_energy, top, model.ladder, step_factor=step_size, steps=steps,
+                                metropolis=model.sampler == "mala", grad_clip=model.chain_grad_clip,
+                                generator=generator)
+
+
 def _summary(diagnostics: dict[str, Any]) -> str:
     """One line of a sampler's diagnostics: numbers rounded, tensors as lists (SMC's history summed up)."""
     if diagnostics["sampler"] == "smc":
@@ -135,10 +163,13 @@ CHAIN_SAMPLERS: dict[str, ChainSampler] = {
     "decoupled": ChainSampler(_decoupled, "decoupled_step_size"),
     "smc": ChainSampler(_smc, "step_size", ("islands", "ess_threshold", "moves_per_temperature"), chains=False),
     "parallel_tempering": ChainSampler(_parallel_tempering, "step_size", ("replicas", "max_temperature")),
+    "recovery": ChainSampler(_recovery, "recovery_step_factor", chains=False),
 }
 #: the default of :meth:`EBM.sample`: draws the model's distribution with its mode weights (a chain
-#: from the base keeps the base's mode weights: README, Energy-based models)
+#: from the base keeps the base's mode weights: README, Energy-based models); ``recovery``'s default
+#: is its ladder (:data:`RECOVERY_SAMPLE_SAMPLER`)
 DEFAULT_SAMPLE_SAMPLER = "smc"
+RECOVERY_SAMPLE_SAMPLER = "recovery"
 #: :meth:`EBM.sample`'s options that every sampler takes
 SAMPLE_COMMON_OPTIONS = ("steps", "init", "sampler", "step_size")
 #: the registry's names, as the CLI's type of ``EBM(sampler=...)``
@@ -163,10 +194,14 @@ class EBM(GenerativeModel):
     Logs in training: ``train/loss``, ``train/energy_gap`` (``mean E(data) - mean E(negatives)``:
     near 0 at equilibrium, ever more negative when the chains fall behind), and for ``cd``
     ``train/chain_grad_norm``, ``train/acceptance`` (MALA), ``train/buffer_age`` (mean MCMC steps a
-    buffer state has run since it was drawn from the base); for ``nce`` ``train/log_normalizer``.
+    buffer state has run since it was drawn from the base); for ``nce`` ``train/log_normalizer``; for
+    ``recovery`` ``train/chain_grad_norm``, ``train/acceptance`` and ``train/energy_gap`` (nats, the
+    conditional energies' part ``E(y, t)``, over the batch's mixed levels).
     A divergence guard stops a run whose energies leave ``[-max_energy, max_energy]`` or turn
     non-finite, or whose MCMC chain states turn non-finite (then naming ``step_size``), naming the
-    step and the last checkpoint, before the parameters take the step.
+    step and the last checkpoint, before the parameters take the step. With ``recovery`` it bounds
+    the net's outputs ``net(y, t) = s_t^2 E(y, t)`` (the energies in nats grow as 1 / s_t^2) and names
+    ``recovery_step_factor``.
     """
 
     #: the energy net for each kind of data, named by :meth:`~lightning_diffusion.models.base.GenerativeModel.check_net`
@@ -199,13 +234,19 @@ class EBM(GenerativeModel):
         max_energy: float = 1e4,
         whiten_chains: bool = False,
         base_tilt: bool = False,
+        recovery_levels: int = 6,
+        recovery_steps: int = 30,
+        recovery_step_factor: float = 0.01414213562373095,
+        recovery_loss_rescale: bool = True,
+        spectral_norm: bool = False,
         **kwargs: Any,
     ):
         """
         Args:
             net: the energy net, ``net(x [B, ...]) -> E [B]`` in nats (with ``base_tilt``, the
                 energy's correction to the base's).
-            objective: ``cd`` (persistent contrastive divergence), ``nce`` or ``dsm``.
+            objective: ``cd`` (persistent contrastive divergence), ``nce``, ``dsm`` or ``recovery``
+                (diffusion recovery likelihood; the net must take the level, ``net(y, t)``).
             sampler: MCMC of the CD negatives and of :meth:`sample`: ``langevin`` (ULA,
                 ``x <- x - (eps^2/2) grad E + eps xi``), ``mala`` (the same, Metropolis-adjusted: exact
                 for exp(-E) at any eps) or ``decoupled`` (IGEBM/JEM's ``x - step grad E + noise xi``:
@@ -225,7 +266,8 @@ class EBM(GenerativeModel):
             sample_steps: MCMC steps of :meth:`sample` from fresh chains.
             ais_chains: AIS chains for ``log Z`` of data that are not 2-D points.
             ais_steps: intermediate distributions of the AIS path.
-            ais_step_size: MALA step of the AIS transitions; None: ``step_size``.
+            ais_step_size: MALA step of the AIS transitions; None: ``step_size`` (``recovery``: the
+                lowest level's Langevin step ``s_0 / a_1`` in data units).
             quadrature_points: grid points per axis of the quadrature ``log Z`` (2-D points).
             max_energy: the divergence guard's bound on ``|E|`` (nats).
             whiten_chains: run every chain (CD negatives, :meth:`sample`, AIS) in the base's whitened
@@ -237,12 +279,26 @@ class EBM(GenerativeModel):
                 the model is q tilted by ``exp(-net)``, so its tails are the base's Gaussian tails
                 wherever the net stays bounded, instead of whatever the net does where no chain (and
                 no data) ever goes, which an exact NLL over the whole space counts.
+            recovery_levels: ``recovery``: levels L of the noise ladder (Gao et al.: 6); the net gets
+                the level index ``t`` in 0 .. L - 1 as its time.
+            recovery_steps: ``recovery``: Langevin steps K per level, in training and in :meth:`sample`
+                (Gao et al.: 30).
+            recovery_step_factor: ``recovery``: ``b`` of the Langevin steps ``s_t = b sigma_{t+1}
+                sqrt(sigmabar_t / sigmabar_0)`` (data units; Gao et al.: ``b^2 = 2e-4``). It also fixes
+                the energy's scale ``E = net / s_t^2``, so a resume may not change it.
+            recovery_loss_rescale: ``recovery``: weight level t's term by ``sigma_1 / sigma_{t+1}`` on
+                the net's scale, ``s_t^2 sigma_1 / sigma_{t+1} (E(y+, t) - E(y-, t))`` (the reference
+                code's loss); False: the plain sum of the levels' conditional log-likelihoods, whose
+                gradient is dominated by the lowest level (weights 1 / s_t^2).
+            spectral_norm: put ``torch.nn.utils.parametrizations.spectral_norm`` on every Linear and
+                Conv layer of the net (Miyato et al. 2018; Gao et al. use it); refused for a net built
+                with its own ``spectral_norm``.
             **kwargs: :class:`~lightning_diffusion.models.base.GenerativeModel`'s (``lr``, ``warmup_steps``, ...).
         """
         super().__init__(**kwargs)
         self.save_hyperparameters_except("net")
-        if objective not in ("cd", "nce", "dsm"):
-            raise ValueError(f"EBM: objective={objective!r}; choose cd, nce or dsm")
+        if objective not in ("cd", "nce", "dsm", "recovery"):
+            raise ValueError(f"EBM: objective={objective!r}; choose cd, nce, dsm or recovery")
         if sampler not in CHAIN_SAMPLERS:
             raise ValueError(f"EBM: sampler={sampler!r}; choose one of {list(CHAIN_SAMPLERS)}")
         if not CHAIN_SAMPLERS[sampler].chains and objective == "cd":
@@ -259,6 +315,16 @@ class EBM(GenerativeModel):
             raise ValueError(f"EBM: reinit_prob must be in [0, 1], got {reinit_prob}")
         if not dsm_sigmas or min(dsm_sigmas) <= 0:
             raise ValueError(f"EBM: dsm_sigmas must be positive noise levels, got {dsm_sigmas}")
+        self._check_recovery_options(net, objective, sampler, locals())
+        if spectral_norm:
+            from torch.nn.utils import parametrize
+
+            from lightning_diffusion.nets.energy import apply_spectral_norm
+
+            if any(parametrize.is_parametrized(m) for m in net.modules()):
+                raise ValueError("EBM: spectral_norm=True, but the net already has parametrized layers (built with its "
+                                 "own spectral_norm=True?): set one of the two")
+            apply_spectral_norm(net)
         self.net = net
         self.objective, self.sampler = objective, sampler
         self.step_size, self.mcmc_steps, self.chain_grad_clip = step_size, mcmc_steps, chain_grad_clip
@@ -268,6 +334,15 @@ class EBM(GenerativeModel):
         self.sample_steps, self.max_energy = sample_steps, max_energy
         self.ais_chains, self.ais_steps, self.ais_step_size = ais_chains, ais_steps, ais_step_size
         self.quadrature_points, self.whiten_chains, self.base_tilt = quadrature_points, whiten_chains, base_tilt
+        self.recovery_levels, self.recovery_steps = recovery_levels, recovery_steps
+        self.recovery_step_factor, self.recovery_loss_rescale = recovery_step_factor, recovery_loss_rescale
+        self.ladder = None  #: ``recovery``: the :class:`~lightning_diffusion.mcmc.RecoveryLadder` (float64, CPU)
+        if objective == "recovery":
+            from lightning_diffusion.mcmc import recovery_ladder
+
+            self.ladder = recovery_ladder(recovery_levels)
+            # the energy's scale and the loss weights are the ladder's: a resume may not change them
+            self.resume_fixed_hparams = ("data_shape", "objective", "recovery_levels", "recovery_step_factor")
         if objective == "nce":
             self.normalizer = LogNormalizer()  #: c of log p = -E - c (nats)
         shape = self.require_data_shape()
@@ -280,6 +355,40 @@ class EBM(GenerativeModel):
         self._chain_rng: torch.Generator | None = None  # the training chains' noise: per rank, in the checkpoint
         self._pending_replay: list[dict[str, Any]] | None = None
         self._log_z_cache: tuple[Any, tuple[float, float, str]] | None = None
+
+    @staticmethod
+    def _check_recovery_options(net: nn.Module, objective: str, sampler: str, given: dict[str, Any]) -> None:
+        """Refuse the options that make no sense with the objective: the ``recovery_*`` options away from
+        their defaults under another objective; under ``recovery`` the other objectives' options away
+        from theirs, a training sampler other than Langevin/MALA and a net that takes no level."""
+        import inspect
+
+        defaults = {k: p.default for k, p in inspect.signature(EBM.__init__).parameters.items()}
+        if objective != "recovery":
+            for name in RECOVERY_OPTIONS:
+                if given[name] != defaults[name]:
+                    raise ValueError(f"EBM: {name}={given[name]!r} is an option of objective='recovery'; this model's "
+                                     f"objective is {objective!r}: leave {name} out")
+            return
+        for name in NOT_RECOVERY_OPTIONS:
+            if given[name] != defaults[name] and not (name == "dsm_sigmas" and tuple(given[name]) == defaults[name]):
+                raise ValueError(f"EBM: {name}={given[name]!r} has no meaning for objective='recovery' (its negatives "
+                                 "are recovery_steps Langevin steps from the noisier level, with no buffer, base "
+                                 f"tilt or whitening): leave {name} out")
+        if sampler not in RECOVERY_CHAIN_SAMPLERS:
+            raise ValueError(f"EBM: sampler={sampler!r} cannot run objective='recovery''s negatives, which are chains on "
+                             f"each level's conditional EBM: choose one of {list(RECOVERY_CHAIN_SAMPLERS)}")
+        for name, value, least, integer in (("recovery_levels", given["recovery_levels"], 2, True),
+                                            ("recovery_steps", given["recovery_steps"], 1, True),
+                                            ("recovery_step_factor", given["recovery_step_factor"], 0, False)):
+            check_number(f"EBM.{name}", value, least=least, integer=integer, above=not integer)
+        if given["recovery_levels"] > 501:
+            raise ValueError(f"EBM: recovery_levels={given['recovery_levels']} is more than the 501 levels that the "
+                             "ladder's 1000-step chain can be cut into")
+        if getattr(net, "time_conditioned", True) is False:
+            raise ValueError(f"EBM: objective='recovery' conditions the energy on the noise level, net(y, t), but the "
+                             f"net {type(net).__name__} was built without a time input: build it with time_embed_dim "
+                             "(e.g. 64), or use an EnergyHead around a UNet or MLP")
 
     # -- the base Gaussian ---------------------------------------------------------------------
     def base(self):
@@ -307,8 +416,25 @@ class EBM(GenerativeModel):
 
     # -- energies --------------------------------------------------------------------------------
     def energy(self, x: Tensor) -> Tensor:
-        """``E(x)`` [B] (nats) of data ``x`` [B, ...]."""
+        """``E(x)`` [B] (nats) of data ``x`` [B, ...]; with ``recovery`` the lowest level's marginal
+        energy ``E(a_1 x, 0)`` (:meth:`level_energy`), the model's density of ``x_0`` (the data with
+        noise of std sigmabar_0 = 0.01) up to its normaliser, which the training never sees."""
+        if self.ladder is not None:
+            level = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self.level_energy(float(self.ladder.y_scale[0]) * x, level)
         return self._tilt(self.net(x), x)
+
+    def level_energy(self, y: Tensor, level: Tensor) -> Tensor:
+        """``recovery``: ``E(y, t) = net(y, t) / s_t^2`` [B] (nats) of ``y = a_{t+1} x_t`` [B, ...] at
+        levels ``t`` [B] (int64), with ``s_t`` the level's Langevin step at ``recovery_step_factor``."""
+        return self._level_net(y, level) / self._level_step(level, y).pow(2)
+
+    def _level_net(self, y: Tensor, level: Tensor) -> Tensor:
+        return self.net(y, level.to(y.dtype))
+
+    def _level_step(self, level: Tensor, like: Tensor) -> Tensor:
+        """``s_t`` [B] of the model's ``recovery_step_factor`` at ``level`` [B]."""
+        return self.recovery_step_factor * self.ladder.langevin_step.to(like.device)[level].to(like.dtype)
 
     def _tilt(self, f: Tensor, x: Tensor) -> Tensor:
         """The energy from the net's output ``f`` at ``x``: ``f``, or ``f - log q(x)`` with ``base_tilt``."""
@@ -318,11 +444,12 @@ class EBM(GenerativeModel):
         """The divergence guard: stop before a step whose MCMC chain states (``chains``, the
         negatives) are no longer finite, naming the chains' step size, or whose energies exploded."""
         if chains is not None and not bool(torch.isfinite(chains).all()):
-            option = CHAIN_SAMPLERS[self.sampler].step_option
+            recovery = self.ladder is not None
+            option = "recovery_step_factor" if recovery else CHAIN_SAMPLERS[self.sampler].step_option
             size = getattr(self, option)
             raise FloatingPointError(
                 f"EBM: the MCMC chains diverged at global step {self.global_step}: non-finite chain states after "
-                f"{self.mcmc_steps} {self.sampler} steps of {option}={size:g}"
+                f"{self.recovery_steps if recovery else self.mcmc_steps} {self.sampler} steps of {option}={size:g}"
                 + (" (in units of the base's std: whiten_chains)" if self.whiten_chains else "")
                 + f"; the parameters before this step are intact ({self._checkpoint_note()}). Lower model.{option} "
                 "(by 10x at a time)")
@@ -330,12 +457,15 @@ class EBM(GenerativeModel):
         worst = float(torch.stack([e.detach().abs().max() for e in energies if e.numel()]).max()) \
             if any(e.numel() for e in energies) else 0.0
         if not math.isfinite(worst) or worst > self.max_energy:
+            what = "net(y, t)" if self.ladder is not None else "E"
             raise FloatingPointError(
-                f"EBM: the energies diverged at global step {self.global_step} (max |E| = {worst:.4g} > "
+                f"EBM: the energies diverged at global step {self.global_step} (max |{what}| = {worst:.4g} > "
                 f"max_energy={self.max_energy:g}); the parameters before this step are intact "
                 f"({self._checkpoint_note()}). Lower "
-                "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
-                "spectral_norm in the net")
+                + ("model.lr or model.recovery_step_factor, set model.chain_grad_clip, or set model.spectral_norm"
+                   if self.ladder is not None else
+                   "model.lr or model.step_size, raise model.energy_l2, set model.chain_grad_clip, or use "
+                   "spectral_norm in the net"))
 
     def chain_seed(self, rank: int) -> int:
         """The seed of rank ``rank``'s training generator: from the run's seed (``torch.initial_seed()``,
@@ -403,6 +533,8 @@ class EBM(GenerativeModel):
             return self._cd_loss(x, generator)
         if self.objective == "nce":
             return self._nce_loss(x, generator)
+        if self.objective == "recovery":
+            return self._recovery_loss(x, generator)
         return self._dsm_loss(x, generator)
 
     def _negatives_init(self, batch: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
@@ -473,6 +605,35 @@ class EBM(GenerativeModel):
             self._log_stats({"energy_gap": self.energy(x).detach().mean() - e.detach().mean()}, x.shape[0])
         return loss
 
+    def _recovery_loss(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Maximum likelihood of each level's conditional EBM (Gao et al. 2021, eq. 9): a level ``t`` per
+        sample, the pair ``(x_t, x_{t+1})``, negatives from ``recovery_steps`` Langevin steps on
+        ``p(x_t | x_{t+1})`` started at ``x_{t+1}``; the loss ``w_t (E(y+, t) - E(y-, t))`` with
+        ``y = a_{t+1} x_t`` (the conditional's Gaussian term has no parameter and drops out)."""
+        from lightning_diffusion import mcmc
+
+        ladder = self.ladder
+        level = torch.randint(0, ladder.levels, (x.shape[0],), generator=generator, device=x.device)
+        x_t, x_next = mcmc.recovery_pairs(x, level, ladder, generator)
+        chains = mcmc.recovery_langevin(self.level_energy, x_next, level, ladder, step_factor=self.recovery_step_factor,
+                                        steps=self.recovery_steps, metropolis=self.sampler == "mala",
+                                        grad_clip=self.chain_grad_clip, generator=generator)
+        negatives = chains.x.detach()
+        y_scale = ladder.y_scale.to(x.device)[level].to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+        g_pos, g_neg = self._level_net(y_scale * x_t, level), self._level_net(y_scale * negatives, level)
+        self._guard(g_pos, g_neg, chains=negatives)
+        step2 = self._level_step(level, x).pow(2)
+        if self.recovery_loss_rescale:  # the reference code's: sigma_1 / sigma_{t+1} on the net's scale
+            sigma = ladder.step_noise.to(x.device).to(x.dtype)
+            weight = sigma[0] / sigma[level] * step2
+        else:
+            weight = torch.ones_like(step2)
+        e_pos, e_neg = g_pos / step2, g_neg / step2
+        if self.training:
+            self._log_stats({"energy_gap": (e_pos - e_neg).detach().mean(), "chain_grad_norm": chains.grad_norm,
+                             "acceptance": chains.acceptance}, x.shape[0])
+        return (weight * (e_pos - e_neg)).mean()
+
     def _log_stats(self, stats: dict[str, Any], batch_size: int) -> None:
         if self._trainer is None:
             return
@@ -510,6 +671,12 @@ class EBM(GenerativeModel):
         only with a sampler that runs chains from given states."""
         name = options.get("sampler") or self._default_sampler(options.get("init", "base"))
         entry = registered(CHAIN_SAMPLERS, name, "EBM sampler")
+        if name == RECOVERY_SAMPLE_SAMPLER and self.ladder is None:
+            raise OptionError("sampler", name, f"the recovery ladder exists only for objective='recovery' (this model's "
+                              f"is {self.objective!r})", "use smc (the default), mala or langevin")
+        if options.get("init") == "buffer" and self.ladder is not None:
+            raise OptionError("init", "buffer", "objective='recovery' keeps no replay buffer",
+                              "use init='base' (the default: the recovery ladder from N(0, I))")
         for option, value in options.items():
             owners = [n for n, e in CHAIN_SAMPLERS.items() if option in e.options]
             if value is not None and owners and option not in entry.options:
@@ -519,9 +686,12 @@ class EBM(GenerativeModel):
                               "use init='base', or a chain sampler (sampler='mala', 'langevin', 'parallel_tempering')")
 
     def _default_sampler(self, init: str) -> str:
-        """:meth:`sample`'s sampler when none is named: ``smc`` from the base; from the buffer the
-        model's chain sampler (the buffer's states are its chains' states, which it continues)."""
-        return self.sampler if init == "buffer" else DEFAULT_SAMPLE_SAMPLER
+        """:meth:`sample`'s sampler when none is named: ``recovery`` for a recovery model, else ``smc`` from
+        the base; from the buffer the model's chain sampler (the buffer's states are its chains' states,
+        which it continues)."""
+        if init == "buffer":
+            return self.sampler
+        return RECOVERY_SAMPLE_SAMPLER if self.ladder is not None else DEFAULT_SAMPLE_SAMPLER
 
     def sample(self, num_samples: int, *, y: Tensor | None = None, generator: torch.Generator | None = None,
                steps: PositiveInt | None = None, init: SampleInit = "base", sampler: str | None = None,
@@ -532,7 +702,11 @@ class EBM(GenerativeModel):
         """``num_samples`` samples of exp(-E); images are clipped to [-1, 1].
 
         Args:
-            sampler: one of :data:`CHAIN_SAMPLERS`; default ``smc`` (:data:`DEFAULT_SAMPLE_SAMPLER`),
+            sampler: one of :data:`CHAIN_SAMPLERS`; for ``objective="recovery"`` the default is
+                ``recovery``, the ladder walked down from N(0, I) (``steps`` Langevin steps per level,
+                default ``recovery_steps``; ``step_size`` the factor b, default ``recovery_step_factor``),
+                and the others sample the lowest level's marginal ``exp(-E(a_1 x, 0))``. Otherwise
+                the default is ``smc`` (:data:`DEFAULT_SAMPLE_SAMPLER`),
                 which draws the model's distribution with its mode weights (with ``init="buffer"``:
                 the model's ``sampler``, continuing the buffer's chains). ``langevin``, ``mala``,
                 ``decoupled``: chains of ``steps`` steps from the base or the buffer (each chain stays in
@@ -562,6 +736,10 @@ class EBM(GenerativeModel):
         override = {"sampler": sampler or self._default_sampler(init)}
         if step_size is not None:
             override["step_size"] = step_size
+        elif override["sampler"] == RECOVERY_SAMPLE_SAMPLER:
+            override["step_size"] = self.recovery_step_factor
+        if steps is None and override["sampler"] == RECOVERY_SAMPLE_SAMPLER:
+            steps = self.recovery_steps
         with evaluating(self):
             if init == "buffer":
                 if self._replay is None:
@@ -606,11 +784,19 @@ class EBM(GenerativeModel):
                 if self.whiten_chains:  # AIS for z = L^-1 (x - mean) from N(0, I); log Z_x = log Z_z + log det L
                     white, energy, _ = self._whitened()
                     base, log_det = mcmc.GaussianBase(torch.zeros_like(self.base_mean), std=1.0), float(white._log_det_half)
-                out = mcmc.ais(energy, base, self.ais_chains, step_size=self.ais_step_size or self.step_size,
+                out = mcmc.ais(energy, base, self.ais_chains, step_size=self.ais_step_size or self._ais_default_step(),
                                betas=self.ais_steps, generator=generator)
                 result = (out.log_z + log_det, out.stderr, "ais")
         self._log_z_cache = (key, result)
         return result
+
+    def _ais_default_step(self) -> float:
+        """AIS's MALA step when ``ais_step_size`` is None: ``step_size``; for ``recovery`` the lowest
+        level's Langevin step in data units, ``s_0 / a_1`` (the scale its energy ``net / s_0^2`` was
+        trained at: a step of ``step_size`` may be far off it)."""
+        if self.ladder is None:
+            return self.step_size
+        return float(self.recovery_step_factor * self.ladder.langevin_step[0] / self.ladder.y_scale[0])
 
     def density_grid(self, bounds: tuple[tuple[float, float], tuple[float, float]], num: int = 201):
         """The normalised log density ``-E - log Z`` of 2-D points on a ``num`` x ``num`` grid over
@@ -623,15 +809,28 @@ class EBM(GenerativeModel):
             return mcmc.log_density_grid(self.energy, bounds, num=num, device=self.device, dtype=self.base_mean.dtype)
 
     def bpd_estimator(self, **_: Any) -> str:
-        """``exact-quadrature`` for 2-D points, ``ais-logZ`` otherwise (see :meth:`log_partition`)."""
-        return "exact-quadrature" if self.data_shape == (2,) else "ais-logZ"
+        """``exact-quadrature`` for 2-D points, ``ais-logZ`` otherwise (see :meth:`log_partition`); for
+        ``objective="recovery"`` with ``-level0`` appended: the lowest level's marginal energy."""
+        name = "exact-quadrature" if self.data_shape == (2,) else "ais-logZ"
+        return name + "-level0" if self.ladder is not None else name
 
     @full_precision
     def bits_per_dim(self, x: Tensor, *, num_dequantizations: PositiveInt = 1,
                      generator: torch.Generator | None = None, **options: Any) -> Tensor:
         """``(E(x) + log Z) / (D ln 2)`` [B]: the NLL in bits per dimension with ``log Z`` from
         :meth:`log_partition`. 8-bit images are uniformly dequantized (``num_dequantizations`` draws,
-        averaged) and scored as discrete data (+7 bits/dim for the 1/128 bins), like the other families."""
+        averaged) and scored as discrete data (+7 bits/dim for the 1/128 bins), like the other families.
+
+        ``objective="recovery"``: ``E`` is the lowest level's marginal energy ``E(a_1 x, 0)``
+        (:meth:`energy`). Its normaliser is never learnt (each level's conditional normaliser drops
+        out of the training gradient), so ``log Z`` is always estimated here: by AIS from the base
+        (``ais-logZ-level0``, a stochastic lower bound of log Z: the NLL errs low) or by quadrature
+        for 2-D points (``exact-quadrature-level0``). The density scored is the model's of ``x_0``, the
+        data with Gaussian noise of std sigmabar_0 = 0.01 added, a proper density of the (dequantized)
+        data; it is exact only as far as the short-run conditionals made ``E(., 0)`` the marginal's
+        energy away from the data too (AIS explores where training never went). That energy is steep
+        (``net / s_0^2``), and AIS from the base may need far more than ``ais_steps=1000`` to approach
+        log Z: a result below 0 bits/dim for 8-bit images is AIS's error, not the model's."""
         from lightning_diffusion import likelihoods
 
         self.check_bpd_options(num_dequantizations=num_dequantizations, **options)

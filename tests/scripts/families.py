@@ -66,6 +66,14 @@ def build(family: str) -> tuple[L.LightningModule, ShardDataModule, dict, dict]:
         points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
         return tiny_model("ebm", **common), points, {"num_samples": 20, "batch_size": 10, "num_real": 256,
                                                      "sample_options": {"steps": 3}}, {}
+    if family == "ebm_recovery":  # diffusion recovery likelihood: per-rank Langevin negatives on each level's conditional
+        from lightning_diffusion import EBM, EnergyMLP
+
+        points = ShardDataModule("gaussians8", batch_size=32, num_workers=0, batches_per_epoch=2, shuffle_buffer=64)
+        model = EBM(EnergyMLP(2, 32, 2, time_embed_dim=16), data_shape=(2,), objective="recovery", recovery_steps=3,
+                    recovery_step_factor=0.05, quadrature_points=51, **common)
+        model.fit_base(tiny_model("ebm").base().sample(256, torch.Generator().manual_seed(1)))  # the tiny EBM's base
+        return model, points, {"num_samples": 20, "batch_size": 10, "num_real": 256}, {}
     if family == "discrete":  # absorbing D3PM in discrete time on the digits' 8-bit categories (K = 256)
         # T = 20 with the hybrid loss, not continuous time: it runs the discrete-time code (the
         # importance-sampling buffers, the exact bound over every t in chunks of bpd_chunk = 8 steps per
@@ -149,7 +157,7 @@ def fixed_halves(family: str) -> list[dict]:
 
     from lightning_diffusion.data.sources import digits, toy2d_points
 
-    if family in ("score_sde", "ebm"):
+    if family in ("score_sde", "ebm", "ebm_recovery"):
         x, y = toy2d_points("gaussians8", 16, np.random.default_rng(0))
         batch = {"x": torch.from_numpy(x), "y": torch.from_numpy(y).long()}
     else:
@@ -218,7 +226,7 @@ def ddp_step(family: str, out: str) -> None:
         losses = []
         for rank, half in enumerate(halves):
             torch.manual_seed(STEP_SEED)
-            if family == "ebm":  # each rank starts its own replay buffer, with its own generator
+            if family in ("ebm", "ebm_recovery"):  # each rank's own replay buffer (cd) and generator
                 reference._replay = None
                 reference._chain_rng = torch.Generator().manual_seed(reference.chain_seed(rank))
             if family == "discrete":  # each rank draws t from the history it started with (gathered after)
