@@ -80,6 +80,11 @@ def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
             "max_time": job["max_time"]}
 
 
+def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time, alone; the run's facts."""
+    return finish(start(name, config, args, workdir), workdir)
+
+
 def train_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
     """Both configs for the same wall time: one after the other (each alone), or with
     ``--side_by_side`` both at once (each on ``--threads`` threads), so that whatever else shares the
@@ -87,7 +92,7 @@ def train_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, An
     if args.side_by_side:
         jobs = [start(name, config, args, workdir) for name, config in CONFIGS.items()]
         return {job["name"]: finish(job, workdir) for job in jobs}
-    return {name: finish(start(name, config, args, workdir), workdir) for name, config in CONFIGS.items()}
+    return {name: train(name, config, args, workdir) for name, config in CONFIGS.items()}
 
 
 def evaluate(name: str, run: dict[str, Any], x: torch.Tensor, args: argparse.Namespace, fid_data) -> dict[str, Any]:

@@ -22,7 +22,7 @@ scoring flag below is passed through), one subprocess per checkpoint, ``--parall
 ``--threads`` threads, EMA weights where the config has EMA. Default estimators: DDPM, energy DDPM and
 the latent DDPM prior the full T = 1000-term bound; ScoreSDE the adaptive probability-flow ODE; VAE and
 HVAE IWAE-1000 (and the ELBO); VQ-VAE its ``vq-uniform-prior`` bound; EBM ``E(x) + log Z`` with AIS log Z
-(errs low); absorbing discrete diffusion its exact masked ELBO.
+(errs low; the recovery-likelihood EBM on its lowest level's energy, sampled by walking its ladder down); absorbing discrete diffusion its exact masked ELBO.
 
     python benchmarks/bench_families_budget.py --minutes 8 --workdir runs/families_budget \\
         --json benchmarks/results/cpu_families_budget.json
@@ -67,6 +67,7 @@ CONFIGS: dict[str, str] = {
     "ddpm_digits": "ddpm",
     "sde_vp_digits": "score_sde",
     "ebm_digits": "ebm",
+    "ebm_recovery_digits": "ebm_recovery",
     "ebm_diffusion_digits": "energy",
     "discrete_absorbing_digits": "discrete_absorbing",
     "latent_ddpm_digits": "latent",
@@ -270,7 +271,7 @@ def table(results: dict[str, Any]) -> str:
         for i, row in enumerate(r["bpd"]):
             first = i == 0
             estimator = row["estimator"]
-            if r["family"] == "ebm":
+            if r["family"] in ("ebm", "ebm_recovery"):
                 estimator += f" (log Z +- {r['log_z_stderr']:.2f} nats, AIS {r['ais_chains']}x{r['ais_steps']})"
             fid_cell = f"{f['fid']:.2f}" if f else "-"
             nfe_cell = f"{f['nfe']} ({sampler})" if f else "-"

@@ -88,6 +88,7 @@ FAMILIES: dict[str, tuple[str, str | None]] = {
     "hvae": ("HierarchicalVAE", None),
     "vqvae": ("VQVAE", None),
     "ebm": ("EBM", None),
+    "ebm_recovery": ("EBM", "recovery"),
     "discrete_absorbing": ("DiscreteDiffusion", "absorbing"),
     "discrete_uniform": ("DiscreteDiffusion", "uniform"),
     "latent": ("LatentDiffusion", None),
@@ -101,6 +102,7 @@ SAMPLE_OPTIONS: dict[str, dict[str, Any]] = {
     "hvae": {},
     "vqvae": {},  # codes uniform over the codebook (the prior of its bound), then the decoder's draw
     "ebm": {"sampler": "mala"},
+    "ebm_recovery": {},  # the model's default: the walk down its noise ladder
     "discrete_absorbing": {"sampler": "ancestral", "steps": 100},
     "discrete_uniform": {"sampler": "ancestral", "steps": 100},
     "latent": {"sampler": "ddim", "steps": 50},  # the DDPM prior's sampler, then the decoder's mean
@@ -113,9 +115,11 @@ DECODER_ONLY = ("VAE", "HierarchicalVAE", "VQVAE")
 def variant(model) -> str | None:
     """What tells two families of one class apart: a DiscreteDiffusion's corruption; ``energy-net`` for a
     Gaussian diffusion whose net outputs an energy (its parameterization's row has an energy scale);
-    None otherwise."""
+    ``recovery`` for an EBM trained by recovery likelihood; None otherwise."""
     if hasattr(model, "corruption"):
         return model.corruption
+    if getattr(model, "objective", None) == "recovery":  # an EBM trained by diffusion recovery likelihood
+        return "recovery"
     name = getattr(model, "parameterization", None)
     if isinstance(name, str):
         from lightning_diffusion.diffusion.parameterization import row
@@ -191,7 +195,7 @@ def bpd_rows(family: str, model, x_float: torch.Tensor, x_cat: torch.Tensor, arg
     elif family in ("vae", "hvae"):
         jobs.append({"num_importance_samples": args.iwae_k})
         jobs.append({"num_importance_samples": 1})
-    elif family == "ebm":
+    elif family in ("ebm", "ebm_recovery"):
         if args.ebm_ais_chains is not None:
             model.ais_chains = args.ebm_ais_chains
         if args.ebm_ais_steps is not None:
@@ -217,7 +221,7 @@ def bpd_rows(family: str, model, x_float: torch.Tensor, x_cat: torch.Tensor, arg
     rows = []
     for options in jobs:
         bits, seconds = score(model, x, batch_size, args.seed, **options)
-        if family == "ebm":
+        if family in ("ebm", "ebm_recovery"):
             seconds += extra["log_z_seconds"]
         mean, se = summarize(bits)
         estimator = model.bpd_estimator(**options)
@@ -285,7 +289,7 @@ def table(results: dict[str, Any]) -> str:
         steps = f"{r['global_step']}" + (f" / {r['max_steps']}" if r.get("max_steps") else "")
         for i, row in enumerate(r["bpd"]):
             note = ""
-            if family == "ebm":
+            if family in ("ebm", "ebm_recovery"):
                 note = f" (log Z {r['log_z']:.2f} +- {r['log_z_stderr']:.2f} nats, AIS {r['ais_chains']}x{r['ais_steps']})"
             lines.append(f"| {family if i == 0 else ''} | {steps if i == 0 else ''} | "
                          f"{fmt_time(r['train_seconds']) if i == 0 else ''} | {row['estimator']}{note} | "
@@ -365,7 +369,7 @@ def score_checkpoint(family: str, path: Path, args: argparse.Namespace, data: Di
     for row in rows:
         print(f"  {row['estimator']:>14}: {row['bits_per_dim']:.4f} +- {row['stderr']:.4f} bits/dim "
               f"({row['n']} images, {row['seconds']:.1f} s)", flush=True)
-    if family == "ebm":
+    if family in ("ebm", "ebm_recovery"):
         print(f"  log Z {extra['log_z']:.3f} +- {extra['log_z_stderr']:.3f} nats ({extra['log_z_method']}, "
               f"{extra['ais_chains']} chains x {extra['ais_steps']} steps, {extra['log_z_seconds']:.1f} s)")
     if args.fid_samples:
