@@ -250,7 +250,9 @@ def fid(model, options: dict[str, Any], args, datamodule) -> dict[str, Any]:
         out = original(*a, **kw)
         sampled["seconds"] += time.perf_counter() - start
         sampled["nfe"] = getattr(model, "last_sample_nfe", None)
-        if sampled["nfe"] is None and type(model).__name__ == "EBM":  # one energy gradient per MCMC step
+        if sampled["nfe"] is None and getattr(model, "objective", None) == "recovery" and not kw.get("sampler"):
+            sampled["nfe"] = model.recovery_levels * model.recovery_steps  # the ladder: K Langevin steps per level
+        elif sampled["nfe"] is None and type(model).__name__ == "EBM":  # one energy gradient per MCMC step
             sampled["nfe"] = kw.get("steps") or model.sample_steps
         elif sampled["nfe"] is None and type(model).__name__ in DECODER_ONLY:
             sampled["nfe"] = 1  # one decoder (top-down) pass

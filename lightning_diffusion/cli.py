@@ -728,7 +728,27 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"lightning-diffusion {argv[0]}: error: {_one_line(e)}\n"
                          "(--debug or LD_DEBUG=1 shows the traceback)\n")
+        _end_process_group_after_refusal()
         sys.exit(1)
+
+
+def _end_process_group_after_refusal(timeout: float = 30.0) -> None:
+    """A user error that every rank raised together (a refusal broadcast from rank zero: a finished run
+    directory, a resume conflict) leaves the process group in order before the exit, as a finished run
+    does (:func:`~lightning_diffusion.distributed.end_process_group`): otherwise a gloo worker thread
+    still holding the broadcast can abort the rank (SIGABRT instead of exit status 1) while the
+    interpreter finalizes. An error of one rank alone gives up after ``timeout`` seconds and exits."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from lightning_diffusion.distributed import end_process_group
+
+    try:
+        end_process_group(timeout=timeout)
+    except Exception as error:  # a rank that did not come: exit anyway, as before
+        sys.stderr.write(f"lightning-diffusion: the process group did not end in order ({_one_line(error)})\n")
 
 
 def _exit_if_stopped_by_signal(subcommand: str, error: BaseException) -> None:
