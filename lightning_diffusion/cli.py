@@ -125,7 +125,7 @@ class DiffusionCLI(LightningCLI):
         net's ``num_classes`` becomes the model's ``label_attributes`` (per-attribute label sizes,
         e.g. [10, 8] for digit and colour) where the config gives them, since the net then embeds each
         attribute on its own; :func:`_net_num_classes` checks that they factor the data's classes."""
-        if not target.endswith(".net.init_args.num_classes"):
+        if not _is_net_classes(target):
             return None
         return lambda num_classes: _net_num_classes(num_classes, self._label_attributes())
 
@@ -364,6 +364,11 @@ def _explicit_link_values(config, args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _is_net_classes(target: str) -> bool:
+    """Whether the link ``target`` is a net's ``num_classes`` (bare or inside a wrapper net)."""
+    return target.endswith(".net.init_args.num_classes")
+
+
 def _net_num_classes(num_classes: int | None, label_attributes: list[int] | None) -> int | list[int] | None:
     """The ``num_classes`` of a net for data with ``num_classes`` labels: ``label_attributes`` (the
     per-attribute sizes) where given, else the data's. LinkConflictError where the attributes do not
@@ -392,7 +397,7 @@ def _check_links(explicit: dict[str, Any], datamodule, label_attributes: list[in
         if target not in explicit or not hasattr(datamodule, source.split(".", 1)[1]):
             continue
         data_value = getattr(datamodule, source.split(".", 1)[1])
-        if target.endswith(".net.init_args.num_classes"):
+        if _is_net_classes(target):
             data_value = _net_num_classes(data_value, label_attributes)
         if data_value is not None and plain(explicit[target]) != plain(data_value):
             raise LinkConflictError(
@@ -737,12 +742,8 @@ def _end_process_group_after_refusal(timeout: float = 30.0) -> None:
     directory, a resume conflict) leaves the process group in order before the exit, as a finished run
     does (:func:`~lightning_diffusion.distributed.end_process_group`): otherwise a gloo worker thread
     still holding the broadcast can abort the rank (SIGABRT instead of exit status 1) while the
-    interpreter finalizes. An error of one rank alone gives up after ``timeout`` seconds and exits."""
-    import torch
-
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
+    interpreter finalizes. An error of one rank alone gives up after ``timeout`` seconds and exits.
+    Without a process group :func:`end_process_group` does nothing."""
     from lightning_diffusion.distributed import end_process_group
 
     try:
