@@ -735,6 +735,11 @@ def main(argv: list[str] | None = None) -> None:
                          "(--debug or LD_DEBUG=1 shows the traceback)\n")
         _end_process_group_after_refusal()
         sys.exit(1)
+    finally:
+        if argv[0] in TRAINER_SUBCOMMANDS:
+            from lightning_diffusion.callbacks.signals import restore_signal_handlers
+
+            restore_signal_handlers()  # after Lightning's teardown, which re-installs ours after an error
 
 
 def _end_process_group_after_refusal(timeout: float = 30.0) -> None:

@@ -138,6 +138,7 @@ def test_sigterm_saves_the_step_exits_143_and_resumes_bitwise(tmp_path, in_path)
 
 def test_sigint_saves_and_exits_130(tmp_path, in_path):
     run = tmp_path / "run"
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     proc = run_cli(*fit_args(write_config(tmp_path / "c.yaml", signals=[{"step": 2, "signal": "SIGINT"}],
                                           max_steps=50, data={"num_workers": 0}), run), check=False)
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -145,9 +146,44 @@ def test_sigint_saves_and_exits_130(tmp_path, in_path):
     assert stop_lines(proc.stderr) == [f"lightning-diffusion fit: stopped by SIGINT at step 3; saved {ckpt}; "
                                        f"resume with --ckpt_path {ckpt}"]
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    assert {signum: signal.getsignal(signum) for signum in before} == before  # the handlers the fit found
     with pytest.raises(KeyboardInterrupt):  # after the fit, SIGINT does here what it did before
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
+
+
+def test_a_fit_that_fails_leaves_the_signal_handlers_it_found_and_the_next_fit_takes_them(tmp_path):
+    """Lightning's teardown puts back, after StopOnSignal's own restore on an error, the handlers it found
+    at the fit's start (ours): that stale handler passes signals on, is not taken by the next fit for the
+    user's (it chained to it: a SIGINT after the later fit then did nothing), and the CLI removes it when
+    its command ends."""
+    from lightning_diffusion.callbacks import StopOnSignal
+    from lightning_diffusion.callbacks.signals import restore_signal_handlers
+    from test_ema import Regression, loader
+
+    class Fails(Regression):
+        def validation_step(self, batch, batch_idx):
+            raise FloatingPointError("diverged in the sanity check")
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    first, second = StopOnSignal(), StopOnSignal()
+    for callback in (first, first, second):  # a callback object may be reused by a second fit
+        trainer = tiny_trainer(max_steps=2, num_sanity_val_steps=1, callbacks=[callback])
+        with pytest.raises(FloatingPointError):
+            trainer.fit(Fails(), loader(), loader())
+        assert signal.getsignal(signal.SIGINT) == callback._handle  # Lightning's teardown put it back
+        assert callback._previous == before  # what the user had, not an ended fit's handler
+    with pytest.raises(KeyboardInterrupt):  # the stale handler passes SIGINT on to the user's
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    restore_signal_handlers()
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+    # through the CLI (in this process), an error in the sanity check leaves the handlers as they were
+    proc = run_cli("fit", "--config", "configs/ebm_toy2d.yaml", "--model.init_args.step_size=1e4",
+                   "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                   "--trainer.callbacks=[]", check=False)
+    assert proc.returncode == 1 and "the MCMC chains diverged" in proc.stderr, proc.stderr[-2000:]
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_sigterm_without_last_checkpoint_still_fails_and_says_so(tmp_path, in_path):

@@ -246,8 +246,10 @@ class StopOnSignal(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only
+        # what the user had: not the handler of an ended fit's StopOnSignal (this one's included) that
+        # Lightning put back after it (see _handler_before_stop), else each fit would chain to the last
+        self._previous = {signum: _handler_before_stop(signum, signal.getsignal(signum)) for signum in STOP_SIGNALS}
         self.signum, self._trainer, self._pid, self._active = None, trainer, os.getpid(), True
-        self._previous = {}
         self._install()  # before Lightning's SIGTERM handler: it then calls ours after its own
         later = trainer.callbacks[trainer.callbacks.index(self) + 1:] if self in trainer.callbacks else []
         from lightning.pytorch.callbacks import Checkpoint
@@ -311,6 +313,34 @@ class StopOnSignal(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._end()
         self._trainer = None
+
+
+def _handler_before_stop(signum: int, handler: Any) -> Any:
+    """``handler``, or, where it is the handler of a :class:`StopOnSignal` whose fit has ended, the one
+    that callback found (followed down to a handler of the user's). Lightning's signal connector saves
+    every signal's handler when a fit starts, ours among them, and puts them all back at its teardown,
+    after our own restore on an error (:meth:`StopOnSignal.on_exception`): the ended fit's handler
+    stays installed. It passes signals on as before, but the next fit must not take it for the user's."""
+    seen: set[int] = set()
+    while (getattr(handler, "__func__", None) is StopOnSignal._handle and not handler.__self__._active
+           and id(handler.__self__) not in seen):
+        seen.add(id(handler.__self__))
+        handler = handler.__self__._previous.get(signum, signal.SIG_DFL)
+    return handler
+
+
+def restore_signal_handlers() -> None:
+    """Put back the SIGTERM / SIGINT handlers that were installed before any ended fit's
+    :class:`StopOnSignal` (see :func:`_handler_before_stop`: Lightning's teardown re-installs ours after
+    an error). The CLI calls it when a command ends, so that in a Python process that runs it (a
+    notebook, a test) a signal afterwards does what it did before: SIGINT raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        current = signal.getsignal(signum)
+        before = _handler_before_stop(signum, current)
+        if before is not current:
+            signal.signal(signum, before if before is not None else signal.SIG_DFL)
 
 
 def _dataloader_files() -> tuple[str, ...]:
