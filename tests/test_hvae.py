@@ -204,3 +204,57 @@ def test_cli_fit_and_reload(tmp_path):
     assert len(list((run / "samples").glob("reconstructions-step*.png"))) == 1  # WandbSamples through reconstruct()
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "val/active_units_group5" in header and "val/kl_group5" in header
+
+
+def test_the_top_group_first_stage_nats_with_the_models_own_top_prior_are_its_elbo():
+    """HierarchicalVAE as a first stage of latent diffusion: ``encode_latents``'s nats minus ``log p(z_top)``
+    under the HVAE's own top prior, averaged over draws, is the negative ELBO that ``bits_per_dim``
+    computes with every group's KL in closed form; ``decode_latents`` draws the lower groups from their
+    priors given the top one."""
+    from lightning_diffusion import likelihoods as dist
+    from lightning_diffusion.models.first_stage import FirstStage
+
+    torch.manual_seed(0)
+    model = small_model().eval()
+    with torch.no_grad():  # the prior nets start at zero (N(0, I) priors): give them something to be wrong about
+        for block in model.net.blocks:
+            for p in block.prior_net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    assert isinstance(model, FirstStage) and model.latent_shape == (2,) and model.latent_categories is None
+    x, draws = DIGITS[:3], 3000
+    with torch.no_grad():
+        z, nats = model.encode_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1))
+        top = model.net.blocks[0].prior_net(model.net.bias)  # the top group's prior: no groups above it
+        mean, logvar = model._clamped((top[:, :2], top[:, 2:4]))
+        log_prior = dist.diagonal_gaussian_log_prob(z, mean.flatten(1), logvar.flatten(1))
+        two_stage = ((nats - log_prior) / (64 * math.log(2))).view(draws, 3)
+        elbo = torch.stack([model.bits_per_dim(x, generator=torch.Generator().manual_seed(i))
+                            for i in range(300)]).mean(0)
+    error = two_stage.std(0) / math.sqrt(draws) + 0.02
+    assert ((two_stage.mean(0) - elbo).abs() < 4 * error).all(), (two_stage.mean(0), elbo)
+    images = model.decode_latents(z[:4], torch.Generator().manual_seed(2))
+    again = model.decode_latents(z[:4], torch.Generator().manual_seed(2))
+    other = model.decode_latents(z[:4], torch.Generator().manual_seed(3))  # the lower groups are drawn
+    assert images.shape == (4, 1, 8, 8) and torch.equal(images, again) and not torch.equal(images, other)
+    with pytest.raises(ValueError, match=r"expected \[B, 2\]"):
+        model.decode_latents(torch.zeros(2, 3))
+
+
+def test_latent_ddpm_digits_fits_on_the_top_group_of_hvae_digits(tmp_path):
+    """configs/hvae_digits.yaml, then configs/latent_ddpm_digits.yaml over its top group (8 latents),
+    3 steps each through the CLI: images and a finite two-stage bound under its name."""
+    from lightning_diffusion.commands import load_model
+
+    small = ("--trainer.max_steps=3", "--data.init_args.batches_per_epoch=3", "--data.init_args.batch_size=16",
+             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false")
+    hvae_ckpt = fit_run(tmp_path, "hvae_digits", *small) / "checkpoints" / "last.ckpt"
+    run = fit_run(tmp_path, "latent_ddpm_digits", *small, f"--model.init_args.first_stage_ckpt={hvae_ckpt}",
+                  "--model.init_args.prior.init_args.timesteps=50",
+                  "--model.init_args.prior.init_args.net.init_args.in_channels=8",
+                  "--trainer.callbacks.init_args.sample_options={sampler: ddim, steps: 3}")
+    model, _, _ = load_model(run / "checkpoints" / "last.ckpt")
+    assert type(model.first_stage) is HierarchicalVAE and tuple(model.latent_shape) == (8,)
+    images = model.sample(2, sampler="ddim", steps=3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    bpd = model.bits_per_dim(DIGITS[:2], steps=5)
+    assert torch.isfinite(bpd).all() and (bpd > 0).all() and model.bpd_estimator(steps=5) == "elbo+vlb-respaced-5"

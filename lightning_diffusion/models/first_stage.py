@@ -1,5 +1,5 @@
 """The first-stage interface of two-stage models (:class:`~lightning_diffusion.models.latent_diffusion.LatentDiffusion`):
-a trained latent-variable model (``VAE``, ``VQVAE``) that encodes data into latents and decodes them back.
+a trained latent-variable model (``VAE``, ``HierarchicalVAE`` over its top group, ``VQVAE``) that encodes data into latents and decodes them back.
 
 No Lightning and nothing of ours: the first stages (:mod:`~lightning_diffusion.models.vae`, the VQ-VAE) and
 the latent-diffusion model both import it, so neither imports the other.
@@ -17,7 +17,7 @@ from torch import Tensor
 class FirstStage(Protocol):
     """A frozen first stage of a two-stage model.
 
-    ``latent_shape``: the shape of one sample's latent (a VAE: ``(latent_dim,)``; VQ: the code grid ``(h, w)``).
+    ``latent_shape``: the shape of one sample's latent (a VAE: ``(latent_dim,)``; an HVAE: its top group flattened; VQ: the code grid ``(h, w)``).
     ``latent_categories``: None for continuous latents (float); K for int64 codes in ``[0, K)`` (VQ).
     """
 

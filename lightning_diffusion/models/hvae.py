@@ -9,6 +9,7 @@ each group's KL in closed form given a sample of the groups above it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +30,10 @@ class HierarchicalVAE(LatentVariableModel):
     the active units per group (``val/active_units_group{i}``) and in all (``val/active_units``).
     Log-variances of prior and posterior are soft-clamped (``c tanh(x / c)``); updates with a
     non-finite or outlying gradient norm are skipped and counted (:class:`~lightning_diffusion.models.latent_variable.GradientSkip`).
+
+    It is also a first stage of latent diffusion over its top latent group (``latent_shape``,
+    :meth:`encode_latents`, :meth:`decode_latents`): the prior replaces ``p(z_top)``, the groups below
+    stay the HVAE's.
     """
 
     data_nets = {"images": ("LadderVAENet", "LadderVAENet")}
@@ -144,6 +149,55 @@ class HierarchicalVAE(LatentVariableModel):
         with evaluating(self):
             features = self.net.top_down(None, prior_sample, num_samples)
             return self._decode_to_data(self.head(features), decoder, generator)
+
+    # -- the first-stage interface (models/first_stage.py): LatentDiffusion over the top group ------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C r r,)``: the top latent group (``group_shapes[0]``) of one sample, flattened to a vector
+        (the groups below it are part of the first stage)."""
+        return (math.prod(self.net.group_shapes[0]),)
+
+    #: continuous latents
+    latent_categories = None
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(z_top, nats [B])``: every group drawn from its posterior, the top one returned flattened
+        [B, latent_shape], and ``-log p(x | z) + log q(z_top | x) - sum_{i > 0} [log p(z_i | z_<i) -
+        log q(z_i | x, z_<i)]`` in nats (8-bit images as discrete data), so that ``-log p(x) <= nats -
+        log p(z_top)`` for any prior of the top group (LSGM's bound with the lower groups in the first
+        stage). With the model's own top prior it is the negative ELBO of one draw, every KL by Monte Carlo."""
+        nats = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        top: list[Tensor] = []
+
+        def posterior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            nonlocal nats
+            (prior_mean, prior_logvar), (mean, logvar) = self._clamped(prior), self._clamped(posterior)
+            z = dist.diagonal_gaussian_sample(mean, logvar, generator)
+            nats = nats + dist.diagonal_gaussian_log_prob(z, mean, logvar)
+            if group:
+                nats = nats - dist.diagonal_gaussian_log_prob(z, prior_mean, prior_logvar)
+            else:
+                top.append(z.flatten(1))
+            return z
+
+        features = self.net.top_down(self._encode(x), posterior_sample, x.shape[0])
+        return top[0], nats - self.likelihood.log_prob(x, self.head(features))
+
+    def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [-1, 1] from top latents z [B, latent_shape]: the groups below drawn from their priors
+        ``p(z_i | z_<i)`` (with ``generator``), then the decoder's mean."""
+        if z.shape[1:] != self.latent_shape:
+            raise ValueError(f"HierarchicalVAE.decode_latents: latents of shape {tuple(z.shape)}; expected "
+                             f"[B, {self.latent_shape[0]}] (the top group {self.net.group_shapes[0]}, flattened)")
+
+        def prior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            if not group:
+                return z.to(prior[0].dtype).view(-1, *self.net.group_shapes[0])
+            mean, logvar = self._clamped(prior)
+            return dist.diagonal_gaussian_sample(mean, logvar, generator)
+
+        features = self.net.top_down(None, prior_sample, z.shape[0])
+        return self.likelihood.mean(self.head(features))
 
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None, decoder: str = "mean") -> Tensor:
         """Decode ``z ~ q(z | x)`` (every group from its posterior): the decoder's mean, or a sample

@@ -1,6 +1,6 @@
 """Latent diffusion (Rombach et al. 2022) over a frozen first stage, with a bound on the data's likelihood.
 
-A trained first stage (:class:`~lightning_diffusion.models.first_stage.FirstStage`: ``VAE``, ``VQVAE``) is
+A trained first stage (:class:`~lightning_diffusion.models.first_stage.FirstStage`: ``VAE``, ``HierarchicalVAE``, ``VQVAE``) is
 loaded strictly from its checkpoint and frozen; a prior of any family (``DDPM`` or ``ScoreSDE`` over
 continuous latents) models its latents, scaled by ``1 / std`` of the first training batch's latents
 (Rombach et al.'s ``scale_by_std``). ``bits_per_dim`` is LSGM's bound (Vahdat et al. 2021)
@@ -54,8 +54,8 @@ class LatentDiffusion(GenerativeModel):
                  first_stage_hparams: str | None = None, **kwargs: Any):
         """
         Args:
-            first_stage_ckpt: path of the first stage's checkpoint (a ``VAE`` / ``VQVAE`` run's ``.ckpt``),
-                loaded strictly: every key of the model, or an error naming the missing and unexpected
+            first_stage_ckpt: path of the first stage's checkpoint (a ``VAE``, ``HierarchicalVAE`` (its top
+                group is the latent) or ``VQVAE`` run's ``.ckpt``), loaded strictly: every key of the model, or an error naming the missing and unexpected
                 keys and the file. Its class and hyperparameters come from the checkpoint; its
                 ``data_shape`` must be the data's. It is frozen (eval mode, no gradients, not in the
                 optimizer, not averaged by EMA).
@@ -398,5 +398,5 @@ def build_first_stage(hparams: dict[str, Any], path: str) -> nn.Module:
         stage = cls.load_from_checkpoint(buffer, map_location="cpu", strict=False, weights_only=True)
     if not isinstance(stage, FirstStage):
         raise CheckpointError(f"{path}: the model {class_path} is not a first stage (it has no latent_shape, "
-                              "latent_categories, encode_latents and decode_latents); use a VAE or VQVAE checkpoint")
+                              "latent_categories, encode_latents and decode_latents); use a VAE, HierarchicalVAE or VQVAE checkpoint")
     return stage
