@@ -46,22 +46,40 @@ CONFIGS = {"ddpm": "ddpm_digits", "energy": "ebm_diffusion_digits"}
 SAMPLE_OPTIONS = {"sampler": "ddim", "steps": 50}
 
 
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The training options of the equal-time benchmarks (this one and ``bench_ebm_recovery_digits.py``)."""
+    p.add_argument("--minutes", type=float, required=True, help="training time of each model (minutes)")
+    p.add_argument("--budget", choices=["wall", "cpu"], default="wall",
+                   help="what --minutes counts: wall-clock time (trainer.max_time), or the process's CPU time "
+                   "(cpu_budget.CPUBudget: fair on a machine that other work shares)")
+    p.add_argument("--threads", type=int, default=0, help="threads of training and evaluation (0: leave as is)")
+    p.add_argument("--side_by_side", action="store_true", help="train the models at once, each on --threads threads "
+                   "(a machine shared with other work then slows them alike)")
+
+
 def start(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Launch ``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time (a subprocess)."""
-    seconds = max(1, round(args.minutes * 60))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    max_time = f"{days:02d}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    """Launch ``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time, or of the fit's CPU
+    time with ``--budget cpu`` (a subprocess)."""
+    from cpu_budget import max_time
+
+    budget = getattr(args, "budget", "wall")
+    if budget == "cpu":  # the wall clock only as a backstop
+        limit = [f"--trainer.max_time={max_time(args.minutes * 20)}",
+                 "--trainer.callbacks+=cpu_budget.CPUBudget", f"--trainer.callbacks.minutes={args.minutes}"]
+    else:
+        limit = [f"--trainer.max_time={max_time(args.minutes)}"]
     cmd = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
-           f"--trainer.max_time={max_time}", "--trainer.max_steps=-1",
+           *limit, "--trainer.max_steps=-1",
            f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", "--trainer.logger.init_args.version=bench",
            "--trainer.enable_progress_bar=false"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads) if args.threads else os.environ.get("OMP_NUM_THREADS", "")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))  # cpu_budget
     env = {k: v for k, v in env.items() if v != ""}
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     log = open(workdir / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return {"name": name, "config": config, "proc": proc, "log": log, "start": time.perf_counter(), "max_time": max_time}
+    return {"name": name, "config": config, "proc": proc, "log": log, "start": time.perf_counter(),
+            "limit": " ".join(limit[:1] if budget == "wall" else limit)}
 
 
 def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -75,9 +93,11 @@ def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise SystemExit(f"[{name}] fit failed ({returncode}):\n{tail}")
     ckpt = workdir / "runs" / config / "bench" / "checkpoints" / "last.ckpt"
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-    print(f"[{name}] {step} steps in {wall / 60:.2f} min (process wall, imports included)", flush=True)
+    cpu = [line for line in (workdir / f"{name}.log").read_text().splitlines() if line.startswith("CPUBudget:")]
+    print(f"[{name}] {step} steps in {wall / 60:.2f} min (process wall, imports included)"
+          + (f"; {cpu[-1]}" if cpu else ""), flush=True)
     return {"config": config, "checkpoint": str(ckpt), "global_step": step, "process_wall_s": wall,
-            "max_time": job["max_time"]}
+            "limit": job["limit"], **({"train_cpu_s": float(cpu[-1].split()[-3])} if cpu else {})}
 
 
 def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -85,14 +105,14 @@ def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> di
     return finish(start(name, config, args, workdir), workdir)
 
 
-def train_all(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
-    """Both configs for the same wall time: one after the other (each alone), or with
-    ``--side_by_side`` both at once (each on ``--threads`` threads), so that whatever else shares the
-    machine slows both alike."""
+def train_all(args: argparse.Namespace, workdir: Path, configs: dict[str, str] = CONFIGS) -> dict[str, dict[str, Any]]:
+    """The configs (name -> config) for the same time: one after the other (each alone), or with
+    ``--side_by_side`` all at once (each on ``--threads`` threads), so that whatever else shares the
+    machine slows them alike."""
     if args.side_by_side:
-        jobs = [start(name, config, args, workdir) for name, config in CONFIGS.items()]
+        jobs = [start(name, config, args, workdir) for name, config in configs.items()]
         return {job["name"]: finish(job, workdir) for job in jobs}
-    return {name: train(name, config, args, workdir) for name, config in CONFIGS.items()}
+    return {name: train(name, config, args, workdir) for name, config in configs.items()}
 
 
 def evaluate(name: str, run: dict[str, Any], x: torch.Tensor, args: argparse.Namespace, fid_data) -> dict[str, Any]:
@@ -142,10 +162,7 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, required=True, help="training wall time of each model (minutes)")
-    p.add_argument("--threads", type=int, default=0, help="threads of training and evaluation (0: leave as is)")
-    p.add_argument("--side_by_side", action="store_true", help="train both at once, each on --threads threads "
-                   "(a machine shared with other work then slows both alike)")
+    add_training_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise and of sampling")
     p.add_argument("--num_test", type=int, default=None, help="score only the first N test images (smoke tests)")
     p.add_argument("--bpd_batch_size", type=int, default=60, help="test images per bound call")

@@ -93,12 +93,14 @@ def evaluate(name: str, run: dict[str, Any], x: torch.Tensor, args: argparse.Nam
 
 
 def main() -> None:
+    sys.path.insert(0, str(HERE))  # the shared training and scoring code
+    from bench_ebm_diffusion_digits import add_training_arguments, train_all
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, required=True, help="training wall time of each model (minutes)")
+    add_training_arguments(p)
     p.add_argument("--models", nargs="+", default=["cd", "recovery"], choices=list(CONFIGS),
                    help="which configs to train (default cd and recovery)")
     p.add_argument("--with_diffusion", action="store_true", help="also the energy-parameterized diffusion model")
-    p.add_argument("--threads", type=int, default=0, help="threads of training and evaluation (0: leave as is)")
     p.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise and of sampling")
     p.add_argument("--num_test", type=int, default=None, help="score only the first N test images (smoke tests)")
     p.add_argument("--bpd_batch_size", type=int, default=60, help="diffusion: test images per bound call")
@@ -113,11 +115,9 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--json", default=str(HERE / "results" / "cpu_ebm_recovery_digits.json"))
     args = p.parse_args()
-    sys.path.insert(0, str(HERE))  # the shared training and scoring code
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench_ebm_diffusion_digits import train
     from bench_six_families import test_split
 
     from lightning_diffusion import ShardDataModule
@@ -126,8 +126,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_ebm_recovery_"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"benchmark": "bench_ebm_recovery_digits", "minutes": args.minutes,
+                               "budget": args.budget, "side_by_side": args.side_by_side,
                                "threads": torch.get_num_threads(), "seed": args.seed, "runs": {}}
-    trained = {name: train(name, CONFIGS[name], args, workdir) for name in models}  # one after the other
+    trained = train_all(args, workdir, {name: CONFIGS[name] for name in models})
     x = test_split(False, args.num_test)
     results["num_test"] = len(x)
     fid_data = ShardDataModule("digits", batch_size=256, num_workers=0)

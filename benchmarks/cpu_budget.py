@@ -1,0 +1,52 @@
+"""Training budgets of the benchmarks: ``trainer.max_time`` of a number of minutes, and a budget in CPU time
+rather than wall time, for benchmarks "at equal CPU time" on a machine
+that other work shares (the README says when a benchmark was not alone).
+
+``trainer.max_time`` counts wall-clock time: another process on the same cores takes from every run's
+budget at random. :class:`CPUBudget` stops a fit when its own process has used ``minutes`` of CPU
+time (``time.process_time``: every thread of the process, so with ``OMP_NUM_THREADS=1`` one core's
+worth of work). Memory bandwidth and caches are still shared, so it narrows, not removes, the effect
+of a busy machine. Lightning has no such limit (its ``Timer`` reads the wall clock), hence this file.
+Given to ``lightning-diffusion fit`` as ``--trainer.callbacks+=cpu_budget.CPUBudget`` with this folder
+on ``PYTHONPATH`` (see ``bench_ebm_diffusion_digits.start``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lightning as L
+
+
+def max_time(minutes: float) -> str:
+    """Lightning's ``trainer.max_time`` (DD:HH:MM:SS) of ``minutes``, at least one second."""
+    seconds = max(1, round(minutes * 60))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days:02d}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class CPUBudget(L.Callback):
+    """Stop the fit after ``minutes`` of this process's CPU time, counted from the start of training."""
+
+    def __init__(self, minutes: float) -> None:
+        """
+        Args:
+            minutes: the CPU time the fit may use (minutes, all threads of this process together).
+        """
+        if not minutes > 0:
+            raise ValueError(f"CPUBudget: minutes must be > 0, got {minutes}")
+        self.seconds = 60.0 * float(minutes)
+        self._start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.process_time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if time.process_time() - self._start >= self.seconds:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        used = time.process_time() - self._start
+        print(f"CPUBudget: {trainer.global_step} steps in {used:.1f} CPU s", file=sys.stderr, flush=True)
