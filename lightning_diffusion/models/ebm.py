@@ -925,7 +925,9 @@ class EBM(GenerativeModel):
         precision = 1 / prior_var + gauss
         return (prior_mean / prior_var + gauss * x_next) / precision, precision.rsqrt().expand_as(x_next)
 
-    def recovery_nll(self, x: Tensor, *, chains: PositiveInt = 16, steps: PositiveInt = 100, step_size: Positive = 0.5,
+    def recovery_nll(self, x: Tensor, *, chains: PositiveInt = RECOVERY_AIS_DEFAULTS["recovery_ais_chains"],
+                     steps: PositiveInt = RECOVERY_AIS_DEFAULTS["recovery_ais_steps"],
+                     step_size: Positive = RECOVERY_AIS_DEFAULTS["recovery_ais_step_size"],
                      generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
         """``objective="recovery"``: the ladder's variational bound on ``-log p(x_0 = x)`` (nats) [B]
         and its diagnostics (Gao et al. 2021, Sec. 3; as Sohl-Dickstein et al. 2015's bound):
