@@ -25,12 +25,14 @@ from tiny import tiny_model
 from conftest import assert_ended_cleanly
 
 FAMILIES = ["ddpm", "score_sde", "vae", "hvae", "vqvae", "ebm", "discrete"]
-POINTS = ("score_sde", "ebm")
+POINTS = ("score_sde", "ebm", "ebm_recovery")
 #: and a DDPM of parameterization energy (its loss backpropagates through grad_x E: a double backward),
 #: whose one-step gradients are also checked under FSDP2 ("energy-fsdp2")
-#: and the EBM's recovery objective (one DDP step: the per-rank Langevin negatives of each level's conditional)
-DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2", "ebm_recovery"]
-FSDP2_FAMILIES = [*FAMILIES, "energy"]
+#: and the EBM's recovery objective (one DDP step and one FSDP2 step, "ebm_recovery-fsdp2": the per-rank
+#: Langevin negatives of each level's conditional), which also trains, evaluates (its ladder bound by AIS
+#: on the sharded net) and samples under FSDP2
+DDP_FAMILIES = [*FAMILIES, "energy", "energy-fsdp2", "ebm_recovery", "ebm_recovery-fsdp2"]
+FSDP2_FAMILIES = [*FAMILIES, "energy", "ebm_recovery"]
 SCRIPT = Path(__file__).parent / "scripts" / "families.py"
 
 
@@ -133,7 +135,9 @@ def test_every_family_trains_evaluates_samples_and_resumes_exactly_under_fsdp2(t
             assert quality["val/fid_num_samples"] == 20 and math.isfinite(quality["val/fid"]), family
             if family != "discrete":  # checked last, below
                 assert 0 < quality["val/fid"] < 1000, family
-        assert likelihood["val/bpd_num_samples"] > 0 and 0 < likelihood["val/bpd"] < 20, family
+        # the recovery EBM's ladder bound after 4 steps: 269 bits/dim (measured; E = net / s_0^2 scales the
+        # untrained net's output by ~4000 at level 0)
+        assert likelihood["val/bpd_num_samples"] > 0 and 0 < likelihood["val/bpd"] < (1000 if family == "ebm_recovery" else 20), family
         assert quality == rank1["quality"] and likelihood == rank1["likelihood"], family
 
     # the sharded checkpoint folder as one file: full weights, EMA averages and optimizer state

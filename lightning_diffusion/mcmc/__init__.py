@@ -10,7 +10,8 @@ in nats), for any data shape.
   (:mod:`.quadrature`) `grid_log_z` and `log_density_grid` by quadrature on a box.
 - Diffusion recovery likelihood (:mod:`.recovery`, Gao et al. 2021): the noise ladder
   `recovery_ladder`, the pairs `recovery_pairs`, each level's conditional EBM `conditional_energy`,
-  its short-run Langevin `recovery_langevin` and the walk down the ladder `recovery_sample`.
+  its short-run Langevin `recovery_langevin`, the walk down the ladder `recovery_sample` and the
+  conditionals' log normalisers by AIS `recovery_log_normalizers`.
 - Samples with their mode weights (:mod:`.smc`): `smc`, sequential Monte Carlo along AIS's path
   (resampling, adapted MALA/HMC moves), with log Z and its standard error from independent islands.
 
@@ -24,8 +25,9 @@ from lightning_diffusion.mcmc.annealing import (TemperingResult, annealed_langev
                                                 parallel_tempering, simulated_annealing)
 from lightning_diffusion.mcmc.kernels import (Energy, MCMCResult, decoupled_langevin, decoupled_temperature,
                                               energy_and_grad, hmc, langevin, mala)
-from lightning_diffusion.mcmc.recovery import (PAPER_STEP_FACTOR, RecoveryLadder, conditional_energy, recovery_ladder,
-                                                recovery_langevin, recovery_pairs, recovery_sample)
+from lightning_diffusion.mcmc.recovery import (PAPER_STEP_FACTOR, RecoveryLadder, RecoveryNormalizers, conditional_energy,
+                                                recovery_ladder, recovery_langevin, recovery_log_normalizers,
+                                                recovery_pairs, recovery_sample)
 from lightning_diffusion.mcmc.smc import SMCResult, smc, systematic_resample
 from lightning_diffusion.mcmc.quadrature import DensityGrid, box_around, grid_log_z, log_density_grid
 
@@ -33,6 +35,6 @@ __all__ = ["AISResult", "DensityGrid", "Energy", "GaussianBase", "MCMCResult", "
            "annealed_langevin", "box_around", "decoupled_langevin", "decoupled_temperature", "effective_sample_size",
            "energy_and_grad", "gaussian_base", "geometric_ladder", "grid_log_z", "hmc", "langevin",
            "log_density_grid", "log_mean_exp", "mala", "parallel_tempering", "reverse_ais", "sigmoid_betas",
-           "PAPER_STEP_FACTOR", "RecoveryLadder", "conditional_energy", "recovery_ladder", "recovery_langevin",
-           "recovery_pairs", "recovery_sample",
+           "PAPER_STEP_FACTOR", "RecoveryLadder", "RecoveryNormalizers", "conditional_energy", "recovery_ladder",
+           "recovery_langevin", "recovery_log_normalizers", "recovery_pairs", "recovery_sample",
            "simulated_annealing", "SMCResult", "smc", "systematic_resample"]

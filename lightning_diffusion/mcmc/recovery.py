@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_diffusion.likelihoods.bits import log_mean_exp
+from lightning_diffusion.mcmc.ais import GaussianBase, ais, log_mean_stderr
 from lightning_diffusion.mcmc.kernels import MCMCResult, langevin
 
 LevelEnergy = Callable[[Tensor, Tensor], Tensor]
@@ -134,8 +136,63 @@ def recovery_sample(energy: LevelEnergy, x_top: Tensor, ladder: RecoveryLadder, 
     return MCMCResult(x, energies, acceptance / ladder.levels, grad_norm / ladder.levels, nfe)
 
 
+class RecoveryNormalizers(NamedTuple):
+    """What :func:`recovery_log_normalizers` returns: per sample (level and ``x_{t+1}``)."""
+
+    log_z: Tensor  # [B] float64: AIS's log Z (nats) of each conditional, in y: a stochastic lower bound
+    stderr: Tensor  # [B] float64: its delta-method standard error over the chains (Monte Carlo error only)
+    log_weights: Tensor  # [B, K] float64: the AIS log weights of each sample's K chains (log mean exp = log_z)
+    acceptance: float  # mean acceptance of the AIS transitions
+    nfe: int  # batched evaluations of the energy and its gradient
+
+
+def recovery_log_normalizers(energy: LevelEnergy, x_next: Tensor, level: Tensor, ladder: RecoveryLadder, *,
+                             chains: int, step_size: float, betas: int = 100, base_mean: Tensor | None = None,
+                             base_std: Tensor | None = None, transition: str = "mala",
+                             generator: torch.Generator | None = None) -> RecoveryNormalizers:
+    """``log Z_t(x_{t+1}) = log ∫ exp(-E(y, t) - ||y - x_{t+1}||^2 / (2 sigma_{t+1}^2)) dy`` (nats) of the
+    recovery conditional (:func:`conditional_energy`) of each sample of ``x_next`` [B, ...] at its
+    level ``level`` [B] (the top level, without the Gaussian term: the marginal's ``log ∫ exp(-E(y, L-1)) dy``),
+    by forward AIS (:func:`~lightning_diffusion.mcmc.ais`) with ``chains`` chains per sample through
+    ``betas`` sigmoid-spaced bridges, one ``transition`` move each.
+
+    The AIS base of a sample is the diagonal Gaussian ``N(base_mean, base_std^2)`` in y (per sample,
+    shaped like ``x_next``); None: the conditional's Gaussian part ``N(x_{t+1}, sigma_{t+1}^2 I)``
+    (refused at the top level, which has none). The chains run in that base's whitened coordinates
+    ``u = (y - base_mean) / base_std``, where the base is N(0, I) for every sample (so one AIS run
+    serves them all, and ``step_size`` is MALA's step in units of the base's std), and
+    ``log Z_y = log Z_u + sum log base_std``. Forward AIS is unbiased in Z, so each ``log_z`` errs
+    low in expectation (Jensen); ``stderr`` is its Monte Carlo error over the K chains, not the bias."""
+    if not (isinstance(chains, int) and chains >= 2):
+        raise ValueError(f"recovery_log_normalizers: chains must be an integer >= 2, got {chains!r}")
+    conditional = _at(ladder.conditional, level, x_next)
+    if base_mean is None:
+        if not bool((conditional > 0).all()):
+            raise ValueError("recovery_log_normalizers: the top level has no Gaussian term to start AIS from: "
+                             "give base_mean and base_std")
+        base_mean, base_std = x_next, _at(ladder.step_noise, level, x_next).expand_as(x_next)
+    base_std = torch.as_tensor(base_std, dtype=x_next.dtype, device=x_next.device).expand_as(x_next)
+    size = x_next.shape[0]
+
+    def repeat(v: Tensor) -> Tensor:
+        return v.repeat_interleave(chains, 0)
+
+    mean_r, std_r, next_r, level_r = repeat(base_mean.to(x_next)), repeat(base_std), repeat(x_next), repeat(level)
+
+    def whitened(u: Tensor) -> Tensor:
+        return conditional_energy(energy, mean_r + std_r * u, next_r, level_r, ladder)
+
+    unit = GaussianBase(torch.zeros_like(x_next[0]), std=1.0)
+    out = ais(whitened, unit, size * chains, step_size=step_size, betas=betas, transition=transition,
+              generator=generator)
+    log_w = out.log_weights.reshape(size, chains)
+    log_det = base_std.to(torch.float64).log().flatten(1).sum(1)
+    stderr = torch.tensor([log_mean_stderr(row) for row in log_w], dtype=torch.float64, device=log_w.device)
+    return RecoveryNormalizers(log_mean_exp(log_w, dim=-1) + log_det, stderr, log_w, out.acceptance, out.nfe)
+
+
 #: the paper's step-size factor b (reference ``mcmc_step_size_b_square = 2e-4``)
 PAPER_STEP_FACTOR = math.sqrt(2e-4)
 
-__all__ = ["LevelEnergy", "PAPER_STEP_FACTOR", "RecoveryLadder", "conditional_energy", "recovery_ladder",
-           "recovery_langevin", "recovery_pairs", "recovery_sample"]
+__all__ = ["LevelEnergy", "PAPER_STEP_FACTOR", "RecoveryLadder", "RecoveryNormalizers", "conditional_energy",
+           "recovery_ladder", "recovery_langevin", "recovery_log_normalizers", "recovery_pairs", "recovery_sample"]

@@ -226,7 +226,7 @@ def ddp_step(family: str, out: str) -> None:
         losses = []
         for rank, half in enumerate(halves):
             torch.manual_seed(STEP_SEED)
-            if family in ("ebm", "ebm_recovery"):  # each rank's own replay buffer (cd) and generator
+            if name in ("ebm", "ebm_recovery"):  # each rank's own replay buffer (cd) and generator (FAMILY-fsdp2 too)
                 reference._replay = None
                 reference._chain_rng = torch.Generator().manual_seed(reference.chain_seed(rank))
             if family == "discrete":  # each rank draws t from the history it started with (gathered after)
