@@ -107,6 +107,38 @@ def test_two_stage_bound_equals_the_exact_nll_with_an_exact_first_stage_and_prio
     assert abs(prior_only.mean().item() - exact.mean().item()) > 0.3
 
 
+@pytest.mark.parametrize("parameterization", ["x0", "eps"])
+def test_the_two_stage_bound_with_a_ddpm_prior_is_the_exact_nll_plus_the_ddpm_bounds_own_gap(tmp_path, parameterization):
+    """The DDPM prior's path (the configs' prior) on continuous latents, against closed forms: with the exact first
+    stage and the exact denoiser of the scaled latents s z' ~ N(0, I), the first stage's nats, -log p_prior(s z)
+    and the Jacobian -d log s add up to -log p(x) plus the DDPM VLB's own gap over N(0, I), whose expectation is
+    analytic (test_ddpm_vlb.expected_gaussian_bound: fixed variances, a Gaussian L_0 of std sqrt(beta-tilde_1)).
+    The latents' scale c = 3 makes the Jacobian d log c = 2.2 nats (0.79 bits/dim): a wrong sign is off by 1.6."""
+    from lightning_diffusion import DDPM
+    from lightning_diffusion.diffusion.sde import DiscreteVP
+    from test_ddpm_vlb import expected_gaussian_bound
+
+    stage = ppca_stage()
+    prior = DDPM(nn.Identity(), parameterization=parameterization, data_shape=(2,))
+    prior.net = MixtureOracle(GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)),
+                              DiscreteVP(prior.schedule), parameterization)
+    model = LatentDiffusion(str(save_stage(stage, tmp_path / "stage.ckpt")), prior, data_shape=(4,))
+    model.latent_scale.fill_(1 / stage.c)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    x = (z @ stage.w.T + stage.mu + stage.sigma * torch.randn(4000, 4, generator=g, dtype=torch.float64)).float()
+    bpd = model.bits_per_dim(x, generator=torch.Generator().manual_seed(2)).double()
+    assert model.bpd_estimator() == "elbo+vlb"
+    exact = -stage.data_log_prob(x) / (4 * math.log(2))
+    # the DDPM bound's expected excess over N(0, I)'s entropy, bits per latent dimension (0.166), times d / D
+    gap = expected_gaussian_bound(prior.schedule, 0.0, 1.0, "fixedlarge") - 0.5 * math.log2(2 * math.pi * math.e)
+    expected = exact.mean().item() + gap * 2 / 4
+    se = (bpd - exact).std().item() / math.sqrt(len(bpd))
+    # observed: x0 and eps oracle alike, bound - exact NLL 0.075 +- 0.012 bits/dim against the analytic 0.082
+    assert abs(bpd.mean().item() - expected) < 4 * se + 0.01, (bpd.mean().item(), expected, se)
+    assert 0.05 < gap < 0.3
+
+
 def test_a_first_stage_checkpoint_with_a_missing_key_is_refused_naming_the_key_and_the_file(tmp_path):
     path = save_stage(ppca_stage(), tmp_path / "stage.ckpt", drop="mu")
     with pytest.raises(CheckpointError) as error:
