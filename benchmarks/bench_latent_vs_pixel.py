@@ -43,6 +43,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # colour_digits_accuracy (and this file, by class path)
+from cpu_budget import CPUBudget  # noqa: E402 - from this folder, put on sys.path above
 
 
 def guided_samples(model: Any, per_class: int, guidance: float, sampler: str, steps: int, seed: int,
@@ -60,10 +61,11 @@ def guided_samples(model: Any, per_class: int, guidance: float, sampler: str, st
     return torch.cat(chunks), y
 
 
-class CpuBudget(L.Callback):
-    """Stops training after ``budget_s`` seconds of training CPU time; every ``eval_every_s`` of it (0: never)
-    and at the end it stops the clock and appends the accuracy of guided samples (EMA weights) as a JSON line
-    to ``out``, with the time as ``offset_s`` + the training CPU seconds so far.
+class CpuBudget(CPUBudget):
+    """:class:`cpu_budget.CPUBudget` of ``budget_s`` seconds of training CPU time that, every
+    ``eval_every_s`` of it (0: never) and at the end, stops the clock and appends the accuracy of guided
+    samples (EMA weights) as a JSON line to ``out``, with the time as ``offset_s`` + the training CPU
+    seconds so far.
 
     Args:
         out: the JSON-lines file.
@@ -79,20 +81,18 @@ class CpuBudget(L.Callback):
 
     def __init__(self, out: str, budget_s: float, offset_s: float = 0.0, eval_every_s: float = 0.0,
                  per_class: int = 5, guidance: float = 3.0, sampler: str = "ddim", steps: int = 50, seed: int = 0):
+        super().__init__(budget_s / 60)
         self.out, self.budget_s, self.offset_s, self.eval_every_s = out, budget_s, offset_s, eval_every_s
         self.per_class, self.guidance, self.sampler, self.steps, self.seed = per_class, guidance, sampler, steps, seed
-        self.start, self.excluded, self.next_eval, self.done = 0.0, 0.0, eval_every_s, False
-
-    def spent(self) -> float:
-        """Training CPU seconds of this fit so far (evaluations excluded)."""
-        return time.process_time() - self.start - self.excluded
+        self.next_eval, self.done = eval_every_s, False
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.out, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start, self.excluded, self.next_eval, self.done = time.process_time(), 0.0, self.eval_every_s, False
+        super().on_train_start(trainer, pl_module)
+        self.next_eval, self.done = self.eval_every_s, False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.done:
