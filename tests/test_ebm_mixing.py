@@ -1,8 +1,9 @@
 """EBM sampling that mixes, against exact ground truth: an EBM whose energy is the exact energy of an
 unequal-weight Gaussian mixture with separated modes of different widths (log Z = 0). The default
-``sample()`` (SMC along AIS's path) recovers every mode's weight and the energy distance of an
-independent true sample within 2x; a MALA chain from the base keeps the base's mode weights and does
-not; SMC's log Z is 0 within its reported standard error (2-D and 16-D)."""
+``sample()`` (SMC along AIS's path) recovers every mode's weight and an energy distance to a true
+sample within 3x of independent exact samples' (at several seeds); a MALA chain from the base keeps
+the base's mode weights and does not; SMC's log Z is 0 within its reported standard error (2-D and
+16-D)."""
 
 import pytest
 import torch
@@ -38,34 +39,69 @@ def _mode_weights(mixture: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
     return torch.bincount(labels, minlength=3).double() / x.shape[0]
 
 
-@pytest.mark.parametrize("dim,steps,seed", [(2, 200, 1), (16, 500, 1)])
-def test_default_sample_draws_the_mode_weights_and_a_mala_chain_does_not(dim, steps, seed):
-    """n = 2000 samples. The mode weights within 0.06 of (0.55, 0.3, 0.15): 5 binomial standard
-    errors of n draws; the energy distance to a true sample within 2x of an independent true
-    sample's (the noise floor). At a fixed seed: SMC's mode weights vary from run to run more than
-    independent draws' (seed-to-seed sd of the heavy mode's weight 0.017 in 2-D over 6 seeds, about
-    0.05 in 16-D over 3; binomial 0.011), so some seeds miss the 2x (2-D: 4 of 6 seeds within 1.3x,
-    2 at 7-10x; 16-D at 500 temperatures: 1.1x, 7x, 8x); see the README. 1000 MALA steps from
-    the base (step 0.1): the heaviest mode's weight off by over 0.15 and the energy distance > 5x the
-    floor. SMC's log Z (reported with the samples) is 0 within 4 of its standard errors + 0.05."""
+def _floor(mixture: GaussianMixture, reference: torch.Tensor) -> float:
+    """The noise floor: the mean energy distance to ``reference`` of 8 independent exact samples of its
+    size. One exact draw's distance is itself noisy (in 2-D its ratio to this mean has sd ~0.9 and
+    exceeds 2 in 12% of 60 draws, 3 in 1 of 60; 16-D: 2 in 5%, max 2.4)."""
+    n = reference.shape[0]
+    return sum(energy_distance(mixture.sample(n, torch.Generator().manual_seed(1000 + k))[0].float(), reference)
+               for k in range(8)) / 8
+
+
+SMC_CASES = [(2, 200, seed) for seed in (1, 2, 3, 4)] + [(16, 500, seed) for seed in (1, 2)]
+SMC_SLOW_CASES = [(2, 200, seed) for seed in range(5, 13)] + [(16, 500, seed) for seed in range(3, 9)]
+
+
+def _check_default_sample(dim: int, steps: int, seed: int) -> None:
     mixture = _mixture(dim)
     model, data = _model(mixture, dim)
     n = 2000
     truth = torch.tensor(WEIGHTS, dtype=torch.float64)
-    reference, independent = data[:n], mixture.sample(n, torch.Generator().manual_seed(5))[0].float()
-    floor = energy_distance(independent, reference)
+    reference = data[:n]
     x = model.sample(n, steps=steps, generator=torch.Generator().manual_seed(seed))
     weights = _mode_weights(mixture, x)
-    assert torch.all((weights - truth).abs() < 0.06), weights
-    assert energy_distance(x, reference) < 2 * floor, (energy_distance(x, reference), floor)
+    assert torch.all((weights - truth).abs() < 0.045), weights
+    ratio = energy_distance(x, reference) / _floor(mixture, reference)
+    assert ratio < 3, ratio
     diagnostics = model.last_sample_diagnostics
-    assert diagnostics["sampler"] == "smc" and diagnostics["resampled"].sum() > 0
+    assert diagnostics["sampler"] == "smc" and diagnostics["resampled"].sum() > 0 and diagnostics["particles"] == 4 * n
     assert abs(diagnostics["log_z"]) < 4 * diagnostics["stderr"] + 0.05, diagnostics["log_z"]
 
+
+@pytest.mark.parametrize("dim,steps,seed", SMC_CASES)
+def test_default_sample_draws_the_mode_weights(dim, steps, seed):
+    """The default sample() (SMC, 4 particles per sample), n = 2000 samples, at seeds that the
+    1-particle-per-sample default failed (2-D seeds 2 and 4 at 6x and 12x the floor, 16-D seed 2 at
+    7x). The mode weights within 0.045 of (0.55, 0.3, 0.15): 4 binomial standard errors of n
+    independent draws; the energy distance to a true sample under 3x the noise floor (the mean of 8
+    independent exact samples' distances, :func:`_floor`: an exact sampler passes 3x in ~98% of
+    draws, 2x in only ~88%, so 2x cannot be asked of every seed). Measured (ratio to the floor, seeds
+    1-12 in 2-D, 1-8 in 16-D): 1 particle per sample: 2-D 0.2-12.1 (4 of 12 over 3), 16-D 0.9-7.2
+    (3 of 8 over 3); 4 per sample: 2-D 0.3-2.3, 16-D 0.8-2.7; see the README. SMC's log Z (reported
+    with the samples) is 0 within 4 of its standard errors + 0.05."""
+    _check_default_sample(dim, steps, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim,steps,seed", SMC_SLOW_CASES)
+def test_default_sample_draws_the_mode_weights_more_seeds(dim, steps, seed):
+    """:func:`test_default_sample_draws_the_mode_weights` at 8 more seeds in 2-D and 6 in 16-D."""
+    _check_default_sample(dim, steps, seed)
+
+
+@pytest.mark.parametrize("dim", [2, 16])
+def test_a_mala_chain_keeps_the_base_mode_weights(dim):
+    """1000 MALA steps (step 0.1) from the base, 2000 chains: the heaviest mode's weight off by over
+    0.15 and the energy distance > 5x the noise floor (each chain stays in the mode it started in)."""
+    mixture = _mixture(dim)
+    model, data = _model(mixture, dim)
+    n = 2000
+    truth = torch.tensor(WEIGHTS, dtype=torch.float64)
+    reference = data[:n]
     chain = model.sample(n, sampler="mala", step_size=0.1, steps=1000, generator=torch.Generator().manual_seed(2))
     chain_weights = _mode_weights(mixture, chain)
     assert (chain_weights[0] - truth[0]).abs() > 0.15, chain_weights
-    assert energy_distance(chain, reference) > 5 * floor, (energy_distance(chain, reference), floor)
+    assert energy_distance(chain, reference) > 5 * _floor(mixture, reference)
 
 
 def test_smc_log_z_and_its_standard_error():

@@ -52,13 +52,16 @@ class SMCResult(NamedTuple):
     nfe: int  # batched evaluations of the target energy and its gradient
 
 
-def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Systematic resampling of each row of ``log_w`` [M, n]: indices [M, n] into the row, each drawn
-    with probability ∝ its weight, from one uniform ``U`` per row and the points ``(U + j) / n``."""
+def systematic_resample(log_w: Tensor, generator: torch.Generator | None = None, num: int | None = None) -> Tensor:
+    """Systematic resampling of each row of ``log_w`` [M, n]: ``num`` (default n) indices [M, num]
+    into the row, each drawn with probability ∝ its weight, from one uniform ``U`` per row and the
+    points ``(U + j) / num`` on the weights' CDF (so each index's count is within 1 of ``num`` times
+    its weight: fewer draws than particles lose less than a random subset would)."""
     rows, n = log_w.shape
+    num = n if num is None else num
     cdf = torch.softmax(log_w.to(torch.float64), dim=1).cumsum(1)
     u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=log_w.device)
-    points = (u + torch.arange(n, dtype=torch.float64, device=log_w.device)) / n
+    points = (u + torch.arange(num, dtype=torch.float64, device=log_w.device)) / num
     return torch.searchsorted(cdf, points).clamp_max(n - 1)
 
 

@@ -103,22 +103,27 @@ def _decoupled(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: f
 
 
 def _smc(model: EBM, energy: Callable, x: Tensor, steps: int, step_size: float, generator: torch.Generator | None,
-         islands: int = 8, ess_threshold: float = 0.5, moves_per_temperature: int = 1):
+         islands: int = 8, ess_threshold: float = 0.5, moves_per_temperature: int = 1, particles_per_sample: int = 4):
     """Sequential Monte Carlo from the base along AIS's path (:func:`~lightning_diffusion.mcmc.smc`)
-    with ``steps`` temperatures, then ``len(x)`` unweighted samples by systematic resampling of the
-    final weights; ``x`` gives only the number (the particles start at the base's own draws).
+    with ``steps`` temperatures and ``particles_per_sample * len(x)`` particles, then ``len(x)``
+    unweighted samples by one systematic resampling of the final weights (each particle's count
+    within 1 of ``len(x)`` times its weight); ``x`` gives only the number (the particles start at the
+    base's own draws). Why more particles than samples: a mode whose share of the path's bridges is
+    small midway (a narrow mode: its share of ``q^(1-b) exp(-b E)`` scales like its width^(D (1 - b)))
+    gets its final weight from the descendants of the few particles it held there, so the SMC
+    estimate of its weight varies more than n independent draws' would (README, Energy-based models).
     ``model.last_sample_diagnostics``: log Z, its stderr, the ESS and resampling history."""
     from lightning_diffusion import mcmc
 
-    size = max(2, math.ceil(x.shape[0] / islands))
+    size = max(2, math.ceil(particles_per_sample * x.shape[0] / islands))
     out = mcmc.smc(energy, model._chain_base(), islands * size, step_size=step_size, betas=steps,
                    moves_per_beta=moves_per_temperature, ess_threshold=ess_threshold, islands=islands,
                    grad_clip=model.chain_grad_clip, generator=generator)
-    pick = mcmc.systematic_resample(out.log_weights[None], generator)[0]
-    pick = pick[torch.randperm(pick.numel(), generator=generator, device=pick.device)[:x.shape[0]]]
+    pick = mcmc.systematic_resample(out.log_weights[None], generator, num=x.shape[0])[0]
+    pick = pick[torch.randperm(pick.numel(), generator=generator, device=pick.device)]
     model.last_sample_diagnostics = {"sampler": "smc", "log_z": out.log_z + model._chain_log_det(), "stderr": out.stderr,
                                      "ess": out.ess, "resampled": out.resampled, "acceptance": out.acceptance,
-                                     "step_size": out.step_size}
+                                     "step_size": out.step_size, "particles": islands * size}
     return mcmc.MCMCResult(out.x[pick], torch.full((x.shape[0],), float("nan")), float(out.acceptance.mean()), float("nan"),
                            out.nfe)
 
@@ -169,7 +174,8 @@ CHAIN_SAMPLERS: dict[str, ChainSampler] = {
     "langevin": ChainSampler(_langevin, "step_size"),
     "mala": ChainSampler(functools.partial(_langevin, metropolis=True), "step_size"),
     "decoupled": ChainSampler(_decoupled, "decoupled_step_size"),
-    "smc": ChainSampler(_smc, "step_size", ("islands", "ess_threshold", "moves_per_temperature"), chains=False),
+    "smc": ChainSampler(_smc, "step_size", ("islands", "ess_threshold", "moves_per_temperature", "particles_per_sample"),
+                        chains=False),
     "parallel_tempering": ChainSampler(_parallel_tempering, "step_size", ("replicas", "max_temperature")),
     "recovery": ChainSampler(_recovery, "recovery_step_factor", chains=False),
 }
@@ -708,7 +714,8 @@ class EBM(GenerativeModel):
                steps: PositiveInt | None = None, init: SampleInit = "base", sampler: str | None = None,
                step_size: Positive | None = None, islands: PositiveInt | None = None,
                ess_threshold: Annotated[float, Bound(0, 1)] | None = None, moves_per_temperature: PositiveInt | None = None,
-               replicas: PositiveInt | None = None, max_temperature: Positive | None = None,
+               particles_per_sample: PositiveInt | None = None, replicas: PositiveInt | None = None,
+               max_temperature: Positive | None = None,
                **options: Any) -> Tensor:
         """``num_samples`` samples of exp(-E); images are clipped to [-1, 1].
 
@@ -732,6 +739,8 @@ class EBM(GenerativeModel):
             islands: ``smc``: independent populations, for log Z's standard error (default 8).
             ess_threshold: ``smc``: resample a population when its ESS falls below this fraction (0.5).
             moves_per_temperature: ``smc``: MALA moves at each temperature (1).
+            particles_per_sample: ``smc``: particles per returned sample (4: the mode weights of the
+                n returned samples then vary less than n independent draws'; 1 or 2 do not).
             replicas: ``parallel_tempering``: temperatures in the ladder (8).
             max_temperature: ``parallel_tempering``: the hottest temperature (20).
 
@@ -739,7 +748,8 @@ class EBM(GenerativeModel):
         ESS and resampling history; ``parallel_tempering``'s swap rates (also logged).
         """
         own = {k: v for k, v in (("islands", islands), ("ess_threshold", ess_threshold),
-                                 ("moves_per_temperature", moves_per_temperature), ("replicas", replicas),
+                                 ("moves_per_temperature", moves_per_temperature),
+                                 ("particles_per_sample", particles_per_sample), ("replicas", replicas),
                                  ("max_temperature", max_temperature)) if v is not None}
         self.check_sample_options(steps=steps, init=init, sampler=sampler, step_size=step_size, **own, **options)
         if y is not None:
