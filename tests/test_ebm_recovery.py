@@ -295,6 +295,25 @@ def test_options_that_make_no_sense_are_refused():
     assert model.bpd_estimator() == "recovery-ais"
     assert model.bpd_estimator(estimator="level0") == "exact-quadrature-level0"
     assert "recovery_step_factor" in model.resume_fixed_hparams and "recovery_levels" not in cd.resume_fixed_hparams
+    with pytest.raises(ValueError, match="recovery_sample_step_factor"):
+        EBM(net, objective="recovery", data_shape=(2,), recovery_sample_step_factor=-0.1)
+    with pytest.raises(ValueError, match="recovery_sample_step_factor=0.1 is an option of objective='recovery'"):
+        EBM(EnergyMLP(2, 16, 1), objective="cd", data_shape=(2,), recovery_sample_step_factor=0.1)
+
+
+def test_the_sampling_step_factor_is_samples_default_step_and_training_keeps_its_own():
+    """recovery_sample_step_factor is sample()'s default b (the same draws as step_size=b given), while
+    the training chains keep recovery_step_factor."""
+    net = EnergyMLP(2, 16, 1, time_embed_dim=8)
+    plain = EBM(net, objective="recovery", data_shape=(2,), recovery_steps=3, recovery_step_factor=0.05)
+    wide = EBM(net, objective="recovery", data_shape=(2,), recovery_steps=3, recovery_step_factor=0.05,
+               recovery_sample_step_factor=0.1)
+    draw = lambda model, **kw: model.sample(8, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    assert torch.equal(draw(wide), draw(plain, step_size=0.1))
+    assert not torch.equal(draw(wide), draw(plain))
+    assert torch.equal(draw(wide, step_size=0.05), draw(plain))
+    y, level = torch.randn(3, 2), torch.zeros(3, dtype=torch.long)
+    assert torch.equal(wide.level_energy(y, level), plain.level_energy(y, level))  # the energy's scale: b of training
 
 
 def test_divergence_guard_names_the_recovery_options():
@@ -322,6 +341,7 @@ def test_divergence_guard_names_the_recovery_options():
 def test_spectral_norm_option_and_level_conditioned_nets():
     """``spectral_norm=True`` parametrizes every Linear/Conv of the net (spectral norm 1 in eval);
     the level-conditioned nets give different energies at different levels and refuse a missing t."""
+    torch.manual_seed(0)  # the power iteration's start vector: not whatever the tests before left
     net = EnergyConvNet(1, 8, (8, 16), time_embed_dim=16)
     model = EBM(net, objective="recovery", data_shape=(1, 8, 8), spectral_norm=True)
     from torch.nn.utils import parametrize
@@ -330,7 +350,7 @@ def test_spectral_norm_option_and_level_conditioned_nets():
     assert layers and all(parametrize.is_parametrized(m, "weight") for m in layers)
     lin = next(m for m in layers if isinstance(m, nn.Linear))
     model.train()
-    for _ in range(30):  # power iterations
+    for _ in range(200):  # power iterations (converging at the rate of the top two singular values' ratio)
         lin.weight
     model.eval()
     assert torch.linalg.matrix_norm(lin.weight.detach(), ord=2) == pytest.approx(1.0, abs=1e-3)
