@@ -3,14 +3,18 @@
 Two arms get the same ``--minutes`` of training CPU time (``time.process_time`` of this process, one
 intra-op thread by default; evaluations excluded, everything else a fit does, data included, counted):
 
-- **latent**: the VAE first stage (``configs/vae_colour_digits.yaml``) for ``--vae_fraction`` of the
-  budget, then the class-conditional latent DDPM (``configs/latent_ddpm_colour_digits.yaml``) on its
-  checkpoint for the rest; the first stage's time is the latent arm's time.
+- **latent**: the VAE first stage (``configs/vae_colour_digits.yaml``) for ``--vae_minutes``, then the
+  class-conditional latent DDPM (``configs/latent_ddpm_colour_digits.yaml``) on its checkpoint for the
+  rest of the budget; the first stage's time is the latent arm's time. Its times to the target are
+  reported twice: with the first stage's minutes (``latent``) and without (``latent_prior``: the cost
+  of one more prior over a first stage that is trained once and shared, as latent diffusion's first
+  stages are).
 - **pixel**: the class-conditional pixel DDPM (``configs/ddpm_colour_digits.yaml``) for the whole budget.
 
 Each fit runs the shipped config as ``lightning-diffusion fit`` does (in this process), with validation,
-sample grids and the logger off and :class:`CpuBudget` added: every ``--eval_minutes`` of training CPU
-time (and at the end of the budget) it stops the clock, draws ``--per_class`` guided samples of each of
+sample grids and the logger off and :class:`CpuBudget` added: at each of ``--eval_at`` training CPU
+minutes of the arm (the latent arm's count from the start of its first stage; default every quarter
+minute to 2, then every minute; and at the end of the budget) it stops the clock, draws ``--per_class`` guided samples of each of
 the 80 classes from the EMA weights (``--sampler`` / ``--steps``, guidance ``--guidance``) and reads their
 digit and colour back (:func:`lightning_diffusion.metrics.features.colour_digit_accuracy`, as
 ``benchmarks/colour_digits_accuracy.py`` does). Reported per arm: training steps per CPU second (each
@@ -62,8 +66,8 @@ def guided_samples(model: Any, per_class: int, guidance: float, sampler: str, st
 
 
 class CpuBudget(CPUBudget):
-    """:class:`cpu_budget.CPUBudget` of ``budget_s`` seconds of training CPU time that, every
-    ``eval_every_s`` of it (0: never) and at the end, stops the clock and appends the accuracy of guided
+    """:class:`cpu_budget.CPUBudget` of ``budget_s`` seconds of training CPU time that, at the times
+    ``eval_at_s`` (none: never) and at the end, stops the clock and appends the accuracy of guided
     samples (EMA weights) as a JSON line to ``out``, with the time as ``offset_s`` + the training CPU
     seconds so far.
 
@@ -71,7 +75,8 @@ class CpuBudget(CPUBudget):
         out: the JSON-lines file.
         budget_s: training CPU seconds before the fit stops.
         offset_s: CPU seconds spent before this fit (the latent arm's first stage), added to each record.
-        eval_every_s: training CPU seconds between evaluations; 0: no evaluation (the first stage).
+        eval_at_s: the arm's training CPU seconds (``offset_s`` included) at which to evaluate; empty: no
+            evaluation (the first stage).
         per_class: samples per class of each evaluation.
         guidance: the classifier-free guidance scale of the samples.
         sampler: the sampler of the samples.
@@ -79,12 +84,13 @@ class CpuBudget(CPUBudget):
         seed: the noise of the samples (the same at every evaluation).
     """
 
-    def __init__(self, out: str, budget_s: float, offset_s: float = 0.0, eval_every_s: float = 0.0,
+    def __init__(self, out: str, budget_s: float, offset_s: float = 0.0, eval_at_s: list[float] | None = None,
                  per_class: int = 5, guidance: float = 3.0, sampler: str = "ddim", steps: int = 50, seed: int = 0):
         super().__init__(budget_s / 60)
-        self.out, self.budget_s, self.offset_s, self.eval_every_s = out, budget_s, offset_s, eval_every_s
+        self.out, self.budget_s, self.offset_s = out, budget_s, offset_s
+        self.eval_at_s = sorted(eval_at_s or [])
         self.per_class, self.guidance, self.sampler, self.steps, self.seed = per_class, guidance, sampler, steps, seed
-        self.next_eval, self.done = eval_every_s, False
+        self.pending, self.done = list(self.eval_at_s), False
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.out, "a") as f:
@@ -92,17 +98,18 @@ class CpuBudget(CPUBudget):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.next_eval, self.done = self.eval_every_s, False
+        self.pending, self.done = [t for t in self.eval_at_s if t > self.offset_s], False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.done:
             return
         spent = self.spent()
         final = spent >= self.budget_s
-        if self.eval_every_s and (final or spent >= self.next_eval):
+        due = bool(self.pending) and self.offset_s + spent >= self.pending[0]
+        if self.eval_at_s and (final or due):
             self.evaluate(trainer, pl_module, spent)
-            while self.next_eval <= spent:
-                self.next_eval += self.eval_every_s
+            while self.pending and self.pending[0] <= self.offset_s + spent:
+                self.pending.pop(0)
         if final:
             self._write({"event": "end", "step": trainer.global_step, "cpu_s": self.offset_s + spent,
                          "train_cpu_s": spent})
@@ -196,8 +203,9 @@ def bits_per_dim(ckpt: str, x: torch.Tensor, y: torch.Tensor | None, steps: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training CPU minutes of each arm")
-    parser.add_argument("--vae_fraction", type=float, default=0.4, help="share of the latent arm's minutes for the VAE")
-    parser.add_argument("--eval_minutes", type=float, help="training CPU minutes between evaluations (minutes / 6)")
+    parser.add_argument("--vae_minutes", type=float, default=1.0, help="training CPU minutes of the latent arm's VAE")
+    parser.add_argument("--eval_at", type=float, nargs="+",
+                        help="training CPU minutes of each arm at which to evaluate (every 0.25 to 2, then every 1)")
     parser.add_argument("--per_class", type=int, default=5, help="guided samples per class at each evaluation")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--sampler", default="ddim")
@@ -211,24 +219,25 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, help="write both arms' final guided grids (one per class) here")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not 0 < args.vae_fraction < 1:
-        raise SystemExit(f"--vae_fraction {args.vae_fraction}: must lie in (0, 1)")
+    if not 0 < args.vae_minutes < args.minutes:
+        raise SystemExit(f"--vae_minutes {args.vae_minutes}: must lie in (0, --minutes {args.minutes})")
     torch.set_num_threads(args.threads)
     budget_s = 60 * args.minutes
-    eval_every_s = 60 * (args.eval_minutes or args.minutes / 6)
+    eval_at = args.eval_at or [m / 4 for m in range(1, 8)] + list(range(2, math.ceil(args.minutes)))
+    eval_at_s = [60 * m for m in eval_at if 0 < m < args.minutes]
     sampling = dict(per_class=args.per_class, guidance=args.guidance, sampler=args.sampler, steps=args.steps)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latent_vs_pixel_"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    vae_s = args.vae_fraction * budget_s
+    vae_s = 60 * args.vae_minutes
     vae = fit("vae", "vae_colour_digits", workdir, {"budget_s": vae_s})
     prior = fit("latent", "latent_ddpm_colour_digits", workdir,
                 {"budget_s": budget_s - vae["train_cpu_s"], "offset_s": vae["train_cpu_s"],
-                 "eval_every_s": eval_every_s, **sampling}, {"first_stage_ckpt": vae["ckpt"]})
-    pixel = fit("pixel", "ddpm_colour_digits", workdir, {"budget_s": budget_s, "eval_every_s": eval_every_s, **sampling})
+                 "eval_at_s": eval_at_s, **sampling}, {"first_stage_ckpt": vae["ckpt"]})
+    pixel = fit("pixel", "ddpm_colour_digits", workdir, {"budget_s": budget_s, "eval_at_s": eval_at_s, **sampling})
 
     results: dict[str, Any] = {
-        "minutes": args.minutes, "vae_fraction": args.vae_fraction, "threads": args.threads,
+        "minutes": args.minutes, "vae_minutes": args.vae_minutes, "threads": args.threads, "eval_at_minutes": eval_at,
         "sampling": sampling, "torch": torch.__version__,
         "latent": {"first_stage": {k: vae[k] for k in ("config", "steps", "train_cpu_s", "steps_per_s")},
                    "prior": {k: prior[k] for k in ("config", "steps", "train_cpu_s", "steps_per_s", "eval_cpu_s")},
@@ -239,6 +248,8 @@ def main() -> None:
     results["target_both"] = target
     results["cpu_s_to_target"] = {arm: None if target is None else cpu_seconds_to(run["curve"], target)
                                   for arm, run in (("latent", prior), ("pixel", pixel))}
+    latent_s = results["cpu_s_to_target"]["latent"]
+    results["cpu_s_to_target"]["latent_prior"] = None if latent_s is None else latent_s - vae["train_cpu_s"]
 
     if args.bpd_images:
         from lightning_diffusion import ShardDataModule
@@ -270,8 +281,12 @@ def main() -> None:
         bpd = r.get("bpd")
         bpd_text = f"{bpd['bpd']:.3f} ({bpd['estimator']})" if bpd else "-"
         to = results["cpu_s_to_target"][arm]
+        to_text = "never" if to is None else f"{to / 60:.2f}"
+        if arm == "latent" and to is not None:
+            to_text += f" ({results['cpu_s_to_target']['latent_prior'] / 60:.2f} without the first stage)"
         print(f"| {arm} | {rate} | {last['digit']:.3f} | {last['colour']:.3f} | {last['both']:.3f} | {bpd_text} | "
-              f"{'never' if to is None else f'{to / 60:.2f}'} |")
+              f"{to_text} |")
+    print(f"target: the pixel arm's last both-accuracy, {target}")
     print(f"runs in {workdir}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

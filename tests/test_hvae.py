@@ -224,6 +224,8 @@ def test_the_top_group_first_stage_nats_with_the_models_own_top_prior_are_its_el
     x, draws = DIGITS[:3], 3000
     with torch.no_grad():
         z, nats = model.encode_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1))
+        # what training draws (bottom-up and the top group alone): the same z from the same generator
+        assert torch.equal(model.sample_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1)), z)
         top = model.net.blocks[0].prior_net(model.net.bias)  # the top group's prior: no groups above it
         mean, logvar = model._clamped((top[:, :2], top[:, 2:4]))
         log_prior = dist.diagonal_gaussian_log_prob(z, mean.flatten(1), logvar.flatten(1))

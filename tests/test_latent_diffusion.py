@@ -46,10 +46,14 @@ class LinearGaussianStage(L.LightningModule):
         mean = (x.double() - self.mu) @ w @ m_inv.T
         return torch.distributions.MultivariateNormal(self.c * mean, self.c ** 2 * self.sigma ** 2 * m_inv)
 
-    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         q = self.posterior(x)
         eps = torch.randn(q.mean.shape, generator=generator, dtype=torch.float64)
-        z = q.mean + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        return q.mean + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+    def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        q = self.posterior(x)
+        z = self.sample_latents(x, generator)
         decoder = torch.distributions.Normal(z / self.c @ self.w.T + self.mu, self.sigma)
         return z, -decoder.log_prob(x.double()).sum(1) + q.log_prob(z)
 
@@ -312,6 +316,8 @@ def test_the_vae_first_stage_nats_with_a_standard_normal_prior_are_its_elbo():
     draws = 4000
     with torch.no_grad():
         z, nats = vae.encode_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1))
+        # what training draws (the encoder alone): the same z from the same generator
+        assert torch.equal(vae.sample_latents(x.repeat(draws, 1, 1, 1), torch.Generator().manual_seed(1)), z)
         prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
         two_stage = ((nats - prior) / (64 * math.log(2))).view(draws, 3)
         elbo = torch.stack([vae.bits_per_dim(x, generator=torch.Generator().manual_seed(i)) for i in range(200)]).mean(0)
@@ -359,8 +365,11 @@ class BinningStage(L.LightningModule):
         self.save_hyperparameters()
         self.data_shape = tuple(data_shape)
 
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.div(x, 2, rounding_mode="floor").long()
+
     def encode_latents(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        return torch.div(x, 2, rounding_mode="floor").long(), torch.full((x.shape[0],), 2 * math.log(2))
+        return self.sample_latents(x), torch.full((x.shape[0],), 2 * math.log(2))
 
     def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return (2 * z + torch.randint(0, 2, z.shape, generator=generator)).float()

@@ -38,6 +38,7 @@ def test_bound_is_above_the_exact_nll_of_its_generative_process():
     log_prior = -4 * math.log(3)
     exact = -(torch.logsumexp(log_px_c, 1) + log_prior)  # -log sum_c p(c) p(x | c), nats
     codes, first_stage = model.encode_latents(x)
+    assert torch.equal(model.sample_latents(x), codes)  # what training uses: the codes alone
     assert codes.dtype == torch.int64 and codes.shape == (32, 2, 2) and model.latent_shape == (2, 2)
     assert model.latent_categories == 3
     chosen = (codes.flatten(1) * torch.tensor([27, 9, 3, 1])).sum(1)  # the index of each code grid in `grids`

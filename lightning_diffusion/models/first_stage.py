@@ -31,6 +31,11 @@ class FirstStage(Protocol):
         (LSGM's bound; VQ: ``log q = 0``, the encoder is deterministic)."""
         ...
 
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z alone, the draw :meth:`encode_latents` makes with the same ``generator``, without scoring x:
+        what training a prior needs each step (the decoder that scores x is most of a first stage's cost)."""
+        ...
+
     def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Data-space samples (images in [-1, 1]) from latents z (each first stage says whether the
         decoder's mean or a draw)."""

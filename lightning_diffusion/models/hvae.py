@@ -183,6 +183,19 @@ class HierarchicalVAE(LatentVariableModel):
         features = self.net.top_down(self._encode(x), posterior_sample, x.shape[0])
         return top[0], nats - self.likelihood.log_prob(x, self.head(features))
 
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``z_top ~ q(z_top | x)`` [B, latent_shape] alone, the draw :meth:`encode_latents` makes with the same
+        ``generator``: the bottom-up pass and the top group only (no lower groups, no decoder)."""
+        top: list[Tensor] = []
+
+        def posterior_sample(group: int, prior: tuple[Tensor, Tensor], posterior: tuple[Tensor, Tensor] | None) -> Tensor:
+            mean, logvar = self._clamped(posterior)
+            top.append(dist.diagonal_gaussian_sample(mean, logvar, generator))
+            return top[-1]
+
+        self.net.top_down(self._encode(x), posterior_sample, x.shape[0], groups=1)
+        return top[0].flatten(1)
+
     def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] from top latents z [B, latent_shape]: the groups below drawn from their priors
         ``p(z_i | z_<i)`` (with ``generator``), then the decoder's mean."""

@@ -175,8 +175,7 @@ class LatentDiffusion(GenerativeModel):
         if not math.isnan(float(self.latent_scale)) or self.latent_categories is not None:
             return self.scale()
         with torch.no_grad():
-            z, _ = self.first_stage.encode_latents(x)
-            z = z.double()
+            z = self.first_stage.sample_latents(x).double()
             stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), dtype=torch.float64,
                                                                        device=z.device)])
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -205,7 +204,7 @@ class LatentDiffusion(GenerativeModel):
     # -- training -----------------------------------------------------------------------------------
     def _latent_batch(self, batch: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
         with torch.no_grad():
-            z, _ = self.first_stage.encode_latents(batch["x"], generator)
+            z = self.first_stage.sample_latents(batch["x"], generator)
         latent = {"x": self.to_prior(z, batch["x"].dtype)}
         if "y" in batch:
             latent["y"] = batch["y"]
@@ -398,5 +397,5 @@ def build_first_stage(hparams: dict[str, Any], path: str) -> nn.Module:
         stage = cls.load_from_checkpoint(buffer, map_location="cpu", strict=False, weights_only=True)
     if not isinstance(stage, FirstStage):
         raise CheckpointError(f"{path}: the model {class_path} is not a first stage (it has no latent_shape, "
-                              "latent_categories, encode_latents and decode_latents); use a VAE, HierarchicalVAE or VQVAE checkpoint")
+                              "latent_categories, encode_latents, sample_latents and decode_latents); use a VAE, HierarchicalVAE or VQVAE checkpoint")
     return stage

@@ -111,6 +111,12 @@ class VAE(LatentVariableModel):
         log_px = self.likelihood.log_prob(x, self._decoder_params(z))
         return z, -log_px + dist.diagonal_gaussian_log_prob(z, mean, logvar)
 
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``z ~ q(z | x)`` [B, latent_dim] alone, the draw :meth:`encode_latents` makes with the same
+        ``generator``: the encoder only (the decoder is most of encode_latents' cost)."""
+        mean, logvar = self._encode(x)
+        return dist.diagonal_gaussian_sample(mean, logvar, generator)
+
     def decode_latents(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The decoder's mean ``E[x | z]`` in data space (images in [-1, 1]) for latents z [B, latent_dim]:
         a point summary, as latent diffusion decodes; ``generator`` is not used."""

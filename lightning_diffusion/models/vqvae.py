@@ -142,6 +142,11 @@ class VQVAE(LatentVariableModel):
             _, codes, e = self._quantize(x.to(self.device))
             return codes, -self.likelihood.log_prob(x.to(self.device), self._decoder_params(e))
 
+    def sample_latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The encoder's codes, int64 [B, h, w], alone (those of :meth:`encode_latents`; no decoder)."""
+        with evaluating(self):
+            return self._quantize(x.to(self.device))[1]
+
     def decode_latents(self, z: Tensor, generator: torch.Generator | None = None, decoder: Decoder = "sample") -> Tensor:
         """Images in [-1, 1] from codes ``z`` int64 [B, h, w]: a draw ``x ~ p(x | z)`` on the 8-bit
         grid (``decoder="sample"``, the generative process the bound scores) or its mean

@@ -363,11 +363,16 @@ class LadderVAENet(nn.Module):
             out[r] = h
         return out
 
-    def top_down(self, activations: dict[int, Tensor] | None, latent_fn: LatentFn, batch_size: int) -> Tensor:
+    def top_down(self, activations: dict[int, Tensor] | None, latent_fn: LatentFn, batch_size: int,
+                 groups: int | None = None) -> Tensor:
         """Run the latent groups top to bottom: with ``activations`` (from :meth:`bottom_up`) each
-        group's posterior parameters are computed too. Returns features [B, out_features, H, W]."""
+        group's posterior parameters are computed too. Returns features [B, out_features, H, W];
+        with ``groups``, only the top ``groups`` groups run (``latent_fn`` sees those alone) and the
+        features after them are returned as they are (what a caller that wants only the top latents uses)."""
         x = self.bias.expand(batch_size, -1, -1, -1)
         for group, (block, r) in enumerate(zip(self.blocks, self.group_resolutions)):
+            if groups is not None and group >= groups:
+                return x
             if x.shape[-1] != r:
                 x = F.interpolate(x, scale_factor=r // x.shape[-1], mode="nearest")
             x = block(x, None if activations is None else activations[r], latent_fn, group)
