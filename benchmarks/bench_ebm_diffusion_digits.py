@@ -60,14 +60,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 def start(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Launch ``fit --config configs/CONFIG.yaml`` for ``args.minutes`` of wall time, or of the fit's CPU
     time with ``--budget cpu`` (a subprocess)."""
-    from cpu_budget import max_time
+    from cpu_budget import fit_limit
 
     budget = getattr(args, "budget", "wall")
-    if budget == "cpu":  # the wall clock only as a backstop
-        limit = [f"--trainer.max_time={max_time(args.minutes * 20)}",
-                 "--trainer.callbacks+=cpu_budget.CPUBudget", f"--trainer.callbacks.minutes={args.minutes}"]
-    else:
-        limit = [f"--trainer.max_time={max_time(args.minutes)}"]
+    limit = fit_limit(args.minutes, budget)
     cmd = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
            *limit, "--trainer.max_steps=-1",
            f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", "--trainer.logger.init_args.version=bench",
@@ -84,6 +80,8 @@ def start(name: str, config: str, args: argparse.Namespace, workdir: Path) -> di
 
 def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Wait for a run launched by :func:`start`; its facts (checkpoint, steps reached, wall time)."""
+    from cpu_budget import cpu_seconds
+
     name, config = job["name"], job["config"]
     returncode = job["proc"].wait()
     wall = time.perf_counter() - job["start"]
@@ -93,11 +91,11 @@ def finish(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
         raise SystemExit(f"[{name}] fit failed ({returncode}):\n{tail}")
     ckpt = workdir / "runs" / config / "bench" / "checkpoints" / "last.ckpt"
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-    cpu = [line for line in (workdir / f"{name}.log").read_text().splitlines() if line.startswith("CPUBudget:")]
+    cpu = cpu_seconds((workdir / f"{name}.log").read_text())
     print(f"[{name}] {step} steps in {wall / 60:.2f} min (process wall, imports included)"
-          + (f"; {cpu[-1]}" if cpu else ""), flush=True)
+          + (f"; {cpu:.1f} training CPU s" if cpu is not None else ""), flush=True)
     return {"config": config, "checkpoint": str(ckpt), "global_step": step, "process_wall_s": wall,
-            "limit": job["limit"], **({"train_cpu_s": float(cpu[-1].split()[-3])} if cpu else {})}
+            "limit": job["limit"], **({"train_cpu_s": cpu} if cpu is not None else {})}
 
 
 def train(name: str, config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """The families table at one budget (issue 25, item 5): every family's digits config trained for the
-same wall time on this machine, then scored with one estimator per family, bits/dim, digits-CNN FID
+same time on this machine (wall time, or with ``--budget cpu`` each run's own CPU time: fair when runs
+share the machine), then scored with one estimator per family, bits/dim, digits-CNN FID
 and the NFE of the FID's sampler.
 
 Training: ``lightning-diffusion fit --config configs/CONFIG.yaml`` in a subprocess per config with
-``--trainer.max_time`` = ``--minutes`` and ``--trainer.max_steps=-1`` (the time decides, not the
+``--trainer.max_time`` = ``--minutes`` (``--budget cpu``: ``cpu_budget.CPUBudget`` of ``--minutes`` CPU
+minutes) and ``--trainer.max_steps=-1`` (the time decides, not the
 config's step count), the progress bar off, ``OMP_NUM_THREADS=--threads``. ``--parallel N`` runs go at
 once (default 2 runs x 1 thread: the 2-core machine is used fully, and whatever else runs on it slows
 concurrent runs alike; ``--parallel 1 --threads 2`` trains each alone). The configs run as shipped,
@@ -72,7 +74,7 @@ CONFIGS: dict[str, str] = {
     "discrete_absorbing_digits": "discrete_absorbing",
     "latent_ddpm_digits": "latent",
 }
-from cpu_budget import max_time  # noqa: E402 - this folder is on sys.path when a benchmark runs
+from cpu_budget import cpu_seconds, fit_limit, max_time  # noqa: E402 - this folder is on sys.path when a benchmark runs
 
 #: config -> the config whose checkpoint it needs as its first stage
 FIRST_STAGE = {"latent_ddpm_digits": "vae_digits"}
@@ -87,24 +89,25 @@ def env_with_threads(threads: int) -> dict[str, str]:
 
 
 def start_training(config: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Launch ``fit`` of ``configs/CONFIG.yaml`` for its minutes of wall time (a subprocess); an earlier
-    unfinished run of it is removed first."""
+    """Launch ``fit`` of ``configs/CONFIG.yaml`` for its minutes of wall or CPU time (``args.budget``; a
+    subprocess); an earlier unfinished run of it is removed first."""
     minutes = args.latent_minutes if config in FIRST_STAGE else args.minutes
     run_dir = workdir / "runs" / config
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "lightning_diffusion", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
-           f"--trainer.max_time={max_time(minutes)}", "--trainer.max_steps=-1",
+           *fit_limit(minutes, args.budget), "--trainer.max_steps=-1",
            f"--trainer.logger.init_args.save_dir={workdir / 'runs'}", "--trainer.logger.init_args.version=bench",
            "--trainer.enable_progress_bar=false"]
     if config in FIRST_STAGE:
         cmd.append(f"--model.init_args.first_stage_ckpt={checkpoint(workdir, FIRST_STAGE[config])}")
-    print(f"[train {config}] {minutes:g} min, {args.threads} thread(s)", flush=True)
+    print(f"[train {config}] {minutes:g} {args.budget} min, {args.threads} thread(s)", flush=True)
     log = open(workdir / f"{config}.train.log", "w")  # noqa: SIM115 - open while the run lasts; closed by finish_training
-    proc = subprocess.Popen(cmd, env=env_with_threads(args.threads), cwd=workdir, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    env = env_with_threads(args.threads)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))  # cpu_budget
+    proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, text=True)
     return {"config": config, "proc": proc, "log": log, "start": time.perf_counter(), "minutes": minutes,
-            "max_time": max_time(minutes), "command": cmd[2:], "threads": args.threads}
+            "budget": args.budget, "max_time": max_time(minutes), "command": cmd[2:], "threads": args.threads}
 
 
 def finish_training(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -120,8 +123,11 @@ def finish_training(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     ckpt = checkpoint(workdir, config)
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     facts = {"config": config, "family": CONFIGS[config], "checkpoint": str(ckpt), "global_step": step,
-             "minutes": job["minutes"], "max_time": job["max_time"], "process_wall_s": wall, "threads": job["threads"],
-             "command": job["command"]}
+             "minutes": job["minutes"], "budget": job["budget"], "max_time": job["max_time"], "process_wall_s": wall,
+             "threads": job["threads"], "command": job["command"]}
+    cpu = cpu_seconds((workdir / f"{config}.train.log").read_text())
+    if cpu is not None:
+        facts["train_cpu_s"] = cpu
     if config in FIRST_STAGE:
         first = json.loads((workdir / f"{FIRST_STAGE[config]}.train.json").read_text())
         facts["first_stage"] = {"config": FIRST_STAGE[config], "minutes": first["minutes"],
@@ -144,8 +150,9 @@ def train_all(configs: list[str], args: argparse.Namespace, workdir: Path) -> No
         if c not in pending:
             done = json.loads((workdir / f"{c}.train.json").read_text())
             minutes = args.latent_minutes if c in FIRST_STAGE else args.minutes
-            if done["minutes"] != minutes:
-                raise SystemExit(f"{workdir}: {c} was trained for {done['minutes']:g} minutes there, not {minutes:g}: "
+            if done["minutes"] != minutes or done.get("budget", "wall") != args.budget:
+                raise SystemExit(f"{workdir}: {c} was trained for {done['minutes']:g} {done.get('budget', 'wall')} "
+                                 f"minutes there, not {minutes:g} {args.budget}: "
                                  f"use another --workdir (or remove {workdir / f'{c}.train.json'} to train it again)")
             print(f"[train {c}] done before ({workdir / f'{c}.train.json'}): not trained again", flush=True)
     for c in pending:
@@ -243,6 +250,7 @@ def collect(configs: list[str], args: argparse.Namespace, workdir: Path) -> dict
         rows[config] = {**train, "num_test": score["num_test"], "score_wall_s": score["score_wall_s"],
                         "scoring_flags": score["flags"], **score["result"]}
     return {"benchmark": "bench_families_budget", "dataset": "digits", "split": "test", "minutes": args.minutes,
+            "budget": args.budget,
             "latent_minutes": args.latent_minutes, "parallel": args.parallel, "threads": args.threads,
             "cpu_count": os.cpu_count(), "workdir": str(workdir), "rows": rows}
 
@@ -278,7 +286,10 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, required=True, help="training wall time of each config (minutes)")
+    p.add_argument("--minutes", type=float, required=True, help="training time of each config (minutes)")
+    p.add_argument("--budget", choices=["wall", "cpu"], default="wall",
+                   help="what --minutes counts: wall-clock time (trainer.max_time), or each run's CPU time "
+                   "(cpu_budget.CPUBudget: fair when runs share the machine)")
     p.add_argument("--latent_minutes", type=float, default=None,
                    help="the latent model's prior's minutes, on top of its vae_digits first stage's (default --minutes)")
     p.add_argument("--families", default=",".join(CONFIGS),
@@ -305,7 +316,7 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_families_budget_")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {workdir}: {len(configs)} configs, {args.minutes:g} min each, {args.parallel} at once x "
+    print(f"workdir {workdir}: {len(configs)} configs, {args.minutes:g} {args.budget} min each, {args.parallel} at once x "
           f"{args.threads} thread(s)", flush=True)
     start = time.perf_counter()
     train_all(configs, args, workdir)

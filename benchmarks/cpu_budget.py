@@ -27,6 +27,24 @@ def max_time(minutes: float) -> str:
     return f"{days:02d}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+def fit_limit(minutes: float, budget: str = "wall") -> list[str]:
+    """The ``lightning-diffusion fit`` options that stop a run after ``minutes``: of wall time
+    (``trainer.max_time``), or with ``budget="cpu"`` of the process's CPU time (:class:`CPUBudget`, this
+    folder on the run's ``PYTHONPATH``; the wall clock only as a backstop at 20x)."""
+    if budget == "cpu":
+        return [f"--trainer.max_time={max_time(minutes * 20)}", "--trainer.callbacks+=cpu_budget.CPUBudget",
+                f"--trainer.callbacks.minutes={minutes}"]
+    if budget != "wall":
+        raise ValueError(f"budget: 'wall' or 'cpu', got {budget!r}")
+    return [f"--trainer.max_time={max_time(minutes)}"]
+
+
+def cpu_seconds(log: str) -> float | None:
+    """The training CPU seconds a run's log reports (:meth:`CPUBudget.on_train_end`'s line), or None."""
+    lines = [line for line in log.splitlines() if line.startswith("CPUBudget:")]
+    return float(lines[-1].split()[-3]) if lines else None
+
+
 class CPUBudget(L.Callback):
     """Stop the fit after ``minutes`` of this process's CPU time, counted from the start of training
     (less what a subclass excludes: ``bench_latent_vs_pixel.CpuBudget`` leaves its evaluations out)."""

@@ -181,8 +181,7 @@ class DiffusionCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         _add_slurm_requeue(self.trainer)
-        if self.subcommand == "fit":
-            _add_stop_on_signal(self.trainer)
+        _add_stop_on_signal(self.trainer)  # every trainer command: validate / test / predict too
         # A link into a net that lacks the target (image_size into an MLP, or a user's net) is
         # skipped when the net is built but still lands in the model's saved hyperparameters, which
         # load_from_checkpoint would then reject: drop such keys.
@@ -572,7 +571,8 @@ def _add_slurm_requeue(trainer: L.Trainer) -> None:
 
 
 def _add_stop_on_signal(trainer: L.Trainer) -> None:
-    """SIGTERM / SIGINT save ``last.ckpt`` at the step and exit 143 / 130: see :class:`StopOnSignal`.
+    """SIGTERM / SIGINT save ``last.ckpt`` at the step and exit 143 / 130 (an evaluation command stops at
+    its batch and exits the same way): see :class:`StopOnSignal`.
     Added last (after the config's callbacks, whose end-of-batch work the checkpoint then holds),
     unless the config has one already (to set its ``grace_seconds``)."""
     from lightning_diffusion.callbacks.signals import StopOnSignal

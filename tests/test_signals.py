@@ -195,6 +195,33 @@ def test_sigterm_without_last_checkpoint_still_fails_and_says_so(tmp_path, in_pa
                                        "written (the trainer has no LastCheckpoint callback)"]
 
 
+@pytest.mark.parametrize("command, signame", [("validate", "SIGTERM"), ("test", "SIGINT")])
+def test_a_signal_stops_an_evaluation_command_with_its_exit_status_not_0(tmp_path, in_path, command, signame):
+    """Lightning's own handler ends validate / test on SIGTERM with SIGTERMException (exit status 0, as if
+    they had finished, their metrics never logged): StopOnSignal stops them at the batch's end with
+    128 + the signal number and says the metrics are incomplete; the handlers the command found come back."""
+    run = tmp_path / "run"
+    run_cli(*fit_args(write_config(tmp_path / "fit.yaml", data={"num_workers": 0}), run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    config = write_config(tmp_path / "eval.yaml", data={"num_workers": 0, "batch_size": 8}, limit_val_batches=6,
+                          limit_test_batches=6)
+    evaluate = [command, "--config", str(config), f"--trainer.default_root_dir={run}", f"--ckpt_path={ckpt}"]
+    straight = run_cli(*evaluate)  # without a signal: every batch, its metrics printed
+    table = f"{command.capitalize()} metric"  # the metrics table Lightning prints at the end
+    assert table in straight.stdout, straight.stdout[-2000:]
+    proc = run_cli(*evaluate, "--trainer.callbacks+=kill_switch.EvalSignalAt", "--trainer.callbacks.batch=2",
+                   f"--trainer.callbacks.signal={signame}", check=False)
+    code = 143 if signame == "SIGTERM" else 130
+    assert proc.returncode == code, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"lightning-diffusion {command}: stopped")]
+    assert lines == [f"lightning-diffusion {command}: stopped by {signame} in {command} after 3 batches; its metrics "
+                     "are incomplete and were not logged: run the command again"], proc.stderr[-3000:]
+    assert table not in proc.stdout  # no metrics table of a partial evaluation
+    assert "Received SIGTERM" not in proc.stdout + proc.stderr  # Lightning's handler did not run
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
 @pytest.fixture(scope="module")
 def tiny_points(tmp_path_factory) -> Path:
     """A toy2d dataset of 200 points (160 in its one training shard)."""

@@ -28,6 +28,13 @@ validation, an epoch-end hook) the timer is re-armed: those end by themselves, a
 bounds the wait. A second signal more than a second after the first (SLURM delivers one signal to a
 task both directly and through ``srun``: copies within a second are the same event) ends the fit at
 once in the same way.
+
+The ``validate``, ``test`` and ``predict`` commands take the signals too (Lightning's own handler would
+end them with ``SIGTERMException``, exit status 0, as if they had finished): at the end of the
+current batch the command stops with the same exit status and says that its metrics are incomplete
+and were not logged (there is nothing to save: run it again). No ranks' agreement there (a rank's
+evaluation batches may differ in number, so a collective at every batch could wait forever): each
+rank stops at its own next batch, and sends the signal on to the ranks it started.
 """
 
 from __future__ import annotations
@@ -128,6 +135,8 @@ class StopOnSignal(L.Callback):
         self._timer: threading.Timer | None = None
         self._woken = False  # the timer, not a second signal, sent the last one
         self._trainer: L.Trainer | None = None
+        self._stage = "fit"  # the trainer's command: fit, validate, test or predict
+        self._batches = 0  # batches of an evaluation command done
 
     # -- the handler ------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -232,20 +241,35 @@ class StopOnSignal(L.Callback):
         self._end()
         trainer = self._trainer
         step = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        if self._stage != "fit":
+            return self._stop_evaluation(detail, who, rank)
         path, note = self._existing_checkpoint()
         message = f"stopped by {who or _signal_name(self.signum)} at step {step} {detail}; {note}"
         if path:
             message += f"; resume with --ckpt_path {path}"
-        rank = trainer.global_rank if trainer is not None else 0
         global _ENDED_BY_ERROR
         # kept for the command too: a worker's death (torch's SIGCHLD handler) may replace it on the way out
         _ENDED_BY_ERROR = FitStopped(message, self.signum, step, path, saved=False, agreed=False, global_rank=rank)
         return _ENDED_BY_ERROR
 
+    def _stop_evaluation(self, detail: str, who: str | None, rank: int) -> FitStopped:
+        """The FitStopped of a validate / test / predict command (this rank; nothing to save)."""
+        global _ENDED_BY_ERROR
+        outputs = "predictions are incomplete and were not returned" if self._stage == "predict" else \
+            "metrics are incomplete and were not logged"
+        message = (f"stopped by {who or _signal_name(self.signum)} in {self._stage} after {self._batches} "
+                   f"batch{'es' if self._batches != 1 else ''}{' ' + detail if detail else ''}; its {outputs}: "
+                   "run the command again")
+        _ENDED_BY_ERROR = FitStopped(message, self.signum, self._batches, None, saved=False, agreed=False, global_rank=rank)
+        return _ENDED_BY_ERROR
+
     # -- hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn (a str enum)
+        if stage not in ("fit", "validate", "test", "predict") or threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only
+        self._stage, self._batches = stage, 0
         # what the user had: not the handler of an ended fit's StopOnSignal (this one's included) that
         # Lightning put back after it (see _handler_before_stop), else each fit would chain to the last
         self._previous = {signum: _handler_before_stop(signum, signal.getsignal(signum)) for signum in STOP_SIGNALS}
@@ -266,6 +290,40 @@ class StopOnSignal(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._active:
             self._install()
+
+    # an evaluation command: over Lightning's SIGTERM handler (registered after setup), then a stop at a batch's end
+    def _evaluation_start(self) -> None:
+        if self._active and self._stage != "fit":
+            self._install()
+
+    def _evaluation_batch_end(self) -> None:
+        if not self._active or self._stage == "fit":
+            return  # in a fit, validation ends by itself and the next training batch stops
+        self._batches += 1
+        if self.signum is not None:
+            self._forward()
+            raise self._stop_now("")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluation_start()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_end()
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_end()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_end()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

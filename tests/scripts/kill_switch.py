@@ -37,3 +37,26 @@ class SignalAt(L.Callback):
         if not self.sent and trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class EvalSignalAt(L.Callback):
+    """Send ``signal`` to this process once, at the start of evaluation batch ``batch`` (validation, test
+    or predict; the sanity check's batches do not count): a signal arriving in the middle of a
+    ``validate`` / ``test`` / ``predict`` command."""
+
+    def __init__(self, batch: int, signal: str = "SIGTERM"):
+        self.batch, self.signal, self.sent = batch, signal, False
+
+    def _start(self, trainer: L.Trainer, batch_idx: int) -> None:
+        if not self.sent and not trainer.sanity_checking and batch_idx >= self.batch:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(trainer, batch_idx)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(trainer, batch_idx)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(trainer, batch_idx)
