@@ -26,7 +26,7 @@ training CPU time each arm needs to reach the pixel model's final accuracy on bo
 
 Time it alone on the machine (two busy processes on two cores slow each other far more than 2x).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_latent_vs_pixel.py --minutes 30 \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_latent_vs_pixel.py --minutes 5 --vae_minutes 1 \\
         --json benchmarks/results/cpu_latent_vs_pixel.json [--grid docs/latent_vs_pixel.png]
 """
 
