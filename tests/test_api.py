@@ -156,3 +156,43 @@ def test_callbacks_name_the_missing_split(tmp_path):
         trainer.fit(model, train, train)
     with pytest.raises(ValueError, match=r"real_split='valid': unknown split"):
         SampleQuality(num_samples=4, real_split="valid").evaluate(trainer, model)
+
+
+class TwoGaussians(L.LightningModule):
+    """An exact class-conditional density of 2-D points: ``x | y ~ N(mu_y, I)``, y uniform over 2 classes."""
+
+    class_conditional = True
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+
+    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        log_c = torch.distributions.Normal(self.mu, 1.0).log_prob(x.unsqueeze(1)).sum(-1)  # [B, 2]
+        log_p = log_c.gather(1, y[:, None]).squeeze(1) if y is not None else torch.logsumexp(log_c, 1) - math.log(2)
+        return -log_p / (2 * math.log(2))
+
+
+def test_likelihood_with_labels_scores_each_sample_under_its_own_label():
+    """``Likelihood(labels=True)`` is the bound on ``-log p(x | y)`` with each sample's own label (closed form
+    here), logged apart from ``-log p(x)`` (the mixture), which it is not."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (96,), generator=g)
+    mu = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    x = mu[y] + torch.randn(96, 2, generator=g)
+    rows = [{"x": xi, "y": yi} for xi, yi in zip(x, y)]
+    data = types.SimpleNamespace(val_dataloader=lambda: DataLoader(rows, batch_size=32))
+    normal = torch.distributions.MultivariateNormal
+    given_y = -normal(mu[y], torch.eye(2)).log_prob(x) / (2 * math.log(2))
+    mixture = -torch.logsumexp(torch.stack([normal(m, torch.eye(2)).log_prob(x) for m in mu]) - math.log(2), 0) / (2 * math.log(2))
+    model = TwoGaussians()
+    conditional = Likelihood(num_batches=0, labels=True).evaluate(None, model, data)
+    marginal = Likelihood(num_batches=0).evaluate(None, model, data)
+    assert set(conditional) == {"val/bpd_given_y", "val/bpd_bpd_given_y", "val/bpd_num_samples"}
+    assert conditional["val/bpd_given_y"] == pytest.approx(given_y.mean().item(), abs=1e-5)
+    assert marginal["val/bpd"] == pytest.approx(mixture.mean().item(), abs=1e-5)
+    assert conditional["val/bpd_given_y"] < marginal["val/bpd"] - 0.05  # the label tells which component
+    with pytest.raises(ValueError, match=r"Likelihood.labels=True: UserModule is not class-conditional"):
+        Likelihood(num_batches=0, labels=True).evaluate(None, UserModule(), data)

@@ -157,6 +157,17 @@ def batch_data(batch: Any) -> Tensor:
     return x
 
 
+def batch_labels(batch: Any, x: Tensor) -> Tensor:
+    """The labels of a batch (``batch["y"]`` of a dict, the second item of a tuple or list) as int64 on
+    ``x``'s device, or a ValueError that says where labels are looked for."""
+    y = batch.get("y") if isinstance(batch, dict) else batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 \
+        else None
+    if not isinstance(y, Tensor):
+        raise ValueError(f"labels=True, but a batch of type {type(batch).__name__} holds no labels; batches are dicts "
+                         "with key 'y' or tuples (x, y) (a labelled dataset: its index has classes)")
+    return y.to(device=x.device, dtype=torch.long)
+
+
 # -- pictures ---------------------------------------------------------------------------------------
 #: default ``min_size`` of sample grids: upscaled until the longer side has at least this many pixels
 GRID_MIN_SIZE = 512

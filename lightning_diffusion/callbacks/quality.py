@@ -24,7 +24,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MinMetric
 
-from lightning_diffusion.callbacks.common import (batch_data, check_model_options, check_split, class_labels,
+from lightning_diffusion.callbacks.common import (batch_data, batch_labels, check_model_options, check_split, class_labels,
                                                   describe_options, eval_batches, find_datamodule, run_dir,
                                                   sampling_options)
 from lightning_diffusion.callbacks.ema import evaluation_weights
@@ -380,10 +380,11 @@ class SampleQuality(_Periodic):
 class Likelihood(_Periodic):
     """``bits_per_dim`` over ``num_batches`` batches of ``split`` on every rank, averaged over all
     evaluated samples (sums and counts reduced over ranks), logged as ``val/bpd`` and
-    ``val/bpd_<estimator>`` (elbo, iwae-K, vlb, ode-exact, ode-hutchinson-rademacher)."""
+    ``val/bpd_<estimator>`` (elbo, iwae-K, vlb, ode-exact, ode-hutchinson-rademacher); with ``labels``,
+    the bound on ``-log p(x | y)`` as ``val/bpd_given_y`` and ``val/bpd_<estimator>_given_y``."""
 
     def __init__(self, every_n_epochs: int = 1, every_n_steps: int = 0, num_batches: int = 4, split: str = "val",
-                 bpd_options: dict[str, Any] | None = None, seed: int = 0):
+                 bpd_options: dict[str, Any] | None = None, seed: int = 0, labels: bool = False):
         """
         Args:
             every_n_epochs: evaluate at the end of every this many validation epochs (0: never).
@@ -393,21 +394,38 @@ class Likelihood(_Periodic):
             bpd_options: options for ``model.bits_per_dim`` (e.g. ``{num_importance_samples: 100}``
                 for a VAE, ``{steps: 100}`` for a DDPM's respaced bound).
             seed: seed of the estimator's noise (the same at every evaluation).
+            labels: score each sample under its own label, ``bits_per_dim(x, y=y)``: the bound on
+                ``-log p(x | y)`` of a class-conditional model (logged with the suffix ``_given_y``: it
+                does not compare with ``-log p(x)``). False (default): ``-log p(x)``, which a
+                class-conditional model with label dropout scores under its null label.
         """
         super().__init__(every_n_epochs, every_n_steps)
         check_split(split, "split")
-        self.num_batches, self.split, self.seed = num_batches, split, seed
+        self.num_batches, self.split, self.seed, self.labels = num_batches, split, seed, bool(labels)
         self.bpd_options = dict(bpd_options or {})
+        if self.labels and "y" in self.bpd_options:
+            raise ValueError("Likelihood: bpd_options has 'y'; labels=True gives each sample its own label")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Before the sanity check and the first step of ``fit``: the model must take ``bpd_options``."""
+        """Before the sanity check and the first step of ``fit``: the model must take ``bpd_options`` (and
+        labels, with ``labels``)."""
         if stage == "fit" and self.scheduled:
             check_model_options(pl_module, "Likelihood.bpd_options", self.bpd_options, check="check_bpd_options")
+        if stage == "fit" and self.labels:
+            self._check_labels(pl_module)
+
+    @staticmethod
+    def _check_labels(pl_module: L.LightningModule) -> None:
+        if "y" not in _parameters(pl_module.bits_per_dim) or not getattr(pl_module, "class_conditional", True):
+            raise ValueError(f"Likelihood.labels=True: {type(pl_module).__name__} is not class-conditional (its "
+                             "bits_per_dim takes no labels y); leave labels out to score -log p(x)")
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
                  datamodule: Any = None) -> dict[str, float]:
         start = time.perf_counter()
+        if self.labels:
+            self._check_labels(pl_module)
         rank, world = rank_world(trainer)
         batches = []
         for batch in eval_batches(trainer, self.split, datamodule):
@@ -424,13 +442,18 @@ class Likelihood(_Periodic):
             for i in range(calls):
                 real = i < len(batches)
                 if batches:
-                    x = batch_data(batches[i] if real else batches[-1]).to(pl_module.device)
+                    batch = batches[i] if real else batches[-1]
+                    x = batch_data(batch).to(pl_module.device)
+                    y = batch_labels(batch, x) if self.labels else None
                 elif getattr(pl_module, "data_shape", None) is not None:  # no batch here: a stand-in call, so that
                     dtype = torch.long if getattr(pl_module, "num_categories", None) else None  # categorical data
                     x = torch.zeros(1, *pl_module.data_shape, device=pl_module.device, dtype=dtype)  # all ranks run
+                    y = torch.zeros(1, dtype=torch.long, device=pl_module.device) if self.labels else None
                 else:
                     continue
                 options = dict(self.bpd_options)
+                if y is not None:
+                    options["y"] = y
                 if supports_generator and "generator" not in options:
                     options["generator"] = torch.Generator(device=pl_module.device).manual_seed(
                         derived_seed(self.seed, rank, i))
@@ -441,15 +464,18 @@ class Likelihood(_Periodic):
         with mean_bpd.sync_context():
             n = mean_bpd.count.item()
         estimator = estimator_name(pl_module, **self.bpd_options)
-        results = {"val/bpd": mean, f"val/bpd_{estimator}": mean, "val/bpd_num_samples": float(n)}
+        given = "_given_y" if self.labels else ""
+        results = {f"val/bpd{given}": mean, f"val/bpd_{estimator}{given}": mean, "val/bpd_num_samples": float(n)}
         self.last_results = results
         seconds = time.perf_counter() - start
         if trainer is not None:
             _append_jsonl(trainer, "likelihood", {"step": trainer.global_step, "epoch": trainer.current_epoch,
                                                   "bpd": mean, "estimator": estimator, "num_samples": int(n),
+                                                  "labels": self.labels,
                                                   "split": self.split, "weights": weights,
                                                   "bpd_options": self.bpd_options, "seconds": seconds})
-        rank_zero_info(f"Likelihood: {self.split} {mean:.4f} bits/dim ({estimator}, {int(n)} samples, {weights} "
+        rank_zero_info(f"Likelihood: {self.split} {mean:.4f} bits/dim{' of x given its label' if self.labels else ''} "
+                       f"({estimator}, {int(n)} samples, {weights} "
                        f"weights, {seconds:.0f} s)")
         return results
 
