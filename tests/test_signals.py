@@ -381,6 +381,42 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         mount.rmdir()
 
 
+def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_path):
+    """Two DDP ranks (gloo), checkpoints on a real 320 KB tmpfs: rank zero's second save finds the disk full;
+    every rank ends (no rank left waiting in a collective) with exit status 1 and the disk-full line, the last
+    good checkpoint intact and no partial file left."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = Path(tempfile.mkdtemp(prefix="ld-tmpfs-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        dirpath = mount / "checkpoints"
+        config = disk_full_config(tmp_path / "c.yaml", dirpath)
+        data = yaml.safe_load(config.read_text())
+        data["trainer"].update(strategy="ddp", devices=2)
+        config.write_text(yaml.safe_dump(data))
+        log = tmp_path / "ddp.log"
+        proc = start(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"], log)
+        try:
+            proc.wait(timeout=240)
+        finally:
+            end_group(proc)
+        out = log.read_text()
+        assert not [m for m in ABORT_MARKERS if m in out], out[-3000:]
+        # every rank fails alike (the save's outcome is shared) and says so in the same line, each with the free
+        # space it saw
+        lines = [(m["dir"], m["last"], m["step"]) for m in DISK_FULL.finditer(out)]
+        assert len(lines) == 2 and len(set(lines)) == 1, out[-3000:]
+        assert_disk_full(subprocess.CompletedProcess(proc.args, proc.returncode, "", out), dirpath)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        mount.rmdir()
+
+
 def test_disk_full_injected_during_the_save(tmp_path, monkeypatch):
     # the second save (step 4) writes part of its file and then finds the disk full
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
