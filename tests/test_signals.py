@@ -353,7 +353,9 @@ def assert_disk_full(proc: subprocess.CompletedProcess, dirpath: Path) -> re.Mat
     assert Path(match["dir"]) == dirpath and Path(match["last"]) == dirpath / "last.ckpt"
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in dirpath.iterdir()) == ["last.ckpt"]  # no .partial-<host>-<pid> left
-    assert torch.load(dirpath / "last.ckpt", weights_only=True)["global_step"] == int(match["step"]) == 2
+    last = dirpath / "last.ckpt"
+    meta = last / "meta.pt" if last.is_dir() else last  # FSDP2: a sharded folder, its step in meta.pt
+    assert torch.load(meta, weights_only=True)["global_step"] == int(match["step"]) == 2
     return match
 
 
@@ -381,14 +383,17 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         mount.rmdir()
 
 
-def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_path, strategy):
     """Two DDP ranks (gloo), checkpoints on a real 320 KB tmpfs: rank zero's second save finds the disk full;
     every rank ends (no rank left waiting in a collective) with exit status 1 and the disk-full line, the last
     good checkpoint intact and no partial file left."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount = Path(tempfile.mkdtemp(prefix="ld-tmpfs-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True,
+    # room for one checkpoint, not for a second beside it: 0.21 MB, or FSDP2's larger sharded folder
+    size = "700k" if strategy == "fsdp2" else "320k"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         mount.rmdir()
@@ -397,7 +402,7 @@ def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_pat
         dirpath = mount / "checkpoints"
         config = disk_full_config(tmp_path / "c.yaml", dirpath)
         data = yaml.safe_load(config.read_text())
-        data["trainer"].update(strategy="ddp", devices=2)
+        data["trainer"].update(strategy=FSDP2 if strategy == "fsdp2" else "ddp", devices=2)
         config.write_text(yaml.safe_dump(data))
         log = tmp_path / "ddp.log"
         proc = start(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"], log)
