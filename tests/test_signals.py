@@ -12,6 +12,7 @@ partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -339,11 +340,11 @@ DISK_FULL = re.compile(
     r"the partial file was removed\. Free space there or give the checkpoint callback another dirpath$", re.M)
 
 
-def disk_full_config(path: Path, dirpath: Path) -> Path:
+def disk_full_config(path: Path, dirpath: Path, **trainer) -> Path:
     return write_config(path, max_steps=8, data={"num_workers": 0}, callbacks=[
         CONFIG["trainer"]["callbacks"][0],
         {"class_path": "LastCheckpoint", "init_args": {"every_n_train_steps": 2, "save_top_k": 0,
-                                                       "dirpath": str(dirpath)}}])
+                                                       "dirpath": str(dirpath)}}], **trainer)
 
 
 def assert_disk_full(proc: subprocess.CompletedProcess, dirpath: Path) -> re.Match:
@@ -359,17 +360,28 @@ def assert_disk_full(proc: subprocess.CompletedProcess, dirpath: Path) -> re.Mat
     return match
 
 
-def test_disk_full_on_a_real_small_filesystem(tmp_path):
+@contextlib.contextmanager
+def small_tmpfs(size: str):
+    """A tmpfs of ``size`` (mount's notation: ``320k``) mounted on a new folder for the test, unmounted and
+    removed after it; the test is skipped where it cannot be mounted (not root)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount = Path(tempfile.mkdtemp(prefix="ld-tmpfs-"))
-    # the checkpoint of this config is 0.21 MB: room for one, not for a second beside it
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
         mount.rmdir()
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        mount.rmdir()
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    # the checkpoint of this config is 0.21 MB: room for one, not for a second beside it
+    with small_tmpfs("320k") as mount:
         dirpath = mount / "checkpoints"
         proc = run_cli("fit", "--config", str(disk_full_config(tmp_path / "c.yaml", dirpath)),
                        f"--trainer.default_root_dir={tmp_path}", check=False)
@@ -378,32 +390,18 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert float(match["needed"]) == round(size / 1e6, 1)
         free = os.statvfs(mount)
         assert abs(float(match["free"]) - free.f_bavail * free.f_frsize / 1e6) <= 0.1
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-        mount.rmdir()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_path, strategy):
-    """Two DDP ranks (gloo), checkpoints on a real 320 KB tmpfs: rank zero's second save finds the disk full;
-    every rank ends (no rank left waiting in a collective) with exit status 1 and the disk-full line, the last
-    good checkpoint intact and no partial file left."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = Path(tempfile.mkdtemp(prefix="ld-tmpfs-"))
+    """Two ranks (gloo; DDP, or FSDP2 with a sharded checkpoint folder), checkpoints on a real tmpfs: the second
+    save finds the disk full; every rank ends (no rank left waiting in a collective) with exit status 1 and
+    the disk-full line, the last good checkpoint intact and no partial file left."""
     # room for one checkpoint, not for a second beside it: 0.21 MB, or FSDP2's larger sharded folder
-    size = "700k" if strategy == "fsdp2" else "320k"
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        mount.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs("700k" if strategy == "fsdp2" else "320k") as mount:
         dirpath = mount / "checkpoints"
-        config = disk_full_config(tmp_path / "c.yaml", dirpath)
-        data = yaml.safe_load(config.read_text())
-        data["trainer"].update(strategy=FSDP2 if strategy == "fsdp2" else "ddp", devices=2)
-        config.write_text(yaml.safe_dump(data))
+        config = disk_full_config(tmp_path / "c.yaml", dirpath, strategy=FSDP2 if strategy == "fsdp2" else "ddp",
+                                  devices=2)
         log = tmp_path / "ddp.log"
         proc = start(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"], log)
         try:
@@ -417,9 +415,6 @@ def test_disk_full_under_ddp_fails_every_rank_in_one_line_without_a_hang(tmp_pat
         lines = [(m["dir"], m["last"], m["step"]) for m in DISK_FULL.finditer(out)]
         assert len(lines) == 2 and len(set(lines)) == 1, out[-3000:]
         assert_disk_full(subprocess.CompletedProcess(proc.args, proc.returncode, "", out), dirpath)
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-        mount.rmdir()
 
 
 def test_disk_full_injected_during_the_save(tmp_path, monkeypatch):
